@@ -1,0 +1,1 @@
+"""Text -> tokens -> Grain batches: corpora, tokenizers, preparation, loaders."""

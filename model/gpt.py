@@ -1,0 +1,249 @@
+"""A decoder-only GPT in flax.linen: a pure function of a parameter pytree.
+
+Tensor names carry their shapes: B batch, L length, D d_model, H heads,
+K head dim, F MLP width, V vocab. Every parameter and the main activations
+carry logical axis names; `trainer.sharding` maps them to mesh axes.
+"""
+
+import dataclasses
+import math
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  vocab_size: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  seq_len: int
+  d_ff: int = 0  # 0 means 4 * d_model
+  position: Literal["learned", "sinusoidal"] = "learned"
+  tie_embeddings: bool = True
+  use_bias: bool = True
+  dropout: float = 0.0
+  scan_layers: bool = False
+  remat: str = "none"
+  dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
+  param_dtype: str = "float32"
+  attention: Literal["einsum", "xla", "cudnn"] = "einsum"
+
+  def __post_init__(self):
+    if self.d_model % self.num_heads:
+      raise ValueError(
+          f"model.d_model={self.d_model} is not divisible by "
+          f"model.num_heads={self.num_heads}; pick heads that divide it")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat={self.remat!r}; choose one of "
+                       f"{sorted(REMAT_POLICIES)}")
+    for name in ("vocab_size", "num_layers", "d_model", "num_heads", "seq_len"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"model.{name} must be positive, got "
+                         f"{getattr(self, name)}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def mlp_dim(self) -> int:
+    return self.d_ff or 4 * self.d_model
+
+  def num_params(self, embeddings: bool = True) -> int:
+    """Closed-form parameter count of this architecture."""
+    d, f, b = self.d_model, self.mlp_dim, int(self.use_bias)
+    attn = d * 3 * d + 3 * d * b + d * d + d * b
+    mlp = d * f + f * b + f * d + d * b
+    norms = 2 * d * (1 + b)
+    block = attn + mlp + norms
+    n = self.num_layers * block + d * (1 + b)  # blocks + final norm
+    if embeddings:
+      n += self.vocab_size * d
+      n += self.seq_len * d if self.position == "learned" else 0
+      n += 0 if self.tie_embeddings else d * self.vocab_size + b * self.vocab_size
+    return n
+
+  def flops_per_token(self) -> float:
+    """Training FLOPs per token: 6 N + 12 * layers * d_model * seq_len.
+
+    N counts the non-embedding parameters plus the output projection (a
+    matmul with the vocabulary every token pays, tied or not). The second
+    term is the attention score and value matmuls (PaLM's convention,
+    counted over the full, unmasked context).
+    """
+    n = self.num_params(embeddings=False) + self.d_model * self.vocab_size
+    return 6 * n + 12 * self.num_layers * self.d_model * self.seq_len
+
+
+def _dense_init(scale: float = 1.0):
+  return nn.initializers.normal(stddev=0.02 * scale)
+
+
+def sinusoidal_positions(seq_len: int, d_model: int) -> jax.Array:
+  """The fixed encoding of Vaswani et al. (2017), shape [L, D]."""
+  pos_L1 = jnp.arange(seq_len, dtype=jnp.float32)[:, None]
+  freq = jnp.exp(-math.log(10000.0) * jnp.arange(0, d_model, 2) / d_model)
+  pe_LD = jnp.zeros((seq_len, d_model), jnp.float32)
+  pe_LD = pe_LD.at[:, 0::2].set(jnp.sin(pos_L1 * freq))
+  return pe_LD.at[:, 1::2].set(jnp.cos(pos_L1 * freq[: d_model // 2]))
+
+
+class LayerNorm(nn.Module):
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    return nn.LayerNorm(
+        epsilon=1e-5, use_bias=self.cfg.use_bias, dtype=self.cfg.dtype,
+        param_dtype=self.cfg.param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+    )(x_BxLxD)
+
+
+class Attention(nn.Module):
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, deterministic: bool):
+    cfg = self.cfg
+    D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
+    param = lambda name, shape, names, init: self.param(
+        name, nn.with_logical_partitioning(init, names), shape,
+        cfg.param_dtype).astype(cfg.dtype)
+    zeros = nn.initializers.zeros
+    w_Dx3xHxK = param("qkv_kernel", (D, 3, H, K),
+                      ("embed", None, "heads", "head_dim"), _dense_init())
+    qkv_BxLx3xHxK = jnp.einsum("bld,dshk->blshk", x_BxLxD, w_Dx3xHxK)
+    if cfg.use_bias:
+      qkv_BxLx3xHxK += param("qkv_bias", (3, H, K), (None, "heads", "head_dim"),
+                             zeros)
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+    q_BxLxHxK = nn.with_logical_constraint(
+        q_BxLxHxK, ("batch", "length", "heads", "head_dim"))
+    if cfg.attention == "einsum":
+      out_BxLxHxK = self._einsum_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
+                                           deterministic)
+    else:
+      out_BxLxHxK = jax.nn.dot_product_attention(
+          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True,
+          implementation=cfg.attention)
+    out_BxLxHxK = nn.with_logical_constraint(
+        out_BxLxHxK, ("batch", "length", "heads", "head_dim"))
+    # GPT-2 scales the residual projections by 1/sqrt(2 * layers) at init.
+    w_HxKxD = param("out_kernel", (H, K, D), ("heads", "head_dim", "embed"),
+                    _dense_init(1 / math.sqrt(2 * cfg.num_layers)))
+    y_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK, w_HxKxD)
+    if cfg.use_bias:
+      y_BxLxD += param("out_bias", (D,), ("embed",), zeros)
+    return y_BxLxD
+
+  def _einsum_attention(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, deterministic):
+    L = q_BxLxHxK.shape[1]
+    q_BxLxHxK = q_BxLxHxK * (1.0 / math.sqrt(q_BxLxHxK.shape[-1]))
+    att_BxHxLxL = jnp.einsum("bqhk,bthk->bhqt", q_BxLxHxK, k_BxLxHxK)
+    causal_LxL = jnp.tril(jnp.ones((L, L), bool))
+    att_BxHxLxL = jnp.where(causal_LxL, att_BxHxLxL.astype(jnp.float32),
+                            jnp.finfo(jnp.float32).min)
+    probs_BxHxLxL = jax.nn.softmax(att_BxHxLxL, axis=-1).astype(v_BxLxHxK.dtype)
+    probs_BxHxLxL = nn.Dropout(self.cfg.dropout)(probs_BxHxLxL, deterministic)
+    return jnp.einsum("bhqt,bthk->bqhk", probs_BxHxLxL, v_BxLxHxK)
+
+
+class MLP(nn.Module):
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    dense = lambda features, names, init: nn.Dense(
+        features, use_bias=cfg.use_bias, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=nn.with_logical_partitioning(init, names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
+    h_BxLxF = dense(cfg.mlp_dim, ("embed", "mlp"), _dense_init())(x_BxLxD)
+    h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
+    h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)  # GPT-2's tanh GELU
+    return dense(cfg.d_model, ("mlp", "embed"),
+                 _dense_init(1 / math.sqrt(2 * cfg.num_layers)))(h_BxLxF)
+
+
+class Block(nn.Module):
+  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, deterministic: bool):
+    drop = nn.Dropout(self.cfg.dropout)
+    x_BxLxD = x_BxLxD + drop(
+        Attention(self.cfg)(LayerNorm(self.cfg)(x_BxLxD), deterministic),
+        deterministic)
+    x_BxLxD = x_BxLxD + drop(MLP(self.cfg)(LayerNorm(self.cfg)(x_BxLxD)),
+                             deterministic)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+    return x_BxLxD, None
+
+
+class GPT(nn.Module):
+  """tokens [B, L] int -> logits [B, L, V] float32."""
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, deterministic: bool = True):
+    cfg = self.cfg
+    L = tokens_BxL.shape[1]
+    embed = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        embedding_init=nn.with_logical_partitioning(_dense_init(),
+                                                    ("vocab", "embed")))
+    x_BxLxD = embed(tokens_BxL)
+    if cfg.position == "learned":
+      wpe_LxD = self.param(
+          "wpe", nn.with_logical_partitioning(_dense_init(0.5), (None, "embed")),
+          (cfg.seq_len, cfg.d_model), cfg.param_dtype)
+      x_BxLxD = x_BxLxD + wpe_LxD[:L].astype(cfg.dtype)
+    else:
+      x_BxLxD = x_BxLxD + sinusoidal_positions(L, cfg.d_model).astype(cfg.dtype)
+    x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat],
+                       static_argnums=(2,))
+    if cfg.scan_layers:
+      x_BxLxD, _ = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True,
+                                                          "dropout": True},
+          in_axes=nn.broadcast, length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, name="blocks")(x_BxLxD, deterministic)
+    else:
+      for i in range(cfg.num_layers):
+        x_BxLxD, _ = block(cfg, name=f"block_{i}")(x_BxLxD, deterministic)
+
+    x_BxLxD = LayerNorm(cfg, name="ln_f")(x_BxLxD)
+    if cfg.tie_embeddings:
+      logits_BxLxV = embed.attend(x_BxLxD)
+    else:
+      logits_BxLxV = nn.Dense(
+          cfg.vocab_size, use_bias=cfg.use_bias, dtype=cfg.dtype,
+          param_dtype=cfg.param_dtype, name="lm_head",
+          kernel_init=nn.with_logical_partitioning(_dense_init(),
+                                                   ("embed", "vocab")),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                 ("vocab",)))(x_BxLxD)
+    logits_BxLxV = nn.with_logical_constraint(logits_BxLxV,
+                                              ("batch", "length", "vocab"))
+    return logits_BxLxV.astype(jnp.float32)

@@ -1,0 +1,56 @@
+"""Train, evaluate or sample a GPT: the one entry point.
+
+  python train.py                                   # default config
+  python train.py --config=configs/NAME.py --config.train.steps=500 --workdir=runs/x
+  python train.py --mode=eval --workdir=runs/x      # evaluate the latest checkpoint
+  python train.py --mode=sample --workdir=runs/x --config.sample.prompt="ROMEO:"
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/default.py", "Config file; override fields with "
+    "--config.a.b=value.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where the run's config, metrics, checkpoints and samples "
+    "go (default: runs/<config name>).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
+                          "What to do.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  # Imported here so that absl has parsed the flags (Grain workers need them).
+  from data.corpus import DataError
+  from trainer import config as config_lib, loop
+  from trainer.errors import ConfigError
+
+  config = _CONFIG.value
+  config_name = os.path.splitext(os.path.basename(
+      config_flags.get_config_filename(flags.FLAGS["config"])))[0]
+  workdir = _WORKDIR.value or os.path.join("runs", config_name)
+  try:
+    if _MODE.value == "train":
+      loop.train(config, workdir)
+    else:
+      # Eval and sample rebuild the trained model from the run's saved config;
+      # only their own sections come from the flags.
+      saved = config_lib.load_saved(workdir)
+      saved.eval, saved.sample = config.eval, config.sample
+      {"eval": loop.evaluate, "sample": loop.sample}[_MODE.value](saved, workdir)
+  except (ConfigError, DataError) as e:
+    if _DEBUG.value:
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.WARNING)
+  app.run(main)

@@ -1,0 +1,2 @@
+"""Training machinery: config checks, mesh, optimizer, state, checkpoints,
+metrics, and the train / eval / sample loops."""

@@ -1,0 +1,254 @@
+"""The three things train.py does: train, evaluate, sample."""
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+import tqdm
+
+from data import loader, prepare
+from data.corpus import DataError
+from model import GPT, generate
+from trainer import checkpoint, config as config_lib, metrics, optim, sharding
+from trainer import state as state_lib
+from trainer.errors import ConfigError
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from a config before the first step."""
+  config: object
+  workdir: str
+  data: prepare.Prepared
+  model: GPT
+  tx: object
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  shardings: state_lib.TrainState
+  checkpointer: checkpoint.Checkpointer
+
+  def context(self):
+    """Mesh and logical-axis rules: active whenever a step is traced."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+  def restore(self, step: int, data_iterator=None):
+    target = state_lib.abstract_state(self.model, self.tx, self.shardings)
+    return self.checkpointer.restore(step, target, data_iterator)
+
+
+def build(config, workdir: str) -> Run:
+  config_lib.validate(config)
+  mesh = sharding.make_mesh(config.mesh)
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.train.batch_size % (data_parallel * config.train.grad_accum_steps):
+    raise ConfigError(
+        f"train.batch_size={config.train.batch_size} is not divisible by the "
+        f"data-parallel size {data_parallel} (mesh.data * mesh.fsdp) times "
+        f"train.grad_accum_steps={config.train.grad_accum_steps}")
+  data = prepare.prepare(config.data.source, config.data.tokenizer,
+                         tuple(config.data.holdout), config.data.cache_dir)
+  model = GPT(config_lib.model_config(config, data.meta["vocab_size"]))
+  tx = optim.make_optimizer(config.train)
+  rules = sharding.logical_rules(config.mesh)
+  shardings = state_lib.state_shardings(model, tx, mesh, rules)
+  return Run(config, workdir, data, model, tx, mesh, rules, shardings,
+             checkpoint.Checkpointer(workdir, config.checkpoint.keep))
+
+
+def _log(message: str) -> None:
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message)
+
+
+def _describe(run: Run) -> None:
+  cfg, t = run.model.cfg, run.config.train
+  per_device = t.batch_size // (run.mesh.shape["data"] * run.mesh.shape["fsdp"])
+  _log(f"model: {cfg.num_layers} layers x {cfg.d_model} x {cfg.num_heads} "
+       f"heads, context {cfg.seq_len}, vocab {cfg.vocab_size}: "
+       f"{cfg.num_params() / 1e6:.2f}M params "
+       f"({cfg.num_params(embeddings=False) / 1e6:.2f}M non-embedding), "
+       f"{cfg.flops_per_token() / 1e6:.1f} MFLOPs/token")
+  _log(f"mesh: {dict(run.mesh.shape)} over {jax.device_count()} "
+       f"{jax.devices()[0].platform} devices in {jax.process_count()} "
+       f"process(es); batch {t.batch_size} x {cfg.seq_len} tokens "
+       f"({per_device} sequences per data-parallel shard)")
+  _log(f"data: {run.data.path} ({run.data.meta['train_tokens']:,} train / "
+       f"{run.data.meta['val_tokens']:,} val tokens)")
+
+
+def evaluate_params(run: Run, params, max_batches: int) -> dict:
+  """Mean loss, perplexity and bits per byte over the validation split."""
+  source = loader.WindowSource(run.data.tokens("val"), run.model.cfg.seq_len,
+                               "val")
+  if len(source) == 0:
+    raise DataError("the validation split is shorter than one sequence; hold "
+                    "out more text (data.holdout) or lower model.seq_len")
+  eval_step = state_lib.make_eval_step(run.model)
+  token_bytes = run.data.tokenizer.token_bytes()
+  batch_sharding = sharding.batch_sharding(run.mesh)
+  data_parallel = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+  batch_size = math.ceil(run.config.eval.batch_size / data_parallel) * data_parallel
+  total = None
+  for tokens, mask in loader.eval_batches(source, batch_size, max_batches):
+    sums = eval_step(params, jax.device_put(tokens, batch_sharding),
+                     jax.device_put(mask, batch_sharding), token_bytes)
+    total = sums if total is None else total + sums
+  nats, count, num_bytes = (float(x) for x in jax.device_get(total))
+  loss = nats / count
+  return {"eval_loss": loss, "eval_perplexity": math.exp(loss),
+          "eval_bits_per_byte": nats / num_bytes / math.log(2),
+          "eval_tokens": int(count)}
+
+
+def sample_text(run: Run, params) -> str:
+  s = run.config.sample
+  tokenizer = run.data.tokenizer
+  try:
+    prompt = tokenizer.encode(s.prompt)
+  except ValueError as e:
+    raise ConfigError(f"sample.prompt={s.prompt!r}: {e}") from None
+  if prompt.size == 0:
+    raise ConfigError("sample.prompt is empty; give at least one character")
+  out = generate(run.model, params, prompt[None], jax.random.key(s.seed),
+                 max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                 top_k=s.top_k, top_p=s.top_p)
+  return tokenizer.decode(np.asarray(out[0]))
+
+
+def train(config, workdir: str) -> dict:
+  run = build(config, workdir)
+  t = config.train
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    config_lib.save(config, workdir)
+  _describe(run)
+  with run.context():
+    source = loader.WindowSource(run.data.tokens("train"), run.model.cfg.seq_len,
+                                 "train")
+    train_iter = loader.train_iterator(
+        source, t.batch_size, t.seed, jax.process_index(), jax.process_count(),
+        config.data.num_workers)
+    start = run.checkpointer.latest_step() or 0
+    if start:
+      _log(f"resuming from {run.checkpointer.directory} at step {start}")
+      state = run.restore(start, train_iter)
+    else:
+      state = state_lib.init_state(run.model, run.tx, run.shardings, t.seed)
+    train_step = state_lib.make_train_step(
+        run.model, run.tx, grad_accum_steps=t.grad_accum_steps, seed=t.seed)
+    writer = metrics.MetricsWriter(workdir, resume_step=start)
+    schedule = optim.lr_schedule(t)
+    batch_sharding = sharding.batch_sharding(run.mesh)
+    tokens_per_step = t.batch_size * run.model.cfg.seq_len
+    flops_per_step = run.model.cfg.flops_per_token() * tokens_per_step
+    peak = metrics.peak_flops_per_device(config.perf.peak_flops) * jax.device_count()
+
+    bar = tqdm.tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True,
+                    disable=jax.process_index() != 0)
+    window = {"start": time.perf_counter(), "steps": 0, "data_wait": 0.0}
+
+    def log_step(done_step, done):
+      """Logs a finished step's metrics (normally fetched one step late)."""
+      done = jax.device_get(done)
+      record = {"loss": done["loss"], "grad_norm": done["grad_norm"],
+                "learning_rate": float(schedule(done_step - 1)),
+                "tokens_seen": done_step * tokens_per_step}
+      elapsed = time.perf_counter() - window["start"]
+      if done_step == start + 1:  # the first step includes compilation
+        record["first_step_time_s"] = elapsed
+        window.update(start=time.perf_counter(), steps=0, data_wait=0.0)
+      else:
+        window["steps"] += 1
+      if done_step % t.log_every_steps == 0 or done_step == t.steps:
+        if window["steps"]:
+          step_time = elapsed / window["steps"]
+          record.update({
+              "tokens_per_sec": tokens_per_step / step_time,
+              "tokens_per_sec_per_device":
+                  tokens_per_step / step_time / jax.device_count(),
+              "step_time_ms": 1e3 * step_time,
+              "data_wait_ms": 1e3 * window["data_wait"] / window["steps"],
+              "mfu": flops_per_step / step_time / peak})
+          bar.set_postfix(loss=f"{record['loss']:.3f}",
+                          tok_s=f"{record['tokens_per_sec']:,.0f}",
+                          refresh=False)
+        writer.write(done_step, record)
+        window.update(start=time.perf_counter(), steps=0, data_wait=0.0)
+      bar.update(done_step - bar.n)
+
+    pending = None  # (step, metrics still on device)
+    last_eval = {}
+    for step in range(start, t.steps):
+      t0 = time.perf_counter()
+      batch = sharding.to_global(next(train_iter), batch_sharding)
+      window["data_wait"] += time.perf_counter() - t0
+      state, step_metrics = train_step(state, batch)
+      if pending is not None:
+        log_step(*pending)
+      done_step = step + 1
+      pending = (done_step, step_metrics)
+      final = done_step == t.steps
+      do_eval = done_step % config.eval.every_steps == 0 or final
+      do_save = done_step % config.checkpoint.every_steps == 0 or final
+      if do_eval or do_save:  # these wait for the step anyway
+        log_step(*pending)
+        pending = None
+      if do_eval:
+        last_eval = evaluate_params(
+            run, state.params, 0 if final else config.eval.max_batches)
+        writer.write(done_step, last_eval)
+        _log(f"step {done_step}: eval loss {last_eval['eval_loss']:.4f}, "
+             f"{last_eval['eval_bits_per_byte']:.4f} bits/byte")
+      if do_save:
+        run.checkpointer.save(done_step, state, train_iter)
+      if do_eval or do_save:  # keep them out of the step time
+        window.update(start=time.perf_counter(), steps=0, data_wait=0.0)
+    bar.close()
+    run.checkpointer.close()
+
+    text = sample_text(run, state.params)
+    if jax.process_index() == 0:
+      os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+      with open(os.path.join(workdir, "samples", f"step_{t.steps}.txt"), "w") as f:
+        f.write(text)
+      writer.text("sample", text, t.steps)
+    writer.close()
+  _log(f"--- sample (temperature {config.sample.temperature}) ---\n{text}")
+  return last_eval
+
+
+def _restore_latest(run: Run):
+  step = run.checkpointer.latest_step()
+  if step is None:
+    raise ConfigError(f"no checkpoint under {run.checkpointer.directory}; "
+                      "train first with --mode=train")
+  return step, run.restore(step).params
+
+
+def evaluate(config, workdir: str) -> dict:
+  run = build(config, workdir)
+  with run.context():
+    step, params = _restore_latest(run)
+    result = {"step": step, **evaluate_params(run, params, max_batches=0)}
+  run.checkpointer.close()
+  _log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in result.items()))
+  return result
+
+
+def sample(config, workdir: str) -> str:
+  run = build(config, workdir)
+  with run.context():
+    _, params = _restore_latest(run)
+    text = sample_text(run, params)
+  run.checkpointer.close()
+  _log(text)
+  return text

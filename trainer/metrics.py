@@ -1,0 +1,88 @@
+"""Where numbers go: <workdir>/metrics.jsonl, TensorBoard events (tensorboardX)
+under <workdir>/tensorboard, and FLOP / MFU accounting."""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tensorboardX import SummaryWriter
+
+# Dense peak FLOP/s per device (bf16 for accelerators), by jax device_kind.
+_PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12,
+}
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+  """Median FLOP/s of an [n, n] @ [n, n] float32 matmul on device 0."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n**3 / float(np.median(times))
+
+
+def peak_flops_per_device(configured: float = 0.0) -> float:
+  """The configured peak, else a known accelerator's, else measured (CPU)."""
+  if configured > 0:
+    return configured
+  kind = jax.devices()[0].device_kind
+  return _PEAK_FLOPS.get(kind) or measure_matmul_flops()
+
+
+class MetricsWriter:
+  """Appends one JSON object per record; mirrors scalars to TensorBoard.
+  Only process 0 writes."""
+
+  def __init__(self, workdir: str, resume_step: int = 0):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if not self.enabled:
+      return
+    self._drop_records_after(resume_step)
+    self._file = open(self.path, "a")
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def _drop_records_after(self, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: forget them so
+    the series has no duplicates."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      kept = [line for line in f
+              if line.strip() and json.loads(line)["step"] <= step]
+    with open(self.path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(self.path + ".tmp", self.path)
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step)}
+    record.update({k: (float(v) if isinstance(v, (np.generic, np.ndarray,
+                                                  jax.Array)) else v)
+                   for k, v in metrics.items()})
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    for k, v in record.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, step)
+
+  def text(self, tag: str, text: str, step: int) -> None:
+    if self.enabled:
+      self._tb.add_text(tag, text, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._file.close()
+      self._tb.close()

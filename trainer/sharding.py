@@ -1,0 +1,53 @@
+"""One device mesh with named axes (data, fsdp, tensor); the model's logical
+axis names are mapped onto it by rules from the config."""
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from trainer.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  sizes = [mesh_cfg[a] for a in MESH_AXES]
+  if sum(s == -1 for s in sizes) > 1:
+    raise ConfigError("at most one of mesh.data/fsdp/tensor may be -1")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ConfigError(f"mesh sizes must be positive or -1, got {sizes}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} cannot fill "
+                        f"{num_devices} devices: {known} does not divide it")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ConfigError(
+        f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = "
+        f"{math.prod(sizes)} but there are {num_devices} devices; make the "
+        "product equal the device count (or set one axis to -1)")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  devices = devices if devices is not None else jax.devices()
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def logical_rules(mesh_cfg) -> tuple:
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+               for name, axes in mesh_cfg.rules)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def to_global(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """This process's rows -> one global array sharded over the batch axes."""
+  return jax.make_array_from_process_local_data(sharding, batch)
