@@ -124,40 +124,40 @@ class Attention(nn.Module):
     zeros = nn.initializers.zeros
     w_Dx3xHxK = param("qkv_kernel", (D, 3, H, K),
                       ("embed", None, "heads", "head_dim"), _dense_init())
-    qkv_BxLx3xHxK = jnp.einsum("bld,dshk->blshk", x_BxLxD, w_Dx3xHxK)
+    # Heads-major layout [B, H, L, K]: the attention matmuls need no transposes.
+    qkv_3xBxHxLxK = jnp.einsum("bld,dshk->sbhlk", x_BxLxD, w_Dx3xHxK)
     if cfg.use_bias:
-      qkv_BxLx3xHxK += param("qkv_bias", (3, H, K), (None, "heads", "head_dim"),
-                             zeros)
-    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
-    q_BxLxHxK = nn.with_logical_constraint(
-        q_BxLxHxK, ("batch", "length", "heads", "head_dim"))
+      b_3xHxK = param("qkv_bias", (3, H, K), (None, "heads", "head_dim"), zeros)
+      qkv_3xBxHxLxK += b_3xHxK[:, None, :, None, :]
+    q_BxHxLxK, k_BxHxLxK, v_BxHxLxK = qkv_3xBxHxLxK
     if cfg.attention == "einsum":
-      out_BxLxHxK = self._einsum_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
+      out_BxHxLxK = self._einsum_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK,
                                            deterministic)
     else:
       out_BxLxHxK = jax.nn.dot_product_attention(
-          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True,
-          implementation=cfg.attention)
-    out_BxLxHxK = nn.with_logical_constraint(
-        out_BxLxHxK, ("batch", "length", "heads", "head_dim"))
+          *(t.swapaxes(1, 2) for t in (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK)),
+          is_causal=True, implementation=cfg.attention)
+      out_BxHxLxK = out_BxLxHxK.swapaxes(1, 2)
+    out_BxHxLxK = nn.with_logical_constraint(
+        out_BxHxLxK, ("batch", "heads", "length", "head_dim"))
     # GPT-2 scales the residual projections by 1/sqrt(2 * layers) at init.
     w_HxKxD = param("out_kernel", (H, K, D), ("heads", "head_dim", "embed"),
                     _dense_init(1 / math.sqrt(2 * cfg.num_layers)))
-    y_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK, w_HxKxD)
+    y_BxLxD = jnp.einsum("bhlk,hkd->bld", out_BxHxLxK, w_HxKxD)
     if cfg.use_bias:
       y_BxLxD += param("out_bias", (D,), ("embed",), zeros)
     return y_BxLxD
 
-  def _einsum_attention(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, deterministic):
-    L = q_BxLxHxK.shape[1]
-    q_BxLxHxK = q_BxLxHxK * (1.0 / math.sqrt(q_BxLxHxK.shape[-1]))
-    att_BxHxLxL = jnp.einsum("bqhk,bthk->bhqt", q_BxLxHxK, k_BxLxHxK)
+  def _einsum_attention(self, q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, deterministic):
+    L = q_BxHxLxK.shape[2]
+    q_BxHxLxK = q_BxHxLxK * (1.0 / math.sqrt(q_BxHxLxK.shape[-1]))
+    att_BxHxLxL = jnp.einsum("bhqk,bhtk->bhqt", q_BxHxLxK, k_BxHxLxK)
     causal_LxL = jnp.tril(jnp.ones((L, L), bool))
     att_BxHxLxL = jnp.where(causal_LxL, att_BxHxLxL.astype(jnp.float32),
                             jnp.finfo(jnp.float32).min)
-    probs_BxHxLxL = jax.nn.softmax(att_BxHxLxL, axis=-1).astype(v_BxLxHxK.dtype)
+    probs_BxHxLxL = jax.nn.softmax(att_BxHxLxL, axis=-1).astype(v_BxHxLxK.dtype)
     probs_BxHxLxL = nn.Dropout(self.cfg.dropout)(probs_BxHxLxL, deterministic)
-    return jnp.einsum("bhqt,bthk->bqhk", probs_BxHxLxL, v_BxLxHxK)
+    return jnp.einsum("bhqt,bhtk->bhqk", probs_BxHxLxL, v_BxHxLxK)
 
 
 class MLP(nn.Module):

@@ -1,0 +1,121 @@
+"""Training throughput: tokens/s, step time, compile time, peak memory, MFU.
+
+  python benchmarks/train_throughput.py                 # default config
+  python benchmarks/train_throughput.py --shape=6x384   # 6 layers x 384 x 6 heads, batch 16 x 256
+  python benchmarks/train_throughput.py --shape=6x384 --torch   # + PyTorch reference, side by side
+
+Steps run on random tokens (the input pipeline is measured in training logs as
+data_wait_ms). MFU counts model.flops_per_token() (6N + attention, PaLM's
+convention) against the median FLOP/s of a large float32 matmul measured on
+this machine, so it reads as "fraction of what XLA's matmul reaches here".
+Rounds alternate between frameworks so that machine noise hits both alike.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from configs import default
+from model import GPT
+from trainer import config as config_lib, metrics, optim, sharding
+from trainer import state as state_lib
+
+SHAPES = {
+    "default": {},
+    "6x384": dict(num_layers=6, d_model=384, num_heads=6, seq_len=256,
+                  batch_size=16),
+}
+
+
+def jax_runner(config, vocab_size):
+  """Returns (compile_seconds, run(steps) -> seconds)."""
+  model = GPT(config_lib.model_config(config, vocab_size))
+  tx = optim.make_optimizer(config.train)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.mesh)
+  rng = np.random.default_rng(0)
+  shape = (config.train.batch_size, config.model.seq_len + 1)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    shardings = state_lib.state_shardings(model, tx, mesh, rules)
+    state = state_lib.init_state(model, tx, shardings, seed=0)
+    step = state_lib.make_train_step(model, tx, grad_accum_steps=1, seed=0)
+    batches = [sharding.to_global(rng.integers(0, vocab_size, shape, np.int32),
+                                  sharding.batch_sharding(mesh))
+               for _ in range(2)]
+    t = time.perf_counter()
+    compiled = step.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - t
+  holder = {"state": state}
+
+  def run(steps):
+    t = time.perf_counter()
+    for i in range(steps):
+      holder["state"], m = compiled(holder["state"], batches[i % 2])
+    jax.block_until_ready(m)
+    return time.perf_counter() - t
+
+  run(2)  # warm-up
+  return model.cfg, compile_s, run
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--shape", choices=sorted(SHAPES), default="default")
+  p.add_argument("--steps", type=int, default=10, help="steps per round")
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--vocab", type=int, default=84, help="Shakespeare chars: 84")
+  p.add_argument("--torch", action="store_true", help="also run benchmarks/torch_gpt.py")
+  p.add_argument("--set", nargs="*", default=[],
+                 help="config overrides, e.g. model.scan_layers=True")
+  args = p.parse_args()
+
+  config = default.get_config()
+  overrides = dict(SHAPES[args.shape])
+  if "batch_size" in overrides:
+    config.train.batch_size = overrides.pop("batch_size")
+  config.model.update(overrides)
+  for item in args.set:
+    key, value = item.split("=", 1)
+    section, field = key.split(".")
+    config[section][field] = type(config[section][field])(
+        value == "True" if isinstance(config[section][field], bool) else value)
+
+  cfg, compile_s, run = jax_runner(config, args.vocab)
+  runners = {"jax": run}
+  if args.torch:
+    from benchmarks import torch_gpt
+    runners["torch"] = torch_gpt.runner(cfg, config.train.batch_size)
+  times = {name: [] for name in runners}
+  for _ in range(args.rounds):
+    for name, r in runners.items():
+      times[name].append(r(args.steps) / args.steps)
+
+  tokens = config.train.batch_size * cfg.seq_len
+  peak = metrics.measure_matmul_flops(n=2048, repeats=5)
+  result = {"shape": f"{cfg.num_layers}x{cfg.d_model}x{cfg.num_heads}",
+            "batch": f"{config.train.batch_size}x{cfg.seq_len}",
+            "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+            "compile_s": round(compile_s, 2),
+            "matmul_peak_gflops": round(peak / 1e9, 1),
+            "peak_rss_mib": round(resource.getrusage(
+                resource.RUSAGE_SELF).ru_maxrss / 1024)}
+  for name, ts in times.items():
+    step = statistics.median(ts)
+    result[f"{name}_step_ms"] = round(1e3 * step, 1)
+    result[f"{name}_tokens_per_sec"] = round(tokens / step)
+    result[f"{name}_mfu"] = round(cfg.flops_per_token() * tokens / step / peak, 3)
+  if args.torch:
+    result["jax_over_torch"] = round(
+        result["jax_tokens_per_sec"] / result["torch_tokens_per_sec"], 3)
+  print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+  main()

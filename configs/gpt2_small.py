@@ -1,0 +1,21 @@
+"""GPT-2 small (124M): 12 layers x 768 x 12 heads, context 1024, vocab 50257.
+
+Real-scale shapes for tests (through jax.eval_shape) and for accelerators.
+Until GPT-2 tokenizers land, it trains on the byte-level Shakespeare corpus.
+
+Command:  python train.py --config=configs/gpt2_small.py
+"""
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.model.update(vocab_size=50257, num_layers=12, d_model=768, num_heads=12,
+                 seq_len=1024)
+  c.data.tokenizer = "byte"
+  c.train.update(steps=600_000, batch_size=512, learning_rate=6e-4,
+                 warmup_steps=2000)
+  c.eval.update(every_steps=2000, batch_size=64, max_batches=20)
+  c.checkpoint.every_steps = 2000
+  return c
