@@ -10,6 +10,8 @@ same whatever the number of processes. The iterator state is checkpointable.
 import grain
 import numpy as np
 
+from data.corpus import DataError
+
 
 class WindowSource:
   """Random access to the windows of a flat token array (a grain source)."""
@@ -28,15 +30,18 @@ class WindowSource:
     return f"WindowSource({self.name}, seq_len={self.seq_len})"
 
 
+def check_size(source: WindowSource, batch_size: int) -> None:
+  if len(source) < batch_size:
+    raise DataError(
+        f"the {source.name} split has {len(source)} windows of "
+        f"{source.seq_len + 1} tokens, fewer than one batch of {batch_size}; "
+        "use more text or a smaller batch size / model.seq_len")
+
+
 def train_iterator(source: WindowSource, global_batch: int, seed: int,
                    process_index: int = 0, process_count: int = 1,
                    num_workers: int = 0):
   """An endless, checkpointable iterator of this process's [b, L+1] rows."""
-  if len(source) < global_batch:
-    raise ValueError(
-        f"the training split has {len(source)} windows of "
-        f"{source.seq_len + 1} tokens, fewer than one batch of {global_batch};"
-        " use a larger corpus or a smaller train.batch_size/model.seq_len")
   local = global_batch // process_count
   rows = slice(process_index * local, (process_index + 1) * local)
   ds = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()

@@ -43,9 +43,12 @@ class GPTConfig:
       raise ValueError(
           f"model.d_model={self.d_model} is not divisible by "
           f"model.num_heads={self.num_heads}; pick heads that divide it")
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"model.remat={self.remat!r}; choose one of "
-                       f"{sorted(REMAT_POLICIES)}")
+    for name, allowed in (("remat", sorted(REMAT_POLICIES)),
+                          ("position", ["learned", "sinusoidal"]),
+                          ("attention", ["einsum", "xla", "cudnn"])):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of "
+                         f"{allowed}")
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "seq_len"):
       if getattr(self, name) <= 0:
         raise ValueError(f"model.{name} must be positive, got "

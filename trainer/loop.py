@@ -12,7 +12,6 @@ import numpy as np
 import tqdm
 
 from data import loader, prepare
-from data.corpus import DataError
 from model import GPT, generate
 from trainer import checkpoint, config as config_lib, metrics, optim, sharding
 from trainer import state as state_lib
@@ -31,6 +30,7 @@ class Run:
   rules: tuple
   shardings: state_lib.TrainState
   checkpointer: checkpoint.Checkpointer
+  eval_step: object
 
   def context(self):
     """Mesh and logical-axis rules: active whenever a step is traced."""
@@ -56,11 +56,15 @@ def build(config, workdir: str) -> Run:
   data = prepare.prepare(config.data.source, config.data.tokenizer,
                          tuple(config.data.holdout), config.data.cache_dir)
   model = GPT(config_lib.model_config(config, data.meta["vocab_size"]))
+  for split, batch_size in (("train", config.train.batch_size), ("val", 1)):
+    loader.check_size(loader.WindowSource(data.tokens(split), model.cfg.seq_len,
+                                          split), batch_size)
   tx = optim.make_optimizer(config.train)
   rules = sharding.logical_rules(config.mesh)
   shardings = state_lib.state_shardings(model, tx, mesh, rules)
   return Run(config, workdir, data, model, tx, mesh, rules, shardings,
-             checkpoint.Checkpointer(workdir, config.checkpoint.keep))
+             checkpoint.Checkpointer(workdir, config.checkpoint.keep),
+             state_lib.make_eval_step(model))
 
 
 def _log(message: str) -> None:
@@ -88,17 +92,13 @@ def evaluate_params(run: Run, params, max_batches: int) -> dict:
   """Mean loss, perplexity and bits per byte over the validation split."""
   source = loader.WindowSource(run.data.tokens("val"), run.model.cfg.seq_len,
                                "val")
-  if len(source) == 0:
-    raise DataError("the validation split is shorter than one sequence; hold "
-                    "out more text (data.holdout) or lower model.seq_len")
-  eval_step = state_lib.make_eval_step(run.model)
   token_bytes = run.data.tokenizer.token_bytes()
   batch_sharding = sharding.batch_sharding(run.mesh)
   data_parallel = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
   batch_size = math.ceil(run.config.eval.batch_size / data_parallel) * data_parallel
   total = None
   for tokens, mask in loader.eval_batches(source, batch_size, max_batches):
-    sums = eval_step(params, jax.device_put(tokens, batch_sharding),
+    sums = run.eval_step(params, jax.device_put(tokens, batch_sharding),
                      jax.device_put(mask, batch_sharding), token_bytes)
     total = sums if total is None else total + sums
   nats, count, num_bytes = (float(x) for x in jax.device_get(total))

@@ -93,7 +93,7 @@ def make_train_step(model, tx, *, grad_accum_steps: int, seed: int):
     new_state = TrainState(step=state.step + 1,
                            params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state)
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   return jax.jit(train_step, donate_argnums=(0,))
 

@@ -1,0 +1,177 @@
+"""Shared fixtures: tiny models, a tiny synthetic corpus, and subprocess runs.
+
+Everything is sized for a shared 2-core CPU: models are 1-2 layers of width 32
+with a context of 16 tokens.
+"""
+
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+# Before jax is imported anywhere: a persistent compilation cache (shared with
+# the train.py subprocesses, which inherit the environment) unless the caller
+# chose one.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+      tempfile.gettempdir(), "gpt_jax_tests_compilation_cache")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+# Words with multi-byte UTF-8 characters, so that bytes != characters.
+_WORDS = ("the king queen lord lady night day sword crown love death ghost "
+          "storm island sea father son speak hear see come go my thy thou art "
+          "café naïve — ’tis o’er").split()
+
+# Document name -> number of words. hamlet and tempest are the default
+# holdout of configs/default.py, so the default holdout works here too.
+DOCS = {"hamlet": 180, "tempest": 120, "macbeth": 500, "lear": 500,
+        "sonnets": 450}
+
+
+def make_text(seed: int, num_words: int) -> str:
+  rng = random.Random(seed)
+  lines, line = [], []
+  for _ in range(num_words):
+    line.append(rng.choice(_WORDS))
+    if len(line) == 8:
+      lines.append(("KING: " if rng.random() < 0.3 else "") + " ".join(line))
+      line = []
+  lines.append(" ".join(line))
+  return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+  """A directory of small .txt documents (read-only for tests)."""
+  path = tmp_path_factory.mktemp("corpus")
+  for i, (name, words) in enumerate(DOCS.items()):
+    (path / f"{name}.txt").write_text(make_text(i, words), encoding="utf-8")
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+  """A data.cache_dir shared by the tests that only read prepared data."""
+  return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def tiny_model_config(**overrides):
+  from model import GPTConfig
+  fields = dict(vocab_size=37, num_layers=2, d_model=32, num_heads=2,
+                seq_len=16)
+  fields.update(overrides)
+  return GPTConfig(**fields)
+
+
+def param_shapes(cfg):
+  """The GPT parameter tree as ShapeDtypeStructs: traced, never allocated."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from model import GPT
+  shapes = jax.eval_shape(GPT(cfg).init, jax.random.key(0),
+                          jnp.zeros((1, cfg.seq_len), jnp.int32))
+  return nn.unbox(shapes)["params"]
+
+
+def random_params(cfg, seed=0, std=0.02):
+  """GPT-like random parameters without compiling `init` (slow on CPU):
+  N(0, std) weights and biases, unit LayerNorm scales."""
+  import jax
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: (np.ones(s.shape, np.float32)
+                       if path[-1].key == "scale" else
+                       rng.normal(0, std, s.shape).astype(np.float32)),
+      param_shapes(cfg))
+
+
+def tiny_config(corpus_dir: str = "", cache_dir: str = "", **train):
+  """configs/default.py shrunk to a 2-layer model that can memorize a batch
+  in 150 steps; on the synthetic corpus if given."""
+  from configs import default
+  c = default.get_config()
+  c.model.update(dict(num_layers=2, d_model=32, num_heads=2, seq_len=16))
+  c.train.update(dict(batch_size=4, steps=150, warmup_steps=10,
+                      learning_rate=1e-2, weight_decay=0.0,
+                      log_every_steps=1))
+  c.train.update(train)
+  c.perf.peak_flops = 1e12  # skip the CPU matmul measurement
+  if corpus_dir:
+    c.data.source = corpus_dir
+  if cache_dir:
+    c.data.cache_dir = cache_dir
+  return c
+
+
+def train_steps(config, batches, *, seed=0, vocab=37, grad_accum_steps=1):
+  """A freshly initialized (seed) model trained on `batches`: per-step
+  losses and gradient norms, and the final state."""
+  import flax.linen as nn
+  import jax
+  from model import GPT
+  from trainer import config as config_lib, optim, sharding
+  from trainer import state as state_lib
+  model = GPT(config_lib.model_config(config, vocab))
+  tx = optim.make_optimizer(config.train)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.mesh)
+  losses, grad_norms = [], []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    shardings = state_lib.state_shardings(model, tx, mesh, rules)
+    state = state_lib.init_state(model, tx, shardings, seed)
+    step = state_lib.make_train_step(model, tx,
+                                     grad_accum_steps=grad_accum_steps,
+                                     seed=config.train.seed)
+    for batch in batches:
+      state, metrics = step(state, batch)
+      losses.append(float(metrics["loss"]))
+      grad_norms.append(float(metrics["grad_norm"]))
+  return losses, grad_norms, state
+
+
+# The tiny run of the train.py tests, as config overrides (the in-process run
+# tests use the same values, so compilations are shared through the cache).
+TINY_OVERRIDES = {
+    "model.num_layers": 1, "model.d_model": 32, "model.num_heads": 2,
+    "model.seq_len": 16, "train.batch_size": 4, "train.warmup_steps": 2,
+    "train.log_every_steps": 1, "eval.every_steps": 3, "eval.batch_size": 16,
+    "checkpoint.every_steps": 3, "sample.max_new_tokens": 20,
+    "perf.peak_flops": 1e12, "data.holdout": ("hamlet",),
+}
+TINY_FLAGS = tuple(
+    f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
+    for k, v in TINY_OVERRIDES.items())
+
+
+def tiny_run_config(corpus_dir: str, cache_dir: str, steps: int):
+  """configs/default.py with TINY_OVERRIDES, as train.py would build it."""
+  from configs import default
+  c = default.get_config()
+  for key, value in TINY_OVERRIDES.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  c.data.update(dict(source=corpus_dir, cache_dir=cache_dir))
+  c.train.steps = steps
+  return c
+
+
+def run_train_py(*args, timeout=300, wait=True):
+  """Runs `python train.py ARGS` in the repository root."""
+  env = dict(os.environ)
+  env.setdefault("GPT_JAX_CACHE", os.path.join(tempfile.gettempdir(),
+                                               "gpt_jax_tests_data"))
+  cmd = [sys.executable, "train.py", *args]
+  if not wait:
+    return subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  return subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True,
+                        timeout=timeout)

@@ -1,0 +1,189 @@
+"""The GPT module: shapes, causality, initial loss, parameter counts, and that
+a tiny model can memorize one batch."""
+
+import importlib.util
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import (REPO, param_shapes, random_params, tiny_config,
+                      tiny_model_config, train_steps)
+from model import GPT, GPTConfig
+from trainer import config as config_lib
+from trainer import state as state_lib
+
+B, L = 4, 16
+
+
+def _tokens(seed, shape=(B, L), vocab=37):
+  return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
+
+
+def _init(cfg, seed=0):
+  return GPT(cfg), random_params(cfg, seed)
+
+
+def _count(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+VARIANTS = {
+    "learned-tied": {},
+    "sinusoidal": dict(position="sinusoidal"),
+    "untied": dict(tie_embeddings=False),
+    "scan": dict(scan_layers=True),
+    "remat-full": dict(remat="full"),
+    "remat-full-scan-untied-nobias": dict(remat="full", scan_layers=True,
+                                          tie_embeddings=False, use_bias=False),
+}
+
+
+@pytest.mark.parametrize("overrides", VARIANTS.values(), ids=VARIANTS.keys())
+def test_logits_shape_and_dtype(overrides):
+  cfg = tiny_model_config(**overrides)
+  model, params = _init(cfg)
+  tokens = _tokens(1)
+  logits = jax.jit(model.apply)({"params": params}, tokens)
+  assert logits.shape == (B, L, cfg.vocab_size)
+  assert logits.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(logits)))
+  if overrides.get("scan_layers"):
+    assert "blocks" in params and "block_0" not in params
+    assert params["blocks"]["Attention_0"]["qkv_kernel"].shape == (2, 32, 3, 2,
+                                                                   16)
+  else:
+    assert {"block_0", "block_1"} <= set(params) and "block_2" not in params
+  assert ("lm_head" in params) == (not cfg.tie_embeddings)
+  assert ("wpe" in params) == (cfg.position == "learned")
+
+
+def test_inputs_shorter_than_the_context():
+  model, params = _init(tiny_model_config())
+  tokens = _tokens(1)
+  apply = jax.jit(model.apply)
+  full = apply({"params": params}, tokens)
+  short = apply({"params": params}, tokens[:, :5])
+  assert short.shape == (B, 5, 37)
+  np.testing.assert_allclose(short, full[:, :5], atol=1e-5)
+
+
+def test_bf16_compute_still_returns_float32_logits():
+  cfg = tiny_model_config(dtype="bfloat16", num_layers=1)
+  model, params = _init(cfg)
+  assert jax.tree.leaves(params)[0].dtype == jnp.float32
+  logits = jax.jit(model.apply)({"params": params}, _tokens(1))
+  assert logits.dtype == jnp.float32 and logits.shape == (B, L, 37)
+
+
+def test_sinusoidal_positions_values():
+  from model.gpt import sinusoidal_positions
+  pe = np.asarray(sinusoidal_positions(6, 8))
+  pos = np.arange(6)[:, None]
+  freq = 10000.0 ** (-np.arange(0, 8, 2) / 8)
+  np.testing.assert_allclose(pe[:, 0::2], np.sin(pos * freq), atol=1e-6)
+  np.testing.assert_allclose(pe[:, 1::2], np.cos(pos * freq), atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(attention="xla"),
+                                       dict(position="sinusoidal",
+                                            scan_layers=True)],
+                         ids=["einsum", "xla", "sinusoidal-scan"])
+def test_causality(overrides):
+  cfg = tiny_model_config(**overrides)
+  model, params = _init(cfg)
+  apply = jax.jit(lambda t: model.apply({"params": params}, t))
+  tokens = _tokens(2)
+  base = np.asarray(apply(tokens))
+  for t in (0, 5, L - 1):
+    changed = tokens.at[:, t].set((tokens[:, t] + 1) % cfg.vocab_size)
+    out = np.asarray(apply(changed))
+    np.testing.assert_allclose(out[:, :t], base[:, :t], rtol=0, atol=1e-6)
+    # Position t and every later one sees the change.
+    diff = np.abs(out[:, t:] - base[:, t:]).max(axis=-1)
+    assert diff.min() > 1e-5, (t, diff)
+
+
+def test_initial_loss_is_log_vocab():
+  cfg = tiny_model_config(vocab_size=65)
+  model = GPT(cfg)
+  tokens = _tokens(4, (8, L + 1), vocab=65)
+
+  @jax.jit
+  def init_and_apply(key):  # the real initializers
+    return model.apply(model.init(key, tokens[:1, :-1]), tokens[:, :-1])
+
+  logits = init_and_apply(jax.random.key(3))
+  loss = float(state_lib.cross_entropy(logits, tokens[:, 1:]).mean())
+  assert abs(loss - math.log(65)) < 0.1, loss
+
+
+PARAM_VARIANTS = {
+    "default": {},
+    "no-bias": dict(use_bias=False),
+    "untied": dict(tie_embeddings=False),
+    "untied-no-bias": dict(tie_embeddings=False, use_bias=False),
+    "sinusoidal": dict(position="sinusoidal"),
+    "scan": dict(scan_layers=True),
+    "scan-no-bias-sinusoidal-dff": dict(scan_layers=True, use_bias=False,
+                                        position="sinusoidal", d_ff=48),
+    "3-layers-4-heads": dict(num_layers=3, num_heads=4, seq_len=24),
+}
+
+
+@pytest.mark.parametrize("overrides", PARAM_VARIANTS.values(),
+                         ids=PARAM_VARIANTS.keys())
+def test_num_params_matches_param_tree(overrides):
+  cfg = tiny_model_config(**overrides)
+  assert _count(param_shapes(cfg)) == cfg.num_params()
+  embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+  embedding += (cfg.seq_len * cfg.d_model if cfg.position == "learned" else 0)
+  embedding += 0 if cfg.tie_embeddings or not cfg.use_bias else cfg.vocab_size
+  assert cfg.num_params(embeddings=False) == cfg.num_params() - embedding
+
+
+def test_gpt2_small_closed_form_is_124m():
+  cfg = GPTConfig(vocab_size=50257, num_layers=12, d_model=768, num_heads=12,
+                  seq_len=1024)
+  assert cfg.num_params() == 124_439_808
+
+
+def test_gpt2_small_config_param_count():
+  path = os.path.join(REPO, "configs", "gpt2_small.py")
+  spec = importlib.util.spec_from_file_location("gpt2_small", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  assert config.data.tokenizer == "byte"
+  cfg = config_lib.model_config(config, vocab_size=256)
+  assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.seq_len,
+          cfg.vocab_size) == (12, 768, 12, 1024, 50257)
+  assert cfg.num_params() == 124_439_808
+  assert _count(param_shapes(cfg)) == 124_439_808
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match="d_model=30 is not divisible by "
+                     "model.num_heads=4"):
+    tiny_model_config(d_model=30, num_heads=4)
+  with pytest.raises(ValueError, match="model.remat='some'"):
+    tiny_model_config(remat="some")
+  with pytest.raises(ValueError, match="model.num_layers must be positive"):
+    tiny_model_config(num_layers=0)
+
+
+def test_tiny_model_overfits_one_batch():
+  config = tiny_config()  # 150 steps, peak learning rate 1e-2
+  batch = np.asarray(_tokens(5, (4, L + 1)))
+  losses, _, state = train_steps(config, [batch] * config.train.steps)
+  assert int(state.step) == 150
+  assert abs(losses[0] - math.log(37)) < 0.1
+  assert losses[-1] < 0.5, losses[::10]
+
+
+def test_unknown_position_is_rejected():
+  with pytest.raises(ValueError, match="position"):
+    tiny_model_config(position="learnt")

@@ -1,0 +1,160 @@
+"""train.py end to end, as a user runs it: train, resume, eval, sample, and
+one-line errors for bad input. Each run is a subprocess (~10 s or more)."""
+
+import glob
+import json
+import os
+import re
+
+import pytest
+
+from conftest import TINY_FLAGS, run_train_py
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _check_ok(result):
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(corpus_dir, tmp_path_factory):
+  """A 6-step run (evals and checkpoints at 3 and 6) on the tiny corpus."""
+  root = tmp_path_factory.mktemp("train_py")
+  workdir = str(root / "run")
+  flags = (*TINY_FLAGS, f"--config.data.source={corpus_dir}",
+           f"--config.data.cache_dir={root / 'cache'}")
+  result = run_train_py(*flags, "--config.train.steps=6",
+                        f"--workdir={workdir}")
+  _check_ok(result)
+  return workdir, flags, result
+
+
+def test_train_writes_metrics_checkpoints_and_samples(trained):
+  workdir, _, result = trained
+  # The overrides reached the model.
+  assert re.search(r"model: 1 layers x 32 x 2 heads, context 16, vocab \d+",
+                   result.stdout), result.stdout
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  assert saved["model"]["num_layers"] == 1 and saved["model"]["d_model"] == 32
+  assert saved["data"]["holdout"] == ["hamlet"]
+  meta = glob.glob(os.path.join(saved["data"]["cache_dir"], "prepared", "*",
+                                "meta.json"))
+  assert len(meta) == 1
+  with open(meta[0]) as f:
+    assert json.load(f)["documents"]["val"] == ["hamlet"]
+
+  records = _records(workdir)
+  train = [r for r in records if "loss" in r]
+  assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+  for r in train:
+    assert r["loss"] > 0 and r["learning_rate"] >= 0
+    assert r["tokens_seen"] == r["step"] * 4 * 16
+  lrs = [r["learning_rate"] for r in train]
+  assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(2e-3)  # 2 warmup steps
+  assert lrs[2] > lrs[3] > lrs[4] > lrs[5] >= 2e-4  # cosine to 0.1 * peak
+  evals = [r for r in records if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [3, 6]
+  for r in evals:
+    assert 0 < r["eval_loss"] < 10 and 0 < r["eval_bits_per_byte"] < 15
+    assert r["eval_perplexity"] == pytest.approx(2.718281828 ** r["eval_loss"],
+                                                 rel=1e-6)
+  assert f"step 6: eval loss {evals[-1]['eval_loss']:.4f}" in result.stdout
+
+  assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  with open(os.path.join(workdir, "samples", "step_6.txt")) as f:
+    sample = f.read()
+  assert sample.startswith("\n") and len(sample) == 21  # prompt + 20 chars
+  assert sample in result.stdout
+
+
+def test_eval_mode(trained):
+  workdir, _, _ = trained
+  result = run_train_py(f"--workdir={workdir}", "--mode=eval")
+  _check_ok(result)
+  last = [r for r in _records(workdir) if "eval_loss" in r][-1]
+  match = re.search(r"step=(\d+) eval_loss=([\d.]+) .*eval_bits_per_byte=",
+                    result.stdout)
+  assert match, result.stdout
+  assert int(match.group(1)) == last["step"]
+  assert float(match.group(2)) == pytest.approx(last["eval_loss"], abs=1e-4)
+
+
+def test_sample_mode_greedy(trained):
+  workdir, _, _ = trained
+  result = run_train_py(f"--workdir={workdir}", "--mode=sample",
+                        "--config.sample.temperature=0",
+                        "--config.sample.prompt=the king",
+                        "--config.sample.max_new_tokens=12")
+  _check_ok(result)
+  lines = result.stdout.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("the king"))
+  # The prompt and 12 characters (which may include newlines).
+  assert len("\n".join(lines[start:])) >= len("the king") + 12
+
+
+def test_second_run_resumes(trained):
+  workdir, flags, _ = trained
+  before = _records(workdir)
+  result = run_train_py(*flags, "--config.train.steps=9",
+                        f"--workdir={workdir}")
+  _check_ok(result)
+  out = result.stdout + result.stderr
+  assert re.search(r"resuming from .*checkpoints at step 6", out), out[-2000:]
+  records = _records(workdir)
+  assert records[:len(before)] == before  # nothing before step 6 rewritten
+  assert [r["step"] for r in records if "loss" in r] == list(range(1, 10))
+  assert [r["step"] for r in records if "eval_loss" in r] == [3, 6, 9]
+  assert records[-1]["step"] == 9
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")),
+                key=int) == ["3", "6", "9"]
+  assert os.path.exists(os.path.join(workdir, "samples", "step_9.txt"))
+
+
+def test_bad_input_is_one_line_error(corpus_dir, tmp_path, trained):
+  source = f"--config.data.source={corpus_dir}"
+  cache = f"--config.data.cache_dir={tmp_path / 'cache'}"
+  cases = {
+      "heads": ([source, cache, "--config.model.d_model=30",
+                 "--config.model.num_heads=4"],
+                "model.d_model=30 is not divisible by model.num_heads=4"),
+      "warmup": ([source, cache, "--config.train.steps=5",
+                  "--config.train.warmup_steps=6"],
+                 "train.warmup_steps=6 must be between 0 and train.steps=5"),
+      "steps": ([source, cache, "--config.train.steps=0",
+                 "--config.train.warmup_steps=0"],
+                "train.steps must be positive, got 0"),
+      "source": ([f"--config.data.source={tmp_path / 'missing'}", cache],
+                 "is neither 'shakespeare' nor a directory"),
+  }
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  procs = {name: run_train_py(*args, f"--workdir={tmp_path / name}",
+                              wait=False)
+           for name, (args, _) in cases.items()}
+  procs["eval"] = run_train_py(f"--workdir={empty}", "--mode=eval", wait=False)
+  cases["eval"] = (None, "holds no trained run (no config.json)")
+  procs["prompt"] = run_train_py(f"--workdir={trained[0]}", "--mode=sample",
+                                 "--config.sample.prompt=a§", wait=False)
+  cases["prompt"] = (None, "sample.prompt='a§': character '§' is not in the "
+                     "vocabulary")
+  for name, proc in procs.items():
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0, (name, stdout, stderr)
+    assert "Traceback" not in stderr, (name, stderr)
+    lines = stderr.strip().splitlines()
+    assert [l for l in lines if "error" in l.lower()] == lines[-1:], (name,
+                                                                    stderr)
+    assert lines[-1].startswith("error: "), (name, stderr)
+    assert cases[name][1] in lines[-1], (name, lines[-1])
+    if name not in ("eval", "prompt"):
+      assert not os.path.exists(tmp_path / name)  # nothing written
+  assert list(empty.iterdir()) == []
+  assert not os.path.exists(tmp_path / "cache" / "prepared") or not os.listdir(
+      tmp_path / "cache" / "prepared")
