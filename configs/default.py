@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=0,        # 0: the tokenizer's vocabulary size
       num_layers=4,
-      d_model=256,
+      d_model=192,
       num_heads=4,
       d_ff=0,              # 0: 4 * d_model
       seq_len=128,
@@ -40,11 +40,11 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   c.train = ml_collections.ConfigDict(dict(
-      steps=2000,
+      steps=800,
       batch_size=32,         # global, in sequences
       grad_accum_steps=1,
-      learning_rate=2e-3,    # peak
-      warmup_steps=100,
+      learning_rate=3e-3,    # peak
+      warmup_steps=50,
       min_lr_ratio=0.1,      # cosine decays to this fraction of the peak
       b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.1,      # matrices only
@@ -54,13 +54,13 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
-      every_steps=500,
+      every_steps=200,
       batch_size=64,
       max_batches=8,         # per periodic eval; the final eval reads all
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
-      every_steps=500,
+      every_steps=200,
       keep=3,
   ))
 

@@ -101,17 +101,12 @@ def sinusoidal_positions(seq_len: int, d_model: int) -> jax.Array:
   return pe_LD.at[:, 1::2].set(jnp.cos(pos_L1 * freq[: d_model // 2]))
 
 
-class LayerNorm(nn.Module):
-  cfg: GPTConfig
-
-  @nn.compact
-  def __call__(self, x_BxLxD):
-    return nn.LayerNorm(
-        epsilon=1e-5, use_bias=self.cfg.use_bias, dtype=self.cfg.dtype,
-        param_dtype=self.cfg.param_dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-    )(x_BxLxD)
+def _layer_norm(cfg: GPTConfig, name: str | None = None) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=1e-5, use_bias=cfg.use_bias, dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
 
 class Attention(nn.Module):
@@ -127,7 +122,7 @@ class Attention(nn.Module):
     zeros = nn.initializers.zeros
     w_Dx3xHxK = param("qkv_kernel", (D, 3, H, K),
                       ("embed", None, "heads", "head_dim"), _dense_init())
-    # Heads-major layout [B, H, L, K]: the attention matmuls need no transposes.
+    # Heads-major [B, H, L, K]: the attention matmuls batch over (B, H).
     qkv_3xBxHxLxK = jnp.einsum("bld,dshk->sbhlk", x_BxLxD, w_Dx3xHxK)
     if cfg.use_bias:
       b_3xHxK = param("qkv_bias", (3, H, K), (None, "heads", "head_dim"), zeros)
@@ -189,9 +184,9 @@ class Block(nn.Module):
   def __call__(self, x_BxLxD, deterministic: bool):
     drop = nn.Dropout(self.cfg.dropout)
     x_BxLxD = x_BxLxD + drop(
-        Attention(self.cfg)(LayerNorm(self.cfg)(x_BxLxD), deterministic),
+        Attention(self.cfg)(_layer_norm(self.cfg)(x_BxLxD), deterministic),
         deterministic)
-    x_BxLxD = x_BxLxD + drop(MLP(self.cfg)(LayerNorm(self.cfg)(x_BxLxD)),
+    x_BxLxD = x_BxLxD + drop(MLP(self.cfg)(_layer_norm(self.cfg)(x_BxLxD)),
                              deterministic)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     return x_BxLxD, None
@@ -236,7 +231,7 @@ class GPT(nn.Module):
       for i in range(cfg.num_layers):
         x_BxLxD, _ = block(cfg, name=f"block_{i}")(x_BxLxD, deterministic)
 
-    x_BxLxD = LayerNorm(cfg, name="ln_f")(x_BxLxD)
+    x_BxLxD = _layer_norm(cfg, name="ln_f")(x_BxLxD)
     if cfg.tie_embeddings:
       logits_BxLxV = embed.attend(x_BxLxD)
     else:

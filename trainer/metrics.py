@@ -40,6 +40,17 @@ def peak_flops_per_device(configured: float = 0.0) -> float:
   return _PEAK_FLOPS.get(kind) or measure_matmul_flops()
 
 
+_PERF_KEYS = ("tokens_per_sec", "tokens_per_sec_per_device", "step_time_ms",
+              "data_wait_ms", "mfu", "first_step_time_s")
+
+
+def _tensorboard_tag(key: str) -> str:
+  """Groups TensorBoard charts: train/, eval/ and perf/."""
+  if key in _PERF_KEYS:
+    return f"perf/{key}"
+  return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+
+
 class MetricsWriter:
   """Appends one JSON object per record; mirrors scalars to TensorBoard.
   Only process 0 writes."""
@@ -76,7 +87,7 @@ class MetricsWriter:
     self._file.flush()
     for k, v in record.items():
       if k != "step" and isinstance(v, (int, float)):
-        self._tb.add_scalar(k, v, step)
+        self._tb.add_scalar(_tensorboard_tag(k), v, step)
 
   def text(self, tag: str, text: str, step: int) -> None:
     if self.enabled:
