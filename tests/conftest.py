@@ -143,6 +143,7 @@ def train_steps(config, batches, *, seed=0, vocab=37, grad_accum_steps=1):
 TINY_OVERRIDES = {
     "model.num_layers": 1, "model.d_model": 32, "model.num_heads": 2,
     "model.seq_len": 16, "train.batch_size": 4, "train.warmup_steps": 2,
+    "train.learning_rate": 2e-3,
     "train.log_every_steps": 1, "eval.every_steps": 3, "eval.batch_size": 16,
     "checkpoint.every_steps": 3, "sample.max_new_tokens": 20,
     "perf.peak_flops": 1e12, "data.holdout": ("hamlet",),

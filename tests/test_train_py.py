@@ -144,6 +144,15 @@ def test_bad_input_is_one_line_error(corpus_dir, tmp_path, trained):
                                  "--config.sample.prompt=a§", wait=False)
   cases["prompt"] = (None, "sample.prompt='a§': character '§' is not in the "
                      "vocabulary")
+  run_dir = trained[0]
+  saved = {f: open(os.path.join(run_dir, f), "rb").read()
+           for f in ("config.json", "metrics.jsonl")}
+  checkpoints = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+  procs["mismatch"] = run_train_py(*trained[1], "--config.model.d_model=64",
+                                   "--config.train.steps=20",
+                                   f"--workdir={run_dir}", wait=False)
+  cases["mismatch"] = (None, "does not match the model and optimizer of this "
+                       "config")
   for name, proc in procs.items():
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0, (name, stdout, stderr)
@@ -153,8 +162,11 @@ def test_bad_input_is_one_line_error(corpus_dir, tmp_path, trained):
                                                                     stderr)
     assert lines[-1].startswith("error: "), (name, stderr)
     assert cases[name][1] in lines[-1], (name, lines[-1])
-    if name not in ("eval", "prompt"):
+    if name not in ("eval", "prompt", "mismatch"):
       assert not os.path.exists(tmp_path / name)  # nothing written
   assert list(empty.iterdir()) == []
+  for f, content in saved.items():  # the mismatched run damaged nothing
+    assert open(os.path.join(run_dir, f), "rb").read() == content, f
+  assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == checkpoints
   assert not os.path.exists(tmp_path / "cache" / "prepared") or not os.listdir(
       tmp_path / "cache" / "prepared")

@@ -33,8 +33,10 @@ class Run:
   eval_step: object
 
   def context(self):
-    """Mesh and logical-axis rules: active whenever a step is traced."""
+    """Mesh and logical-axis rules, active whenever a step is traced; on exit,
+    even by an error, pending checkpoint writes are finished."""
     stack = contextlib.ExitStack()
+    stack.callback(self.checkpointer.close)
     stack.enter_context(jax.set_mesh(self.mesh))
     stack.enter_context(nn.logical_axis_rules(self.rules))
     return stack
@@ -126,9 +128,6 @@ def sample_text(run: Run, params) -> str:
 def train(config, workdir: str) -> dict:
   run = build(config, workdir)
   t = config.train
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    config_lib.save(config, workdir)
   _describe(run)
   with run.context():
     source = loader.WindowSource(run.data.tokens("train"), run.model.cfg.seq_len,
@@ -142,6 +141,8 @@ def train(config, workdir: str) -> dict:
       state = run.restore(start, train_iter)
     else:
       state = state_lib.init_state(run.model, run.tx, run.shardings, t.seed)
+    if jax.process_index() == 0:  # only once the state is known to fit
+      config_lib.save(config, workdir)
     train_step = state_lib.make_train_step(
         run.model, run.tx, grad_accum_steps=t.grad_accum_steps, seed=t.seed)
     writer = metrics.MetricsWriter(workdir, resume_step=start)
@@ -212,7 +213,7 @@ def train(config, workdir: str) -> dict:
       if do_eval or do_save:  # keep them out of the step time
         window.update(start=time.perf_counter(), steps=0, data_wait=0.0)
     bar.close()
-    run.checkpointer.close()
+    run.checkpointer.close()  # the final checkpoint is committed before sampling
 
     text = sample_text(run, state.params)
     if jax.process_index() == 0:
@@ -238,7 +239,6 @@ def evaluate(config, workdir: str) -> dict:
   with run.context():
     step, params = _restore_latest(run)
     result = {"step": step, **evaluate_params(run, params, max_batches=0)}
-  run.checkpointer.close()
   _log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in result.items()))
   return result
@@ -249,6 +249,5 @@ def sample(config, workdir: str) -> str:
   with run.context():
     _, params = _restore_latest(run)
     text = sample_text(run, params)
-  run.checkpointer.close()
   _log(text)
   return text
