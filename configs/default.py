@@ -1,10 +1,14 @@
 """Default: a small character-level GPT on Shakespeare, sized for a 2-core CPU.
 
 Command:  python train.py
-Expect:   about 13 minutes on a 2-core CPU (corpus preparation included);
-          validation loss about 1.6 nats per character on the held-out works
-          (Hamlet, The Tempest); the printed sample has speaker names, verse
-          lines and mostly real words.
+Expect:   about 12 minutes on a 2-core CPU (corpus preparation included);
+          validation loss 1.72 nats per character (2.48 bits per byte) on the
+          held-out works (Hamlet, The Tempest); the printed sample has speaker
+          names, verse lines and mostly real words.
+
+Why this size: at ~7,000 tokens/s a 4 x 128 model sees ~4.9M tokens in 11
+minutes; a 4 x 192 model (~5,000 tokens/s) reached 1.751 in the same time, a
+3 x 192 and larger learning rates or smaller batches did worse per minute.
 """
 
 import ml_collections
@@ -16,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=0,        # 0: the tokenizer's vocabulary size
       num_layers=4,
-      d_model=192,
+      d_model=128,
       num_heads=4,
       d_ff=0,              # 0: 4 * d_model
       seq_len=128,
@@ -40,10 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   c.train = ml_collections.ConfigDict(dict(
-      steps=800,
+      steps=1200,
       batch_size=32,         # global, in sequences
       grad_accum_steps=1,
-      learning_rate=3e-3,    # peak
+      learning_rate=4e-3,    # peak
       warmup_steps=50,
       min_lr_ratio=0.1,      # cosine decays to this fraction of the peak
       b1=0.9, b2=0.95, eps=1e-8,
