@@ -22,8 +22,7 @@ import jax
 import numpy as np
 
 from configs import default
-from model import GPT
-from trainer import config as config_lib, metrics, optim, sharding
+from trainer import loop, metrics, sharding
 from trainer import state as state_lib
 
 SHAPES = {
@@ -34,15 +33,13 @@ SHAPES = {
 
 
 def jax_runner(config, vocab_size):
-  """Returns (compile_seconds, run(steps) -> seconds)."""
-  model = GPT(config_lib.model_config(config, vocab_size))
-  tx = optim.make_optimizer(config.train)
+  """Returns (model config, compile seconds, run(steps) -> seconds)."""
   mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules(config.mesh)
+  model, tx, rules, shardings = loop.model_and_optimizer(config, vocab_size,
+                                                         mesh)
   rng = np.random.default_rng(0)
   shape = (config.train.batch_size, config.model.seq_len + 1)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    shardings = state_lib.state_shardings(model, tx, mesh, rules)
     state = state_lib.init_state(model, tx, shardings, seed=0)
     step = state_lib.make_train_step(model, tx, grad_accum_steps=1, seed=0)
     batches = [sharding.to_global(rng.integers(0, vocab_size, shape, np.int32),

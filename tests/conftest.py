@@ -117,16 +117,12 @@ def train_steps(config, batches, *, seed=0, vocab=37, grad_accum_steps=1):
   losses and gradient norms, and the final state."""
   import flax.linen as nn
   import jax
-  from model import GPT
-  from trainer import config as config_lib, optim, sharding
+  from trainer import loop, sharding
   from trainer import state as state_lib
-  model = GPT(config_lib.model_config(config, vocab))
-  tx = optim.make_optimizer(config.train)
   mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules(config.mesh)
+  model, tx, rules, shardings = loop.model_and_optimizer(config, vocab, mesh)
   losses, grad_norms = [], []
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    shardings = state_lib.state_shardings(model, tx, mesh, rules)
     state = state_lib.init_state(model, tx, shardings, seed)
     step = state_lib.make_train_step(model, tx,
                                      grad_accum_steps=grad_accum_steps,

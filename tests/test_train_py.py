@@ -55,6 +55,9 @@ def test_train_writes_metrics_checkpoints_and_samples(trained):
   for r in train:
     assert r["loss"] > 0 and r["learning_rate"] >= 0
     assert r["tokens_seen"] == r["step"] * 4 * 16
+  # Step 1 carries the compile-inclusive time, later steps the throughput.
+  assert train[0]["first_step_time_s"] > 0 and "tokens_per_sec" not in train[0]
+  assert train[1]["tokens_per_sec"] > 0 and train[1]["step_time_ms"] > 0
   lrs = [r["learning_rate"] for r in train]
   assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(2e-3)  # 2 warmup steps
   assert lrs[2] > lrs[3] > lrs[4] > lrs[5] >= 2e-4  # cosine to 0.1 * peak

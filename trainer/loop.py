@@ -46,6 +46,15 @@ class Run:
     return self.checkpointer.restore(step, target, data_iterator)
 
 
+def model_and_optimizer(config, vocab_size: int, mesh):
+  """The model, optimizer, logical rules and train-state shardings of a
+  config: what train.py, the benchmarks and the tests all start from."""
+  model = GPT(config_lib.model_config(config, vocab_size))
+  tx = optim.make_optimizer(config.train)
+  rules = sharding.logical_rules(config.mesh)
+  return model, tx, rules, state_lib.state_shardings(model, tx, mesh, rules)
+
+
 def build(config, workdir: str) -> Run:
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
@@ -57,13 +66,11 @@ def build(config, workdir: str) -> Run:
         f"train.grad_accum_steps={config.train.grad_accum_steps}")
   data = prepare.prepare(config.data.source, config.data.tokenizer,
                          tuple(config.data.holdout), config.data.cache_dir)
-  model = GPT(config_lib.model_config(config, data.meta["vocab_size"]))
+  model, tx, rules, shardings = model_and_optimizer(
+      config, data.meta["vocab_size"], mesh)
   for split, batch_size in (("train", config.train.batch_size), ("val", 1)):
     loader.check_size(loader.WindowSource(data.tokens(split), model.cfg.seq_len,
                                           split), batch_size)
-  tx = optim.make_optimizer(config.train)
-  rules = sharding.logical_rules(config.mesh)
-  shardings = state_lib.state_shardings(model, tx, mesh, rules)
   return Run(config, workdir, data, model, tx, mesh, rules, shardings,
              checkpoint.Checkpointer(workdir, config.checkpoint.keep),
              state_lib.make_eval_step(model))
@@ -159,17 +166,16 @@ def train(config, workdir: str) -> dict:
     def log_step(done_step, done):
       """Logs a finished step's metrics (normally fetched one step late)."""
       done = jax.device_get(done)
-      record = {"loss": done["loss"], "grad_norm": done["grad_norm"],
-                "learning_rate": float(schedule(done_step - 1)),
-                "tokens_seen": done_step * tokens_per_step}
       elapsed = time.perf_counter() - window["start"]
-      if done_step == start + 1:  # the first step includes compilation
-        record["first_step_time_s"] = elapsed
-        window.update(start=time.perf_counter(), steps=0, data_wait=0.0)
-      else:
-        window["steps"] += 1
-      if done_step % t.log_every_steps == 0 or done_step == t.steps:
-        if window["steps"]:
+      first = done_step == start + 1  # its time includes compilation
+      window["steps"] += 0 if first else 1
+      if first or done_step % t.log_every_steps == 0 or done_step == t.steps:
+        record = {"loss": done["loss"], "grad_norm": done["grad_norm"],
+                  "learning_rate": float(schedule(done_step - 1)),
+                  "tokens_seen": done_step * tokens_per_step}
+        if first:
+          record["first_step_time_s"] = elapsed
+        elif window["steps"]:
           step_time = elapsed / window["steps"]
           record.update({
               "tokens_per_sec": tokens_per_step / step_time,
