@@ -4,6 +4,8 @@
   python train.py --config=configs/NAME.py --config.train.steps=500 --workdir=runs/x
   python train.py --mode=eval --workdir=runs/x      # evaluate the latest checkpoint
   python train.py --mode=sample --workdir=runs/x --config.sample.prompt="ROMEO:"
+  python train.py --num_processes=2 --process_id=0 --coordinator_address=127.0.0.1:PORT ...
+                                                    # one process of several (launch/)
 """
 
 import os
@@ -21,6 +23,19 @@ _WORKDIR = flags.DEFINE_string(
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
                           "What to do.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "cluster", "off"],
+    "Joining a multi-process run (see launch/README.md). auto: when "
+    "--num_processes (or JAX_NUM_PROCESSES) is given or this is one of several "
+    "SLURM tasks; cluster: always, JAX detects the cluster (Cloud TPU, SLURM, "
+    "Open MPI); off: never.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 (default: "
+    "$JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the run (default: $JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index (default: $JAX_PROCESS_ID).")
 
 
 def main(argv):
@@ -28,7 +43,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   # Imported here so that absl has parsed the flags (Grain workers need them).
   from data.corpus import DataError
-  from trainer import config as config_lib, loop
+  from trainer import config as config_lib, distributed, loop
   from trainer.errors import ConfigError
 
   config = _CONFIG.value
@@ -36,6 +51,8 @@ def main(argv):
       config_flags.get_config_filename(flags.FLAGS["config"])))[0]
   workdir = _WORKDIR.value or os.path.join("runs", config_name)
   try:
+    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value,
+                           _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _MODE.value == "train":
       loop.train(config, workdir)
     else:

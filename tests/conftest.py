@@ -112,15 +112,18 @@ def tiny_config(corpus_dir: str = "", cache_dir: str = "", **train):
   return c
 
 
-def train_steps(config, batches, *, seed=0, vocab=37, grad_accum_steps=1):
-  """A freshly initialized (seed) model trained on `batches`: per-step
-  losses and gradient norms, and the final state."""
+def train_steps(config, batches, *, seed=0, vocab=37, grad_accum_steps=1,
+                devices=None):
+  """A freshly initialized (seed) model trained on `batches` on a mesh of
+  `devices` (default: all): per-step losses and gradient norms, and the final
+  state."""
   import flax.linen as nn
   import jax
   from trainer import loop, sharding
   from trainer import state as state_lib
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   model, tx, rules, shardings = loop.model_and_optimizer(config, vocab, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
   losses, grad_norms = [], []
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = state_lib.init_state(model, tx, shardings, seed)
@@ -128,7 +131,7 @@ def train_steps(config, batches, *, seed=0, vocab=37, grad_accum_steps=1):
                                      grad_accum_steps=grad_accum_steps,
                                      seed=config.train.seed)
     for batch in batches:
-      state, metrics = step(state, batch)
+      state, metrics = step(state, sharding.to_global(batch, batch_sharding))
       losses.append(float(metrics["loss"]))
       grad_norms.append(float(metrics["grad_norm"]))
   return losses, grad_norms, state
@@ -161,9 +164,12 @@ def tiny_run_config(corpus_dir: str, cache_dir: str, steps: int):
   return c
 
 
-def run_train_py(*args, timeout=300, wait=True):
-  """Runs `python train.py ARGS` in the repository root."""
+def run_train_py(*args, timeout=300, wait=True, devices=0):
+  """Runs `python train.py ARGS` in the repository root, on `devices` fake
+  CPU devices if given."""
   env = dict(os.environ)
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env.setdefault("GPT_JAX_CACHE", os.path.join(tempfile.gettempdir(),
                                                "gpt_jax_tests_data"))
   cmd = [sys.executable, "train.py", *args]

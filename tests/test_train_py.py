@@ -135,12 +135,30 @@ def test_bad_input_is_one_line_error(corpus_dir, tmp_path, trained):
                 "train.steps must be positive, got 0"),
       "source": ([f"--config.data.source={tmp_path / 'missing'}", cache],
                  "is neither 'shakespeare' nor a directory"),
+      "mesh": ([source, cache, "--config.mesh.data=2"],
+               "mesh data*fsdp*tensor = 2*1*1 = 2 but there are 1 devices"),
+      "processes": ([source, cache, "--num_processes=2", "--process_id=0"],
+                    "num_processes=2 needs a coordinator address"),
   }
   empty = tmp_path / "empty"
   empty.mkdir()
   procs = {name: run_train_py(*args, f"--workdir={tmp_path / name}",
                               wait=False)
            for name, (args, _) in cases.items()}
+  # On 4 devices: layouts the mesh cannot split.
+  for name, flags, message in (
+      ("batch", ["--config.mesh.data=4", "--config.train.batch_size=6"],
+       "train.batch_size=6 is not divisible by the data-parallel size 4"),
+      ("tensor", ["--config.mesh.data=1", "--config.mesh.tensor=4",
+                  "--config.model.num_heads=2"],
+       "model.num_heads = 2 is not divisible by mesh.tensor=4"),
+      ("mlp", ["--config.mesh.data=1", "--config.mesh.tensor=4",
+               "--config.model.num_heads=4", "--config.model.d_ff=66"],
+       "model.d_ff (the MLP width) = 66 is not divisible by mesh.tensor=4")):
+    procs[name] = run_train_py(source, cache, *flags,
+                               f"--workdir={tmp_path / name}", wait=False,
+                               devices=4)
+    cases[name] = (None, message)
   procs["eval"] = run_train_py(f"--workdir={empty}", "--mode=eval", wait=False)
   cases["eval"] = (None, "holds no trained run (no config.json)")
   procs["prompt"] = run_train_py(f"--workdir={trained[0]}", "--mode=sample",

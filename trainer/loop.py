@@ -58,12 +58,8 @@ def model_and_optimizer(config, vocab_size: int, mesh):
 def build(config, workdir: str) -> Run:
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
-  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.train.batch_size % (data_parallel * config.train.grad_accum_steps):
-    raise ConfigError(
-        f"train.batch_size={config.train.batch_size} is not divisible by the "
-        f"data-parallel size {data_parallel} (mesh.data * mesh.fsdp) times "
-        f"train.grad_accum_steps={config.train.grad_accum_steps}")
+  sharding.check_layout(mesh.shape, config_lib.model_config(config, 1),
+                        config.train.batch_size, config.train.grad_accum_steps)
   data = prepare.prepare(config.data.source, config.data.tokenizer,
                          tuple(config.data.holdout), config.data.cache_dir)
   model, tx, rules, shardings = model_and_optimizer(

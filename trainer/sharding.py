@@ -32,6 +32,24 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
+def check_layout(mesh_sizes: dict, model_cfg, batch_size: int,
+                 grad_accum_steps: int = 1) -> None:
+  """Refuses, before anything compiles, a layout the mesh cannot split."""
+  data_parallel = mesh_sizes["data"] * mesh_sizes["fsdp"]
+  if batch_size % (data_parallel * grad_accum_steps):
+    raise ConfigError(
+        f"train.batch_size={batch_size} is not divisible by the data-parallel "
+        f"size {data_parallel} (mesh.data * mesh.fsdp) times "
+        f"train.grad_accum_steps={grad_accum_steps}")
+  tensor = mesh_sizes["tensor"]
+  for name, size in (("num_heads", model_cfg.num_heads),
+                     ("d_ff (the MLP width)", model_cfg.mlp_dim)):
+    if size % tensor:
+      raise ConfigError(f"model.{name} = {size} is not divisible by "
+                        f"mesh.tensor={tensor}; tensor parallelism splits "
+                        "attention heads and the MLP width evenly")
+
+
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   devices = devices if devices is not None else jax.devices()
   shape = mesh_shape(mesh_cfg, len(devices))
