@@ -205,7 +205,11 @@ class GPT(nn.Module):
         param_dtype=cfg.param_dtype,
         embedding_init=nn.with_logical_partitioning(_dense_init(),
                                                     ("vocab", "embed")))
-    x_BxLxD = embed(tokens_BxL)
+    # Look up in the table gathered over its embed shards (FSDP's per-use
+    # gather): a lookup in the sharded table would come out sharded over
+    # embed, and moving that to the batch sharding costs a full copy.
+    table_VxD = nn.with_logical_constraint(embed.embedding, ("vocab", None))
+    x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(cfg.dtype)
     if cfg.position == "learned":
       wpe_LxD = self.param(
           "wpe", nn.with_logical_partitioning(_dense_init(0.5), (None, "embed")),

@@ -122,9 +122,13 @@ def sample_text(run: Run, params) -> str:
     raise ConfigError(f"sample.prompt={s.prompt!r}: {e}") from None
   if prompt.size == 0:
     raise ConfigError("sample.prompt is empty; give at least one character")
-  out = generate(run.model, params, prompt[None], jax.random.key(s.seed),
-                 max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                 top_k=s.top_k, top_p=s.top_p)
+  # One sequence is not split over the data-parallel devices.
+  rules = tuple((name, None if name == "batch" else axes)
+                for name, axes in run.rules)
+  with nn.logical_axis_rules(rules):
+    out = generate(run.model, params, prompt[None], jax.random.key(s.seed),
+                   max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                   top_k=s.top_k, top_p=s.top_p)
   return tokenizer.decode(np.asarray(out[0]))
 
 
