@@ -77,20 +77,24 @@ def _log(message: str) -> None:
     tqdm.tqdm.write(message)
 
 
-def _describe(run: Run) -> None:
+def _describe(run: Run) -> str:
+  """The model, mesh and data of a run, for the console and TensorBoard."""
   cfg, t = run.model.cfg, run.config.train
-  per_device = t.batch_size // (run.mesh.shape["data"] * run.mesh.shape["fsdp"])
-  _log(f"model: {cfg.num_layers} layers x {cfg.d_model} x {cfg.num_heads} "
-       f"heads, context {cfg.seq_len}, vocab {cfg.vocab_size}: "
-       f"{cfg.num_params() / 1e6:.2f}M params "
-       f"({cfg.num_params(embeddings=False) / 1e6:.2f}M non-embedding), "
-       f"{cfg.flops_per_token() / 1e6:.1f} MFLOPs/token")
-  _log(f"mesh: {dict(run.mesh.shape)} over {jax.device_count()} "
-       f"{jax.devices()[0].platform} devices in {jax.process_count()} "
-       f"process(es); batch {t.batch_size} x {cfg.seq_len} tokens "
-       f"({per_device} sequences per data-parallel shard)")
-  _log(f"data: {run.data.path} ({run.data.meta['train_tokens']:,} train / "
-       f"{run.data.meta['val_tokens']:,} val tokens)")
+  data_parallel = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+  return "\n".join((
+      f"model: {cfg.num_layers} layers x {cfg.d_model} x {cfg.num_heads} "
+      f"heads, context {cfg.seq_len}, vocab {cfg.vocab_size}: "
+      f"{cfg.num_params() / 1e6:.2f}M params "
+      f"({cfg.num_params(embeddings=False) / 1e6:.2f}M non-embedding), "
+      f"{cfg.flops_per_token() / 1e6:.1f} MFLOPs/token",
+      f"mesh: {dict(run.mesh.shape)} over {jax.device_count()} "
+      f"{jax.devices()[0].platform} devices in {jax.process_count()} "
+      f"process(es); batch {t.batch_size} x {cfg.seq_len} tokens, "
+      f"{t.batch_size // data_parallel} sequences per device "
+      f"({jax.local_device_count()} devices and "
+      f"{t.batch_size // jax.process_count()} sequences per process)",
+      f"data: {run.data.path} ({run.data.meta['train_tokens']:,} train / "
+      f"{run.data.meta['val_tokens']:,} val tokens)"))
 
 
 def evaluate_params(run: Run, params, max_batches: int) -> dict:
@@ -135,7 +139,8 @@ def sample_text(run: Run, params) -> str:
 def train(config, workdir: str) -> dict:
   run = build(config, workdir)
   t = config.train
-  _describe(run)
+  description = _describe(run)
+  _log(description)
   with run.context():
     source = loader.WindowSource(run.data.tokens("train"), run.model.cfg.seq_len,
                                  "train")
@@ -153,6 +158,7 @@ def train(config, workdir: str) -> dict:
     train_step = state_lib.make_train_step(
         run.model, run.tx, grad_accum_steps=t.grad_accum_steps, seed=t.seed)
     writer = metrics.MetricsWriter(workdir, resume_step=start)
+    writer.text("run", description, start)
     schedule = optim.lr_schedule(t)
     batch_sharding = sharding.batch_sharding(run.mesh)
     tokens_per_step = t.batch_size * run.model.cfg.seq_len
