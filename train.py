@@ -44,7 +44,7 @@ def main(argv):
   # Imported here so that absl has parsed the flags (Grain workers need them).
   from data.corpus import DataError
   from trainer import config as config_lib, distributed, loop
-  from trainer.errors import ConfigError
+  from trainer.errors import ConfigError, Diverged, Preempted
 
   config = _CONFIG.value
   config_name = os.path.splitext(os.path.basename(
@@ -61,11 +61,14 @@ def main(argv):
       saved = config_lib.load_saved(workdir)
       saved.eval, saved.sample = config.eval, config.sample
       {"eval": loop.evaluate, "sample": loop.sample}[_MODE.value](saved, workdir)
-  except (ConfigError, DataError) as e:
+  except Preempted as e:
+    print(f"preempted: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+  except (ConfigError, DataError, Diverged) as e:
     if _DEBUG.value:
       raise
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(getattr(e, "exit_code", 2))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=200,
-      keep=3,
+      keep=3,              # the newest K checkpoints are kept...
+      keep_best=True,      # ...plus the one with the lowest eval loss
+      init_from="",        # a run's workdir: start from its newest params
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(

@@ -1,6 +1,19 @@
-"""The one error type for user mistakes: train.py prints its message as one
-line and exits non-zero, without a traceback."""
+"""Why a run stops early. train.py prints each message as one line, without
+a traceback, and exits with the class's status (documented in the README)."""
 
 
 class ConfigError(Exception):
   """A bad config value or flag; the message says how to fix it."""
+  exit_code = 2
+
+
+class Diverged(Exception):
+  """The loss or gradients became non-finite; nothing after the last good
+  checkpoint was saved."""
+  exit_code = 3
+
+
+class Preempted(Exception):
+  """SIGTERM: the run saved a checkpoint at the current step and stopped;
+  the same command resumes it."""
+  exit_code = 75  # EX_TEMPFAIL: try again

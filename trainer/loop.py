@@ -2,8 +2,10 @@
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
+import signal
 import time
 
 import flax.linen as nn
@@ -15,7 +17,7 @@ from data import loader, prepare
 from model import GPT, generate
 from trainer import checkpoint, config as config_lib, metrics, optim, sharding
 from trainer import state as state_lib
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, Diverged, Preempted
 
 
 @dataclasses.dataclass
@@ -41,9 +43,13 @@ class Run:
     stack.enter_context(nn.logical_axis_rules(self.rules))
     return stack
 
-  def restore(self, step: int, data_iterator=None):
+  def restore_latest(self, checkpointer=None, data_iterator=None,
+                     params_only=False):
+    """(step, state) of the newest valid checkpoint, resharded onto this
+    run's mesh, or (None, None)."""
     target = state_lib.abstract_state(self.model, self.tx, self.shardings)
-    return self.checkpointer.restore(step, target, data_iterator)
+    return (checkpointer or self.checkpointer).restore_latest_valid(
+        target, data_iterator, params_only)
 
 
 def model_and_optimizer(config, vocab_size: int, mesh):
@@ -68,7 +74,8 @@ def build(config, workdir: str) -> Run:
     loader.check_size(loader.WindowSource(data.tokens(split), model.cfg.seq_len,
                                           split), batch_size)
   return Run(config, workdir, data, model, tx, mesh, rules, shardings,
-             checkpoint.Checkpointer(workdir, config.checkpoint.keep),
+             checkpoint.Checkpointer(workdir, config.checkpoint.keep,
+                                     config.checkpoint.keep_best),
              state_lib.make_eval_step(model))
 
 
@@ -141,24 +148,28 @@ def train(config, workdir: str) -> dict:
   t = config.train
   description = _describe(run)
   _log(description)
-  with run.context():
+  with run.context() as stack:
     source = loader.WindowSource(run.data.tokens("train"), run.model.cfg.seq_len,
                                  "train")
     train_iter = loader.train_iterator(
         source, t.batch_size, t.seed, jax.process_index(), jax.process_count(),
         config.data.num_workers)
-    start = run.checkpointer.latest_step() or 0
-    if start:
+    start, state = run.restore_latest(data_iterator=train_iter)
+    if start is not None:
       _log(f"resuming from {run.checkpointer.directory} at step {start}")
-      state = run.restore(start, train_iter)
     else:
+      start = 0
       state = state_lib.init_state(run.model, run.tx, run.shardings, t.seed)
+      if config.checkpoint.init_from:
+        state = _init_from(run, state, config.checkpoint.init_from)
     if jax.process_index() == 0:  # only once the state is known to fit
       config_lib.save(config, workdir)
     train_step = state_lib.make_train_step(
         run.model, run.tx, grad_accum_steps=t.grad_accum_steps, seed=t.seed)
     writer = metrics.MetricsWriter(workdir, resume_step=start)
+    stack.callback(writer.close)
     writer.text("run", description, start)
+    stop = _stop_on_sigterm(stack)
     schedule = optim.lr_schedule(t)
     batch_sharding = sharding.batch_sharding(run.mesh)
     tokens_per_step = t.batch_size * run.model.cfg.seq_len
@@ -170,8 +181,17 @@ def train(config, workdir: str) -> dict:
     window = {"start": time.perf_counter(), "steps": 0, "data_wait": 0.0}
 
     def log_step(done_step, done):
-      """Logs a finished step's metrics (normally fetched one step late)."""
+      """Logs a finished step's metrics (normally fetched one step late);
+      stops the run at the first non-finite loss or gradient."""
       done = jax.device_get(done)
+      if not all(map(math.isfinite, (done["loss"], done["grad_norm"]))):
+        last = run.checkpointer.latest_step()
+        raise Diverged(
+            f"step {done_step}: loss {done['loss']}, gradient norm "
+            f"{done['grad_norm']}; nothing from this step on was saved, the "
+            "last good checkpoint is "
+            f"{f'{run.checkpointer.directory}/{last}' if last else 'none'}; "
+            "lower train.learning_rate or raise train.warmup_steps")
       elapsed = time.perf_counter() - window["start"]
       first = done_step == start + 1  # its time includes compilation
       window["steps"] += 0 if first else 1
@@ -209,8 +229,10 @@ def train(config, workdir: str) -> dict:
       done_step = step + 1
       pending = (done_step, step_metrics)
       final = done_step == t.steps
+      preempted = stop() or run.checkpointer.reached_preemption(done_step)
       do_eval = done_step % config.eval.every_steps == 0 or final
-      do_save = done_step % config.checkpoint.every_steps == 0 or final
+      do_save = (done_step % config.checkpoint.every_steps == 0 or final or
+                 preempted)
       if do_eval or do_save:  # these wait for the step anyway
         log_step(*pending)
         pending = None
@@ -221,7 +243,17 @@ def train(config, workdir: str) -> dict:
         _log(f"step {done_step}: eval loss {last_eval['eval_loss']:.4f}, "
              f"{last_eval['eval_bits_per_byte']:.4f} bits/byte")
       if do_save:
-        run.checkpointer.save(done_step, state, train_iter)
+        run.checkpointer.save(
+            done_step, state, train_iter,
+            {"config": json.loads(config.to_json()), "step": done_step,
+             "tokens_seen": done_step * tokens_per_step},
+            eval_loss=last_eval["eval_loss"] if do_eval else None)
+      if preempted:
+        run.checkpointer.close()  # committed before the process exits
+        raise Preempted(
+            f"stopped by SIGTERM after step {done_step}, saved in "
+            f"{run.checkpointer.directory}/{done_step}; the same command "
+            "resumes the run")
       if do_eval or do_save:  # keep them out of the step time
         window.update(start=time.perf_counter(), steps=0, data_wait=0.0)
     bar.close()
@@ -233,17 +265,40 @@ def train(config, workdir: str) -> dict:
       with open(os.path.join(workdir, "samples", f"step_{t.steps}.txt"), "w") as f:
         f.write(text)
       writer.text("sample", text, t.steps)
-    writer.close()
   _log(f"--- sample (temperature {config.sample.temperature}) ---\n{text}")
   return last_eval
 
 
+def _stop_on_sigterm(stack):
+  """Returns stop() -> bool, true once SIGTERM arrived. Multi-process runs
+  leave SIGTERM to JAX's preemption sync, which picks the same step on every
+  process (Checkpointer.reached_preemption)."""
+  received = []
+  if jax.process_count() == 1:
+    previous = signal.signal(signal.SIGTERM,
+                             lambda signum, frame: received.append(signum))
+    stack.callback(signal.signal, signal.SIGTERM, previous)
+  return lambda: bool(received)
+
+
+def _init_from(run: Run, state, workdir: str):
+  """`state` with the params of another run's newest valid checkpoint."""
+  source = checkpoint.Checkpointer(workdir, keep=1, read_only=True)
+  step, restored = run.restore_latest(source, params_only=True)
+  source.close()
+  if step is None:
+    raise ConfigError(f"checkpoint.init_from={workdir!r} holds no checkpoint "
+                      f"(nothing restorable under {source.directory})")
+  _log(f"starting from the parameters of {source.directory}/{step}")
+  return state.replace(params=restored.params)
+
+
 def _restore_latest(run: Run):
-  step = run.checkpointer.latest_step()
+  step, state = run.restore_latest(params_only=True)
   if step is None:
     raise ConfigError(f"no checkpoint under {run.checkpointer.directory}; "
                       "train first with --mode=train")
-  return step, run.restore(step).params
+  return step, state.params
 
 
 def evaluate(config, workdir: str) -> dict:
