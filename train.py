@@ -14,9 +14,25 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/default.py", "Config file; override fields with "
-    "--config.a.b=value.", lock_config=True)
+
+
+def _flag_error(error: Exception, prefix: str = ""):
+  """A bad flag or --config.* override: one line and exit 2."""
+  while error.args and isinstance(error.args[0], Exception):
+    error = error.args[0]  # the KeyError inside ml_collections' AttributeError
+  text = error.args[0] if isinstance(error, KeyError) else str(error)
+  print("error: " + prefix + "; ".join(
+      line.strip() for line in str(text).splitlines() if line.strip()),
+        file=sys.stderr)
+  sys.exit(2)
+
+
+try:  # config_flags applies --config.* overrides while defining the flag
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", "configs/default.py", "Config file; override fields with "
+      "--config.a.b=value.", lock_config=True)
+except (AttributeError, KeyError) as e:  # an unknown field
+  _flag_error(e, prefix="unknown config field ")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where the run's config, metrics, checkpoints and samples "
     "go (default: runs/<config name>).")
@@ -46,9 +62,12 @@ def main(argv):
   from trainer import config as config_lib, distributed, loop
   from trainer.errors import ConfigError, Diverged, Preempted
 
+  config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+  if not os.path.isfile(config_file):
+    _flag_error(FileNotFoundError(f"--config={config_file}: no such file; "
+                                  "see configs/ for the configs there are"))
   config = _CONFIG.value
-  config_name = os.path.splitext(os.path.basename(
-      config_flags.get_config_filename(flags.FLAGS["config"])))[0]
+  config_name = os.path.splitext(os.path.basename(config_file))[0]
   workdir = _WORKDIR.value or os.path.join("runs", config_name)
   try:
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value,
@@ -73,4 +92,9 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  def parse_flags(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      _flag_error(e)
+  app.run(main, flags_parser=parse_flags)

@@ -61,8 +61,21 @@ def model_and_optimizer(config, vocab_size: int, mesh):
   return model, tx, rules, state_lib.state_shardings(model, tx, mesh, rules)
 
 
+def _check_workdir(workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir} is a file, not a directory; "
+                      "choose another path")
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir={workdir} is not writable ({existing} is "
+                      "not); choose another path")
+
+
 def build(config, workdir: str) -> Run:
   config_lib.validate(config)
+  _check_workdir(workdir)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_layout(mesh.shape, config_lib.model_config(config, 1),
                         config.train.batch_size, config.train.grad_accum_steps)

@@ -69,9 +69,14 @@ class MetricsWriter:
     the series has no duplicates."""
     if not os.path.exists(self.path):
       return
+    kept = []
     with open(self.path) as f:
-      kept = [line for line in f
-              if line.strip() and json.loads(line)["step"] <= step]
+      for line in f:
+        try:
+          if json.loads(line)["step"] <= step:
+            kept.append(line)
+        except json.JSONDecodeError:  # a line cut short by a killed run
+          pass
     with open(self.path + ".tmp", "w") as f:
       f.writelines(kept)
     os.replace(self.path + ".tmp", self.path)
