@@ -1,0 +1,31 @@
+"""GPT-3 XL (1.3B): 24 layers x 2048 x 16 heads, context 2048, vocab 50257.
+
+The GPT-3 paper lists 24 heads for XL, but 24 does not divide 2048; 16 heads
+of 128 is what Pythia-1.4B uses. Batch 512 x 2048 = 1M tokens, as GPT-3;
+300B tokens are ~286k steps; warmup 375M tokens. Until GPT-2 tokenizers land,
+it trains on the byte-level Shakespeare corpus.
+
+Full remat over scanned layers: at 8 sequences per device launch/memory.py
+plans 12 GiB of temporaries per device, 36 GiB with remat="dots", 213 GiB
+with none. With unrolled layers the CPU compiler's plan does not shrink with
+remat (180 GiB either way). Tensor parallelism splits the vocabulary, so pad
+it to a multiple of mesh.tensor, e.g. --config.model.vocab_size=50304.
+
+Command:  python train.py --config=configs/gpt3_xl.py
+Memory:   python -m launch.memory --config=configs/gpt3_xl.py --devices=64 \
+              --config.mesh.data=8 --config.mesh.fsdp=8
+"""
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.model.update(vocab_size=50257, num_layers=24, d_model=2048, num_heads=16,
+                 seq_len=2048, scan_layers=True, remat="full")
+  c.data.tokenizer = "byte"
+  c.train.update(steps=286_000, batch_size=512, learning_rate=2e-4,
+                 warmup_steps=358)
+  c.eval.update(every_steps=2000, batch_size=64, max_batches=20)
+  c.checkpoint.every_steps = 2000
+  return c

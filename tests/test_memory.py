@@ -1,0 +1,74 @@
+"""launch/memory.py: the per-device memory of a tiny model's train step on 8
+fake devices, compiled ahead of time in a subprocess (~10 s each)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+# 2 layers x 32, no biases: every parameter has an `embed` axis, so FSDP
+# splits all of them.
+TINY = ("--config.model.num_layers=2", "--config.model.d_model=32",
+        "--config.model.num_heads=2", "--config.model.seq_len=16",
+        "--config.model.vocab_size=64", "--config.model.use_bias=False",
+        "--config.train.batch_size=8")
+
+
+def _memory(*args):
+  return subprocess.run(
+      [sys.executable, "-m", "launch.memory", "--devices=8", *TINY, *args],
+      cwd=REPO, text=True, capture_output=True, timeout=300)
+
+
+def _report(*mesh):
+  result = _memory(*mesh, "--json")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout)
+
+
+def test_fsdp_splits_the_state_and_compiled_sizes_are_per_device():
+  dp = _report("--config.mesh.data=8")
+  fsdp = _report("--config.mesh.data=1", "--config.mesh.fsdp=8")
+  assert dp["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert dp["batch_per_device"] == fsdp["batch_per_device"] == 1
+  assert fsdp["params_bytes"] * 8 == dp["params_bytes"] == 4 * dp["params"]
+  # Only the step and Adam's counts (scalars) stay whole.
+  assert 0 <= fsdp["opt_state_bytes"] - dp["opt_state_bytes"] / 8 < 64
+  for r in (dp, fsdp):
+    state = r["params_bytes"] + r["opt_state_bytes"]
+    # The compiled program is one device's: the donated state is its shard,
+    # the arguments add one sequence of 17 int32 tokens.
+    assert r["alias_bytes"] == state
+    assert r["argument_bytes"] == state + 17 * 4
+    assert r["temp_bytes"] > 0
+    assert r["total_bytes"] == (r["argument_bytes"] + r["output_bytes"]
+                                - r["alias_bytes"] + r["temp_bytes"])
+
+
+def test_summary():
+  result = _memory("--config.mesh.data=1", "--config.mesh.fsdp=8")
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert "mesh data 1 x fsdp 8 x tensor 1 over 8 devices; batch 8 = 1 " in out
+  for name in ("parameters", "optimizer state", "temporaries", "total"):
+    assert f"\n  {name} " in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--config.mesh.data=2", "--config.mesh.fsdp=2"),
+     "mesh data*fsdp*tensor = 2*2*1 = 4 but there are 8 devices"),
+    (("--config.mesh.data=1", "--config.mesh.tensor=8"),
+     "(size 2) does not split over mesh tensor=8"),
+    (("--config.mesh.data=1", "--config.mesh.fsdp=8",
+      "--config.train.batch_size=4"),
+     "train.batch_size=4 is not divisible by the data-parallel size 8"),
+])
+def test_bad_layout_is_one_line(args, message):
+  result = _memory(*args)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+  assert message in lines[0]
