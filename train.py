@@ -76,9 +76,9 @@ def main(argv):
       loop.train(config, workdir)
     else:
       # Eval and sample rebuild the trained model from the run's saved config;
-      # only their own sections come from the flags.
+      # only their own sections and the mesh (this machine's) come from flags.
       saved = config_lib.load_saved(workdir)
-      saved.eval, saved.sample = config.eval, config.sample
+      saved.eval, saved.sample, saved.mesh = config.eval, config.sample, config.mesh
       {"eval": loop.evaluate, "sample": loop.sample}[_MODE.value](saved, workdir)
   except Preempted as e:
     print(f"preempted: {e}", file=sys.stderr)

@@ -164,9 +164,10 @@ def tiny_run_config(corpus_dir: str, cache_dir: str, steps: int):
   return c
 
 
-def run_train_py(*args, timeout=300, wait=True, devices=0):
+def run_train_py(*args, timeout=300, wait=True, devices=0, log=None):
   """Runs `python train.py ARGS` in the repository root, on `devices` fake
-  CPU devices if given."""
+  CPU devices if given. Without waiting, returns the Popen; its stdout and
+  stderr go to pipes, or both to the file `log`."""
   env = dict(os.environ)
   if devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -174,6 +175,10 @@ def run_train_py(*args, timeout=300, wait=True, devices=0):
                                                "gpt_jax_tests_data"))
   cmd = [sys.executable, "train.py", *args]
   if not wait:
+    if log:
+      with open(log, "a") as f:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=f,
+                                stderr=subprocess.STDOUT)
     return subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   return subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True,

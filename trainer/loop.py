@@ -132,7 +132,7 @@ def evaluate_params(run: Run, params, max_batches: int) -> dict:
     total = sums if total is None else total + sums
   nats, count, num_bytes = (float(x) for x in jax.device_get(total))
   loss = nats / count
-  return {"eval_loss": loss, "eval_perplexity": math.exp(loss),
+  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
           "eval_bits_per_byte": nats / num_bytes / math.log(2),
           "eval_tokens": int(count)}
 
@@ -191,6 +191,7 @@ def train(config, workdir: str) -> dict:
 
     bar = tqdm.tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True,
                     disable=jax.process_index() != 0)
+    stack.callback(bar.close)  # before any error message
     window = {"start": time.perf_counter(), "steps": 0, "data_wait": 0.0}
 
     def log_step(done_step, done):

@@ -1,0 +1,266 @@
+"""Runs that stop and start: SIGKILL and SIGTERM at random steps, damaged
+checkpoints, restores onto another mesh, divergence, and starting from
+another run's parameters. Every run is a real train.py process."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from conftest import TINY_FLAGS, run_train_py
+
+STEPS = 120
+TIMEOUT = 300
+
+
+def _flags(corpus_dir, cache_dir, workdir, *extra):
+  return [*TINY_FLAGS, f"--config.data.source={corpus_dir}",
+          f"--config.data.cache_dir={cache_dir}", f"--workdir={workdir}",
+          f"--config.train.steps={STEPS}", "--config.checkpoint.every_steps=10",
+          "--config.eval.every_steps=40", "--config.eval.max_batches=2",
+          *extra]
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _last_step(workdir) -> int:
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return json.loads(f.readlines()[-1])["step"]
+  except (OSError, IndexError, ValueError):
+    return 0
+
+
+def _series(workdir) -> dict:
+  """(step, metric) -> value for the losses, norms, rates and eval losses."""
+  return {(r["step"], k): r[k] for r in _records(workdir)
+          for k in ("loss", "grad_norm", "learning_rate", "eval_loss") if k in r}
+
+
+def _params(workdir, step) -> dict:
+  import orbax.checkpoint as ocp
+  state = ocp.PyTreeCheckpointer().restore(
+      os.path.join(workdir, "checkpoints", str(step), "state"))
+  return {k: np.asarray(v) for k, v in _flatten(state["params"])}
+
+
+def _flatten(tree, prefix=""):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
+
+
+def _steps(workdir):
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                if d.isdigit())
+
+
+def _finish(proc, log=None):
+  try:
+    out = proc.communicate(timeout=TIMEOUT)[0]
+  except Exception:
+    proc.kill()
+    raise
+  if log:
+    with open(log) as f:
+      out = f.read()
+  return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def reference(corpus_dir, tmp_path_factory):
+  """An uninterrupted run."""
+  root = tmp_path_factory.mktemp("reference")
+  workdir, cache = str(root / "run"), str(root / "cache")
+  result = run_train_py(*_flags(corpus_dir, cache, workdir), timeout=TIMEOUT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, cache
+
+
+def test_sigkill_at_random_steps_resumes_bitwise(corpus_dir, reference,
+                                                 tmp_path):
+  """Killed twice at random steps (mid-step or mid-save: SIGKILL gives no
+  warning), restarted each time: every logged value and the final
+  parameters equal the uninterrupted run's bit for bit."""
+  ref_dir, cache = reference
+  workdir, log = str(tmp_path / "run"), str(tmp_path / "log.txt")
+  seed = random.randrange(10**6)
+  rng = random.Random(seed)
+  kills = []
+  for low, high in ((5, 50), (60, 110)):
+    target = rng.randint(low, high)
+    proc = run_train_py(*_flags(corpus_dir, cache, workdir), wait=False,
+                        log=log)
+    deadline = time.time() + TIMEOUT
+    while (proc.poll() is None and _last_step(workdir) < target and
+           time.time() < deadline):
+      time.sleep(0.005)
+    time.sleep(rng.uniform(0, 0.02))
+    proc.kill()
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (seed, open(log).read()[-2000:])
+    kills.append(_last_step(workdir))
+  code, out = _finish(run_train_py(*_flags(corpus_dir, cache, workdir),
+                                   wait=False, log=log), log)
+  assert code == 0, (seed, out[-3000:])
+  assert out.count("resuming from") >= 1, (seed, kills)
+  records = _records(workdir)
+  train_steps = [r["step"] for r in records if "loss" in r]
+  assert train_steps == list(range(1, STEPS + 1)), (seed, kills)
+  assert _series(workdir) == _series(ref_dir), (seed, kills)
+  want, got = _params(ref_dir, STEPS), _params(workdir, STEPS)
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=f"{k} {seed}")
+
+
+def test_sigterm_saves_the_current_step_and_exits_75(corpus_dir, reference,
+                                                     tmp_path):
+  ref_dir, cache = reference
+  workdir, log = str(tmp_path / "run"), str(tmp_path / "log.txt")
+  proc = run_train_py(*_flags(corpus_dir, cache, workdir), wait=False, log=log)
+  deadline = time.time() + TIMEOUT
+  while proc.poll() is None and _last_step(workdir) < 25 and (
+      time.time() < deadline):
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGTERM)
+  code, out = _finish(proc, log)
+  assert code == 75, out[-3000:]
+  last = out.strip().splitlines()[-1]
+  assert last.startswith("preempted: stopped by SIGTERM after step "), last
+  stopped = int(last.split("after step ")[1].split(",")[0])
+  assert 25 <= stopped < STEPS
+  assert stopped in _steps(workdir)  # committed, not a temporary directory
+  assert _last_step(workdir) <= stopped
+  # The same command resumes there and finishes as if never stopped.
+  code, out = _finish(run_train_py(*_flags(corpus_dir, cache, workdir),
+                                   wait=False, log=log), log)
+  assert code == 0, out[-3000:]
+  assert f"at step {stopped}" in out
+  assert _series(workdir) == _series(ref_dir)
+
+
+def test_damaged_newest_checkpoint_falls_back(corpus_dir, reference,
+                                              tmp_path):
+  ref_dir, cache = reference
+  workdir = str(tmp_path / "run")
+  shutil.copytree(ref_dir, workdir)
+  newest = os.path.join(workdir, "checkpoints", str(STEPS))
+  data = os.path.join(newest, "state", "ocdbt.process_0", "d")
+  for name in os.listdir(data):  # every array file cut short
+    path = os.path.join(data, name)
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  before = _steps(workdir)
+
+  result = run_train_py(f"--workdir={workdir}", "--mode=eval",
+                        timeout=TIMEOUT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"checkpoints/{STEPS} cannot be restored" in result.stderr
+  assert f"step={STEPS - 10}" in result.stdout  # evaluated the previous one
+  assert os.path.isdir(newest + ".damaged")  # set aside, not deleted
+  assert _steps(workdir) == before[:-1]
+
+  # Training resumes from the previous checkpoint and redoes the last steps
+  # exactly; the damaged step is saved afresh.
+  result = run_train_py(*_flags(corpus_dir, cache, workdir), timeout=TIMEOUT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"at step {STEPS - 10}" in result.stdout
+  assert _steps(workdir) == before
+  assert _series(workdir) == _series(ref_dir)
+
+  # With every checkpoint damaged: one line, exit 2, nothing moved.
+  for step in _steps(workdir):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(step), "state"))
+  listing = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  result = run_train_py(f"--workdir={workdir}", "--mode=eval",
+                        timeout=TIMEOUT)
+  assert result.returncode == 2
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: no checkpoint under") and (
+      "can be restored" in last), last
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == listing
+
+
+def test_restore_onto_another_mesh(corpus_dir, reference, tmp_path):
+  """A 1-device run continues on 4 devices (data 2 x fsdp 2) and is
+  evaluated on 4 (fsdp 4): the same numbers to float32 round-off."""
+  ref_dir, cache = reference
+  runs = {}
+  for name, devices, mesh in (("one", 0, []),
+                              ("four", 4, ["--config.mesh.data=2",
+                                           "--config.mesh.fsdp=2"])):
+    workdir = str(tmp_path / name)
+    shutil.copytree(ref_dir, workdir)
+    runs[name] = (workdir, run_train_py(
+        *_flags(corpus_dir, cache, workdir, *mesh), "--config.train.steps=130",
+        wait=False, devices=devices))
+  for name, (workdir, proc) in runs.items():
+    code, out = _finish(proc)
+    assert code == 0, (name, out)
+  one, four = (_series(runs[n][0]) for n in ("one", "four"))
+  assert one.keys() == four.keys()
+  assert max(k[0] for k in one) == 130
+  for k in one:
+    assert four[k] == pytest.approx(one[k], rel=1e-5), k
+
+  evals = {}
+  for name, devices, mesh in (("one", 0, []),
+                              ("four", 4, ["--config.mesh.data=1",
+                                           "--config.mesh.fsdp=4"])):
+    result = run_train_py(f"--workdir={runs[name][0]}", "--mode=eval", *mesh,
+                          devices=devices, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals[name] = float(result.stdout.split("eval_loss=")[1].split()[0])
+  assert evals["four"] == pytest.approx(evals["one"], rel=1e-5)
+
+
+def test_divergence_stops_without_saving_the_bad_state(corpus_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  result = run_train_py(
+      *_flags(corpus_dir, str(tmp_path / "cache"), workdir,
+              "--config.train.learning_rate=1e30",
+              "--config.checkpoint.every_steps=1"), timeout=TIMEOUT)
+  assert result.returncode == 3, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: step ") and "nan" in last, last
+  bad = int(last.split("step ")[1].split(":")[0])
+  assert f"the last good checkpoint is {workdir}/checkpoints/{bad - 1}" in last
+  assert max(_steps(workdir)) == bad - 1
+  assert all(np.isfinite(r["loss"]) for r in _records(workdir) if "loss" in r)
+
+
+def test_init_from_another_run(corpus_dir, reference, tmp_path):
+  """Fine-tuning starts from the run's parameters with a fresh optimizer;
+  a different model is refused with one line."""
+  ref_dir, cache = reference
+  workdir = str(tmp_path / "tuned")
+  result = run_train_py(
+      *_flags(corpus_dir, cache, workdir, f"--config.checkpoint.init_from={ref_dir}",
+              "--config.train.steps=3", "--config.train.warmup_steps=1"),
+      timeout=TIMEOUT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"starting from the parameters of {ref_dir}/checkpoints/{STEPS}" in (
+      result.stdout)
+  tuned, ref = _records(workdir), _records(ref_dir)
+  assert tuned[0]["step"] == 1
+  assert tuned[0]["loss"] < ref[0]["loss"] - 0.5  # not a fresh model
+
+  result = run_train_py(
+      *_flags(corpus_dir, cache, str(tmp_path / "other"),
+              f"--config.checkpoint.init_from={ref_dir}",
+              "--config.model.d_model=64"), timeout=TIMEOUT)
+  assert result.returncode == 2
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: the checkpoint") and "does not match" in last
+  assert not os.path.exists(tmp_path / "other" / "config.json")
