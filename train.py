@@ -4,6 +4,7 @@
   python train.py --config=configs/NAME.py --config.train.steps=500 --workdir=runs/x
   python train.py --mode=eval --workdir=runs/x      # evaluate the latest checkpoint
   python train.py --mode=sample --workdir=runs/x --config.sample.prompt="ROMEO:"
+  python train.py --mode=export --workdir=runs/x    # params only, to runs/x/export
   python train.py --num_processes=2 --process_id=0 --coordinator_address=127.0.0.1:PORT ...
                                                     # one process of several (launch/)
 """
@@ -36,8 +37,13 @@ except (AttributeError, KeyError) as e:  # an unknown field
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where the run's config, metrics, checkpoints and samples "
     "go (default: runs/<config name>).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
-                          "What to do.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "sample", "export"],
+    "What to do: export writes the newest params alone (no optimizer state) "
+    "to --export_dir, a directory that eval, sample and "
+    "--config.checkpoint.init_from read like a run's workdir.")
+_EXPORT_DIR = flags.DEFINE_string(
+    "export_dir", None, "Where --mode=export writes (default: <workdir>/export).")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "cluster", "off"],
@@ -75,11 +81,17 @@ def main(argv):
     if _MODE.value == "train":
       loop.train(config, workdir)
     else:
-      # Eval and sample rebuild the trained model from the run's saved config;
-      # only their own sections and the mesh (this machine's) come from flags.
+      # The other modes rebuild the trained model from the run's saved
+      # config; only eval, sample and the mesh (this machine's) come from flags.
       saved = config_lib.load_saved(workdir)
       saved.eval, saved.sample, saved.mesh = config.eval, config.sample, config.mesh
-      {"eval": loop.evaluate, "sample": loop.sample}[_MODE.value](saved, workdir)
+      if _MODE.value == "eval":
+        loop.evaluate(saved, workdir)
+      elif _MODE.value == "sample":
+        loop.sample(saved, workdir)
+      else:
+        loop.export(saved, workdir,
+                    _EXPORT_DIR.value or os.path.join(workdir, "export"))
   except Preempted as e:
     print(f"preempted: {e}", file=sys.stderr)
     sys.exit(e.exit_code)

@@ -45,11 +45,14 @@ def _series(workdir) -> dict:
           for k in ("loss", "grad_norm", "learning_rate", "eval_loss") if k in r}
 
 
-def _params(workdir, step) -> dict:
+def _state(workdir, step) -> dict:
   import orbax.checkpoint as ocp
-  state = ocp.PyTreeCheckpointer().restore(
+  return ocp.PyTreeCheckpointer().restore(
       os.path.join(workdir, "checkpoints", str(step), "state"))
-  return {k: np.asarray(v) for k, v in _flatten(state["params"])}
+
+
+def _params(workdir, step) -> dict:
+  return {k: np.asarray(v) for k, v in _flatten(_state(workdir, step)["params"])}
 
 
 def _flatten(tree, prefix=""):
@@ -240,17 +243,36 @@ def test_divergence_stops_without_saving_the_bad_state(corpus_dir, tmp_path):
   assert all(np.isfinite(r["loss"]) for r in _records(workdir) if "loss" in r)
 
 
-def test_init_from_another_run(corpus_dir, reference, tmp_path):
-  """Fine-tuning starts from the run's parameters with a fresh optimizer;
-  a different model is refused with one line."""
+def test_export_params_then_sample_and_init_from(corpus_dir, reference,
+                                                 tmp_path):
+  """An export holds the params without the optimizer state; sampling from
+  it writes the run's text, and fine-tuning starts from it with a fresh
+  optimizer; a different model is refused with one line."""
   ref_dir, cache = reference
+  export = str(tmp_path / "export")
+  result = run_train_py(f"--workdir={ref_dir}", "--mode=export",
+                        f"--export_dir={export}", timeout=TIMEOUT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"exported the parameters of step {STEPS} to {export}" in (
+      result.stdout)
+  assert list(_state(export, STEPS)) == ["params"]  # no optimizer state
+  want, got = _params(ref_dir, STEPS), _params(export, STEPS)
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  samples = [run_train_py(f"--workdir={w}", "--mode=sample",
+                          "--config.sample.temperature=0", timeout=TIMEOUT)
+             for w in (ref_dir, export)]
+  assert samples[0].returncode == samples[1].returncode == 0
+  assert samples[0].stdout == samples[1].stdout and len(samples[0].stdout) > 20
+
   workdir = str(tmp_path / "tuned")
   result = run_train_py(
-      *_flags(corpus_dir, cache, workdir, f"--config.checkpoint.init_from={ref_dir}",
+      *_flags(corpus_dir, cache, workdir, f"--config.checkpoint.init_from={export}",
               "--config.train.steps=3", "--config.train.warmup_steps=1"),
       timeout=TIMEOUT)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f"starting from the parameters of {ref_dir}/checkpoints/{STEPS}" in (
+  assert f"starting from the parameters of {export}/checkpoints/{STEPS}" in (
       result.stdout)
   tuned, ref = _records(workdir), _records(ref_dir)
   assert tuned[0]["step"] == 1

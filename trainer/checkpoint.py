@@ -61,6 +61,13 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(data_iterator),
             run=ocp.args.JsonSave(run_info)))
 
+  def save_params(self, step: int, params, run_info: dict) -> None:
+    """A checkpoint of the params alone (an export): all that eval, sample
+    and init_from read."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeSave({"params": params}),
+        run=ocp.args.JsonSave(run_info)))
+
   def _check_shapes(self, step: int, target_state, params_only: bool) -> None:
     saved = _shapes(self._manager.item_metadata(step)["state"])
     wanted = _shapes(target_state)

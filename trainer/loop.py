@@ -325,6 +325,28 @@ def evaluate(config, workdir: str) -> dict:
   return result
 
 
+def export(config, workdir: str, export_dir: str) -> int:
+  """Writes the newest params, without the optimizer state, as a workdir of
+  their own (config.json and one checkpoint) that --mode=eval, --mode=sample
+  and checkpoint.init_from read like any run's."""
+  run = build(config, workdir)
+  _check_workdir(export_dir)
+  if os.path.exists(os.path.join(export_dir, "checkpoints")):
+    raise ConfigError(f"--export_dir={export_dir} already holds checkpoints; "
+                      "choose a new directory")
+  with run.context():
+    step, params = _restore_latest(run)
+    target = checkpoint.Checkpointer(export_dir, keep=1)
+    target.save_params(step, params, {
+        "config": json.loads(config.to_json()), "step": step,
+        "exported_from": f"{run.checkpointer.directory}/{step}"})
+    target.close()
+  if jax.process_index() == 0:
+    config_lib.save(config, export_dir)
+  _log(f"exported the parameters of step {step} to {export_dir}")
+  return step
+
+
 def sample(config, workdir: str) -> str:
   run = build(config, workdir)
   with run.context():
