@@ -61,7 +61,11 @@ def test_summary():
     (("--config.mesh.data=2", "--config.mesh.fsdp=2"),
      "mesh data*fsdp*tensor = 2*2*1 = 4 but there are 8 devices"),
     (("--config.mesh.data=1", "--config.mesh.tensor=8"),
-     "(size 2) does not split over mesh tensor=8"),
+     "model.num_heads = 2 is not divisible by mesh.tensor=8"),
+    (("--config.mesh.data=1", "--config.mesh.tensor=8",
+      "--config.model.num_heads=8", "--config.model.vocab_size=84"),
+     "Embed_0/embedding (84, 32): dimension 0 (size 84) does not split over "
+     "mesh tensor=8"),
     (("--config.mesh.data=1", "--config.mesh.fsdp=8",
       "--config.train.batch_size=4"),
      "train.batch_size=4 is not divisible by the data-parallel size 8"),

@@ -54,11 +54,16 @@ class Run:
 
 def model_and_optimizer(config, vocab_size: int, mesh):
   """The model, optimizer, logical rules and train-state shardings of a
-  config: what train.py, the benchmarks and the tests all start from."""
+  config: what train.py, the benchmarks and the tests all start from. A
+  layout the mesh cannot split is refused here, before anything compiles."""
   model = GPT(config_lib.model_config(config, vocab_size))
+  sharding.check_layout(mesh.shape, model.cfg, config.train.batch_size,
+                        config.train.grad_accum_steps)
   tx = optim.make_optimizer(config.train)
   rules = sharding.logical_rules(config.mesh)
-  return model, tx, rules, state_lib.state_shardings(model, tx, mesh, rules)
+  shardings = state_lib.state_shardings(model, tx, mesh, rules)
+  sharding.check_even(state_lib.abstract_state(model, tx, shardings))
+  return model, tx, rules, shardings
 
 
 def _check_workdir(workdir: str) -> None:
@@ -77,6 +82,7 @@ def build(config, workdir: str) -> Run:
   config_lib.validate(config)
   _check_workdir(workdir)
   mesh = sharding.make_mesh(config.mesh)
+  # Before the data is prepared (model_and_optimizer checks it all again).
   sharding.check_layout(mesh.shape, config_lib.model_config(config, 1),
                         config.train.batch_size, config.train.grad_accum_steps)
   data = prepare.prepare(config.data.source, config.data.tokenizer,

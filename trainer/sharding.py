@@ -50,6 +50,22 @@ def check_layout(mesh_sizes: dict, model_cfg, batch_size: int,
                         "attention heads and the MLP width evenly")
 
 
+def check_even(abstract_tree) -> None:
+  """Refuses arrays whose sharded dimensions do not split evenly (jit would),
+  naming the array."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_tree):
+    mesh = leaf.sharding.mesh
+    for dim, (size, axes) in enumerate(zip(leaf.shape, leaf.sharding.spec)):
+      axes = (axes,) if isinstance(axes, str) else axes or ()
+      ways = math.prod(mesh.shape[a] for a in axes)
+      if size % ways:
+        raise ConfigError(
+            f"{jax.tree_util.keystr(path, simple=True, separator='/')} "
+            f"{tuple(leaf.shape)}: dimension {dim} (size {size}) does not "
+            f"split over mesh {'*'.join(axes)}={ways}; pick mesh sizes that "
+            "divide it (or pad that model size, e.g. model.vocab_size)")
+
+
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   devices = devices if devices is not None else jax.devices()
   shape = mesh_shape(mesh_cfg, len(devices))
