@@ -4,9 +4,12 @@ Window i is tokens[i * seq_len : (i + 1) * seq_len + 1]: inputs are its first
 seq_len tokens and targets its last seq_len (the inputs shifted by one).
 Training windows are shuffled by the seed, reshuffled each epoch, and batched
 globally before each process takes its own rows, so a global batch is the
-same whatever the number of processes. The iterator state is checkpointable.
+same whatever the number of processes. The iterator state is checkpointable;
+with worker processes (`num_workers`) the batches are the same as without, and
+a state restores under the same worker count.
 """
 
+from absl import flags
 import grain
 import numpy as np
 
@@ -50,6 +53,8 @@ def train_iterator(source: WindowSource, global_batch: int, seed: int,
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2,
                                             prefetch_buffer_size=4))
   if num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(ds)
 

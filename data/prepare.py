@@ -1,87 +1,634 @@
-"""Corpus -> token arrays on disk, prepared once and reused.
+"""Corpus -> token shards on disk, prepared once and reused.
 
-A prepared directory holds `train.bin` and `val.bin` (flat token arrays,
-uint16 or uint32) and `meta.json` (tokenizer, counts, UTF-8 bytes, source
-checksum). Whole documents are held out for validation, so no work appears in
-both splits. Documents are joined by a blank line.
+  python -m data.prepare --input 'corpus/**/*.txt' --output data/mine \\
+      --tokenizer bpe --vocab-size 8192
+
+A prepared directory holds `meta.json`, written last and atomically (training
+accepts a directory only once it exists): the tokenizer, per split the counts
+of documents, tokens and UTF-8 bytes and the shards (file, tokens, sha256);
+`tokenizer.json` for a BPE; and `shards/`: flat token arrays, uint16 when the
+vocabulary fits, else uint32.
+
+Packing: every document is followed by the end-of-text token (EOT, 0 bytes);
+a split is its shards concatenated in meta order, which the loader cuts into
+full windows: nothing is padded. Empty documents are skipped.
+
+Split: a document is held out for validation if its name (its file's, see
+corpus.py) is in `holdout`; without a holdout, if a hash of its UTF-8 bytes
+falls below `val_fraction`. Either way the split depends on neither file order
+nor worker count, and copies of a document land in the same split.
+
+Work: the input files are cut into tasks (consecutive files of about
+`task_bytes`, or ranges of a larger uncompressed .jsonl) that worker processes
+stream through. A task's shards, then the record naming them, are written
+under temporary names and renamed, keyed by the task's files (path, size,
+modification time) and the settings: a re-run processes only new or changed
+inputs and never trusts a half-written shard. A tokenizer fitted to the corpus
+(char, bpe) is fitted on the first run and kept by later ones.
 """
 
+import argparse
+from concurrent import futures
+import contextlib
 import dataclasses
+import fcntl
+import functools
+import glob
 import hashlib
 import json
+import multiprocessing
 import os
+import re
 import shutil
-import tempfile
+import sys
+from typing import Iterator, Sequence
 
 import numpy as np
+import tqdm
 
 from data import corpus, tokenizers
+from data.corpus import DataError
 
-SEPARATOR = "\n\n"
+VERSION = 1
+KINDS = ("char", "byte", "bpe", "gpt2")
+SPLITS = ("train", "val")
+META = "meta.json"
+SHARDS = "shards"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  tokenizer: str             # one of KINDS
+  vocab_size: int = 8192     # bpe: ids in all, the 256 bytes and EOT included
+  tokenizer_files: str = ""  # gpt2: tokenizer.json, or vocab.json + merges.txt
+  text_field: str = "text"   # of a .jsonl record
+  utf8: str = "strict"       # or "replace": invalid UTF-8 becomes U+FFFD
+  val_fraction: float = 0.01
+  holdout: tuple[str, ...] = ()  # document names; overrides val_fraction
+  seq_len: int = 0           # each split must hold seq_len + 1 tokens
+  workers: int = 0           # processes; 0: all in this one
+  progress: bool = False     # a progress bar on stderr
+  bpe_sample_bytes: int = 1 << 30  # of documents to train a BPE on
+  task_bytes: int = 32 << 20
+  shard_tokens: int = 1 << 27
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  pieces: tuple[corpus.Piece, ...]
+  bytes: int
+  key: str
+
+
+class Tokens:
+  """A split's shards as one read-only token array; slices may span shards."""
+
+  def __init__(self, files: list[str], dtype: str):
+    self._files, self.dtype = files, np.dtype(dtype)
+    self._maps = [np.memmap(f, self.dtype, mode="r") for f in files]
+    self._ends = np.cumsum([len(m) for m in self._maps], dtype=np.int64)
+    self.size = int(self._ends[-1]) if files else 0
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, key: slice) -> np.ndarray:
+    start, stop, step = key.indices(self.size)
+    if step != 1:
+      raise IndexError("Tokens only slice contiguously")
+    parts = []
+    i = int(np.searchsorted(self._ends, start, side="right"))
+    while start < stop:
+      begin = int(self._ends[i]) - len(self._maps[i])
+      end = min(stop, int(self._ends[i]))
+      parts.append(self._maps[i][start - begin:end - begin])
+      start, i = end, i + 1
+    return np.concatenate(parts) if parts else np.zeros(0, self.dtype)
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    return self[:].astype(dtype or self.dtype)
+
+  def __reduce__(self):  # pickled by file name, not contents (Grain workers)
+    return Tokens, (self._files, self.dtype.str)
 
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
   path: str
   meta: dict
+  tokenizer: object
 
-  @property
-  def tokenizer(self):
-    return tokenizers.from_json(self.meta["tokenizer"])
+  @functools.cached_property
+  def _splits(self) -> dict[str, Tokens]:
+    """Opened once: a run keeps reading them if the directory is prepared
+    again meanwhile."""
+    return {split: Tokens([os.path.join(self.path, s["file"])
+                           for s in self.meta["splits"][split]["shards"]],
+                          self.meta["dtype"]) for split in SPLITS}
 
-  def tokens(self, split: str) -> np.ndarray:
-    return np.memmap(os.path.join(self.path, f"{split}.bin"),
-                     dtype=self.meta["dtype"], mode="r")
+  def tokens(self, split: str) -> Tokens:
+    return self._splits[split]
+
+
+def load(path: str) -> Prepared:
+  """A directory that `build` finished."""
+  meta = _read_json(os.path.join(path, META))
+  if meta is None:
+    raise DataError(f"{path} holds no finished preparation (no {META}); run "
+                    "python -m data.prepare again to finish it")
+  if meta.get("version") != VERSION:
+    raise DataError(f"{path} was prepared by another version of this code; "
+                    "prepare it again")
+  for split in SPLITS:
+    for shard in meta["splits"][split]["shards"]:
+      file = os.path.join(path, shard["file"])
+      expected = shard["tokens"] * np.dtype(meta["dtype"]).itemsize
+      if not os.path.exists(file) or os.path.getsize(file) != expected:
+        raise DataError(f"{file} is missing or not the {expected} bytes that "
+                        f"{META} records; prepare {path} again")
+  return Prepared(path, meta, _load_tokenizer(meta, path))
 
 
 def prepare(source: str, tokenizer: str, holdout: tuple[str, ...],
-            cache_dir: str = "") -> Prepared:
+            cache_dir: str = "", val_fraction: float = 0.01) -> Prepared:
+  """The data of config.data: a directory made by `python -m data.prepare`
+  (its own tokenizer and split apply), or raw text ('shakespeare', or a
+  directory, file or glob of .txt / .jsonl files) prepared once into
+  <cache_dir>/prepared/ and reused while the files stay the same."""
+  if (os.path.exists(os.path.join(source, META)) or
+      os.path.isdir(os.path.join(source, SHARDS))):
+    return load(source)
   cache_dir = cache_dir or corpus.default_cache_dir()
-  docs = corpus.load(source, cache_dir)
-  names = [name for name, _ in docs]
-  missing = [h for h in holdout if h not in names]
-  if missing or not holdout:
-    raise corpus.DataError(
-        f"data.holdout={tuple(holdout)} must name documents of the corpus "
-        f"(unknown: {missing}); choose from: {', '.join(names)}")
-  if len(holdout) == len(docs):
-    raise corpus.DataError("data.holdout holds out every document; leave some "
-                           "for training")
-  checksum = hashlib.sha256()
-  for name, text in docs:
-    checksum.update(name.encode() + b"\0" + text.encode("utf-8") + b"\0")
-  key = hashlib.sha256(
-      f"{checksum.hexdigest()}|{tokenizer}|{sorted(holdout)}".encode()
-  ).hexdigest()[:16]
-  label = "shakespeare" if source == corpus.SHAKESPEARE else "dir"
-  out = os.path.join(cache_dir, "prepared", f"{label}-{tokenizer}-{key}")
-  if os.path.exists(os.path.join(out, "meta.json")):
-    with open(os.path.join(out, "meta.json")) as f:
-      return Prepared(out, json.load(f))
+  if source == corpus.SHAKESPEARE:
+    inputs = [corpus.shakespeare_dir(cache_dir)]
+  elif glob.glob(source):
+    inputs = [source]
+  else:
+    raise DataError(
+        f"data.source={source!r} is neither 'shakespeare' nor a directory, "
+        "file or glob of .txt / .jsonl text, nor a directory made by "
+        "python -m data.prepare; point it at one")
+  files = corpus.find_files(inputs)
+  options = Options(tokenizer=tokenizer, holdout=tuple(holdout),
+                    val_fraction=val_fraction)
+  key = _digest([_identity(corpus.Piece(f)) for f in files],
+                dataclasses.asdict(options))[:16]
+  label = re.sub(r"[^\w.-]", "_", corpus.name(source.rstrip("/")))
+  return build(inputs, os.path.join(cache_dir, "prepared",
+                                    f"{label}-{tokenizer}-{key}"), options)
 
-  splits = {
-      "train": SEPARATOR.join(t for n, t in docs if n not in holdout),
-      "val": SEPARATOR.join(t for n, t in docs if n in holdout),
-  }
-  tok = tokenizers.fit(tokenizer, splits["train"] + splits["val"])
-  dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=os.path.dirname(out))
-  meta = {"source": source, "source_sha256": checksum.hexdigest(),
-          "tokenizer": tok.to_json(), "vocab_size": tok.vocab_size,
-          "dtype": dtype, "separator": SEPARATOR,
-          "documents": {"train": [n for n in names if n not in holdout],
-                        "val": [n for n in names if n in holdout]}}
-  for split, text in splits.items():
-    ids = tok.encode(text).astype(dtype)
-    ids.tofile(os.path.join(tmp, f"{split}.bin"))
-    meta[f"{split}_tokens"] = int(ids.size)
-    meta[f"{split}_bytes"] = len(text.encode("utf-8"))
-  with open(os.path.join(tmp, "meta.json"), "w") as f:
-    json.dump(meta, f, indent=1)
+
+def build(inputs: Sequence[str], output: str, options: Options) -> Prepared:
+  """Prepares the documents of `inputs` (files, directories, globs) into
+  `output`, reusing what an earlier run there did."""
+  files = corpus.find_files(inputs)
+  _check(options, files)
+  created = not os.path.exists(output)
+  os.makedirs(os.path.join(output, SHARDS), exist_ok=True)
   try:
-    os.replace(tmp, out)  # atomic: a half-written directory is never trusted
-  except OSError:  # another process prepared it first
-    shutil.rmtree(tmp, ignore_errors=True)
-  with open(os.path.join(out, "meta.json")) as f:
-    return Prepared(out, json.load(f))
+    with _locked(output):
+      return _build(inputs, files, output, options)
+  except BaseException:
+    if created and not any(f.endswith(".json")
+                           for f in os.listdir(os.path.join(output, SHARDS))):
+      shutil.rmtree(output, ignore_errors=True)  # nothing worth keeping
+    raise
+
+
+def _build(inputs, files, output, options) -> Prepared:
+  request = _request(options)
+  old = _read_json(os.path.join(output, META))
+  if old is not None and old.get("tokenizer_request") != request:
+    raise DataError(f"{output} holds data prepared with the tokenizer "
+                    f"{old.get('tokenizer_request')}, not {request}; prepare "
+                    "into a new --output (or delete this one)")
+  tasks = _plan(files, options.task_bytes)
+  if old is not None:
+    tok = _load_tokenizer(old, output)
+  else:
+    tok = _new_tokenizer(options, tasks)
+    if isinstance(tok, tokenizers.BPETokenizer):
+      tok.save(output)
+  settings = [VERSION, tokenizers.fingerprint(tok), options.text_field,
+              options.utf8, options.holdout or options.val_fraction,
+              options.shard_tokens]
+  tasks = [dataclasses.replace(t, key=_digest(settings, [
+      _identity(p) for p in t.pieces])[:24]) for t in tasks]
+  records = {t.key: r for t in tasks if (r := _record(output, t.key))}
+  pending = [t for t in tasks if t.key not in records]
+  bar = tqdm.tqdm(total=sum(t.bytes for t in pending), unit="B",
+                  unit_scale=True, desc="preparing", dynamic_ncols=True,
+                  disable=not options.progress)
+  documents = 0
+  with bar, _runner(output, tok, options) as run:
+    for record in run(pending):
+      records[record["key"]] = record
+      documents += sum(s["documents"] for s in record["splits"].values())
+      bar.set_postfix(documents=f"{documents:,}", refresh=False)
+      bar.update(record["input_bytes"])
+  meta = _meta(inputs, files, tok, request, options,
+               [records[t.key] for t in tasks])
+  need = max(options.seq_len, 1) + 1
+  for split in SPLITS:
+    if meta[f"{split}_tokens"] < need:
+      raise DataError(
+          f"the {split} split has {meta[f'{split}_tokens']} tokens, fewer than "
+          f"one sequence of {need} (seq_len + 1); use more text, a larger "
+          "validation fraction or holdout, or a smaller --seq-len")
+  if meta != old:
+    _write_json(os.path.join(output, META), meta)
+  _collect_garbage(output, {t.key for t in tasks})
+  return load(output)
+
+
+def _check(options: Options, files: list[str]) -> None:
+  """Bad options fail here, before anything is written."""
+  if options.tokenizer not in KINDS:
+    raise DataError(f"tokenizer {options.tokenizer!r} is unknown; choose one "
+                    f"of {', '.join(KINDS)}")
+  if options.tokenizer == "bpe" and options.vocab_size < 257:
+    raise DataError(f"vocabulary size {options.vocab_size} is too small: a "
+                    "byte-level BPE needs at least 257 ids (256 bytes and "
+                    "end-of-text); raise --vocab-size")
+  if options.tokenizer == "gpt2":
+    _gpt2(options.tokenizer_files)
+  if options.utf8 not in corpus.UTF8_POLICIES:
+    raise DataError(f"utf8 policy {options.utf8!r} is unknown; choose "
+                    f"{' or '.join(corpus.UTF8_POLICIES)}")
+  names = sorted({corpus.name(f) for f in files})
+  missing = sorted(set(options.holdout) - set(names))
+  if missing:
+    shown = ", ".join(names[:30]) + (", ..." if len(names) > 30 else "")
+    raise DataError(f"holdout {tuple(options.holdout)} must name documents "
+                    f"of the corpus (unknown: {missing}); choose from: {shown}")
+  if options.holdout and set(names) <= set(options.holdout):
+    raise DataError("the holdout holds out every document; leave some for "
+                    "training")
+  if not options.holdout and not 0 < options.val_fraction < 1:
+    raise DataError(f"validation fraction {options.val_fraction} must be "
+                    "between 0 and 1 (exclusive)")
+
+
+def _request(options: Options) -> dict:
+  """What the tokenizer is asked to be: a re-run must ask the same."""
+  request = {"kind": options.tokenizer}
+  if options.tokenizer == "bpe":
+    request["vocab_size"] = options.vocab_size
+  if options.tokenizer == "gpt2":
+    request["sha256"] = tokenizers.fingerprint(_gpt2(options.tokenizer_files))
+  return request
+
+
+@functools.cache
+def _gpt2(path: str) -> tokenizers.BPETokenizer:
+  if not path:
+    raise DataError("the gpt2 tokenizer is read from local files: give "
+                    "--tokenizer-files (a tokenizer.json, or a folder with "
+                    "vocab.json and merges.txt)")
+  try:
+    return tokenizers.BPETokenizer.load(path)
+  except Exception as e:  # whatever the files are, say which and why
+    raise DataError(f"tokenizer files {path!r} do not load as a byte-level "
+                    f"BPE ({str(e).splitlines()[0]}); give a tokenizer.json, "
+                    "or a folder with vocab.json and merges.txt") from None
+
+
+def _load_tokenizer(meta: dict, path: str):
+  try:
+    return tokenizers.from_json(meta["tokenizer"], path)
+  except Exception as e:  # a missing or foreign tokenizer file
+    raise DataError(f"the tokenizer of {path} does not load ({e}); prepare "
+                    "it again") from None
+
+
+def _new_tokenizer(options: Options, tasks: list[Task]):
+  if options.tokenizer == "byte":
+    return tokenizers.ByteTokenizer()
+  if options.tokenizer == "gpt2":
+    return _gpt2(options.tokenizer_files)
+  if options.tokenizer == "char":
+    return tokenizers.CharTokenizer.fit(_sample(tasks, options, 0))
+  return tokenizers.BPETokenizer.train(
+      _sample(tasks, options, options.bpe_sample_bytes), options.vocab_size)
+
+
+def _sample(tasks: list[Task], options: Options, limit: int) -> Iterator[str]:
+  """Documents to fit a tokenizer to: all, or about `limit` bytes of them
+  from tasks spread evenly over the corpus."""
+  step = max(1, sum(t.bytes for t in tasks) // limit) if limit else 1
+  seen = 0
+  for task in tasks[::step]:
+    for piece in task.pieces:
+      for text in corpus.documents(piece, options.text_field, options.utf8):
+        yield text
+        seen += len(text)
+        if limit and seen >= limit:
+          return
+
+
+def _plan(files: list[str], task_bytes: int) -> list[Task]:
+  """Consecutive files of about task_bytes per task; a larger uncompressed
+  .jsonl is cut into ranges of task_bytes."""
+  pieces = []
+  for f in files:
+    size = os.path.getsize(f)
+    if corpus.is_jsonl(f) and not f.endswith(".gz") and size > task_bytes:
+      pieces += [(corpus.Piece(f, s, min(s + task_bytes, size)),
+                  min(task_bytes, size - s)) for s in range(0, size, task_bytes)]
+    else:
+      pieces.append((corpus.Piece(f), size))
+  tasks, group, total = [], [], 0
+  for piece, size in pieces:
+    group.append(piece)
+    total += size
+    if total >= task_bytes:
+      tasks.append(Task(tuple(group), total, ""))
+      group, total = [], 0
+  if group:
+    tasks.append(Task(tuple(group), total, ""))
+  return tasks
+
+
+def _identity(piece: corpus.Piece) -> list:
+  stat = os.stat(piece.path)
+  return [piece.path, piece.start, piece.end, stat.st_size, stat.st_mtime_ns]
+
+
+def _digest(*parts) -> str:
+  return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _split(name: str, data: bytes, options: Options) -> str:
+  if options.holdout:
+    return "val" if name in options.holdout else "train"
+  h = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+  return "val" if h < options.val_fraction * 2**64 else "train"
+
+
+def _dtype(vocab_size: int) -> str:
+  return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+# ---------------------------------------------------------------- tasks
+
+class _ShardWriter:
+  """A split's tokens of one task, each document followed by EOT, into shards
+  of at most `limit` tokens, each renamed into place once complete."""
+
+  def __init__(self, prefix: str, dtype: str, eot: int, limit: int):
+    self.prefix, self.dtype, self.limit = prefix, dtype, limit
+    self.eot = np.array([eot], dtype)
+    self.shards = []  # {"file", "tokens", "sha256"} of the finished ones
+    self._buffer, self._buffered, self._file = [], 0, None
+
+  def add(self, ids: np.ndarray) -> None:
+    self._buffer += [ids.astype(self.dtype), self.eot]
+    self._buffered += len(ids) + 1
+    if self._buffered >= 1 << 20:
+      self._flush()
+
+  def close(self) -> list[dict]:
+    self._flush()
+    if self._file:
+      self._finish_shard()
+    return self.shards
+
+  def _flush(self) -> None:
+    data = np.concatenate(self._buffer) if self._buffer else self.eot[:0]
+    self._buffer, self._buffered = [], 0
+    while data.size:
+      if self._file is None:
+        self._path = f"{self.prefix}-{len(self.shards):04d}.bin"
+        self._file = open(self._path + ".tmp", "wb")
+        self._hash, self._count = hashlib.sha256(), 0
+      part, data = np.split(data, [self.limit - self._count])
+      self._file.write(part.tobytes())
+      self._hash.update(part.tobytes())
+      self._count += part.size
+      if self._count == self.limit:
+        self._finish_shard()
+
+  def _finish_shard(self) -> None:
+    self._file.flush()
+    os.fsync(self._file.fileno())
+    self._file.close()
+    os.replace(self._path + ".tmp", self._path)
+    self.shards.append({
+        "file": os.path.join(SHARDS, os.path.basename(self._path)),
+        "tokens": self._count, "sha256": self._hash.hexdigest()})
+    self._file = None
+
+
+class _Worker:
+  """Runs tasks: reads, splits and tokenizes documents, writes shards and
+  then the task's record."""
+
+  def __init__(self, output: str, tokenizer, options: Options):
+    self.output, self.tok, self.options = output, tokenizer, options
+    self.dtype = _dtype(tokenizer.vocab_size)
+
+  def __call__(self, task: Task) -> dict:
+    o = self.options
+    prefix = os.path.join(self.output, SHARDS, task.key)
+    writers = {s: _ShardWriter(f"{prefix}-{s}", self.dtype, self.tok.eot_id,
+                               o.shard_tokens) for s in SPLITS}
+    splits = {s: {"documents": 0, "tokens": 0, "bytes": 0, "names": []}
+              for s in SPLITS}
+    batch, batch_bytes, empty = [], 0, 0
+
+    def flush():
+      for (split, num_bytes, _), ids in zip(batch, self.tok.encode_batch(
+          [text for _, _, text in batch])):
+        writers[split].add(ids)
+        count = splits[split]
+        count["documents"] += 1
+        count["tokens"] += len(ids) + 1
+        count["bytes"] += num_bytes
+      batch.clear()
+
+    for piece in task.pieces:
+      name = corpus.name(piece.path)
+      for text in corpus.documents(piece, o.text_field, o.utf8):
+        if not text:
+          empty += 1
+          continue
+        data = text.encode("utf-8")
+        split = _split(name, data, o)
+        names = splits[split]["names"]
+        if o.holdout and names[-1:] != [name]:
+          names.append(name)
+        batch.append((split, len(data), text))
+        batch_bytes += len(data)
+        if batch_bytes >= 1 << 20:
+          flush()
+          batch_bytes = 0
+    flush()
+    for split in SPLITS:
+      splits[split]["shards"] = writers[split].close()
+    record = {"key": task.key, "input_bytes": task.bytes,
+              "empty_documents": empty, "splits": splits}
+    _write_json(prefix + ".json", record)
+    return record
+
+
+_worker = None  # the _Worker of a worker process
+
+
+def _init_worker(output: str, spec: dict, options: Options) -> None:
+  global _worker
+  os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallel over processes
+  _worker = _Worker(output, tokenizers.from_json(spec, output), options)
+
+
+def _run_task(task: Task) -> dict:
+  return _worker(task)
+
+
+@contextlib.contextmanager
+def _runner(output: str, tokenizer, options: Options):
+  """A function from tasks to their records (in any order), run in this
+  process or in `options.workers` new ones."""
+  if not options.workers:
+    worker = _Worker(output, tokenizer, options)
+    yield lambda tasks: map(worker, tasks)
+    return
+  with futures.ProcessPoolExecutor(
+      options.workers, multiprocessing.get_context("spawn"), _init_worker,
+      (output, tokenizer.to_json(), options)) as pool:
+
+    def run(tasks):
+      running = [pool.submit(_run_task, t) for t in tasks]
+      try:
+        for done in futures.as_completed(running):
+          yield done.result()
+      finally:  # on an error, start no more tasks
+        pool.shutdown(cancel_futures=True)
+
+    yield run
+
+
+def _record(output: str, key: str) -> dict | None:
+  """A finished task's record, if its shards are all there."""
+  record = _read_json(os.path.join(output, SHARDS, key + ".json"))
+  if record is None:
+    return None
+  for split in record["splits"].values():
+    for shard in split["shards"]:
+      if not os.path.exists(os.path.join(output, shard["file"])):
+        return None
+  return record
+
+
+def _meta(inputs, files, tok, request, options, records) -> dict:
+  meta = {"version": VERSION, "inputs": list(inputs), "files": len(files),
+          "input_bytes": sum(r["input_bytes"] for r in records),
+          "tokenizer": tok.to_json(), "tokenizer_request": request,
+          "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+          "dtype": _dtype(tok.vocab_size), "text_field": options.text_field,
+          "utf8": options.utf8,
+          "split": ({"holdout": list(options.holdout)} if options.holdout
+                    else {"val_fraction": options.val_fraction}),
+          "empty_documents": sum(r["empty_documents"] for r in records),
+          "splits": {}}
+  for split in SPLITS:
+    parts = [r["splits"][split] for r in records]
+    for count in ("documents", "tokens", "bytes"):
+      meta[f"{split}_{count}"] = sum(p[count] for p in parts)
+    meta["splits"][split] = {"shards": [s for p in parts for s in p["shards"]]}
+  if options.holdout:  # the names of whole works, as few as the files
+    meta["documents"] = {
+        split: list(dict.fromkeys(n for r in records
+                                  for n in r["splits"][split]["names"]))
+        for split in SPLITS}
+  return meta
+
+
+def _collect_garbage(output: str, keys: set[str]) -> None:
+  """Removes shards and records of tasks no longer in the corpus, and
+  temporary files of interrupted runs."""
+  for f in os.listdir(os.path.join(output, SHARDS)):
+    if f.endswith(".tmp") or re.split(r"[-.]", f)[0] not in keys:
+      os.remove(os.path.join(output, SHARDS, f))
+
+
+@contextlib.contextmanager
+def _locked(output: str):
+  """One preparation of a directory at a time (others wait)."""
+  with open(os.path.join(output, ".lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    yield
+
+
+def _read_json(path: str) -> dict | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, value: dict) -> None:
+  """Atomically: a reader sees the old file or the whole new one."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------- command
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(
+      prog="python -m data.prepare",
+      description="Tokenize a corpus into a directory that training reads "
+      "(config.data.source=DIR).")
+  p.add_argument("--input", action="extend", nargs="+", required=True,
+                 help="files, directories or quoted globs of .txt (one "
+                 "document per file) and .jsonl (one per line) files, "
+                 "optionally .gz")
+  p.add_argument("--output", required=True, help="the prepared directory")
+  p.add_argument("--tokenizer", choices=KINDS, default="bpe")
+  p.add_argument("--vocab-size", type=int, default=Options.vocab_size,
+                 help="bpe: ids in all (bytes and end-of-text included)")
+  p.add_argument("--tokenizer-files", default="",
+                 help="gpt2: a tokenizer.json, or a folder with vocab.json "
+                 "and merges.txt")
+  p.add_argument("--text-field", default="text", help="of .jsonl records")
+  p.add_argument("--utf8", choices=corpus.UTF8_POLICIES, default="strict",
+                 help="invalid UTF-8: fail, or replace by U+FFFD")
+  p.add_argument("--val-fraction", type=float, default=Options.val_fraction,
+                 help="of documents, chosen by a hash of their text")
+  p.add_argument("--holdout", nargs="+", default=(),
+                 help="hold out these documents (file names without "
+                 "extensions) instead")
+  p.add_argument("--seq-len", type=int, default=1024,
+                 help="each split must hold one sequence of this many tokens "
+                 "+ 1")
+  p.add_argument("--workers", type=int, default=os.cpu_count(),
+                 help="processes (0: this one)")
+  p.add_argument("--bpe-sample-mb", type=float, default=1024,
+                 help="bpe: train on about this much text")
+  args = p.parse_args(argv)
+  options = Options(
+      tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+      tokenizer_files=args.tokenizer_files, text_field=args.text_field,
+      utf8=args.utf8, val_fraction=args.val_fraction,
+      holdout=tuple(args.holdout), seq_len=args.seq_len,
+      workers=args.workers, progress=sys.stderr.isatty(),
+      bpe_sample_bytes=int(args.bpe_sample_mb * 2**20))
+  try:
+    prepared = build(args.input, args.output, options)
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  m = prepared.meta
+  print(f"{prepared.path}: {m['files']:,} files, "
+        f"{m['train_documents']:,} + {m['val_documents']:,} documents, "
+        f"{m['train_tokens']:,} train + {m['val_tokens']:,} val tokens "
+        f"({m['train_bytes']:,} + {m['val_bytes']:,} bytes), "
+        f"{m['tokenizer']['kind']} vocabulary {m['vocab_size']:,}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

