@@ -328,3 +328,57 @@ def test_two_processes_match_one_process(corpus_dir, tmp_path, monkeypatch):
   assert "step 6: eval loss" in out and "--- sample" in out
   for line in ("mesh:", "eval loss", "--- sample"):
     assert line not in process_1, process_1[-2000:]
+
+
+def _pids_of(marker: str) -> dict:
+  """{process_id: pid} of the train.py processes whose command line holds
+  `marker`."""
+  found = {}
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        args = f.read().decode().split("\0")
+    except OSError:
+      continue
+    if "train.py" in args and any(marker in a for a in args):
+      ids = [a.split("=")[1] for a in args if a.startswith("--process_id=")]
+      if ids:
+        found[int(ids[0])] = int(pid)
+  return found
+
+
+def test_sigterm_to_one_process_stops_all_at_one_step(corpus_dir, tmp_path):
+  """SIGTERM to process 1 only: through JAX's preemption sync both processes
+  save the same step, and the launcher exits with the preempted status 75."""
+  workdir, logs = str(tmp_path / "run"), str(tmp_path / "logs")
+  proc = _start(sys.executable, "launch/local.py", "--num_processes=2",
+                "--devices_per_process=2", f"--log_dir={logs}", "--",
+                *TINY_FLAGS, f"--config.data.source={corpus_dir}",
+                f"--config.data.cache_dir={tmp_path / 'cache'}",
+                "--config.train.batch_size=8", "--config.mesh.fsdp=2",
+                "--config.train.steps=100000", "--config.eval.every_steps=1000",
+                "--config.checkpoint.every_steps=1000", f"--workdir={workdir}")
+  try:
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + TIMEOUT_S
+    while time.time() < deadline and proc.poll() is None:
+      if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 10:
+        break
+      time.sleep(0.1)
+    pids = _pids_of(workdir)
+    assert sorted(pids) == [0, 1], pids
+    os.kill(pids[1], signal.SIGTERM)
+    out, err = _finish(proc)
+  finally:
+    left = _kill_group(proc)
+  assert not left, "processes of the run were left behind"
+  assert proc.returncode == 75, err[-3000:]
+  with open(os.path.join(logs, "process_1.log")) as f:
+    process_1 = f.read()
+  steps = [re.search(r"preempted: stopped by SIGTERM after step (\d+)",
+                     text).group(1) for text in (err, process_1)]
+  assert steps[0] == steps[1], steps
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [steps[0]]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints", steps[0],
+                                        "data"))) == [
+      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
