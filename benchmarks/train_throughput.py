@@ -41,7 +41,8 @@ def jax_runner(config, vocab_size):
   shape = (config.train.batch_size, config.model.seq_len + 1)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = state_lib.init_state(model, tx, shardings, seed=0)
-    step = state_lib.make_train_step(model, tx, grad_accum_steps=1, seed=0)
+    step = state_lib.make_train_step(model, tx, shardings, grad_accum_steps=1,
+                                     seed=0)
     batches = [sharding.to_global(rng.integers(0, vocab_size, shape, np.int32),
                                   sharding.batch_sharding(mesh))
                for _ in range(2)]

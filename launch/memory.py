@@ -66,7 +66,8 @@ def measure(config) -> dict:
                                  jnp.int32,
                                  sharding=sharding.batch_sharding(mesh))
     train_step = state_lib.make_train_step(
-        model, tx, grad_accum_steps=t.grad_accum_steps, seed=t.seed)
+        model, tx, shardings, grad_accum_steps=t.grad_accum_steps,
+        seed=t.seed)
     start = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start

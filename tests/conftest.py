@@ -127,7 +127,7 @@ def train_steps(config, batches, *, seed=0, vocab=37, grad_accum_steps=1,
   losses, grad_norms = [], []
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = state_lib.init_state(model, tx, shardings, seed)
-    step = state_lib.make_train_step(model, tx,
+    step = state_lib.make_train_step(model, tx, shardings,
                                      grad_accum_steps=grad_accum_steps,
                                      seed=config.train.seed)
     for batch in batches:

@@ -139,6 +139,14 @@ def test_bad_input_is_one_line_error(corpus_dir, tmp_path, trained):
                "mesh data*fsdp*tensor = 2*1*1 = 2 but there are 1 devices"),
       "processes": ([source, cache, "--num_processes=2", "--process_id=0"],
                     "num_processes=2 needs a coordinator address"),
+      "unknown": ([source, cache, "--config.train.stepz=3"],
+                  "unknown config field 'stepz'; Did you mean \"steps\""),
+      "type": ([source, cache, "--config.train.steps=many"],
+               "flag --config.train.steps=many: invalid literal for int()"),
+      "lr": ([source, cache, "--config.train.learning_rate=0"],
+             "train.learning_rate must be positive, got 0"),
+      "config": (["--config=configs/nope.py"],
+                 "--config=configs/nope.py: no such file"),
   }
   empty = tmp_path / "empty"
   empty.mkdir()
@@ -160,6 +168,11 @@ def test_bad_input_is_one_line_error(corpus_dir, tmp_path, trained):
                                devices=4)
     cases[name] = (None, message)
   procs["eval"] = run_train_py(f"--workdir={empty}", "--mode=eval", wait=False)
+  a_file = tmp_path / "a_file"
+  a_file.write_text("keep me")
+  procs["workdir"] = run_train_py(source, cache, f"--workdir={a_file}",
+                                  wait=False)
+  cases["workdir"] = (None, f"--workdir={a_file} is a file, not a directory")
   cases["eval"] = (None, "holds no trained run (no config.json)")
   procs["prompt"] = run_train_py(f"--workdir={trained[0]}", "--mode=sample",
                                  "--config.sample.prompt=a§", wait=False)
@@ -183,9 +196,10 @@ def test_bad_input_is_one_line_error(corpus_dir, tmp_path, trained):
                                                                     stderr)
     assert lines[-1].startswith("error: "), (name, stderr)
     assert cases[name][1] in lines[-1], (name, lines[-1])
-    if name not in ("eval", "prompt", "mismatch"):
+    if name not in ("eval", "prompt", "mismatch", "workdir"):
       assert not os.path.exists(tmp_path / name)  # nothing written
   assert list(empty.iterdir()) == []
+  assert a_file.read_text() == "keep me"
   for f, content in saved.items():  # the mismatched run damaged nothing
     assert open(os.path.join(run_dir, f), "rb").read() == content, f
   assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == checkpoints

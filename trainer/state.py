@@ -12,6 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from trainer import sharding as sharding_lib
 
 
 @flax.struct.dataclass
@@ -56,9 +59,12 @@ def cross_entropy(logits_BxLxV, targets_BxL):
       logits_BxLxV.astype(jnp.float32), targets_BxL)
 
 
-def make_train_step(model, tx, *, grad_accum_steps: int, seed: int):
-  """The jitted update; gradients of `grad_accum_steps` microbatches are
-  averaged before one optimizer step."""
+def make_train_step(model, tx, shardings, *, grad_accum_steps: int,
+                    seed: int):
+  """The jitted update, with the state (sharded as `shardings`, from
+  `state_shardings`) and the batch shardings declared in and out; gradients
+  of `grad_accum_steps` microbatches are averaged before one optimizer
+  step."""
   dropout = model.cfg.dropout > 0
 
   def loss_fn(params, tokens_BxL1, rng):
@@ -95,7 +101,10 @@ def make_train_step(model, tx, *, grad_accum_steps: int, seed: int):
                            opt_state=opt_state)
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-  return jax.jit(train_step, donate_argnums=(0,))
+  mesh = jax.tree.leaves(shardings)[0].mesh
+  return jax.jit(train_step, donate_argnums=(0,),
+                 in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=(shardings, NamedSharding(mesh, P())))
 
 
 def make_eval_step(model):
