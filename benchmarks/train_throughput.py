@@ -1,8 +1,8 @@
 """Training throughput: tokens/s, step time, compile time, peak memory, MFU.
 
-  python benchmarks/train_throughput.py                 # default config
-  python benchmarks/train_throughput.py --shape=6x384   # 6 layers x 384 x 6 heads, batch 16 x 256
-  python benchmarks/train_throughput.py --shape=6x384 --torch   # + PyTorch reference, side by side
+  python -m benchmarks.train_throughput                 # default config
+  python -m benchmarks.train_throughput --shape=6x384   # 6 layers x 384 x 6 heads, batch 16 x 256
+  python -m benchmarks.train_throughput --shape=6x384 --torch   # + PyTorch reference, side by side
 
 Steps run on random tokens (the input pipeline is measured in training logs as
 data_wait_ms). MFU counts model.flops_per_token() (6N + attention, PaLM's
