@@ -278,11 +278,18 @@ def test_export_params_then_sample_and_init_from(corpus_dir, reference,
   assert tuned[0]["step"] == 1
   assert tuned[0]["loss"] < ref[0]["loss"] - 0.5  # not a fresh model
 
-  result = run_train_py(
-      *_flags(corpus_dir, cache, str(tmp_path / "other"),
+  # A longer context than the run's position table, or another width.
+  procs = {change: run_train_py(
+      *_flags(corpus_dir, cache, str(tmp_path / change.split("=")[0]),
               f"--config.checkpoint.init_from={ref_dir}",
-              "--config.model.d_model=64"), timeout=TIMEOUT)
-  assert result.returncode == 2
-  last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: the checkpoint") and "does not match" in last
-  assert not os.path.exists(tmp_path / "other" / "config.json")
+              f"--config.model.{change}"), wait=False)
+           for change in ("seq_len=32", "d_model=64")}
+  messages = {"seq_len=32": "(params.wpe: (16, 32) saved, (32, 32) wanted)",
+              "d_model=64": "(params.Embed_0.embedding: "}
+  for change, proc in procs.items():
+    _, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 2, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the checkpoint") and (
+        "does not match" in last and messages[change] in last), last
+    assert not os.path.exists(tmp_path / change.split("=")[0] / "config.json")
