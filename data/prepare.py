@@ -81,13 +81,17 @@ class Task:
 
 
 class Tokens:
-  """A split's shards as one read-only token array; slices may span shards."""
+  """A split's shards as one read-only token array; slices may span shards.
+  Shards are memory-mapped when first read, at most 256 at a time (a large
+  corpus has more shards than a process may keep open)."""
 
   def __init__(self, files: list[str], dtype: str):
-    self._files, self.dtype = files, np.dtype(dtype)
-    self._maps = [np.memmap(f, self.dtype, mode="r") for f in files]
-    self._ends = np.cumsum([len(m) for m in self._maps], dtype=np.int64)
+    self._files, self.dtype = list(files), np.dtype(dtype)
+    self._ends = np.cumsum([os.path.getsize(f) // self.dtype.itemsize
+                            for f in files], dtype=np.int64)
     self.size = int(self._ends[-1]) if files else 0
+    self._shard = functools.lru_cache(maxsize=256)(
+        lambda i: np.memmap(self._files[i], self.dtype, mode="r"))
 
   def __len__(self) -> int:
     return self.size
@@ -99,9 +103,9 @@ class Tokens:
     parts = []
     i = int(np.searchsorted(self._ends, start, side="right"))
     while start < stop:
-      begin = int(self._ends[i]) - len(self._maps[i])
+      begin = int(self._ends[i - 1]) if i else 0
       end = min(stop, int(self._ends[i]))
-      parts.append(self._maps[i][start - begin:end - begin])
+      parts.append(self._shard(i)[start - begin:end - begin])
       start, i = end, i + 1
     return np.concatenate(parts) if parts else np.zeros(0, self.dtype)
 
@@ -120,8 +124,6 @@ class Prepared:
 
   @functools.cached_property
   def _splits(self) -> dict[str, Tokens]:
-    """Opened once: a run keeps reading them if the directory is prepared
-    again meanwhile."""
     return {split: Tokens([os.path.join(self.path, s["file"])
                            for s in self.meta["splits"][split]["shards"]],
                           self.meta["dtype"]) for split in SPLITS}
@@ -402,8 +404,8 @@ class _ShardWriter:
         self._file = open(self._path + ".tmp", "wb")
         self._hash, self._count = hashlib.sha256(), 0
       part, data = np.split(data, [self.limit - self._count])
-      self._file.write(part.tobytes())
-      self._hash.update(part.tobytes())
+      self._file.write(part)
+      self._hash.update(part)
       self._count += part.size
       if self._count == self.limit:
         self._finish_shard()

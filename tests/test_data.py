@@ -344,6 +344,16 @@ def test_windows_span_shards(tmp_path):
   assert prepare.Tokens([], "uint16")[0:5].tolist() == []
 
 
+def test_tokens_keep_few_shards_open(tmp_path):
+  files = []
+  for i in range(300):
+    files.append(str(tmp_path / f"{i}.bin"))
+    np.array([i, i], np.uint16).tofile(files[-1])
+  flat = prepare.Tokens(files, "uint16")
+  np.testing.assert_array_equal(flat[:], np.repeat(np.arange(300), 2))
+  assert flat._shard.cache_info().currsize == 256  # of 300 read
+
+
 def _window_ids(batch):
   ids = batch[:, 0] // L
   np.testing.assert_array_equal(
