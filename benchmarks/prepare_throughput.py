@@ -87,9 +87,10 @@ def main():
                            workers=1)
     t = time.perf_counter()
     first = prepare.build([corpus], output, base)
+    tokens = first.meta["train_tokens"] + first.meta["val_tokens"]
     print(f"{kind}: first run {time.perf_counter() - t:.1f} s (fitting "
-          f"included), {first.meta['train_tokens'] + first.meta['val_tokens']:,}"
-          f" tokens, vocabulary {first.meta['vocab_size']:,}")
+          f"included), {tokens:,} tokens, vocabulary "
+          f"{first.meta['vocab_size']:,}")
     counts = [int(w) for w in args.workers.split(",")]
     rates = {w: [] for w in counts}
     for _ in range(args.repeats):  # rounds alternate, so noise hits all alike

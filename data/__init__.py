@@ -1,1 +1,1 @@
-"""Text -> tokens -> Grain batches: corpora, tokenizers, preparation, loaders."""
+"""Text -> tokens -> Grain batches: corpora, tokenizers, shards, loaders."""

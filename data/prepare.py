@@ -23,8 +23,11 @@ Work: the input files are cut into tasks (consecutive files of about
 stream through. A task's shards, then the record naming them, are written
 under temporary names and renamed, keyed by the task's files (path, size,
 modification time) and the settings: a re-run processes only new or changed
-inputs and never trusts a half-written shard. A tokenizer fitted to the corpus
-(char, bpe) is fitted on the first run and kept by later ones.
+inputs and never trusts a half-written shard; shards of inputs that changed
+or went are deleted (do not re-prepare a directory a run is reading). One
+preparation of a directory runs at a time; others wait. A tokenizer fitted to
+the corpus (char; bpe, on about `bpe_sample_bytes` of documents from tasks
+spread over it) is fitted on the first run and kept by later ones.
 """
 
 import argparse
@@ -46,7 +49,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tqdm
 
-from data import corpus, tokenizers
+from data import corpus, shards, tokenizers
 from data.corpus import DataError
 
 VERSION = 1
@@ -80,42 +83,6 @@ class Task:
   key: str
 
 
-class Tokens:
-  """A split's shards as one read-only token array; slices may span shards.
-  Shards are memory-mapped when first read, at most 256 at a time (a large
-  corpus has more shards than a process may keep open)."""
-
-  def __init__(self, files: list[str], dtype: str):
-    self._files, self.dtype = list(files), np.dtype(dtype)
-    self._ends = np.cumsum([os.path.getsize(f) // self.dtype.itemsize
-                            for f in files], dtype=np.int64)
-    self.size = int(self._ends[-1]) if files else 0
-    self._shard = functools.lru_cache(maxsize=256)(
-        lambda i: np.memmap(self._files[i], self.dtype, mode="r"))
-
-  def __len__(self) -> int:
-    return self.size
-
-  def __getitem__(self, key: slice) -> np.ndarray:
-    start, stop, step = key.indices(self.size)
-    if step != 1:
-      raise IndexError("Tokens only slice contiguously")
-    parts = []
-    i = int(np.searchsorted(self._ends, start, side="right"))
-    while start < stop:
-      begin = int(self._ends[i - 1]) if i else 0
-      end = min(stop, int(self._ends[i]))
-      parts.append(self._shard(i)[start - begin:end - begin])
-      start, i = end, i + 1
-    return np.concatenate(parts) if parts else np.zeros(0, self.dtype)
-
-  def __array__(self, dtype=None, copy=None) -> np.ndarray:
-    return self[:].astype(dtype or self.dtype)
-
-  def __reduce__(self):  # pickled by file name, not contents (Grain workers)
-    return Tokens, (self._files, self.dtype.str)
-
-
 @dataclasses.dataclass(frozen=True)
 class Prepared:
   path: str
@@ -123,12 +90,12 @@ class Prepared:
   tokenizer: object
 
   @functools.cached_property
-  def _splits(self) -> dict[str, Tokens]:
-    return {split: Tokens([os.path.join(self.path, s["file"])
+  def _splits(self) -> dict[str, shards.Tokens]:
+    return {split: shards.Tokens([os.path.join(self.path, s["file"])
                            for s in self.meta["splits"][split]["shards"]],
                           self.meta["dtype"]) for split in SPLITS}
 
-  def tokens(self, split: str) -> Tokens:
+  def tokens(self, split: str) -> shards.Tokens:
     return self._splits[split]
 
 
@@ -336,7 +303,8 @@ def _plan(files: list[str], task_bytes: int) -> list[Task]:
     size = os.path.getsize(f)
     if corpus.is_jsonl(f) and not f.endswith(".gz") and size > task_bytes:
       pieces += [(corpus.Piece(f, s, min(s + task_bytes, size)),
-                  min(task_bytes, size - s)) for s in range(0, size, task_bytes)]
+                  min(task_bytes, size - s))
+                 for s in range(0, size, task_bytes)]
     else:
       pieces.append((corpus.Piece(f), size))
   tasks, group, total = [], [], 0
@@ -367,59 +335,7 @@ def _split(name: str, data: bytes, options: Options) -> str:
   return "val" if h < options.val_fraction * 2**64 else "train"
 
 
-def _dtype(vocab_size: int) -> str:
-  return "uint16" if vocab_size <= 2**16 else "uint32"
-
-
 # ---------------------------------------------------------------- tasks
-
-class _ShardWriter:
-  """A split's tokens of one task, each document followed by EOT, into shards
-  of at most `limit` tokens, each renamed into place once complete."""
-
-  def __init__(self, prefix: str, dtype: str, eot: int, limit: int):
-    self.prefix, self.dtype, self.limit = prefix, dtype, limit
-    self.eot = np.array([eot], dtype)
-    self.shards = []  # {"file", "tokens", "sha256"} of the finished ones
-    self._buffer, self._buffered, self._file = [], 0, None
-
-  def add(self, ids: np.ndarray) -> None:
-    self._buffer += [ids.astype(self.dtype), self.eot]
-    self._buffered += len(ids) + 1
-    if self._buffered >= 1 << 20:
-      self._flush()
-
-  def close(self) -> list[dict]:
-    self._flush()
-    if self._file:
-      self._finish_shard()
-    return self.shards
-
-  def _flush(self) -> None:
-    data = np.concatenate(self._buffer) if self._buffer else self.eot[:0]
-    self._buffer, self._buffered = [], 0
-    while data.size:
-      if self._file is None:
-        self._path = f"{self.prefix}-{len(self.shards):04d}.bin"
-        self._file = open(self._path + ".tmp", "wb")
-        self._hash, self._count = hashlib.sha256(), 0
-      part, data = np.split(data, [self.limit - self._count])
-      self._file.write(part)
-      self._hash.update(part)
-      self._count += part.size
-      if self._count == self.limit:
-        self._finish_shard()
-
-  def _finish_shard(self) -> None:
-    self._file.flush()
-    os.fsync(self._file.fileno())
-    self._file.close()
-    os.replace(self._path + ".tmp", self._path)
-    self.shards.append({
-        "file": os.path.join(SHARDS, os.path.basename(self._path)),
-        "tokens": self._count, "sha256": self._hash.hexdigest()})
-    self._file = None
-
 
 class _Worker:
   """Runs tasks: reads, splits and tokenizes documents, writes shards and
@@ -427,13 +343,14 @@ class _Worker:
 
   def __init__(self, output: str, tokenizer, options: Options):
     self.output, self.tok, self.options = output, tokenizer, options
-    self.dtype = _dtype(tokenizer.vocab_size)
+    self.dtype = shards.dtype_for(tokenizer.vocab_size)
 
   def __call__(self, task: Task) -> dict:
     o = self.options
     prefix = os.path.join(self.output, SHARDS, task.key)
-    writers = {s: _ShardWriter(f"{prefix}-{s}", self.dtype, self.tok.eot_id,
-                               o.shard_tokens) for s in SPLITS}
+    writers = {s: shards.Writer(self.output, f"{SHARDS}/{task.key}-{s}",
+                                self.dtype, self.tok.eot_id, o.shard_tokens)
+               for s in SPLITS}
     splits = {s: {"documents": 0, "tokens": 0, "bytes": 0, "names": []}
               for s in SPLITS}
     batch, batch_bytes, empty = [], 0, 0
@@ -526,8 +443,8 @@ def _meta(inputs, files, tok, request, options, records) -> dict:
           "input_bytes": sum(r["input_bytes"] for r in records),
           "tokenizer": tok.to_json(), "tokenizer_request": request,
           "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
-          "dtype": _dtype(tok.vocab_size), "text_field": options.text_field,
-          "utf8": options.utf8,
+          "dtype": shards.dtype_for(tok.vocab_size),
+          "text_field": options.text_field, "utf8": options.utf8,
           "split": ({"holdout": list(options.holdout)} if options.holdout
                     else {"val_fraction": options.val_fraction}),
           "empty_documents": sum(r["empty_documents"] for r in records),

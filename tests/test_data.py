@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import tokenizers as hf
 
-from data import corpus, loader, prepare, tokenizers
+from data import corpus, loader, prepare, shards, tokenizers
 from data.corpus import DataError
 from data.tokenizers import CHAR_EOT, EOT
 
 # ---------------------------------------------------------------- tokenizers
 
 UNICODE = "Hello, world! héllo — naïve café 日本語 ∑ 🙂👍🏽 \n\ttabs\0nul"
-TEXTS = [UNICODE, "", " ", "\n\n\n", "  \t  \r\n  ", "👩‍👩‍👧‍👦 family, e\u0301, עברית",
+TEXTS = [UNICODE, "", " ", "\n\n\n", "  \t  \r\n  ",
+         "👩‍👩‍👧‍👦 family, e\u0301, עברית",
          "x<|endoftext|>y", "🙂" * 5, "a  b   c    d"]
 
 
@@ -286,7 +287,8 @@ def test_shakespeare_holds_out_named_works(tmp_path):
   assert len(meta["documents"]["train"]) == meta["train_documents"] == 40
   assert "romeo_and_juliet" in meta["documents"]["train"]
   hamlet, tempest = _documents(prep, "val")
-  assert hamlet.startswith("HAMLET, PRINCE OF DENMARK") and "PROSPERO" in tempest
+  assert hamlet.startswith("HAMLET, PRINCE OF DENMARK")
+  assert "PROSPERO" in tempest
   assert meta["val_tokens"] == meta["val_bytes"] + 2  # ASCII, and two EOTs
 
 
@@ -327,7 +329,7 @@ def test_windows_span_shards(tmp_path):
   for i, (a, b) in enumerate(((0, 5), (5, 6), (6, 36))):
     files.append(str(tmp_path / f"{i}.bin"))
     tokens[a:b].tofile(files[-1])
-  flat = prepare.Tokens(files, "uint32")
+  flat = shards.Tokens(files, "uint32")
   assert len(flat) == 36 and flat.dtype == np.uint32
   for a in range(37):
     for b in range(a, 37):
@@ -340,8 +342,8 @@ def test_windows_span_shards(tmp_path):
   pickled = pickle.dumps(flat)  # names the files, not their contents
   assert len(pickled) < 500
   np.testing.assert_array_equal(np.asarray(pickle.loads(pickled)), tokens)
-  assert len(prepare.Tokens([], "uint16")) == 0
-  assert prepare.Tokens([], "uint16")[0:5].tolist() == []
+  assert len(shards.Tokens([], "uint16")) == 0
+  assert shards.Tokens([], "uint16")[0:5].tolist() == []
 
 
 def test_tokens_keep_few_shards_open(tmp_path):
@@ -349,7 +351,7 @@ def test_tokens_keep_few_shards_open(tmp_path):
   for i in range(300):
     files.append(str(tmp_path / f"{i}.bin"))
     np.array([i, i], np.uint16).tofile(files[-1])
-  flat = prepare.Tokens(files, "uint16")
+  flat = shards.Tokens(files, "uint16")
   np.testing.assert_array_equal(flat[:], np.repeat(np.arange(300), 2))
   assert flat._shard.cache_info().currsize == 256  # of 300 read
 
@@ -395,7 +397,7 @@ def test_train_iterator_with_workers_is_the_same_and_resumes(tmp_path):
   workers, and a mid-epoch state restores under the same worker count."""
   tokens = np.arange(10 * L + 1, dtype=np.uint16)
   tokens.tofile(tmp_path / "t.bin")
-  source = loader.WindowSource(prepare.Tokens([str(tmp_path / "t.bin")],
+  source = loader.WindowSource(shards.Tokens([str(tmp_path / "t.bin")],
                                               "uint16"), L, "test")
   expected = _take(loader.train_iterator(source, 4, seed=1), 7)
   it = loader.train_iterator(source, 4, seed=1, num_workers=2)

@@ -253,9 +253,9 @@ def test_bits_per_byte_equals_hand_computation(tmp_path, data_cache):
 # ---------------------------------------------------------------- command line
 
 def _cli(*args):
-  return subprocess.Popen([sys.executable, "-m", "data.prepare", *map(str, args)],
-                          cwd=REPO, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE)
+  return subprocess.Popen(
+      [sys.executable, "-m", "data.prepare", *map(str, args)], cwd=REPO,
+      text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def test_command_line(tmp_path):
