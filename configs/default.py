@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
       b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.1,      # matrices only
       grad_clip=1.0,
+      skip_nonfinite_updates=0,  # 0: stop at a non-finite loss; N: skip up to N in a row
       seed=0,
       log_every_steps=50,
   ))

@@ -95,6 +95,34 @@ def test_same_seed_same_losses_different_seed_differs():
   assert all(abs(x - math.log(37)) < 0.2 for x in losses + other)
 
 
+def test_nonfinite_updates_are_skipped_up_to_the_limit():
+  """With train.skip_nonfinite_updates=2, NaN gradients leave the state as it
+  was twice and are counted; the third in a row is applied."""
+  import flax.linen as nn
+  from trainer import sharding
+  config = tiny_config(skip_nonfinite_updates=2)
+  mesh = sharding.make_mesh(config.mesh)
+  model, tx, rules, shardings = loop.model_and_optimizer(config, 37, mesh)
+  batch = np.random.default_rng(3).integers(0, 37, (4, L + 1)).astype(np.int32)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = state_lib.init_state(model, tx, shardings, seed=0)
+    poisoned = jax.tree.map(lambda x: x, state.params)
+    poisoned["ln_f"]["scale"] = state.params["ln_f"]["scale"] * jnp.nan
+    state = state.replace(params=poisoned)
+    before = jax.device_get(state.params)
+    step = state_lib.make_train_step(model, tx, shardings, grad_accum_steps=1,
+                                     seed=0)
+    for expected in (1, 2):
+      state, metrics = step(state, batch)
+      assert np.isnan(float(metrics["loss"]))
+      assert int(metrics["skipped_updates"]) == expected
+      assert int(metrics["nonfinite_streak"]) == expected
+      jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
+                   before)
+    state, metrics = step(state, batch)  # past the limit: applied
+    assert np.isnan(jax.device_get(state.params["wpe"])).all()
+
+
 def test_grad_accumulation_matches_one_big_batch():
   batch = np.random.default_rng(2).integers(0, 37, (4, L + 1)).astype(np.int32)
   config = tiny_config()

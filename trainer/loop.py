@@ -202,9 +202,12 @@ def train(config, workdir: str) -> dict:
 
     def log_step(done_step, done):
       """Logs a finished step's metrics (normally fetched one step late);
-      stops the run at the first non-finite loss or gradient."""
+      stops the run at a non-finite loss or gradient, unless its update was
+      skipped (train.skip_nonfinite_updates)."""
       done = jax.device_get(done)
-      if not all(map(math.isfinite, (done["loss"], done["grad_norm"]))):
+      finite = all(map(math.isfinite, (done["loss"], done["grad_norm"])))
+      if not finite and (done.get("nonfinite_streak", math.inf) >
+                         t.skip_nonfinite_updates):
         last = run.checkpointer.latest_step()
         raise Diverged(
             f"step {done_step}: loss {done['loss']}, gradient norm "
@@ -219,6 +222,8 @@ def train(config, workdir: str) -> dict:
         record = {"loss": done["loss"], "grad_norm": done["grad_norm"],
                   "learning_rate": float(schedule(done_step - 1)),
                   "tokens_seen": done_step * tokens_per_step}
+        if "skipped_updates" in done:
+          record["skipped_updates"] = int(done["skipped_updates"])
         if first:
           record["first_step_time_s"] = elapsed
         elif window["steps"]:

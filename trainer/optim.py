@@ -13,9 +13,14 @@ def lr_schedule(train_cfg) -> optax.Schedule:
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
+  """With train.skip_nonfinite_updates = N > 0, an update whose gradients
+  are not finite is skipped, up to N in a row (optax.apply_if_finite)."""
   decay_matrices = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  return optax.chain(
+  tx = optax.chain(
       optax.clip_by_global_norm(train_cfg.grad_clip),
       optax.adamw(lr_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
                   eps=train_cfg.eps, weight_decay=train_cfg.weight_decay,
                   mask=decay_matrices))
+  if train_cfg.skip_nonfinite_updates > 0:
+    tx = optax.apply_if_finite(tx, train_cfg.skip_nonfinite_updates)
+  return tx

@@ -99,7 +99,11 @@ def make_train_step(model, tx, shardings, *, grad_accum_steps: int,
     new_state = TrainState(step=state.step + 1,
                            params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state)
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    if isinstance(opt_state, optax.ApplyIfFiniteState):
+      metrics.update(skipped_updates=opt_state.total_notfinite,
+                     nonfinite_streak=opt_state.notfinite_count)
+    return new_state, metrics
 
   mesh = jax.tree.leaves(shardings)[0].mesh
   return jax.jit(train_step, donate_argnums=(0,),
