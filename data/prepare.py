@@ -57,6 +57,7 @@ KINDS = ("char", "byte", "bpe", "gpt2")
 SPLITS = ("train", "val")
 META = "meta.json"
 SHARDS = "shards"
+LOCK = ".lock"  # also marks a directory as one that build wrote
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +126,7 @@ def prepare(source: str, tokenizer: str, holdout: tuple[str, ...],
   directory, file or glob of .txt / .jsonl files) prepared once into
   <cache_dir>/prepared/ and reused while the files stay the same."""
   if (os.path.exists(os.path.join(source, META)) or
-      os.path.isdir(os.path.join(source, SHARDS))):
+      os.path.exists(os.path.join(source, LOCK))):
     return load(source)
   cache_dir = cache_dir or corpus.default_cache_dir()
   if source == corpus.SHAKESPEARE:
@@ -473,7 +474,7 @@ def _collect_garbage(output: str, keys: set[str]) -> None:
 @contextlib.contextmanager
 def _locked(output: str):
   """One preparation of a directory at a time (others wait)."""
-  with open(os.path.join(output, ".lock"), "w") as f:
+  with open(os.path.join(output, LOCK), "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
     yield
 
@@ -499,6 +500,7 @@ def _write_json(path: str, value: dict) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
       prog="python -m data.prepare",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
       description="Tokenize a corpus into a directory that training reads "
       "(config.data.source=DIR).")
   p.add_argument("--input", action="extend", nargs="+", required=True,
@@ -506,7 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "document per file) and .jsonl (one per line) files, "
                  "optionally .gz")
   p.add_argument("--output", required=True, help="the prepared directory")
-  p.add_argument("--tokenizer", choices=KINDS, default="bpe")
+  p.add_argument("--tokenizer", choices=KINDS, default="bpe",
+                 help="gpt2: GPT-2's byte-level BPE from --tokenizer-files")
   p.add_argument("--vocab-size", type=int, default=Options.vocab_size,
                  help="bpe: ids in all (bytes and end-of-text included)")
   p.add_argument("--tokenizer-files", default="",
