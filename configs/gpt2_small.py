@@ -1,7 +1,9 @@
 """GPT-2 small (124M): 12 layers x 768 x 12 heads, context 1024, vocab 50257.
 
 Real-scale shapes for tests (through jax.eval_shape) and for accelerators.
-Until GPT-2 tokenizers land, it trains on the byte-level Shakespeare corpus.
+Byte-level Shakespeare by default; for GPT-2 token ids, prepare a corpus with
+`python -m data.prepare --tokenizer gpt2 --tokenizer-files DIR` and pass
+`--config.data.source=THAT_DIR`.
 
 Command:  python train.py --config=configs/gpt2_small.py
 """

@@ -2,8 +2,9 @@
 
 The GPT-3 paper lists 24 heads for XL, but 24 does not divide 2048; 16 heads
 of 128 is what Pythia-1.4B uses. Batch 512 x 2048 = 1M tokens, as GPT-3;
-300B tokens are ~286k steps; warmup 375M tokens. Until GPT-2 tokenizers land,
-it trains on the byte-level Shakespeare corpus.
+300B tokens are ~286k steps; warmup 375M tokens. Byte-level Shakespeare by
+default; for GPT-2 token ids, prepare a corpus with `python -m data.prepare
+--tokenizer gpt2 --tokenizer-files DIR` and pass --config.data.source=THAT_DIR.
 
 Full remat over scanned layers: at 8 sequences per device launch/memory.py
 plans 12 GiB of temporaries per device, 36 GiB with remat="dots", 213 GiB

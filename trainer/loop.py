@@ -86,7 +86,8 @@ def build(config, workdir: str) -> Run:
   sharding.check_layout(mesh.shape, config_lib.model_config(config, 1),
                         config.train.batch_size, config.train.grad_accum_steps)
   data = prepare.prepare(config.data.source, config.data.tokenizer,
-                         tuple(config.data.holdout), config.data.cache_dir)
+                         tuple(config.data.holdout), config.data.cache_dir,
+                         config.data.get("val_fraction", 0.01))
   model, tx, rules, shardings = model_and_optimizer(
       config, data.meta["vocab_size"], mesh)
   for split, batch_size in (("train", config.train.batch_size), ("val", 1)):
@@ -173,6 +174,10 @@ def train(config, workdir: str) -> dict:
     train_iter = loader.train_iterator(
         source, t.batch_size, t.seed, jax.process_index(), jax.process_count(),
         config.data.num_workers)
+    # Grain workers stop at exit, after the checkpoints that read the
+    # iterator are committed (the stack unwinds last-in first-out).
+    stack.callback(train_iter.close)
+    stack.callback(run.checkpointer.close)
     start, state = run.restore_latest(data_iterator=train_iter)
     if start is not None:
       _log(f"resuming from {run.checkpointer.directory} at step {start}")
