@@ -17,17 +17,29 @@ from data.corpus import DataError
 
 
 class WindowSource:
-  """Random access to the windows of a flat token array (a grain source)."""
+  """Random access to the windows of a flat token array (a grain source).
+  With `vocab_size`, a window holding an id outside the vocabulary (damaged
+  or mismatched data, which the embedding lookup would silently clamp) is
+  refused."""
 
-  def __init__(self, tokens: np.ndarray, seq_len: int, name: str):
+  def __init__(self, tokens: np.ndarray, seq_len: int, name: str,
+               vocab_size: int = 0):
     self.tokens, self.seq_len, self.name = tokens, seq_len, name
+    self.vocab_size = vocab_size
 
   def __len__(self) -> int:
     return max(0, (len(self.tokens) - 1) // self.seq_len)
 
   def __getitem__(self, i: int) -> np.ndarray:
     start = int(i) * self.seq_len
-    return np.asarray(self.tokens[start:start + self.seq_len + 1], np.int32)
+    window = np.asarray(self.tokens[start:start + self.seq_len + 1], np.int32)
+    if self.vocab_size and window.max(initial=0) >= self.vocab_size:
+      raise DataError(
+          f"the {self.name} split holds token id {window.max()} (at token "
+          f"{start + int(window.argmax())}), outside the model's vocabulary of "
+          f"{self.vocab_size}; the data does not match its tokenizer: prepare "
+          "it again")
+    return window
 
   def __repr__(self) -> str:  # grain checkpoints need a stable repr
     return f"WindowSource({self.name}, seq_len={self.seq_len})"

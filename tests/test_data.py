@@ -430,6 +430,18 @@ def test_train_iterator_process_shards_make_the_global_batch(processes):
         np.concatenate([parts[p][step] for p in range(processes)]), batch)
 
 
+def test_windows_refuse_ids_outside_the_vocabulary():
+  tokens = np.arange(3 * L + 1) % 7
+  tokens[2 * L + 3] = 9  # in window 2 only
+  source = loader.WindowSource(tokens, L, "train", vocab_size=7)
+  np.testing.assert_array_equal(source[1], tokens[L:2 * L + 1])
+  with pytest.raises(DataError) as e:
+    source[2]
+  assert str(e.value).startswith(
+      f"the train split holds token id 9 (at token {2 * L + 3}), outside the "
+      "model's vocabulary of 7")
+
+
 def test_check_size_needs_one_batch():
   with pytest.raises(DataError, match="split has 3 windows of "
                      "17 tokens, fewer than one batch of 4"):

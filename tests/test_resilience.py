@@ -2,17 +2,20 @@
 checkpoints, restores onto another mesh, divergence, and starting from
 another run's parameters. Every run is a real train.py process."""
 
+import glob
 import json
 import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
-from conftest import TINY_FLAGS, run_train_py
+from conftest import REPO, TINY_FLAGS, run_train_py
 
 STEPS = 120
 TIMEOUT = 300
@@ -293,3 +296,29 @@ def test_export_params_then_sample_and_init_from(corpus_dir, reference,
     assert last.startswith("error: the checkpoint") and (
         "does not match" in last and messages[change] in last), last
     assert not os.path.exists(tmp_path / change.split("=")[0] / "config.json")
+
+
+def test_token_ids_outside_the_vocabulary_stop_the_run(corpus_dir, tmp_path):
+  """Damaged prepared data: one line, exit 2, nothing saved, the data left as
+  it was."""
+  data = str(tmp_path / "data")
+  prepared = subprocess.run(
+      [sys.executable, "-m", "data.prepare", f"--input={corpus_dir}",
+       f"--output={data}", "--tokenizer=char", "--holdout", "hamlet",
+       "--seq-len=16", "--workers=1"], cwd=REPO, capture_output=True,
+      text=True, timeout=TIMEOUT)
+  assert prepared.returncode == 0, prepared.stderr
+  shard = glob.glob(os.path.join(data, "shards", "*-train-*.bin"))[0]
+  tokens = np.fromfile(shard, np.uint16)
+  tokens[::50] = 60000
+  tokens.tofile(shard)
+  damaged = open(shard, "rb").read()
+  workdir = str(tmp_path / "run")
+  result = run_train_py(*_flags(corpus_dir, "", workdir),
+                        f"--config.data.source={data}", timeout=TIMEOUT)
+  assert result.returncode == 2, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: the train split holds token id 60000") and (
+      "outside the model's vocabulary of 34" in last), last
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == []
+  assert open(shard, "rb").read() == damaged

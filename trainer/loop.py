@@ -78,6 +78,11 @@ def _check_workdir(workdir: str) -> None:
                       "not); choose another path")
 
 
+def _windows(data: prepare.Prepared, split: str, model_cfg):
+  return loader.WindowSource(data.tokens(split), model_cfg.seq_len, split,
+                             model_cfg.vocab_size)
+
+
 def build(config, workdir: str) -> Run:
   config_lib.validate(config)
   _check_workdir(workdir)
@@ -91,8 +96,7 @@ def build(config, workdir: str) -> Run:
   model, tx, rules, shardings = model_and_optimizer(
       config, data.meta["vocab_size"], mesh)
   for split, batch_size in (("train", config.train.batch_size), ("val", 1)):
-    loader.check_size(loader.WindowSource(data.tokens(split), model.cfg.seq_len,
-                                          split), batch_size)
+    loader.check_size(_windows(data, split, model.cfg), batch_size)
   return Run(config, workdir, data, model, tx, mesh, rules, shardings,
              checkpoint.Checkpointer(workdir, config.checkpoint.keep,
                                      config.checkpoint.keep_best),
@@ -126,8 +130,7 @@ def _describe(run: Run) -> str:
 
 def evaluate_params(run: Run, params, max_batches: int) -> dict:
   """Mean loss, perplexity and bits per byte over the validation split."""
-  source = loader.WindowSource(run.data.tokens("val"), run.model.cfg.seq_len,
-                               "val")
+  source = _windows(run.data, "val", run.model.cfg)
   token_bytes = run.data.tokenizer.token_bytes()
   batch_sharding = sharding.batch_sharding(run.mesh)
   data_parallel = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
@@ -169,8 +172,7 @@ def train(config, workdir: str) -> dict:
   description = _describe(run)
   _log(description)
   with run.context() as stack:
-    source = loader.WindowSource(run.data.tokens("train"), run.model.cfg.seq_len,
-                                 "train")
+    source = _windows(run.data, "train", run.model.cfg)
     train_iter = loader.train_iterator(
         source, t.batch_size, t.seed, jax.process_index(), jax.process_count(),
         config.data.num_workers)
