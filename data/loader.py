@@ -33,13 +33,22 @@ class WindowSource:
   def __getitem__(self, i: int) -> np.ndarray:
     start = int(i) * self.seq_len
     window = np.asarray(self.tokens[start:start + self.seq_len + 1], np.int32)
-    if self.vocab_size and window.max(initial=0) >= self.vocab_size:
+    self._check_ids(window, start)
+    return window
+
+  def check_all_ids(self, max_tokens: int = 2**26) -> None:
+    """Checks every id now, before training starts, if the split has at most
+    `max_tokens` (larger ones are checked window by window as read)."""
+    if len(self.tokens) <= max_tokens:
+      self._check_ids(np.asarray(self.tokens), 0)
+
+  def _check_ids(self, tokens: np.ndarray, start: int) -> None:
+    if self.vocab_size and tokens.max(initial=0) >= self.vocab_size:
       raise DataError(
-          f"the {self.name} split holds token id {window.max()} (at token "
-          f"{start + int(window.argmax())}), outside the model's vocabulary of "
+          f"the {self.name} split holds token id {tokens.max()} (at token "
+          f"{start + int(tokens.argmax())}), outside the model's vocabulary of "
           f"{self.vocab_size}; the data does not match its tokenizer: prepare "
           "it again")
-    return window
 
   def __repr__(self) -> str:  # grain checkpoints need a stable repr
     return f"WindowSource({self.name}, seq_len={self.seq_len})"

@@ -435,11 +435,13 @@ def test_windows_refuse_ids_outside_the_vocabulary():
   tokens[2 * L + 3] = 9  # in window 2 only
   source = loader.WindowSource(tokens, L, "train", vocab_size=7)
   np.testing.assert_array_equal(source[1], tokens[L:2 * L + 1])
-  with pytest.raises(DataError) as e:
-    source[2]
-  assert str(e.value).startswith(
-      f"the train split holds token id 9 (at token {2 * L + 3}), outside the "
-      "model's vocabulary of 7")
+  for check in (lambda: source[2], source.check_all_ids):
+    with pytest.raises(DataError) as e:
+      check()
+    assert str(e.value).startswith(
+        f"the train split holds token id 9 (at token {2 * L + 3}), outside "
+        "the model's vocabulary of 7")
+  source.check_all_ids(max_tokens=3 * L)  # too long to check at once: later
 
 
 def test_check_size_needs_one_batch():

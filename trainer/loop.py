@@ -96,7 +96,9 @@ def build(config, workdir: str) -> Run:
   model, tx, rules, shardings = model_and_optimizer(
       config, data.meta["vocab_size"], mesh)
   for split, batch_size in (("train", config.train.batch_size), ("val", 1)):
-    loader.check_size(_windows(data, split, model.cfg), batch_size)
+    windows = _windows(data, split, model.cfg)
+    loader.check_size(windows, batch_size)
+    windows.check_all_ids()
   return Run(config, workdir, data, model, tx, mesh, rules, shardings,
              checkpoint.Checkpointer(workdir, config.checkpoint.keep,
                                      config.checkpoint.keep_best),
