@@ -224,7 +224,10 @@ def train(config, workdir: str) -> dict:
             "last good checkpoint is "
             f"{f'{run.checkpointer.directory}/{last}' if last else 'none'}; "
             "lower train.learning_rate or raise train.warmup_steps")
-      elapsed = time.perf_counter() - window["start"]
+      # Timed from one fetched step to the next: the next step is already
+      # running while this one is written, so that time counts for it.
+      now = time.perf_counter()
+      elapsed = now - window["start"]
       first = done_step == start + 1  # its time includes compilation
       window["steps"] += 0 if first else 1
       if first or done_step % t.log_every_steps == 0 or done_step == t.steps:
@@ -248,7 +251,7 @@ def train(config, workdir: str) -> dict:
                           tok_s=f"{record['tokens_per_sec']:,.0f}",
                           refresh=False)
         writer.write(done_step, record)
-        window.update(start=time.perf_counter(), steps=0, data_wait=0.0)
+        window.update(start=now, steps=0, data_wait=0.0)
       bar.update(done_step - bar.n)
 
     pending = None  # (step, metrics still on device)
