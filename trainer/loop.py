@@ -193,7 +193,8 @@ def train(config, workdir: str) -> dict:
     if jax.process_index() == 0:  # only once the state is known to fit
       config_lib.save(config, workdir)
     train_step = state_lib.make_train_step(
-        run.model, run.tx, run.shardings, grad_accum_steps=t.grad_accum_steps, seed=t.seed)
+        run.model, run.tx, run.shardings, grad_accum_steps=t.grad_accum_steps,
+        seed=t.seed)
     writer = metrics.MetricsWriter(workdir, resume_step=start)
     stack.callback(writer.close)
     writer.text("run", description, start)
