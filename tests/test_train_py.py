@@ -173,6 +173,12 @@ def test_bad_input_is_one_line_error(corpus_dir, tmp_path, trained):
   procs["workdir"] = run_train_py(source, cache, f"--workdir={a_file}",
                                   wait=False)
   cases["workdir"] = (None, f"--workdir={a_file} is a file, not a directory")
+  # Not writable even by root: sysfs takes no new files.
+  procs["unwritable"] = run_train_py(source, cache,
+                                     "--workdir=/sys/gpt_jax_test_run",
+                                     wait=False)
+  cases["unwritable"] = (None, "--workdir=/sys/gpt_jax_test_run is not "
+                         "writable (/sys: ")
   cases["eval"] = (None, "holds no trained run (no config.json)")
   procs["prompt"] = run_train_py(f"--workdir={trained[0]}", "--mode=sample",
                                  "--config.sample.prompt=a§", wait=False)
@@ -196,7 +202,7 @@ def test_bad_input_is_one_line_error(corpus_dir, tmp_path, trained):
                                                                     stderr)
     assert lines[-1].startswith("error: "), (name, stderr)
     assert cases[name][1] in lines[-1], (name, lines[-1])
-    if name not in ("eval", "prompt", "mismatch", "workdir"):
+    if name not in ("eval", "prompt", "mismatch", "workdir", "unwritable"):
       assert not os.path.exists(tmp_path / name)  # nothing written
   assert list(empty.iterdir()) == []
   assert a_file.read_text() == "keep me"

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import time
 
 import flax.linen as nn
@@ -73,9 +74,12 @@ def _check_workdir(workdir: str) -> None:
   existing = os.path.abspath(workdir)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise ConfigError(f"--workdir={workdir} is not writable ({existing} is "
-                      "not); choose another path")
+  try:  # a file without a name: nothing is left behind
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} is not writable ({existing}: "
+                      f"{e.strerror}); choose another path") from None
 
 
 def _windows(data: prepare.Prepared, split: str, model_cfg):
