@@ -16,7 +16,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 
-
 def _flag_error(error: Exception, prefix: str = ""):
   """A bad flag or --config.* override: one line and exit 2."""
   while error.args and isinstance(error.args[0], Exception):

@@ -17,16 +17,12 @@ Memory:   python -m launch.memory --config=configs/gpt3_xl.py --devices=64 \
               --config.mesh.data=8 --config.mesh.fsdp=8
 """
 
-from configs import default
+from configs import gpt2_small
 
 
 def get_config():
-  c = default.get_config()
-  c.model.update(vocab_size=50257, num_layers=24, d_model=2048, num_heads=16,
-                 seq_len=2048, scan_layers=True, remat="full")
-  c.data.tokenizer = "byte"
-  c.train.update(steps=286_000, batch_size=512, learning_rate=2e-4,
-                 warmup_steps=358)
-  c.eval.update(every_steps=2000, batch_size=64, max_batches=20)
-  c.checkpoint.every_steps = 2000
+  c = gpt2_small.get_config()  # its vocabulary, data, eval and checkpoints
+  c.model.update(num_layers=24, d_model=2048, num_heads=16, seq_len=2048,
+                 scan_layers=True, remat="full")
+  c.train.update(steps=286_000, learning_rate=2e-4, warmup_steps=358)
   return c

@@ -183,3 +183,27 @@ def run_train_py(*args, timeout=300, wait=True, devices=0, log=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   return subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True,
                         timeout=timeout)
+
+
+def metrics_records(workdir) -> list[dict]:
+  """The records of a run's metrics.jsonl."""
+  import json
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def last_logged_step(workdir) -> int:
+  """The step of the newest complete record of a run that may still be
+  writing (0 before the first)."""
+  import json
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      lines = f.readlines()
+  except OSError:
+    return 0
+  for line in reversed(lines):
+    try:
+      return json.loads(line)["step"]
+    except ValueError:  # being written, or cut short by a kill
+      continue
+  return 0

@@ -15,7 +15,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_FLAGS, run_train_py
+from conftest import (REPO, TINY_FLAGS, last_logged_step, metrics_records,
+                      run_train_py)
 from launch import local
 
 TIMEOUT_S = 240  # for any one wait: far beyond a healthy run
@@ -268,11 +269,6 @@ def test_tpu_needs_name_and_zone():
 
 # --- a real 2-process run ----------------------------------------------------
 
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def test_two_processes_match_one_process(corpus_dir, tmp_path, monkeypatch):
   """2 processes x 2 CPU devices vs 1 process x 4, on a (data 2, fsdp 2) mesh:
   the same losses to float32 round-off (rtol 1e-5), one writer."""
@@ -303,7 +299,7 @@ def test_two_processes_match_one_process(corpus_dir, tmp_path, monkeypatch):
           "process(es)") in single.stdout
   assert ("mesh: {'data': 2, 'fsdp': 2, 'tensor': 1} over 4 cpu devices in 2 "
           "process(es)") in out
-  expected, got = _records(one), _records(two)
+  expected, got = metrics_records(one), metrics_records(two)
   assert [sorted(r) for r in got] == [sorted(r) for r in expected]
   assert [r["step"] for r in got if "loss" in r] == [1, 2, 3, 4, 5, 6]
   for key in ("loss", "grad_norm", "eval_loss"):
@@ -359,11 +355,9 @@ def test_sigterm_to_one_process_stops_all_at_one_step(corpus_dir, tmp_path):
                 "--config.train.steps=100000", "--config.eval.every_steps=1000",
                 "--config.checkpoint.every_steps=1000", f"--workdir={workdir}")
   try:
-    metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + TIMEOUT_S
-    while time.time() < deadline and proc.poll() is None:
-      if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 10:
-        break
+    while (time.time() < deadline and proc.poll() is None and
+           last_logged_step(workdir) < 10):
       time.sleep(0.1)
     pids = _pids_of(workdir)
     assert sorted(pids) == [0, 1], pids

@@ -3,7 +3,6 @@ checkpoints, restores onto another mesh, divergence, and starting from
 another run's parameters. Every run is a real train.py process."""
 
 import glob
-import json
 import os
 import random
 import shutil
@@ -15,7 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_FLAGS, run_train_py
+from conftest import (REPO, TINY_FLAGS, last_logged_step, metrics_records,
+                      run_train_py)
 
 STEPS = 120
 TIMEOUT = 300
@@ -29,22 +29,9 @@ def _flags(corpus_dir, cache_dir, workdir, *extra):
           *extra]
 
 
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def _last_step(workdir) -> int:
-  try:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      return json.loads(f.readlines()[-1])["step"]
-  except (OSError, IndexError, ValueError):
-    return 0
-
-
 def _series(workdir) -> dict:
   """(step, metric) -> value for the losses, norms, rates and eval losses."""
-  return {(r["step"], k): r[k] for r in _records(workdir)
+  return {(r["step"], k): r[k] for r in metrics_records(workdir)
           for k in ("loss", "grad_norm", "learning_rate", "eval_loss") if k in r}
 
 
@@ -55,15 +42,9 @@ def _state(workdir, step) -> dict:
 
 
 def _params(workdir, step) -> dict:
-  return {k: np.asarray(v) for k, v in _flatten(_state(workdir, step)["params"])}
-
-
-def _flatten(tree, prefix=""):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _flatten(v, f"{prefix}{k}.")
-    else:
-      yield f"{prefix}{k}", v
+  import jax
+  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in
+          jax.tree_util.tree_leaves_with_path(_state(workdir, step)["params"])}
 
 
 def _steps(workdir):
@@ -108,19 +89,19 @@ def test_sigkill_at_random_steps_resumes_bitwise(corpus_dir, reference,
     proc = run_train_py(*_flags(corpus_dir, cache, workdir), wait=False,
                         log=log)
     deadline = time.time() + TIMEOUT
-    while (proc.poll() is None and _last_step(workdir) < target and
+    while (proc.poll() is None and last_logged_step(workdir) < target and
            time.time() < deadline):
       time.sleep(0.005)
     time.sleep(rng.uniform(0, 0.02))
     proc.kill()
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, (seed, open(log).read()[-2000:])
-    kills.append(_last_step(workdir))
+    kills.append(last_logged_step(workdir))
   code, out = _finish(run_train_py(*_flags(corpus_dir, cache, workdir),
                                    wait=False, log=log), log)
   assert code == 0, (seed, out[-3000:])
   assert out.count("resuming from") >= 1, (seed, kills)
-  records = _records(workdir)
+  records = metrics_records(workdir)
   train_steps = [r["step"] for r in records if "loss" in r]
   assert train_steps == list(range(1, STEPS + 1)), (seed, kills)
   assert _series(workdir) == _series(ref_dir), (seed, kills)
@@ -136,7 +117,7 @@ def test_sigterm_saves_the_current_step_and_exits_75(corpus_dir, reference,
   workdir, log = str(tmp_path / "run"), str(tmp_path / "log.txt")
   proc = run_train_py(*_flags(corpus_dir, cache, workdir), wait=False, log=log)
   deadline = time.time() + TIMEOUT
-  while proc.poll() is None and _last_step(workdir) < 25 and (
+  while proc.poll() is None and last_logged_step(workdir) < 25 and (
       time.time() < deadline):
     time.sleep(0.005)
   proc.send_signal(signal.SIGTERM)
@@ -147,7 +128,7 @@ def test_sigterm_saves_the_current_step_and_exits_75(corpus_dir, reference,
   stopped = int(last.split("after step ")[1].split(",")[0])
   assert 25 <= stopped < STEPS
   assert stopped in _steps(workdir)  # committed, not a temporary directory
-  assert _last_step(workdir) <= stopped
+  assert last_logged_step(workdir) <= stopped
   # The same command resumes there and finishes as if never stopped.
   code, out = _finish(run_train_py(*_flags(corpus_dir, cache, workdir),
                                    wait=False, log=log), log)
@@ -243,7 +224,8 @@ def test_divergence_stops_without_saving_the_bad_state(corpus_dir, tmp_path):
   bad = int(last.split("step ")[1].split(":")[0])
   assert f"the last good checkpoint is {workdir}/checkpoints/{bad - 1}" in last
   assert max(_steps(workdir)) == bad - 1
-  assert all(np.isfinite(r["loss"]) for r in _records(workdir) if "loss" in r)
+  assert all(np.isfinite(r["loss"]) for r in metrics_records(workdir)
+             if "loss" in r)
 
 
 def test_export_params_then_sample_and_init_from(corpus_dir, reference,
@@ -277,7 +259,7 @@ def test_export_params_then_sample_and_init_from(corpus_dir, reference,
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"starting from the parameters of {export}/checkpoints/{STEPS}" in (
       result.stdout)
-  tuned, ref = _records(workdir), _records(ref_dir)
+  tuned, ref = metrics_records(workdir), metrics_records(ref_dir)
   assert tuned[0]["step"] == 1
   assert tuned[0]["loss"] < ref[0]["loss"] - 0.5  # not a fresh model
 

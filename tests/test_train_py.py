@@ -8,12 +8,7 @@ import re
 
 import pytest
 
-from conftest import TINY_FLAGS, run_train_py
-
-
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+from conftest import TINY_FLAGS, metrics_records, run_train_py
 
 
 def _check_ok(result):
@@ -49,7 +44,7 @@ def test_train_writes_metrics_checkpoints_and_samples(trained):
   with open(meta[0]) as f:
     assert json.load(f)["documents"]["val"] == ["hamlet"]
 
-  records = _records(workdir)
+  records = metrics_records(workdir)
   train = [r for r in records if "loss" in r]
   assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
   for r in train:
@@ -81,7 +76,7 @@ def test_eval_mode(trained):
   workdir, _, _ = trained
   result = run_train_py(f"--workdir={workdir}", "--mode=eval")
   _check_ok(result)
-  last = [r for r in _records(workdir) if "eval_loss" in r][-1]
+  last = [r for r in metrics_records(workdir) if "eval_loss" in r][-1]
   match = re.search(r"step=(\d+) eval_loss=([\d.]+) .*eval_bits_per_byte=",
                     result.stdout)
   assert match, result.stdout
@@ -104,13 +99,13 @@ def test_sample_mode_greedy(trained):
 
 def test_second_run_resumes(trained):
   workdir, flags, _ = trained
-  before = _records(workdir)
+  before = metrics_records(workdir)
   result = run_train_py(*flags, "--config.train.steps=9",
                         f"--workdir={workdir}")
   _check_ok(result)
   out = result.stdout + result.stderr
   assert re.search(r"resuming from .*checkpoints at step 6", out), out[-2000:]
-  records = _records(workdir)
+  records = metrics_records(workdir)
   assert records[:len(before)] == before  # nothing before step 6 rewritten
   assert [r["step"] for r in records if "loss" in r] == list(range(1, 10))
   assert [r["step"] for r in records if "eval_loss" in r] == [3, 6, 9]

@@ -1,6 +1,5 @@
 """Train / eval steps, config checks, run building, exact resume, sampling."""
 
-import json
 import math
 import os
 import shutil
@@ -10,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (random_params, tiny_config, tiny_model_config,
-                      tiny_run_config, train_steps)
+from conftest import (metrics_records, random_params, tiny_config,
+                      tiny_model_config, tiny_run_config, train_steps)
 from data import loader
 from model import GPT, GPTConfig, generate
 from model.sampling import sample_next
@@ -188,24 +187,19 @@ def test_build_applies_config_and_eval_bits_per_byte(corpus_dir, data_cache,
   assert partial["eval_tokens"] == 2 * config.eval.batch_size * L
 
 
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def test_resume_continues_exactly(corpus_dir, data_cache, tmp_path):
   """Steps 4-6 replayed from the step-3 checkpoint (state and data iterator)
   give bitwise the same losses as the uninterrupted run."""
   config = tiny_run_config(corpus_dir, data_cache, steps=6)
   workdir = str(tmp_path / "run")
   loop.train(config, workdir)
-  first = _records(workdir)
+  first = metrics_records(workdir)
   with open(os.path.join(workdir, "samples", "step_6.txt")) as f:
     first_sample = f.read()
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
   shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
   loop.train(config, workdir)
-  second = _records(workdir)
+  second = metrics_records(workdir)
   assert [r["step"] for r in second if "loss" in r] == [1, 2, 3, 4, 5, 6]
   assert [r["step"] for r in second if "eval_loss" in r] == [3, 6]
   key = lambda r: (r["step"], "eval_loss" in r)

@@ -144,10 +144,6 @@ class Checkpointer:
     multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
     self._manager.reload()
 
-  def read_run_info(self, step: int) -> dict:
-    return self._manager.restore(step, args=ocp.args.Composite(
-        run=ocp.args.JsonRestore())).run
-
   def reached_preemption(self, step: int) -> bool:
     """True on every process at the same step once any of them was told to
     stop (multi-process runs, through JAX's preemption sync)."""

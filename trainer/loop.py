@@ -287,8 +287,8 @@ def train(config, workdir: str) -> dict:
       if do_save:
         run.checkpointer.save(
             done_step, state, train_iter,
-            {"config": json.loads(config.to_json()), "step": done_step,
-             "tokens_seen": done_step * tokens_per_step},
+            _run_info(config, done_step,
+                      tokens_seen=done_step * tokens_per_step),
             eval_loss=last_eval["eval_loss"] if do_eval else None)
       if preempted:
         run.checkpointer.close()  # committed before the process exits
@@ -309,6 +309,11 @@ def train(config, workdir: str) -> dict:
       writer.text("sample", text, t.steps)
   _log(f"--- sample (temperature {config.sample.temperature}) ---\n{text}")
   return last_eval
+
+
+def _run_info(config, step: int, **extra) -> dict:
+  """What a checkpoint records beside the arrays: the config and counters."""
+  return {"config": json.loads(config.to_json()), "step": step, **extra}
 
 
 def _stop_on_sigterm(stack):
@@ -365,9 +370,8 @@ def export(config, workdir: str, export_dir: str) -> int:
   with run.context():
     step, params = _restore_latest(run)
     target = checkpoint.Checkpointer(export_dir, keep=1)
-    target.save_params(step, params, {
-        "config": json.loads(config.to_json()), "step": step,
-        "exported_from": f"{run.checkpointer.directory}/{step}"})
+    target.save_params(step, params, _run_info(
+        config, step, exported_from=f"{run.checkpointer.directory}/{step}"))
     target.close()
   if jax.process_index() == 0:
     config_lib.save(config, export_dir)
