@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
       dtype="float32",     # compute dtype; parameters stay float32
       param_dtype="float32",
       attention="einsum",  # "einsum" | "xla" | "cudnn" (GPU, bf16)
+      attention_chunks=2,  # einsum attention in query blocks that skip masked keys
   ))
 
   c.data = ml_collections.ConfigDict(dict(

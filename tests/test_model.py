@@ -89,9 +89,10 @@ def test_sinusoidal_positions_values():
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(attention="xla"),
+                                       dict(attention_chunks=3),
                                        dict(position="sinusoidal",
                                             scan_layers=True)],
-                         ids=["einsum", "xla", "sinusoidal-scan"])
+                         ids=["einsum", "xla", "chunks3", "sinusoidal-scan"])
 def test_causality(overrides):
   cfg = tiny_model_config(**overrides)
   model, params = _init(cfg)
@@ -105,6 +106,21 @@ def test_causality(overrides):
     # Position t and every later one sees the change.
     diff = np.abs(out[:, t:] - base[:, t:]).max(axis=-1)
     assert diff.min() > 1e-5, (t, diff)
+
+
+@pytest.mark.parametrize("length", [L, 5])
+def test_attention_chunks_are_exact(length):
+  """Query blocks that skip the keys after them change nothing: every block
+  count gives the logits of XLA's own causal attention."""
+  tokens = _tokens(3)[:, :length]
+  params = random_params(tiny_model_config(), seed=4)
+  reference = GPT(tiny_model_config(attention="xla")).apply(
+      {"params": params}, tokens)
+  for chunks in (1, 2, 3, 7, L + 4):
+    logits = GPT(tiny_model_config(attention_chunks=chunks)).apply(
+        {"params": params}, tokens)
+    np.testing.assert_allclose(logits, reference, rtol=0, atol=2e-5,
+                               err_msg=f"attention_chunks={chunks}")
 
 
 def test_initial_loss_is_log_vocab():
@@ -173,6 +189,9 @@ def test_config_errors():
     tiny_model_config(remat="some")
   with pytest.raises(ValueError, match="model.num_layers must be positive"):
     tiny_model_config(num_layers=0)
+  with pytest.raises(ValueError,
+                     match="model.attention_chunks must be positive, got 0"):
+    tiny_model_config(attention_chunks=0)
 
 
 def test_tiny_model_overfits_one_batch():
