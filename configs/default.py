@@ -1,14 +1,15 @@
 """Default: a small character-level GPT on Shakespeare, sized for a 2-core CPU.
 
 Command:  python train.py
-Expect:   about 12-13 minutes on a 2-core CPU (corpus preparation included);
-          validation loss 1.71 nats per character (2.46 bits per byte) on the
+Expect:   about 8.5 minutes on a 2-core CPU from a fresh clone (setup and
+          corpus preparation included; shared machines drift, allow more);
+          validation loss 1.71 nats per character (2.47 bits per byte) on the
           held-out works (Hamlet, The Tempest); the printed sample has speaker
           names, verse lines and mostly real words.
 
-Why this size: at ~7,000 tokens/s a 4 x 128 model sees ~4.9M tokens in 11
-minutes; a 4 x 192 model (~5,000 tokens/s) reached 1.751 in the same time, a
-3 x 192 and larger learning rates or smaller batches did worse per minute.
+Why this size (chosen when the step ran at ~7,000 tokens/s, now ~11,000): a
+4 x 128 model saw ~4.9M tokens in 11 minutes; a 4 x 192 model (~5,000
+tokens/s) reached 1.751 in the same time, a 3 x 192 and larger learning rates or smaller batches did worse per minute.
 """
 
 import ml_collections
