@@ -9,7 +9,8 @@ Expect:   about 8.5 minutes on a 2-core CPU from a fresh clone (setup and
 
 Why this size (chosen when the step ran at ~7,000 tokens/s, now ~11,000): a
 4 x 128 model saw ~4.9M tokens in 11 minutes; a 4 x 192 model (~5,000
-tokens/s) reached 1.751 in the same time, a 3 x 192 and larger learning rates or smaller batches did worse per minute.
+tokens/s) reached 1.751 in the same time, a 3 x 192 and larger learning
+rates or smaller batches did worse per minute.
 """
 
 import ml_collections
