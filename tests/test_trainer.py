@@ -299,3 +299,19 @@ def test_corpus_smaller_than_a_batch_is_a_user_error(corpus_dir, data_cache,
   with pytest.raises((ConfigError, DataError), match="fewer than one batch"):
     loop.train(config, str(workdir))
   assert not workdir.exists()
+
+
+def test_cpu_steps_compile_dots_with_eigen_not_ynnpack():
+  """trainer.state.compiler_options reaches the compiled step: XLA:CPU's
+  default hands the dots to YNNPACK, ours keeps them (README, Performance)."""
+  cfg = tiny_model_config()
+  params = random_params(cfg, seed=3)
+  args = (params, np.zeros((2, L + 1), np.int32), np.ones(2, bool),
+          np.ones(37, np.int32))
+  ours = state_lib.make_eval_step(GPT(cfg)).lower(*args).compile().as_text()
+  default = jax.jit(lambda p, t: GPT(cfg).apply({"params": p}, t)).lower(
+      params, args[1][:, :-1]).compile().as_text()
+  assert state_lib.compiler_options() == {
+      "xla_cpu_experimental_ynn_fusion_type": ""}
+  assert "__ynn_fusion" in default
+  assert "__ynn_fusion" not in ours and " dot(" in ours
