@@ -3,6 +3,7 @@
   python -m benchmarks.train_throughput                 # default config
   python -m benchmarks.train_throughput --shape=6x384   # 6 layers x 384 x 6 heads, batch 16 x 256
   python -m benchmarks.train_throughput --shape=6x384 --torch   # + PyTorch reference, side by side
+  python -m benchmarks.train_throughput --versus model.attention_chunks=1   # + a variant, side by side
 
 Steps run on random tokens (the input pipeline is measured in training logs as
 data_wait_ms). MFU counts model.flops_per_token() (6N + attention, PaLM's
@@ -62,6 +63,16 @@ def jax_runner(config, vocab_size):
   return model.cfg, compile_s, run
 
 
+def _override(config, items) -> None:
+  """Applies "section.field=value" overrides, typed like the field."""
+  for item in items:
+    key, value = item.split("=", 1)
+    section, field = key.split(".")
+    old = config[section][field]
+    config[section][field] = type(old)(
+        value == "True" if isinstance(old, bool) else value)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawTextHelpFormatter)
@@ -72,6 +83,9 @@ def main():
   p.add_argument("--torch", action="store_true", help="also run benchmarks/torch_gpt.py")
   p.add_argument("--set", nargs="*", default=[],
                  help="config overrides, e.g. model.scan_layers=True")
+  p.add_argument("--versus", nargs="*", default=[],
+                 help="also time the config with these further overrides "
+                 "(reported as jax_versus_*), in alternating rounds")
   args = p.parse_args()
 
   config = default.get_config()
@@ -79,14 +93,14 @@ def main():
   if "batch_size" in overrides:
     config.train.batch_size = overrides.pop("batch_size")
   config.model.update(overrides)
-  for item in args.set:
-    key, value = item.split("=", 1)
-    section, field = key.split(".")
-    config[section][field] = type(config[section][field])(
-        value == "True" if isinstance(config[section][field], bool) else value)
+  _override(config, args.set)
 
   cfg, compile_s, run = jax_runner(config, args.vocab)
   runners = {"jax": run}
+  if args.versus:
+    versus = config.copy_and_resolve_references()
+    _override(versus, args.versus)
+    runners["jax_versus"] = jax_runner(versus, args.vocab)[2]
   if args.torch:
     from benchmarks import torch_gpt
     runners["torch"] = torch_gpt.runner(cfg, config.train.batch_size)
@@ -109,6 +123,9 @@ def main():
     result[f"{name}_step_ms"] = round(1e3 * step, 1)
     result[f"{name}_tokens_per_sec"] = round(tokens / step)
     result[f"{name}_mfu"] = round(cfg.flops_per_token() * tokens / step / peak, 3)
+  if args.versus:
+    result["jax_over_versus"] = round(
+        result["jax_tokens_per_sec"] / result["jax_versus_tokens_per_sec"], 3)
   if args.torch:
     result["jax_over_torch"] = round(
         result["jax_tokens_per_sec"] / result["torch_tokens_per_sec"], 3)
