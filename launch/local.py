@@ -52,7 +52,7 @@ def shell_line(env: dict, argv: list[str], log: str | None) -> str:
   return line + (f" > {shlex.quote(log)} 2>&1" if log else "")
 
 
-def _exit_status(returncode: int) -> int:
+def exit_status(returncode: int) -> int:
   return returncode if returncode >= 0 else 128 - returncode  # killed: 128+sig
 
 
@@ -80,7 +80,7 @@ def run(procs: list[tuple], grace_s: float = 10.0) -> int:
     while True:
       codes = [p.poll() for p in children]
       if not status:
-        status = next((_exit_status(c) for c in codes if c), 0)
+        status = next((exit_status(c) for c in codes if c), 0)
         if status:  # the others would wait for the failed one forever
           stop(signal.SIGTERM)
           deadline = time.monotonic() + grace_s
