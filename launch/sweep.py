@@ -70,6 +70,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 from absl import flags
 from ml_collections import config_flags
@@ -110,11 +111,11 @@ class Task:
     return "cooldown" if self.parent else "run"
 
   def done(self) -> bool:
-    return _has_checkpoint(self.workdir, self.steps)
+    return os.path.isdir(_checkpoint(self.workdir, self.steps))
 
   def ready(self) -> bool:
     return (self.parent is None or self.parent.done() or
-            _has_checkpoint(self.parent.workdir, self.from_step))
+            os.path.isdir(_checkpoint(self.parent.workdir, self.from_step)))
 
 
 @dataclasses.dataclass
@@ -126,9 +127,9 @@ class Sweep:
   fields: list         # the swept fields, in order of appearance
 
 
-def _has_checkpoint(workdir: str, step: int) -> bool:
+def _checkpoint(workdir: str, step: int) -> str:
   """Orbax renames a checkpoint into place only once it is committed."""
-  return os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+  return os.path.join(workdir, "checkpoints", str(step))
 
 
 def load(spec_path: str, root: str | None = None) -> Sweep:
@@ -366,12 +367,15 @@ def _config(base: str, values: dict, where: str):
   argv = ["train.py", f"--config={os.path.join(REPO, base)}", *_flags(values)]
   flag_values = flags.FlagValues()
   try:
-    holder = config_flags.DEFINE_config_file(
-        "config", flag_values=flag_values, sys_argv=argv, lock_config=True)
-    flag_values(argv)
+    with warnings.catch_warnings():  # config_flags' load_module()
+      warnings.simplefilter("ignore", DeprecationWarning)
+      holder = config_flags.DEFINE_config_file(
+          "config", flag_values=flag_values, sys_argv=argv, lock_config=True)
+      flag_values(argv)
     config = holder.value
   except (AttributeError, KeyError) as e:
-    raise SpecError(f"{where}: unknown config field ({_first_line(e)})") from None
+    raise SpecError(
+        f"{where}: unknown config field ({_first_line(e)})") from None
   except (flags.Error, TypeError, ValueError) as e:
     raise SpecError(f"{where}: {_first_line(e)}") from None
   try:
@@ -454,8 +458,12 @@ def _alive(pid: int) -> bool:
   except ProcessLookupError:
     return False
   except PermissionError:  # another user's
+    pass
+  try:  # Linux: a zombie has exited (its parent has not yet reaped it)
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
     return True
-  return True
 
 
 class Lock:
@@ -783,8 +791,7 @@ class Attempt:
     with open(self.log, "rb") as f:
       f.seek(max(self.log_start, os.path.getsize(self.log) - 65536))
       text = f.read().decode(errors="replace")
-    lines = [line.rsplit("\r", 1)[-1].strip() for line in text.splitlines()]
-    lines = [line for line in lines if line]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
     return (errors or lines or [None])[-1]
 
@@ -920,10 +927,7 @@ def results(sweep: Sweep) -> list:
   for task in sweep.tasks:
     state, m = _state(task.workdir), Metrics(task.workdir).update()
     info = _read_json(os.path.join(task.workdir, "run.json")) or {}
-    tokens = (m.step * info["tokens_per_step"] if "tokens_per_step" in info
-              else None)
-    times = lambda key: (info[key] * tokens if key in info and tokens
-                         is not None else None)
+    tokens = _times(info.get("tokens_per_step"), m.step)
     status = _status(task, state)
     rows.append({
         "name": task.name, "kind": task.kind,
@@ -933,10 +937,8 @@ def results(sweep: Sweep) -> list:
         "target_steps": task.steps, "tokens": tokens,
         "params": info.get("params"),
         "params_non_embedding": info.get("params_non_embedding"),
-        "flops_6nd": (6 * info["params_non_embedding"] * tokens
-                      if "params_non_embedding" in info and tokens
-                      is not None else None),
-        "flops": times("flops_per_token"),
+        "flops_6nd": _times(info.get("flops_per_token_6n"), tokens),
+        "flops": _times(info.get("flops_per_token"), tokens),
         "final_train_loss": m.loss,
         "final_eval_loss": m.last_eval.get("eval_loss"),
         "final_eval_bits_per_byte": m.last_eval.get("eval_bits_per_byte"),
@@ -944,6 +946,11 @@ def results(sweep: Sweep) -> list:
         "best_eval_bits_per_byte": m.best_eval.get("eval_bits_per_byte"),
         "wall_s": state.get("wall_s"), "workdir": task.workdir})
   return rows
+
+
+def _times(per_unit, units):
+  """None where either is unknown (a run that has not started)."""
+  return None if per_unit is None or units is None else per_unit * units
 
 
 def collect(sweep: Sweep) -> list:
@@ -975,13 +982,13 @@ def array_script(tasks: list, job_name: str, what: str, root: str,
   """A job array whose task i runs tasks[i] through launch/slurm.sbatch (so
   each may span several nodes); one already done exits at once."""
   cases = "\n".join(
-      f"  {i}) final={shlex.quote(os.path.join(t.workdir, 'checkpoints', str(t.steps)))}\n"
+      f"  {i}) final={shlex.quote(_checkpoint(t.workdir, t.steps))}\n"
       f"     args=({shlex.join(t.args)}) ;;" for i, t in enumerate(tasks))
   limit = f"%{parallel}" if parallel else ""
   return "\n".join([
       "#!/bin/bash",
-      f"# {what}: array task i runs number i through launch/slurm.sbatch.",
-      "# Written by python -m launch.sweep slurm; submit from anywhere.",
+      f"# The {what}, written by python -m launch.sweep slurm: array",
+      "# task i runs the i-th through launch/slurm.sbatch. Submit from anywhere.",
       f"#SBATCH --job-name={job_name}", *_sbatch_resources(),
       f"#SBATCH --array=0-{len(tasks) - 1}{limit}",
       f"#SBATCH --output={root}/slurm-%A_%a.out",
@@ -997,38 +1004,35 @@ def array_script(tasks: list, job_name: str, what: str, root: str,
 
 def slurm(sweep: Sweep, parallel: int, dry_run: bool) -> int:
   """Writes <root>/sweep.sbatch (the runs) and, with cooldowns,
-  <root>/cooldowns.sbatch (after the first succeeded); submits them or,
+  <root>/cooldowns.sbatch (once the first has succeeded); submits them or,
   with dry_run, prints how."""
   if not dry_run and not shutil.which("sbatch"):
     raise SpecError("sbatch not found on PATH; with --dry-run the scripts "
                     "are written and the submit commands printed")
   stem = os.path.splitext(os.path.basename(sweep.spec))[0]
+  arrays = [("sweep", sweep.runs, "runs")]
   branches = [t for t in sweep.tasks if t.parent]
-  os.makedirs(sweep.root, exist_ok=True)
-  scripts = [(os.path.join(sweep.root, "sweep.sbatch"), array_script(
-      sweep.runs, f"sweep-{stem}", f"the {len(sweep.runs)} runs of {sweep.spec}",
-      sweep.root, parallel))]
   if branches:
-    scripts.append((os.path.join(sweep.root, "cooldowns.sbatch"), array_script(
-        branches, f"sweep-{stem}-cooldowns",
-        f"the {len(branches)} cooldown branches of {sweep.spec}", sweep.root,
-        parallel)))
-  for path, text in scripts:
-    with open(path, "w") as f:
-      f.write(text)
+    arrays.append(("cooldowns", branches, "cooldown branches"))
+  os.makedirs(sweep.root, exist_ok=True)
   job = "<job id of the first>"
-  for i, (path, _) in enumerate(scripts):
+  for i, (name, tasks, what) in enumerate(arrays):
+    path = os.path.join(sweep.root, f"{name}.sbatch")
+    with open(path, "w") as f:
+      f.write(array_script(tasks, f"{stem}-{name}",
+                           f"{len(tasks)} {what} of {sweep.spec}",
+                           sweep.root, parallel))
     command = ["sbatch", *([f"--dependency=afterok:{job}"] if i else []), path]
     if dry_run:
       print(shlex.join(command))
       continue
-    done = subprocess.run([command[0], "--parsable", *command[1:]],
-                          capture_output=True, text=True)
-    if done.returncode:
-      print(f"error: {shlex.join(command)}: {done.stderr.strip()}",
+    submitted = subprocess.run([command[0], "--parsable", *command[1:]],
+                               capture_output=True, text=True)
+    if submitted.returncode:
+      print(f"error: {shlex.join(command)}: {submitted.stderr.strip()}",
             file=sys.stderr)
-      return done.returncode
-    job = done.stdout.strip().split(";")[0]
+      return submitted.returncode
+    job = submitted.stdout.strip().split(";")[0]  # "id" or "id;cluster"
     print(f"submitted job {job}: {shlex.join(command)}")
   return 0
 
@@ -1037,11 +1041,10 @@ def slurm(sweep: Sweep, parallel: int, dry_run: bool) -> int:
 
 class _Parser(argparse.ArgumentParser):
   def error(self, message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    raise SpecError(message)  # one line, like every other bad input
 
 
-def _run(sweep: Sweep, args) -> int:
+def _command_run(sweep: Sweep, args) -> int:
   os.makedirs(sweep.root, exist_ok=True)
   done = sum(t.done() for t in sweep.tasks)
   branches = len(sweep.tasks) - len(sweep.runs)
@@ -1049,33 +1052,40 @@ def _run(sweep: Sweep, args) -> int:
         f"{f' and {branches} cooldown branches' if branches else ''} in "
         f"{sweep.root}; {done} done, up to {args.parallel} at a time",
         flush=True)
-  display = Display(sweep.tasks)
-  return Queue(sweep, args.parallel, args.retries, display).run()
+  return Queue(sweep, args.parallel, args.retries, Display(sweep.tasks)).run()
 
 
-def _status_command(sweep: Sweep, args) -> int:
+def _command_status(sweep: Sweep, args) -> int:
   rows = _rows(sweep.tasks, {t.name: Metrics(t.workdir) for t in sweep.tasks})
   print("\n".join(_table(rows) + [_counts(rows)]))
   return 0
 
 
-def _collect_command(sweep: Sweep, args) -> int:
+def _command_collect(sweep: Sweep, args) -> int:
   rows = collect(sweep)
   print(f"{len(rows)} rows ({sum(not r['partial'] for r in rows)} done) in "
         f"{os.path.join(sweep.root, 'results.csv')} and results.json")
   return 0
 
 
+def _command_slurm(sweep: Sweep, args) -> int:
+  return slurm(sweep, args.parallel, args.dry_run)
+
+
+COMMANDS = {
+    "run": (_command_run, "run the sweep here, a queue of train.py processes"),
+    "status": (_command_status, "print the table of runs once"),
+    "collect": (_command_collect,
+                "write results.csv and results.json at the root"),
+    "slurm": (_command_slurm, "write (and submit) SLURM job array scripts")}
+
+
 def main(argv: list) -> int:
   parser = _Parser(prog="python -m launch.sweep", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True)
-  helps = {"run": "run the sweep here, a queue of train.py processes",
-           "status": "print the table of runs once",
-           "collect": "write results.csv and results.json at the root",
-           "slurm": "write (and submit) SLURM job array scripts"}
   sub = {}
-  for name, text in helps.items():
+  for name, (_, text) in COMMANDS.items():
     sub[name] = commands.add_parser(name, help=text, description=text)
     sub[name].add_argument("spec", help="the sweep's spec file")
     sub[name].add_argument("--root", help="where the runs' workdirs go "
@@ -1088,17 +1098,13 @@ def main(argv: list) -> int:
                             help="array tasks at a time (0: no limit)")
   sub["slurm"].add_argument("--dry-run", action="store_true",
                             help="write the scripts, print the commands")
-  args = parser.parse_args(argv)
   try:
+    args = parser.parse_args(argv)
     if args.command == "run" and (args.parallel < 1 or args.retries < 0):
       raise SpecError("--parallel must be at least 1 and --retries at least 0")
     if args.command == "slurm" and args.parallel < 0:
       raise SpecError("--parallel must be at least 0")
-    sweep = load(args.spec, args.root)
-    if args.command == "slurm":
-      return slurm(sweep, args.parallel, args.dry_run)
-    return {"run": _run, "status": _status_command,
-            "collect": _collect_command}[args.command](sweep, args)
+    return COMMANDS[args.command][0](load(args.spec, args.root), args)
   except SpecError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,0 +1,516 @@
+"""launch/sweep.py: specs expand into the expected runs in a fixed order; a
+bad spec stops with one line before anything is written; a sweep killed
+midway and started again skips what is done, resumes what was cut off and
+ends with the results of a sweep that never stopped (~1-2 minutes on 2
+cores, most of it in the tiny train.py runs)."""
+
+import csv
+import hashlib
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, TINY_OVERRIDES
+from launch import sweep
+
+TIMEOUT_S = 240  # for any one wait: far beyond a healthy sweep
+
+
+def _spec(tmp_path, body: dict, name: str = "spec") -> str:
+  """A spec file whose get_sweep() returns `body`."""
+  path = tmp_path / f"{name}.py"
+  path.write_text(f'"""A test sweep."""\n\ndef get_sweep():\n'
+                  f"  return {body!r}\n")
+  return str(path)
+
+
+def _tiny(corpus_dir: str, data_cache: str, **overrides) -> dict:
+  """Overrides for 12-step runs of the tiny model on the synthetic corpus
+  (TINY_OVERRIDES but the learning rate, which the tests sweep)."""
+  tiny = {k: v for k, v in TINY_OVERRIDES.items()
+          if k != "train.learning_rate"}
+  return {**tiny, "data.source": corpus_dir, "data.cache_dir": data_cache,
+          "train.steps": 12, **overrides}
+
+
+def _start(*args, log=None):
+  """`python -m launch.sweep ARGS` in the repository root; its output goes
+  to pipes, or both to the file `log`."""
+  argv = [sys.executable, "-m", "launch.sweep", *map(str, args)]
+  if log:
+    with open(log, "w") as f:
+      return subprocess.Popen(argv, cwd=REPO, text=True, stdout=f,
+                              stderr=subprocess.STDOUT)
+  return subprocess.Popen(argv, cwd=REPO, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+
+
+def _finish(proc, timeout=TIMEOUT_S):
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.communicate()
+    pytest.fail(f"the sweep was still running after {timeout} s; killed")
+  return out, err
+
+
+def _wait_for(condition, what: str, timeout=TIMEOUT_S):
+  deadline = time.monotonic() + timeout
+  while not condition():
+    if time.monotonic() > deadline:
+      pytest.fail(f"no {what} after {timeout} s")
+    time.sleep(0.05)
+
+
+def _train_pids(root) -> list:
+  """train.py processes working under `root`."""
+  pids = []
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        args = f.read().decode().split("\0")
+    except OSError:
+      continue
+    if "train.py" in args and any(str(root) in a for a in args):
+      pids.append(int(pid))
+  return pids
+
+
+def _kill_leftovers(root) -> list:
+  pids = _train_pids(root)
+  for pid in pids:
+    os.kill(pid, signal.SIGKILL)
+  return pids
+
+
+def _read_csv(path) -> list:
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+# --- expansion ---------------------------------------------------------------
+
+def test_grid_and_zip_expand_first_axis_slowest(tmp_path):
+  spec = _spec(tmp_path, {
+      "base": "configs/default.py", "overrides": {"train.steps": 100},
+      "axes": [{"grid": {"model.d_model": [32, 64],
+                         "train.learning_rate": [1e-3, 2e-3]}},
+               {"zip": {"model.num_layers": [1, 2],
+                        "model.num_heads": [2, 4]}}]})
+  runs = sweep.load(spec, str(tmp_path / "root")).runs
+  assert [r.swept for r in runs] == [
+      {"model.d_model": d, "train.learning_rate": lr, "model.num_layers": n,
+       "model.num_heads": h}
+      for d, lr in ((32, 1e-3), (32, 2e-3), (64, 1e-3), (64, 2e-3))
+      for n, h in ((1, 2), (2, 4))]
+  first = runs[0]
+  overrides = {"train.steps": 100, **first.swept}
+  digest = hashlib.sha256(json.dumps(
+      {"base": "configs/default.py", "overrides": overrides},
+      sort_keys=True).encode()).hexdigest()[:6]
+  assert first.name == ("d_model=32,learning_rate=0.001,num_layers=1,"
+                        f"num_heads=2-{digest}")
+  assert first.workdir == str(tmp_path / "root" / first.name)
+  assert first.args == [
+      "--config=configs/default.py", f"--workdir={first.workdir}",
+      "--config.train.steps=100", "--config.model.d_model=32",
+      "--config.train.learning_rate=0.001", "--config.model.num_layers=1",
+      "--config.model.num_heads=2"]
+  assert first.steps == 100 and first.kind == "run"
+
+
+def test_list_and_seeds_and_names_that_repeat(tmp_path):
+  """Values are read as train.py reads them (1 -> 1.0 in a float field,
+  tuples quoted), names are sanitized, and the same spec gives the same
+  names and hashes; another value gives another hash."""
+  body = {"base": "configs/default.py", "axes": [
+      {"list": [{"train.batch_size": 16},
+                {"train.batch_size": 32, "train.learning_rate": 1,
+                 "data.holdout": ["hamlet", "lear"]}]},
+      {"seeds": [0, 1]}]}
+  runs = sweep.load(_spec(tmp_path, body), "root").runs
+  assert [r.swept for r in runs] == [
+      {"train.batch_size": 16, "train.seed": 0},
+      {"train.batch_size": 16, "train.seed": 1},
+      {"train.batch_size": 32, "train.learning_rate": 1.0,
+       "data.holdout": ("hamlet", "lear"), "train.seed": 0},
+      {"train.batch_size": 32, "train.learning_rate": 1.0,
+       "data.holdout": ("hamlet", "lear"), "train.seed": 1}]
+  assert runs[2].name.startswith(
+      "batch_size=32,learning_rate=1,holdout=_hamlet_,_lear_,seed=0-")
+  assert "--config.data.holdout=('hamlet', 'lear')" in runs[2].args
+  again = sweep.load(_spec(tmp_path, body, "again"), "root").runs
+  assert [r.name for r in again] == [r.name for r in runs]
+  body["axes"][1] = {"seeds": [0, 2]}
+  changed = sweep.load(_spec(tmp_path, body, "changed"), "root").runs
+  assert changed[0].name == runs[0].name
+  assert changed[1].name.rsplit("-", 1)[1] != runs[1].name.rsplit("-", 1)[1]
+
+
+def test_random_draws_are_seeded_and_in_bounds(tmp_path):
+  def draws(seed):
+    spec = _spec(tmp_path, {"base": "configs/default.py", "axes": [
+        {"random": {"n": 200, "seed": seed, "fields": {
+            "train.learning_rate": ["log_uniform", 1e-4, 1e-2],
+            "train.b2": ["uniform", 0.9, 0.99],
+            "model.d_model": ["choice", [64, 128]]}}}]}, f"random{seed}")
+    return [r.swept for r in sweep.load(spec, "root").runs]
+
+  first = draws(3)
+  assert draws(3) == first
+  assert draws(4) != first
+  lrs = [d["train.learning_rate"] for d in first]
+  assert all(1e-4 <= lr <= 1e-2 for lr in lrs)
+  assert all(0.9 <= d["train.b2"] <= 0.99 for d in first)
+  assert {d["model.d_model"] for d in first} == {64, 128}
+  # Uniform in log space: half below the geometric middle (1e-3); uniform
+  # in linear space would put 9% there.
+  assert 0.4 < sum(lr < 1e-3 for lr in lrs) / len(lrs) < 0.6
+  assert abs(sum(map(math.log10, lrs)) / len(lrs) + 3) < 0.1
+
+
+# --- bad specs ---------------------------------------------------------------
+
+BASE = {"base": "configs/default.py", "overrides": {"train.steps": 100}}
+BAD_SPECS = {
+    "unknown field": ({**BASE, "overrides": {"train.nope": 1}},
+                      "unknown config field"),
+    "wrong type": ({**BASE, "axes": [{"grid": {"model.d_model": [64, 1.5]}}]},
+                   "model.d_model"),
+    "string for a number": ({**BASE, "axes": [{"seeds": ["one"]}]},
+                            "integer seeds"),
+    "empty axis": ({**BASE, "axes": [{"grid": {"train.b2": []}}]},
+                   "non-empty list"),
+    "zip lengths": ({**BASE, "axes": [{"zip": {"model.num_layers": [1, 2],
+                                               "model.num_heads": [2]}}]},
+                    "different lengths"),
+    "zero runs": ({**BASE, "axes": [{"random": {"n": 0, "fields": {
+        "train.b2": ["uniform", 0.9, 0.99]}}}]}, "positive"),
+    "identical runs": ({**BASE, "axes": [
+        {"grid": {"train.learning_rate": [1, 1.0]}}]}, "same overrides"),
+    "set twice": ({**BASE, "axes": [{"grid": {"train.steps": [10, 20]}}]},
+                  "train.steps is set by overrides and by axis 0"),
+    "bad run config": ({**BASE, "axes": [
+        {"grid": {"train.warmup_steps": [10, 500]}}]},
+        "run 1 (warmup_steps=500): train.warmup_steps=500"),
+    "cooldowns without wsd": ({**BASE, "cooldowns": [0.5]},
+                              "train.schedule='wsd'"),
+    "missing base": ({**BASE, "base": "configs/nope.py"}, "configs/nope.py"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SPECS)
+def test_bad_spec_is_one_line_and_writes_nothing(case, tmp_path, capsys):
+  body, message = BAD_SPECS[case]
+  spec, root = _spec(tmp_path, body), tmp_path / "root"
+  for command in ("run", "status", "collect", "slurm"):
+    assert sweep.main([command, spec, "--root", str(root)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1
+    assert message in err, err
+    assert not root.exists()
+
+
+def test_bad_command_lines(tmp_path, capsys, monkeypatch):
+  spec, root = _spec(tmp_path, BASE), tmp_path / "root"
+  monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
+  for argv, message in (
+      (["run", spec, "--parallel", "0"], "--parallel"),
+      (["run", spec, "--retries", "x"], "invalid int value"),
+      (["slurm", spec], "sbatch not found"),
+      (["run", str(tmp_path / "nope.py")], "no such file")):
+    assert sweep.main([*argv, "--root", str(root)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1
+    assert message in err, err
+    assert not root.exists()
+
+
+def test_bad_spec_from_the_command_line(tmp_path):
+  root = tmp_path / "root"
+  proc = _start("run", _spec(tmp_path, BAD_SPECS["zip lengths"][0]), "--root",
+                root)
+  out, err = _finish(proc)
+  assert proc.returncode == 2
+  assert out == "" and err.startswith("error: ") and err.count("\n") == 1
+  assert not root.exists()
+
+
+
+# --- collect -----------------------------------------------------------------
+
+def _write_run(task, info: dict, records: list, checkpoint: int) -> None:
+  """A workdir as train.py leaves it: run.json, metrics.jsonl (its last line
+  cut short, as by a kill) and a checkpoint."""
+  os.makedirs(os.path.join(task.workdir, "checkpoints", str(checkpoint)))
+  with open(os.path.join(task.workdir, "run.json"), "w") as f:
+    json.dump(info, f)
+  with open(os.path.join(task.workdir, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+    f.write('{"step": 4')
+
+
+def test_collect_rows_of_done_partial_and_unstarted_runs(tmp_path):
+  spec = _spec(tmp_path, {**BASE, "axes": [{"seeds": [0, 1, 2]}]})
+  done, partial, unstarted = sweep.load(spec, str(tmp_path / "root")).runs
+  info = {"params": 1000, "params_non_embedding": 800,
+          "flops_per_token": 5000.0, "flops_per_token_6n": 4800,
+          "tokens_per_step": 64, "vocab_size": 37, "steps": 100}
+  records = [{"step": 20, "loss": 3.5}, {"step": 20, "eval_loss": 3.0,
+                                         "eval_bits_per_byte": 4.0},
+             {"step": 40, "loss": 3.25}, {"step": 40, "eval_loss": 2.5,
+                                          "eval_bits_per_byte": 3.5}]
+  _write_run(partial, info, records, checkpoint=40)
+  _write_run(done, info, records + [
+      {"step": 100, "loss": 2.0}, {"step": 100, "eval_loss": 2.75,
+                                   "eval_bits_per_byte": 3.75}],
+      checkpoint=100)
+  rows = sweep.collect(sweep.load(spec, str(tmp_path / "root")))
+  assert rows == _read_json_rows(tmp_path / "root" / "results.json")
+  assert [r["name"] for r in rows] == [done.name, partial.name,
+                                       unstarted.name]
+  assert rows[0] == {
+      "name": done.name, "kind": "run", "parent": None, "train.seed": 0,
+      "status": "done", "partial": False, "steps": 100, "target_steps": 100,
+      "tokens": 6400, "params": 1000, "params_non_embedding": 800,
+      "flops_6nd": 6 * 800 * 6400, "flops": 5000.0 * 6400,
+      "final_train_loss": 2.0, "final_eval_loss": 2.75,
+      "final_eval_bits_per_byte": 3.75, "best_eval_loss": 2.5,
+      "best_eval_bits_per_byte": 3.5, "wall_s": None,
+      "workdir": done.workdir}
+  assert rows[1]["status"] == "interrupted" and rows[1]["partial"] is True
+  assert (rows[1]["steps"], rows[1]["tokens"], rows[1]["flops"],
+          rows[1]["final_train_loss"], rows[1]["final_eval_loss"]) == (
+              40, 2560, 5000.0 * 2560, 3.25, 2.5)
+  assert rows[2]["status"] == "queued" and rows[2]["partial"] is True
+  assert [rows[2][k] for k in ("steps", "tokens", "params", "flops",
+                               "final_train_loss")] == [0, None, None, None,
+                                                        None]
+  csv_rows = _read_csv(tmp_path / "root" / "results.csv")
+  assert list(csv_rows[0]) == list(rows[0])
+  assert csv_rows[2]["params"] == "" and csv_rows[1]["partial"] == "True"
+
+
+def _read_json_rows(path) -> list:
+  with open(path) as f:
+    return json.load(f)
+
+
+# --- SLURM -------------------------------------------------------------------
+
+SLURM_ENV = {"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "SLURM_JOB_ID": "7",
+             "SLURM_JOB_NODELIST": "gpu1,gpu2", "SLURM_CPUS_ON_NODE": "64",
+             "SLURM_GPUS_ON_NODE": "8"}
+
+
+def _array_task(script, i: int):
+  return subprocess.run(["bash", str(script)], capture_output=True, text=True,
+                        timeout=60, env={**SLURM_ENV,
+                                         "SLURM_ARRAY_TASK_ID": str(i)})
+
+
+def test_slurm_array_task_i_runs_run_i(tmp_path, capsys):
+  spec = _spec(tmp_path, {**BASE, "overrides": {
+      "train.steps": 100, "sample.prompt": "ROMEO: it's",
+      "data.holdout": ("hamlet", "lear")}, "axes": [
+          {"grid": {"train.learning_rate": [1e-3, 2e-3, 4e-3]}}]})
+  root = tmp_path / "root"
+  assert sweep.main(["slurm", spec, "--root", str(root), "--dry-run",
+                     "--parallel", "2"]) == 0
+  script = root / "sweep.sbatch"
+  assert capsys.readouterr().out == f"sbatch {script}\n"
+  assert os.listdir(root) == ["sweep.sbatch"]
+  assert "#SBATCH --array=0-2%2" in script.read_text().splitlines()
+  runs = sweep.load(spec, str(root)).runs
+  for i, run in enumerate(runs):
+    task = _array_task(script, i)
+    assert task.returncode == 0, task.stderr
+    srun = shlex.split(task.stdout.splitlines()[1])
+    assert srun[0] == "srun" and srun[srun.index("train.py") + 1:] == run.args
+  assert _array_task(script, 3).returncode == 2
+  os.makedirs(os.path.join(runs[1].workdir, "checkpoints", "100"))
+  task = _array_task(script, 1)
+  assert task.returncode == 0 and task.stdout.startswith("done already")
+
+
+# --- locks -------------------------------------------------------------------
+
+@pytest.fixture
+def sleeper():
+  """A live process that is not this one; killed at the end."""
+  proc = subprocess.Popen(["sleep", "600"])
+  yield proc
+  proc.kill()
+  proc.wait()
+
+
+def _dead_pid() -> int:
+  proc = subprocess.Popen(["true"])
+  proc.wait()
+  return proc.pid
+
+
+def _write_lock(workdir, host=sweep.HOST, sweep_pid=None, child_pid=None,
+                age_s=0.0):
+  now = time.time()
+  lock = {"host": host, "sweep_pid": sweep_pid, "child_pid": child_pid,
+          "started": now - age_s, "heartbeat": now - age_s}
+  (workdir / sweep.LOCK).write_text(json.dumps(lock))
+  return lock
+
+
+def test_live_lock_is_respected_and_stale_locks_are_taken_over(tmp_path,
+                                                              sleeper):
+  live_pid, dead = sleeper.pid, _dead_pid()
+  cases = [  # (lock, taken over)
+      (dict(sweep_pid=live_pid), False),
+      (dict(sweep_pid=dead, child_pid=live_pid), False),
+      (dict(host="elsewhere", sweep_pid=dead), False),  # pids unknowable there
+      (dict(sweep_pid=dead, child_pid=dead), True),
+      (dict(sweep_pid=live_pid, age_s=sweep.STALE_S + 1), True),
+      (dict(host="elsewhere", sweep_pid=dead, age_s=sweep.STALE_S + 1), True)]
+  for i, (fields, stale) in enumerate(cases):
+    workdir = tmp_path / str(i)
+    workdir.mkdir()
+    found = _write_lock(workdir, **fields)
+    lock, seen = sweep.Lock.acquire(str(workdir))
+    assert seen == found, fields
+    assert (lock is not None) == stale, fields
+    owner = json.loads((workdir / sweep.LOCK).read_text())
+    assert owner == (lock.owner if stale else found)
+    if stale:
+      assert owner["host"] == sweep.HOST
+      assert owner["sweep_pid"] == os.getpid()
+      # Taken: a second taker finds a live owner (this process).
+      assert sweep.Lock.acquire(str(workdir)) == (None, owner)
+      assert lock.renew(child_pid=live_pid)
+      lock.release()
+      assert not (workdir / sweep.LOCK).exists()
+    assert sorted(os.listdir(workdir)) == [sweep.LOCK] * (not stale)
+
+
+def test_a_run_locked_by_a_live_process_waits_for_it(tmp_path, corpus_dir,
+                                                      data_cache, sleeper):
+  """Not started while the owner lives; taken over once it is gone."""
+  spec = _spec(tmp_path, {"base": "configs/default.py",
+                          "overrides": _tiny(corpus_dir, data_cache)})
+  root, log = tmp_path / "root", tmp_path / "sweep.out"
+  (task,) = sweep.load(spec, str(root)).tasks
+  os.makedirs(task.workdir)
+  _write_lock(root / task.name, sweep_pid=sleeper.pid)
+  proc = _start("run", spec, "--root", root, log=log)
+  try:
+    waiting = (f"waiting {task.name}: locked by {sweep.HOST} pid "
+               f"{sleeper.pid} (train.py pid None)\n")
+    _wait_for(lambda: waiting in log.read_text() or proc.poll() is not None,
+              "waiting line")
+    assert os.listdir(task.workdir) == [sweep.LOCK]  # nothing started
+    sleeper.kill()
+    sleeper.wait()
+    _finish(proc)
+  finally:
+    proc.kill()
+    leftovers = _kill_leftovers(root)
+  out = log.read_text()
+  assert proc.returncode == 0, out
+  assert waiting in out
+  assert (f"took over {task.name}: the lock of {sweep.HOST} pid "
+          f"{sleeper.pid}") in out
+  assert f"done {task.name}" in out
+  assert task.done()
+  assert not os.path.exists(os.path.join(task.workdir, sweep.LOCK))
+  assert not leftovers
+
+
+# --- kill and restart --------------------------------------------------------
+
+def _log(task) -> str:
+  with open(os.path.join(task.workdir, sweep.LOG)) as f:
+    return f.read()
+
+
+def _checkpoints(task) -> list:
+  try:
+    return sorted(int(s) for s in os.listdir(
+        os.path.join(task.workdir, "checkpoints")) if s.isdigit())
+  except FileNotFoundError:
+    return []
+
+
+def test_killed_sweep_restarts_where_it_stopped(tmp_path, corpus_dir,
+                                                data_cache, capsys):
+  """The acceptance test: a 2 x 2 sweep, 2 runs at a time, SIGKILLed once a
+  run is done and another is halfway; the same command again skips the done
+  runs, resumes the cut one from its checkpoint and gives the results.csv of
+  a sweep that never stopped, losses bit for bit."""
+  spec = _spec(tmp_path, {
+      "base": "configs/default.py", "overrides": _tiny(corpus_dir, data_cache),
+      "axes": [{"grid": {"train.learning_rate": [2e-3, 4e-3]}},
+               {"seeds": [0, 1]}]})
+  roots = {name: tmp_path / name for name in ("reference", "killed")}
+  command = lambda name: ("run", spec, "--root", roots[name], "--parallel", 2)
+  proc = _start(*command("reference"))
+  out, err = _finish(proc)
+  assert proc.returncode == 0, err
+  assert sweep.main(["collect", spec, "--root", str(roots["reference"])]) == 0
+
+  runs = sweep.load(spec, str(roots["killed"])).runs
+  proc = _start(*command("killed"))
+  try:
+    # Halfway: a checkpoint at step 3 or 6 of 12, so that SIGTERM (sent by
+    # the kernel when the sweep dies) stops the run long before its end.
+    _wait_for(lambda: any(r.done() for r in runs) and any(
+        0 < max(_checkpoints(r), default=0) <= 6 for r in runs
+        if not r.done()), "done run beside a halfway one")
+    proc.kill()
+    proc.wait()
+    _wait_for(lambda: not _train_pids(roots["killed"]),
+              "exit of the orphaned train.py processes")
+  finally:
+    proc.kill()
+    _kill_leftovers(roots["killed"])
+  done = [r for r in runs if r.done()]
+  cut = [r for r in runs if not r.done() and _checkpoints(r)]
+  assert done and cut
+  for run in cut:  # the kernel's SIGTERM reached them: they saved and left
+    assert "preempted: stopped by SIGTERM after step" in _log(run)
+
+  # collect and status on the stopped sweep: unfinished rows are partial.
+  assert sweep.main(["collect", spec, "--root", str(roots["killed"])]) == 0
+  rows = {r["name"]: r for r in _read_csv(roots["killed"] / "results.csv")}
+  for run in runs:
+    assert rows[run.name]["partial"] == str(not run.done())
+    assert rows[run.name]["status"] == (
+        "done" if run in done else "interrupted" if run in cut else "queued")
+  assert sweep.main(["status", spec, "--root", str(roots["killed"])]) == 0
+  table = capsys.readouterr().out
+  assert f"{len(done)} done" in table and f"{len(cut)} interrupted" in table
+
+  proc = _start(*command("killed"))
+  out, err = _finish(proc)
+  assert proc.returncode == 0, err
+  for run in done:  # skipped: no new attempt
+    assert sweep._state(run.workdir)["attempts"] == 1
+    assert _log(run).count("=== ") == 1
+    assert f"start {run.name}" not in out
+  for run in cut:  # resumed from its checkpoint
+    resumed = _log(run).split("=== ")[2]
+    assert f"resuming from {run.workdir}/checkpoints at step" in resumed
+    assert f"took over {run.name}" in out
+  assert all(r.done() for r in runs)
+
+  assert sweep.main(["collect", spec, "--root", str(roots["killed"])]) == 0
+  expected, got = (_read_csv(roots[name] / "results.csv")
+                   for name in ("reference", "killed"))
+  for row in expected + got:
+    del row["wall_s"], row["workdir"]
+  assert got == expected
+  assert {r["status"] for r in got} == {"done"}
