@@ -5,6 +5,8 @@
   python train.py --mode=eval --workdir=runs/x      # evaluate the latest checkpoint
   python train.py --mode=sample --workdir=runs/x --config.sample.prompt="ROMEO:"
   python train.py --mode=export --workdir=runs/x    # params only, to runs/x/export
+  python train.py --mode=cooldown --workdir=runs/x --config.cooldown.from_step=800 \
+      --config.cooldown.steps=200                   # a wsd run's checkpoint, decayed
   python train.py --num_processes=2 --process_id=0 --coordinator_address=127.0.0.1:PORT ...
                                                     # one process of several (launch/)
 """
@@ -37,10 +39,12 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where the run's config, metrics, checkpoints and samples "
     "go (default: runs/<config name>).")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "sample", "export"],
+    "mode", "train", ["train", "eval", "sample", "export", "cooldown"],
     "What to do: export writes the newest params alone (no optimizer state) "
     "to --export_dir, a directory that eval, sample and "
-    "--config.checkpoint.init_from read like a run's workdir.")
+    "--config.checkpoint.init_from read like a run's workdir; cooldown "
+    "branches a wsd run of --workdir at --config.cooldown.from_step into a "
+    "run of its own that decays over --config.cooldown.steps.")
 _EXPORT_DIR = flags.DEFINE_string(
     "export_dir", None, "Where --mode=export writes (default: <workdir>/export).")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
@@ -81,10 +85,15 @@ def main(argv):
       loop.train(config, workdir)
     else:
       # The other modes rebuild the trained model from the run's saved
-      # config; only eval, sample and the mesh (this machine's) come from flags.
+      # config; the mesh (this machine's) comes from flags, and so do eval
+      # and sample, except in a cooldown branch: it continues the run.
       saved = config_lib.load_saved(workdir)
-      saved.eval, saved.sample, saved.mesh = config.eval, config.sample, config.mesh
-      if _MODE.value == "eval":
+      saved.mesh = config.mesh
+      if _MODE.value != "cooldown":
+        saved.eval, saved.sample = config.eval, config.sample
+      if _MODE.value == "cooldown":
+        loop.train(*config_lib.cooldown_branch(saved, config.cooldown, workdir))
+      elif _MODE.value == "eval":
         loop.evaluate(saved, workdir)
       elif _MODE.value == "sample":
         loop.sample(saved, workdir)

@@ -54,7 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
       grad_accum_steps=1,
       learning_rate=4e-3,    # peak
       warmup_steps=50,
-      min_lr_ratio=0.1,      # cosine decays to this fraction of the peak
+      schedule="cosine",     # "cosine" | "wsd" (warmup-stable-decay) | "constant"
+      decay_fraction=0.2,    # wsd: the decay takes this fraction of the steps
+      decay_shape="1-sqrt",  # wsd and cooldowns: "linear" | "cosine" | "1-sqrt"
+      min_lr_ratio=0.1,      # the decay ends at this fraction of the peak
       b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.1,      # matrices only
       grad_clip=1.0,
@@ -74,6 +77,16 @@ def get_config() -> ml_collections.ConfigDict:
       keep=3,              # the newest K checkpoints are kept...
       keep_best=True,      # ...plus the one with the lowest eval loss
       init_from="",        # a run's workdir: start from its newest params
+      keep_steps=(),       # also save at these steps and keep them (cooldown branch points)
+  ))
+
+  # --mode=cooldown: a branch of a wsd / constant run (README, Many token budgets).
+  c.cooldown = ml_collections.ConfigDict(dict(
+      from_step=0,         # the run's checkpoint to start from, in its stable phase
+      steps=0,             # decay steps; the branch ends at from_step + steps
+      shape="",            # "": the run's train.decay_shape
+      workdir="",          # "": <run workdir>/cooldowns/<from_step>+<steps>
+      parent="",           # set by --mode=cooldown: the run it branches from
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(

@@ -4,7 +4,8 @@ One checkpoint holds the whole truth of a step: the train state (params,
 optimizer state, step; the dropout RNG is derived from seed and step), the
 Grain iterator state, and `run` (the config that produced it and counters
 such as tokens seen). Saves are asynchronous: training does not wait for the
-disk. The newest `keep` are kept, plus the best by eval loss if asked.
+disk. The newest `keep` are kept, plus the best by eval loss if asked, plus
+those at `keep_steps` (where cooldown branches start).
 
 A checkpoint that cannot be restored (truncated or missing files) is moved
 aside to `<step>.damaged` and the previous one is used: nothing is deleted,
@@ -26,10 +27,12 @@ from trainer.errors import ConfigError
 class Checkpointer:
 
   def __init__(self, workdir: str, keep: int, keep_best: bool = False,
-               read_only: bool = False):
+               read_only: bool = False, keep_steps=()):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.read_only = read_only
     keeps = [policies.LatestN(n=keep)]
+    if keep_steps:
+      keeps.append(policies.CustomSteps(steps=keep_steps))
     if keep_best:
       keeps.append(policies.BestN(
           get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
@@ -115,7 +118,7 @@ class Checkpointer:
         raise
       except Exception as e:  # noqa: BLE001 - any damage, whatever raised it
         logging.warning("checkpoint %s/%d cannot be restored (%s); trying the "
-                        "previous one", self.directory, step, _reason(e))
+                        "previous one", self.directory, step, reason(e))
         failed.append((step, e))
         continue
       for bad, _ in failed:
@@ -125,7 +128,7 @@ class Checkpointer:
       step, e = failed[0]
       raise ConfigError(
           f"no checkpoint under {self.directory} can be restored; the newest, "
-          f"{step}, fails with {_reason(e)} (--debug shows where); move the "
+          f"{step}, fails with {reason(e)} (--debug shows where); move the "
           "directory away to start afresh")
     return None, None
 
@@ -155,7 +158,7 @@ class Checkpointer:
     self._manager.close()
 
 
-def _reason(error: Exception) -> str:
+def reason(error: Exception) -> str:
   message = str(error).strip().splitlines()
   return f"{type(error).__name__}: {message[0][:300] if message else ''}"
 

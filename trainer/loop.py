@@ -48,9 +48,22 @@ class Run:
                      params_only=False):
     """(step, state) of the newest valid checkpoint, resharded onto this
     run's mesh, or (None, None)."""
-    target = state_lib.abstract_state(self.model, self.tx, self.shardings)
     return (checkpointer or self.checkpointer).restore_latest_valid(
-        target, data_iterator, params_only)
+        self._target(), data_iterator, params_only)
+
+  def restore_checkpoint(self, checkpointer, step: int, data_iterator):
+    """The state of one given checkpoint, resharded onto this run's mesh."""
+    try:
+      return checkpointer.restore(step, self._target(), data_iterator)
+    except ConfigError:
+      raise
+    except Exception as e:  # noqa: BLE001 - any damage, whatever raised it
+      raise ConfigError(f"the checkpoint {checkpointer.directory}/{step} "
+                        f"cannot be restored ({checkpoint.reason(e)})"
+                        ) from None
+
+  def _target(self):
+    return state_lib.abstract_state(self.model, self.tx, self.shardings)
 
 
 def model_and_optimizer(config, vocab_size: int, mesh):
@@ -60,7 +73,7 @@ def model_and_optimizer(config, vocab_size: int, mesh):
   model = GPT(config_lib.model_config(config, vocab_size))
   sharding.check_layout(mesh.shape, model.cfg, config.train.batch_size,
                         config.train.grad_accum_steps)
-  tx = optim.make_optimizer(config.train)
+  tx = optim.make_optimizer(config)
   rules = sharding.logical_rules(config.mesh)
   shardings = state_lib.state_shardings(model, tx, mesh, rules)
   sharding.check_even(state_lib.abstract_state(model, tx, shardings))
@@ -105,7 +118,8 @@ def build(config, workdir: str) -> Run:
     windows.check_all_ids()
   return Run(config, workdir, data, model, tx, mesh, rules, shardings,
              checkpoint.Checkpointer(workdir, config.checkpoint.keep,
-                                     config.checkpoint.keep_best),
+                                     config.checkpoint.keep_best,
+                                     keep_steps=config.checkpoint.keep_steps),
              state_lib.make_eval_step(model))
 
 
@@ -190,12 +204,10 @@ def train(config, workdir: str) -> dict:
     if start is not None:
       _log(f"resuming from {run.checkpointer.directory} at step {start}")
     else:
-      start = 0
-      state = state_lib.init_state(run.model, run.tx, run.shardings, t.seed)
-      if config.checkpoint.init_from:
-        state = _init_from(run, state, config.checkpoint.init_from)
+      start, state = _first_state(run, train_iter)
     if jax.process_index() == 0:  # only once the state is known to fit
       config_lib.save(config, workdir)
+      metrics.write_run_summary(workdir, run.model.cfg, t)
     train_step = state_lib.make_train_step(
         run.model, run.tx, run.shardings, grad_accum_steps=t.grad_accum_steps,
         seed=t.seed)
@@ -203,7 +215,7 @@ def train(config, workdir: str) -> dict:
     stack.callback(writer.close)
     writer.text("run", description, start)
     stop = _stop_on_sigterm(stack)
-    schedule = optim.lr_schedule(t)
+    schedule = optim.lr_schedule(config)
     batch_sharding = sharding.batch_sharding(run.mesh)
     tokens_per_step = t.batch_size * run.model.cfg.seq_len
     flops_per_step = run.model.cfg.flops_per_token() * tokens_per_step
@@ -274,7 +286,7 @@ def train(config, workdir: str) -> dict:
       preempted = stop() or run.checkpointer.reached_preemption(done_step)
       do_eval = done_step % config.eval.every_steps == 0 or final
       do_save = (done_step % config.checkpoint.every_steps == 0 or final or
-                 preempted)
+                 preempted or done_step in config.checkpoint.keep_steps)
       if do_eval or do_save:  # these wait for the step anyway
         log_step(*pending)
         pending = None
@@ -326,6 +338,41 @@ def _stop_on_sigterm(stack):
                              lambda signum, frame: received.append(signum))
     stack.callback(signal.signal, signal.SIGTERM, previous)
   return lambda: bool(received)
+
+
+def _first_state(run: Run, train_iter):
+  """(step, state) where a run without checkpoints of its own starts: a
+  cooldown branch at its parent's checkpoint (the data iterator where the
+  parent's stood), any other run freshly initialized (with the params of
+  checkpoint.init_from, if set)."""
+  config = run.config
+  if config.cooldown.steps > 0:
+    return config.cooldown.from_step, _branch_state(run, train_iter)
+  state = state_lib.init_state(run.model, run.tx, run.shardings,
+                               config.train.seed)
+  if config.checkpoint.init_from:
+    state = _init_from(run, state, config.checkpoint.init_from)
+  return 0, state
+
+
+def _branch_state(run: Run, train_iter):
+  """The state and data position of the parent's checkpoint at
+  cooldown.from_step; the parent is only read."""
+  cooldown = run.config.cooldown
+  parent = checkpoint.Checkpointer(cooldown.parent, keep=1, read_only=True)
+  step = cooldown.from_step
+  try:
+    if step not in parent.steps():
+      raise ConfigError(
+          f"{parent.directory} has no checkpoint at step {step} (it has "
+          f"{parent.steps() or 'none'}); train the run with "
+          f"--config.checkpoint.keep_steps='({step},)' to keep one there")
+    state = run.restore_checkpoint(parent, step, train_iter)
+  finally:
+    parent.close()
+  _log(f"cooldown branch from {parent.directory}/{step}: "
+       f"{run.config.cooldown.steps} steps of decay")
+  return state
 
 
 def _init_from(run: Run, state, workdir: str):

@@ -1,0 +1,208 @@
+"""Learning-rate schedules (cosine, wsd, constant) and cooldown branches: a
+wsd run's stable checkpoint decayed into a run of its own."""
+
+import json
+import os
+import re
+
+import numpy as np
+import optax
+import pytest
+
+from conftest import TINY_FLAGS, metrics_records, run_train_py
+from configs import default
+from trainer import config as config_lib, optim
+from trainer.errors import ConfigError
+
+
+def _config(**train):
+  c = default.get_config()
+  c.train.update(dict(steps=100, warmup_steps=10, learning_rate=1.0,
+                      min_lr_ratio=0.1))
+  c.train.update(train)
+  return c
+
+
+def _lrs(config, steps):
+  schedule = optim.lr_schedule(config)
+  return np.array([float(schedule(s)) for s in steps])
+
+
+def test_cosine_is_optax_warmup_cosine():
+  c = _config()
+  reference = optax.warmup_cosine_decay_schedule(
+      0.0, 1.0, warmup_steps=10, decay_steps=100, end_value=0.1)
+  steps = range(0, 101)
+  np.testing.assert_allclose(_lrs(c, steps),
+                             [float(reference(s)) for s in steps], atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, mid", [("linear", 0.55), ("cosine", 0.55),
+                                        ("1-sqrt", 1 - 0.9 * 0.5**0.5)])
+def test_wsd_warms_up_holds_then_decays(shape, mid):
+  c = _config(schedule="wsd", decay_fraction=0.2, decay_shape=shape)
+  # Warmup to step 10, the peak until step 80, the decay over steps 80-100.
+  lrs = _lrs(c, [0, 5, 10, 50, 80, 90, 100])
+  np.testing.assert_allclose(lrs, [0, 0.5, 1, 1, 1, mid, 0.1], atol=1e-6)
+  decay = _lrs(c, range(80, 101))
+  assert np.all(np.diff(decay) < 0)
+
+
+def test_constant_never_decays():
+  c = _config(schedule="constant")
+  np.testing.assert_allclose(_lrs(c, [0, 5, 10, 99, 100]), [0, .5, 1, 1, 1],
+                             atol=1e-7)
+
+
+def test_branch_schedule_is_the_parent_up_to_its_start():
+  parent = _config(schedule="wsd", decay_fraction=0.2)
+  branch, workdir = config_lib.cooldown_branch(
+      parent, _cooldown(from_step=40, steps=10), "runs/p")
+  assert workdir == os.path.join("runs/p", "cooldowns", "40+10")
+  assert branch.train.steps == 50 and parent.train.steps == 100
+  assert branch.cooldown.parent == os.path.abspath("runs/p")
+  np.testing.assert_allclose(_lrs(branch, range(41)), _lrs(parent, range(41)))
+  # 1-sqrt (the parent's decay shape) from 40 to 50, ending at 0.1.
+  np.testing.assert_allclose(_lrs(branch, [45, 50]),
+                             [1 - 0.9 * 0.5**0.5, 0.1], atol=1e-6)
+
+
+def _cooldown(**fields):
+  c = default.get_config().cooldown
+  c.update(fields)
+  return c
+
+
+@pytest.mark.parametrize("parent, cooldown, message", [
+    (dict(schedule="cosine"), dict(from_step=40, steps=10),
+     "was trained with train.schedule=cosine, which has no stable phase"),
+    (dict(schedule="wsd"), dict(from_step=90, steps=10),
+     "cooldown.from_step=90 is outside the stable phase of runs/p: steps 10 "
+     "to 80"),
+    (dict(schedule="wsd"), dict(from_step=5, steps=10),
+     "cooldown.from_step=5 is outside the stable phase"),
+    (dict(schedule="constant"), dict(from_step=40, steps=0),
+     "--mode=cooldown needs --config.cooldown.steps=K > 0"),
+])
+def test_bad_branches_are_refused(parent, cooldown, message):
+  with pytest.raises(ConfigError, match=message):
+    config_lib.cooldown_branch(_config(**parent), _cooldown(**cooldown),
+                               "runs/p")
+
+
+def test_a_branch_does_not_branch_again():
+  parent = _config(schedule="wsd")
+  branch, _ = config_lib.cooldown_branch(
+      parent, _cooldown(from_step=40, steps=10), "runs/p")
+  with pytest.raises(ConfigError, match="is itself a cooldown branch"):
+    config_lib.cooldown_branch(branch, _cooldown(from_step=20, steps=5),
+                               "runs/p/cooldowns/40+10")
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(schedule="linear"), "train.schedule='linear'; choose one of"),
+    (dict(decay_shape="sqrt"), "train.decay_shape='sqrt'; choose one of"),
+    (dict(decay_fraction=0.0), "train.decay_fraction=0.0 must be in (0, 1]"),
+    (dict(schedule="wsd", decay_fraction=0.95),
+     "the wsd decay starts at step 5, before train.warmup_steps=10 ends"),
+    (dict(min_lr_ratio=1.5), "train.min_lr_ratio=1.5 must be in [0, 1]"),
+])
+def test_bad_schedules_are_refused(fields, message):
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    config_lib.validate(_config(**fields))
+
+
+def test_keep_steps_must_be_inside_the_run():
+  c = _config()
+  c.checkpoint.keep_steps = (50, 101)
+  with pytest.raises(ConfigError, match="must be steps between 1 and"):
+    config_lib.validate(c)
+
+
+@pytest.fixture(scope="module")
+def wsd_run(corpus_dir, tmp_path_factory):
+  """A 12-step wsd run (decay over steps 9-12) that keeps a checkpoint at
+  step 6 for branches, besides those at 3, 6, 9 and 12."""
+  root = tmp_path_factory.mktemp("wsd")
+  workdir = str(root / "run")
+  result = run_train_py(
+      *TINY_FLAGS, f"--config.data.source={corpus_dir}",
+      f"--config.data.cache_dir={root / 'cache'}", "--config.train.steps=12",
+      "--config.train.schedule=wsd", "--config.train.decay_fraction=0.25",
+      "--config.checkpoint.keep=1", "--config.checkpoint.keep_best=False",
+      "--config.checkpoint.keep_steps=(6, 9)", f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def _snapshot(directory):
+  """Every file under directory with its size and modification time."""
+  return {os.path.join(d, f): (os.stat(os.path.join(d, f)).st_size,
+                               os.stat(os.path.join(d, f)).st_mtime_ns)
+          for d, _, files in os.walk(directory) for f in files}
+
+
+def _cooldown_py(workdir, start, steps, *flags):
+  return run_train_py("--mode=cooldown", f"--workdir={workdir}",
+                      f"--config.cooldown.from_step={start}",
+                      f"--config.cooldown.steps={steps}", *flags)
+
+
+def test_keep_steps_survive_keep_n(wsd_run):
+  assert sorted(os.listdir(os.path.join(wsd_run, "checkpoints")),
+                key=int) == ["6", "9", "12"]
+  with open(os.path.join(wsd_run, "run.json")) as f:
+    summary = json.load(f)
+  assert summary["steps"] == 12 and summary["tokens_per_step"] == 4 * 16
+  assert summary["flops_per_token_6n"] == 6 * summary["params_non_embedding"]
+  assert summary["params"] > summary["params_non_embedding"] > 0
+
+
+def test_branch_at_the_decay_start_replays_the_runs_own_decay(wsd_run):
+  """Branching at step 9 with 3 decay steps is the run's own schedule: the
+  same losses, bitwise, and the same final eval."""
+  parent_files = _snapshot(wsd_run)
+  result = _cooldown_py(wsd_run, 9, 3)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "cooldown branch from" in result.stderr + result.stdout
+  branch = os.path.join(wsd_run, "cooldowns", "9+3")
+  parent = {r["step"]: r for r in metrics_records(wsd_run) if "loss" in r}
+  records = metrics_records(branch)
+  losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  assert losses == [(s, parent[s]["loss"]) for s in (10, 11, 12)]
+  assert records[-1]["eval_loss"] == [
+      r for r in metrics_records(wsd_run) if "eval_loss" in r][-1]["eval_loss"]
+  assert _snapshot(wsd_run) == {**parent_files, **{
+      k: v for k, v in _snapshot(wsd_run).items() if k.startswith(branch)}}
+  with open(os.path.join(branch, "config.json")) as f:
+    saved = json.load(f)
+  assert saved["train"]["steps"] == 12
+  assert saved["cooldown"]["parent"] == os.path.abspath(wsd_run)
+
+
+def test_short_branch_decays_and_resumes(wsd_run):
+  result = _cooldown_py(wsd_run, 6, 2)
+  assert result.returncode == 0, result.stderr[-3000:]
+  branch = os.path.join(wsd_run, "cooldowns", "6+2")
+  records = metrics_records(branch)
+  train = [r for r in records if "loss" in r]
+  assert [r["step"] for r in train] == [7, 8]
+  assert train[0]["learning_rate"] == pytest.approx(2e-3)  # the peak
+  assert train[1]["learning_rate"] < 2e-3
+  assert train[0]["tokens_seen"] == 7 * 4 * 16
+  assert [r["step"] for r in records if "eval_loss" in r] == [8]
+  again = _cooldown_py(wsd_run, 6, 2)  # done: resumes at its end
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resuming from" in again.stderr + again.stdout
+  assert metrics_records(branch) == records
+
+
+def test_branch_needs_a_kept_checkpoint(wsd_run):
+  result = _cooldown_py(wsd_run, 4, 2)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f"error: {os.path.abspath(wsd_run)}/checkpoints has no checkpoint at "
+      "step 4 (it has [6, 9, 12]); train the run with "
+      "--config.checkpoint.keep_steps='(4,)'")
+  assert not os.path.exists(os.path.join(wsd_run, "cooldowns", "4+2",
+                                         "config.json"))
