@@ -185,10 +185,9 @@ def _expand(spec, spec_path: str, root: str) -> Sweep:
     label = ", ".join(f"{labels[k]}={v!r}" for k, v in swept.items())
     where = f"run {index} ({label or 'no swept fields'})"
     values, config = _canonical(base, {**overrides, **swept}, where)
-    branches = []
-    if budgets:
-      branches = _cooldowns(config, budgets, where)
-      keep = set(config.checkpoint.keep_steps) | {s for s, _ in branches}
+    branch_points = _branch_points(config, budgets, where) if budgets else []
+    if branch_points:
+      keep = set(config.checkpoint.keep_steps) | {s for s, _ in branch_points}
       values, config = _canonical(
           base, {**values, "checkpoint.keep_steps": tuple(sorted(keep))},
           where)
@@ -203,15 +202,17 @@ def _expand(spec, spec_path: str, root: str) -> Sweep:
                                *_flags(values)], config.train.steps, swept)
     runs.append(run)
     tasks.append(run)
-    for from_step, steps in branches:
-      branch_name = f"{name}/cooldowns/{from_step}+{steps}"
-      branch_dir = os.path.join(root, branch_name)
-      cooldown = {"cooldown.from_step": from_step, "cooldown.steps": steps,
-                  "cooldown.workdir": branch_dir}
-      _config(base, {**values, **cooldown}, f"{where}, {branch_name}")
-      tasks.append(Task(branch_name, branch_dir,
-                        ["--mode=cooldown", *run.args, *_flags(cooldown)],
-                        from_step + steps, swept, run, from_step))
+    for from_step, steps in branch_points:
+      branch = f"{name}/cooldowns/{from_step}+{steps}"
+      cooldown = {"from_step": from_step, "steps": steps,
+                  "workdir": os.path.join(root, branch)}
+      _check_branch(config, cooldown, workdir, f"{where}, {branch}")
+      # The run's flags too: a branch takes the run's saved config, but the
+      # mesh (and any cooldown.*) from its flags.
+      tasks.append(Task(branch, cooldown["workdir"], [
+          "--mode=cooldown", *run.args,
+          *_flags({f"cooldown.{k}": v for k, v in cooldown.items()})],
+          from_step + steps, swept, run, from_step))
   return Sweep(spec_path, root, runs, tasks, swept_fields)
 
 
@@ -315,26 +316,36 @@ def _budgets(budgets) -> list:
   return budgets
 
 
-def _cooldowns(config, budgets: list, where: str) -> list:
+def _branch_points(config, budgets: list, where: str) -> list:
   """(from_step, decay steps) of each budget of a run."""
   t = config.train
-  if t.get("schedule") != "wsd":
+  if t.schedule != "wsd":
     raise SpecError(f"{where}: cooldowns need train.schedule='wsd', not "
-                    f"{t.get('schedule')!r}")
-  branches = []
+                    f"{t.schedule!r}")
+  points = []
   for budget in budgets:
     total = round(budget * t.steps)
     steps = max(1, round(t.decay_fraction * total))
-    if total - steps < max(t.warmup_steps, 1):
-      raise SpecError(
-          f"{where}: cooldown budget {budget} would branch at step "
-          f"{total - steps}, before the warmup ends (train.warmup_steps="
-          f"{t.warmup_steps}); use a larger budget or a shorter warmup")
-    if (total - steps, steps) in branches:
+    if (total - steps, steps) in points:
       raise SpecError(f"{where}: cooldown budgets {budgets} give the same "
                       f"branch twice ({total - steps}+{steps})")
-    branches.append((total - steps, steps))
-  return branches
+    points.append((total - steps, steps))
+  return points
+
+
+def _check_branch(config, cooldown: dict, run_workdir: str,
+                  where: str) -> None:
+  """Builds a branch's config as train.py --mode=cooldown does from the
+  run's, and checks it (e.g. that it starts after the warmup)."""
+  from trainer import config as config_lib
+  from trainer.errors import ConfigError
+  fields = config.cooldown.copy_and_resolve_references()
+  fields.update(cooldown)
+  try:
+    config_lib.validate(config_lib.cooldown_branch(config, fields,
+                                                   run_workdir)[0])
+  except ConfigError as e:
+    raise SpecError(f"{where}: {e}") from None
 
 
 def _tuples(value):
@@ -987,8 +998,8 @@ def array_script(tasks: list, job_name: str, what: str, root: str,
   limit = f"%{parallel}" if parallel else ""
   return "\n".join([
       "#!/bin/bash",
-      f"# The {what}, written by python -m launch.sweep slurm: array",
-      "# task i runs the i-th through launch/slurm.sbatch. Submit from anywhere.",
+      f"# The {what}, written by python -m launch.sweep slurm:",
+      "# array task i runs the i-th through launch/slurm.sbatch.",
       f"#SBATCH --job-name={job_name}", *_sbatch_resources(),
       f"#SBATCH --array=0-{len(tasks) - 1}{limit}",
       f"#SBATCH --output={root}/slurm-%A_%a.out",

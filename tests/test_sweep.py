@@ -177,9 +177,35 @@ def test_random_draws_are_seeded_and_in_bounds(tmp_path):
   assert abs(sum(map(math.log10, lrs)) / len(lrs) + 3) < 0.1
 
 
+
+def test_cooldown_branches_follow_each_run(tmp_path):
+  """Budget b of a T-step run with decay fraction f: T_b = round(b T) steps,
+  K = max(1, round(f T_b)) of them decaying from S = T_b - K; the run keeps
+  its checkpoints at every S."""
+  spec = _spec(tmp_path, {**BASE, "overrides": {
+      "train.steps": 100, "train.schedule": "wsd", "train.warmup_steps": 10},
+      "axes": [{"seeds": [0, 1]}], "cooldowns": [0.25, 0.5, 0.75]})
+  tasks = sweep.load(spec, str(tmp_path / "root")).tasks
+  assert [(t.kind, t.name.split("/", 1)[-1], t.steps) for t in tasks] == [
+      ("run", tasks[0].name, 100), ("cooldown", "cooldowns/20+5", 25),
+      ("cooldown", "cooldowns/40+10", 50), ("cooldown", "cooldowns/60+15", 75),
+      ("run", tasks[4].name, 100), ("cooldown", "cooldowns/20+5", 25),
+      ("cooldown", "cooldowns/40+10", 50), ("cooldown", "cooldowns/60+15", 75)]
+  run, branch = tasks[0], tasks[2]
+  assert run.name.startswith("seed=0-")
+  assert "--config.checkpoint.keep_steps=(20, 40, 60)" in run.args
+  assert branch.parent is run and branch.from_step == 40
+  assert branch.workdir == os.path.join(run.workdir, "cooldowns", "40+10")
+  assert branch.args == ["--mode=cooldown", *run.args,
+                         "--config.cooldown.from_step=40",
+                         "--config.cooldown.steps=10",
+                         f"--config.cooldown.workdir={branch.workdir}"]
+
+
 # --- bad specs ---------------------------------------------------------------
 
 BASE = {"base": "configs/default.py", "overrides": {"train.steps": 100}}
+WSD = {**BASE, "overrides": {"train.steps": 100, "train.schedule": "wsd"}}
 BAD_SPECS = {
     "unknown field": ({**BASE, "overrides": {"train.nope": 1}},
                       "unknown config field"),
@@ -203,6 +229,11 @@ BAD_SPECS = {
         "run 1 (warmup_steps=500): train.warmup_steps=500"),
     "cooldowns without wsd": ({**BASE, "cooldowns": [0.5]},
                               "train.schedule='wsd'"),
+    "cooldown in the warmup": ({**WSD, "cooldowns": [0.05]},
+                               "cooldowns/4+1: cooldown.from_step=4 is "
+                               "outside the stable phase"),
+    "cooldown twice": ({**WSD, "cooldowns": [0.5, 0.501]},
+                       "the same branch twice (40+10)"),
     "missing base": ({**BASE, "base": "configs/nope.py"}, "configs/nope.py"),
 }
 
@@ -299,6 +330,33 @@ def test_collect_rows_of_done_partial_and_unstarted_runs(tmp_path):
   assert csv_rows[2]["params"] == "" and csv_rows[1]["partial"] == "True"
 
 
+def test_cooldown_branch_runs_and_counts_all_its_tokens(
+    tmp_path, corpus_dir, data_cache):
+  """A tiny wsd run with cooldowns [0.5] (12 steps: a branch 5+1) run by
+  the queue: the branch starts from the run's kept checkpoint, and its row
+  counts the tokens of its S + K steps."""
+  spec = _spec(tmp_path, {"base": "configs/default.py",
+                          "overrides": _tiny(corpus_dir, data_cache,
+                                             **{"train.schedule": "wsd"}),
+                          "cooldowns": [0.5]})
+  root = tmp_path / "root"
+  proc = _start("run", spec, "--root", root, "--parallel", 2)
+  out, err = _finish(proc)
+  assert proc.returncode == 0, out + err
+  run, branch = sweep.load(spec, str(root)).tasks
+  assert branch.name == f"{run.name}/cooldowns/5+1"
+  assert f"cooldown branch from {run.workdir}/checkpoints/5" in _log(branch)
+  assert sweep.main(["collect", spec, "--root", str(root)]) == 0
+  rows = _read_json_rows(root / "results.json")
+  with open(os.path.join(branch.workdir, "run.json")) as f:
+    tokens_per_step = json.load(f)["tokens_per_step"]
+  assert rows[1]["name"] == branch.name and rows[1]["kind"] == "cooldown"
+  assert rows[1]["parent"] == run.name and rows[1]["status"] == "done"
+  assert rows[1]["steps"] == rows[1]["target_steps"] == 6
+  assert rows[1]["tokens"] == 6 * tokens_per_step
+  assert rows[0]["tokens"] == 12 * tokens_per_step
+
+
 def _read_json_rows(path) -> list:
   with open(path) as f:
     return json.load(f)
@@ -339,6 +397,40 @@ def test_slurm_array_task_i_runs_run_i(tmp_path, capsys):
   os.makedirs(os.path.join(runs[1].workdir, "checkpoints", "100"))
   task = _array_task(script, 1)
   assert task.returncode == 0 and task.stdout.startswith("done already")
+
+
+def test_slurm_cooldowns_follow_the_runs(tmp_path, capsys, monkeypatch):
+  """The branches are a second array, submitted to start once the first
+  has succeeded."""
+  spec = _spec(tmp_path, {**BASE, "overrides": {
+      "train.steps": 100, "train.schedule": "wsd", "train.warmup_steps": 10},
+      "axes": [{"seeds": [0, 1]}], "cooldowns": [0.5, 0.75]})
+  root = tmp_path / "root"
+  assert sweep.main(["slurm", spec, "--root", str(root), "--dry-run"]) == 0
+  runs, cooldowns = root / "sweep.sbatch", root / "cooldowns.sbatch"
+  assert capsys.readouterr().out == (
+      f"sbatch {runs}\n"
+      f"sbatch '--dependency=afterok:<job id of the first>' {cooldowns}\n")
+  assert "#SBATCH --array=0-1" in runs.read_text().splitlines()
+  assert "#SBATCH --array=0-3" in cooldowns.read_text().splitlines()
+  branches = [t for t in sweep.load(spec, str(root)).tasks if t.parent]
+  for i, branch in enumerate(branches):
+    srun = shlex.split(_array_task(cooldowns, i).stdout.splitlines()[1])
+    assert srun[srun.index("train.py") + 1:] == branch.args
+
+  bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+  bin_dir.mkdir()
+  (bin_dir / "sbatch").write_text(
+      f"#!/bin/bash\necho \"$*\" >> {calls}\necho '4242;cluster'\n")
+  (bin_dir / "sbatch").chmod(0o755)
+  monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+  assert sweep.main(["slurm", spec, "--root", str(root)]) == 0
+  assert calls.read_text().splitlines() == [
+      f"--parsable {runs}",
+      f"--parsable --dependency=afterok:4242 {cooldowns}"]
+  assert capsys.readouterr().out.splitlines() == [
+      f"submitted job 4242: sbatch {runs}",
+      f"submitted job 4242: sbatch --dependency=afterok:4242 {cooldowns}"]
 
 
 # --- locks -------------------------------------------------------------------
