@@ -491,31 +491,16 @@ class Lock:
 
   @classmethod
   def acquire(cls, workdir: str):
-    """(lock or None, the lock found there): None while a live owner holds
-    it. A stale lock is renamed aside (one taker wins the rename), checked to
-    be the one judged stale, and replaced."""
+    """(lock or None, the lock found there, if any): None while a live
+    owner holds it. A stale lock is first moved aside (see _move_aside)."""
     path = os.path.join(workdir, LOCK)
+    found = _read_json(path)
+    if found is not None and (not _stale(found, path) or
+                              not _move_aside(path, found)):
+      return None, found
     now = time.time()
     owner = {"host": HOST, "sweep_pid": os.getpid(), "child_pid": None,
              "started": now, "heartbeat": now}
-    if _create(path, owner):
-      return cls(path, owner), None
-    found = _read_json(path)
-    if found is None or not _stale(found, path):
-      return None, found
-    aside = f"{path}.stale.{HOST}.{os.getpid()}"
-    try:
-      os.rename(path, aside)
-    except FileNotFoundError:  # another taker was first
-      return None, found
-    if _read_json(aside) != found:  # renewed since: its owner lives
-      try:
-        os.link(aside, path)
-      except FileExistsError:  # its owner will see the loss and stop
-        pass
-      os.unlink(aside)
-      return None, found
-    os.unlink(aside)
     return (cls(path, owner) if _create(path, owner) else None), found
 
   def ours(self) -> bool:
@@ -549,6 +534,25 @@ def _create(path: str, owner: dict) -> bool:
     return False
   finally:
     os.unlink(tmp)
+
+
+def _move_aside(path: str, stale: dict) -> bool:
+  """Removes a stale lock: renamed aside (of several takers, one wins the
+  rename), then checked to be the lock judged stale; one renewed meanwhile
+  is put back (its owner lives)."""
+  aside = f"{path}.stale.{HOST}.{os.getpid()}"
+  try:
+    os.rename(path, aside)
+  except FileNotFoundError:  # another taker was first
+    return False
+  moved = _read_json(aside)
+  if moved != stale:
+    try:
+      os.link(aside, path)
+    except FileExistsError:  # its owner will find it lost, and stop
+      pass
+  os.unlink(aside)
+  return moved == stale
 
 
 def _stale(found: dict, path: str) -> bool:
@@ -652,15 +656,18 @@ def _duration(seconds) -> str:
   return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def _number(x) -> str:
+  return "" if x is None else f"{x:.4f}"
+
+
 def _table(rows: list) -> list:
   width = max(len("run"), *(len(r["name"]) for r in rows))
-  number = lambda x: "" if x is None else f"{x:.4f}"
   lines = [f"{'run':<{width}}  {'status':<11}  {'step/steps':>13}  "
            f"{'loss':>7}  {'eval loss':>9}  {'elapsed':>7}"]
   for r in rows:
     progress = f"{r['step']}/{r['steps']}"
     lines.append(f"{r['name']:<{width}}  {r['status']:<11}  {progress:>13}  "
-                 f"{number(r['loss']):>7}  {number(r['eval_loss']):>9}  "
+                 f"{_number(r['loss']):>7}  {_number(r['eval_loss']):>9}  "
                  f"{_duration(r['wall_s']):>7}")
   return lines
 
@@ -713,8 +720,8 @@ class Display:
 
   def _eta(self, rows: list, now: float) -> str:
     """The steps left over the steps per second of this invocation."""
-    done = sum(r["step"] - self.start[r["name"]] for r in rows
-               if r["step"] > self.start[r["name"]])
+    done = sum(max(0, r["step"] - max(self.start[r["name"]], r["from_step"]))
+               for r in rows)
     left = sum(r["steps"] - max(r["step"], r["from_step"]) for r in rows
                if r["status"] not in ("done", "failed"))
     if not left:
@@ -898,8 +905,9 @@ class Queue:
       attempt.save("done", last_exit=code, last_error=None)
       self.finished[task.name] = "done"
       m = Metrics(task.workdir).update()
-      self.display.event(f"done {task.name} in {took}: loss {m.loss:.4f}, "
-                         f"eval loss {m.last_eval['eval_loss']:.4f}")
+      self.display.event(
+          f"done {task.name} in {took}: loss {_number(m.loss)}, eval loss "
+          f"{_number(m.last_eval.get('eval_loss'))}")
     elif attempt.stopped or code == PREEMPTED:
       attempt.save("interrupted", last_exit=code, last_error=error)
       self.display.event(
@@ -1059,11 +1067,16 @@ def _command_run(sweep: Sweep, args) -> int:
   os.makedirs(sweep.root, exist_ok=True)
   done = sum(t.done() for t in sweep.tasks)
   branches = len(sweep.tasks) - len(sweep.runs)
-  print(f"sweep {sweep.spec}: {len(sweep.runs)} runs"
-        f"{f' and {branches} cooldown branches' if branches else ''} in "
-        f"{sweep.root}; {done} done, up to {args.parallel} at a time",
-        flush=True)
+  what = _count(len(sweep.runs), "run")
+  if branches:
+    what += " and " + _count(branches, "cooldown branch")
+  print(f"sweep {sweep.spec}: {what} in {sweep.root}; {done} done, up to "
+        f"{args.parallel} at a time", flush=True)
   return Queue(sweep, args.parallel, args.retries, Display(sweep.tasks)).run()
+
+
+def _count(n: int, noun: str) -> str:
+  return f"{n} {noun}{'' if n == 1 else 'es' if noun.endswith('h') else 's'}"
 
 
 def _command_status(sweep: Sweep, args) -> int:
