@@ -9,28 +9,30 @@ queue or a SLURM job array, show their progress and collect their results.
 A spec is a Python file whose get_sweep() returns plain data:
 
   {"base": "configs/default.py",       # every run starts from it (repo root)
-   "overrides": {"train.steps": 300},  # every run (optional)
-   "axes": [                           # the runs: the product of the axes,
+   "overrides": {"train.steps": 300,   # every run (optional)
+                 "train.schedule": "wsd"},
+   "axes": [                           # the runs: the product of the axes
      {"grid": {"model.d_model": [64, 128], "train.learning_rate": [1e-3]}},
      {"zip": {"model.num_layers": [2, 4], "model.num_heads": [2, 4]}},
      {"list": [{"train.batch_size": 16},
-               {"train.batch_size": 32, "train.learning_rate": 2e-3}]},
+               {"train.batch_size": 32, "train.warmup_steps": 20}]},
      {"random": {"n": 8, "seed": 0, "fields": {
-         "train.learning_rate": ["log_uniform", 1e-4, 1e-2],
+         "train.weight_decay": ["log_uniform", 1e-3, 1e-1],
          "train.b2": ["uniform", 0.9, 0.99],
-         "model.d_model": ["choice", [64, 128]]}}},
+         "model.dropout": ["choice", [0.0, 0.1]]}}},
      {"seeds": [0, 1, 2]}],            # train.seed
    "cooldowns": [0.25, 0.5]}           # WSD cooldown branches (optional)
 
 The first axis varies slowest; no axes is one run. grid takes the product of
 its lists, zip their i-th values together, list the given overrides one by
-one, random n draws seeded by `seed` (log_uniform uniform in log space). A
-field may be set in one place only: by one axis or by `overrides` (two places
-are an error, not a precedence rule: a silently overridden value is a wrong
-run). Every run's config is built as train.py builds it (config_flags parsing
-of the same flags) and checked (trainer.config.validate) before anything
-starts; a bad spec stops with one line `error: ...`, exit status 2, and
-nothing written.
+one, random n draws seeded by `seed` (uniform; log_uniform: uniform in log
+space; choice: one of the values), seeds sets train.seed. A field may be set
+in one place only: by one axis or by `overrides` (two places are an error,
+not a precedence rule: a silently overridden value is a wrong run). Every
+run's config is built as train.py builds it (config_flags parsing of the same
+flags) and checked (trainer.config.validate), and so is every cooldown
+branch, before anything starts; a bad spec stops with one line `error: ...`,
+exit status 2, and nothing written.
 
 Each run is named by its swept values and a hash of its whole definition
 (base and every override): `d_model=64,learning_rate=0.001-3fa2c1`, with its

@@ -12,5 +12,5 @@ def get_sweep():
       "overrides": {"train.steps": 300, "eval.every_steps": 100,
                     "checkpoint.every_steps": 100},
       "axes": [{"grid": {"model.d_model": [64, 128],
-                         "train.learning_rate": [1e-3, 4e-3, 1.6e-2]}}],
+                         "train.learning_rate": [4e-3, 1.6e-2, 6.4e-2]}}],
   }
