@@ -584,6 +584,7 @@ STATUSES = ("queued", "running", "interrupted", "done", "failed")
 
 
 def _status(task: Task, state: dict) -> str:
+  """What the workdir says, whichever sweep process (or SLURM) ran it."""
   if task.done():
     return "done"
   if _held(task.workdir):
