@@ -114,7 +114,7 @@ def read_table(path: str) -> list[dict]:
   status is not `done` keep only their status and line: a failed run may
   have no loss."""
   try:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # BOM or not
       reader = csv.DictReader(f)
       header = reader.fieldnames or []
       missing = [c for c in ("params", "tokens", "loss") if c not in header]
@@ -469,8 +469,8 @@ def fit_summary(result: dict) -> str:
 
 
 def write_plots(result: dict, out_dir: str) -> list[str]:
-  """Writes the PNGs of a fit (isoflop.png only with IsoFLOP budgets) and
-  returns their paths."""
+  """Writes the PNGs of a fit (isoflop.png only with IsoFLOP budgets; an
+  older one is removed) and returns their paths."""
   # Imported here: plans and in-process fits need no matplotlib. A bare
   # Figure renders with Agg and touches no global pyplot state.
   from matplotlib import cm, colors, ticker
@@ -489,10 +489,11 @@ def write_plots(result: dict, out_dir: str) -> list[str]:
     fig = Figure(figsize=(7.5 * ncols, 5.2), dpi=110, layout="constrained")
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
-  def readable_log_y(ax):  # plain numbers, not powers of ten, on few decades
+  def readable_log_y(ax):  # losses span less than a decade: label halves
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=np.arange(1, 10, 0.5)))
     ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
-    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.3g"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
   def save(fig, name):
     path = os.path.join(out_dir, name)
@@ -563,14 +564,16 @@ def write_plots(result: dict, out_dir: str) -> list[str]:
         ax.scatter([b["params_opt"]], [b["loss_opt"]], marker="*", s=160,
                    color=colour, edgecolor="black", zorder=4)
     ax.scatter([], [], marker="*", s=160, color="white", edgecolor="black",
-               label="minimum: N_opt(C) (when inside the sizes tried)")
+               label="parabola minimum: N_opt(C)")
     ax.set_xscale("log")
     ax.set(xlabel="non-embedding parameters N",
            ylabel="loss (nats per token)",
            title="IsoFLOP profiles: loss vs size at fixed compute, "
            "parabolas in ln N")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="lower left")  # profiles fall rightward
     save(fig, PLOTS[2])
+  elif os.path.exists(os.path.join(out_dir, PLOTS[2])):
+    os.remove(os.path.join(out_dir, PLOTS[2]))  # an earlier fit's: stale
 
   # Residuals of L(N, D) in log loss.
   fig, axes = new_axes(2)
