@@ -7,25 +7,26 @@
 `fit` reads a CSV with a row per run and the columns `params`, `tokens`,
 `loss`, optionally `flops`; other columns are ignored. With a `status` column
 only runs whose status is `done` count (the others are skipped and counted).
-It writes DIR/fit.json and PNG plots (DIR defaults to the table's folder) and
-prints a summary. `plan` turns a fit and a compute budget into a model shape
-and a step count. Bad input stops either with one line `error: ...`, exit
-status 2, and nothing written.
+It writes DIR/fit.json and the plots loss_vs_params.png, loss_vs_compute.png,
+isoflop.png (with IsoFLOP budgets) and residuals.png (DIR defaults to the
+table's folder), and prints a summary. `plan` turns a fit and a compute
+budget into a model shape and a step count. Bad input stops either with one
+line `error: ...`, exit status 2, and nothing written.
 
 Conventions:
 - N (`params`) counts non-embedding parameters, as Kaplan et al. (2020) do:
   `model.GPTConfig.num_params(embeddings=False)`. D (`tokens`) counts the
   training tokens seen; losses are in nats per token.
-- Compute C is the `flops` column when the table has one (e.g. the trainer's
-  flops_per_token() * tokens, which adds attention), else 6 N D; fit.json
-  says which. The planner's closed form assumes C = 6 N D.
+- Compute C is the `flops` column when the table has one (e.g.
+  `GPTConfig.flops_per_token()` * tokens, which adds attention), else 6 N D;
+  fit.json says which. The planner's closed form assumes C = 6 N D.
 
 The fits:
 - L(N, D) = E + A / N^alpha + B / D^beta, approach 3 of Hoffmann et al.
   (2022): the Huber loss (delta 1e-3) of the residuals in log loss,
   minimized by L-BFGS-B from the best points of a grid over (a, b, e, alpha,
-  beta), where A = e^a, B = e^b, E = e^e; 95% percentile intervals from
-  bootstrap resamples of the runs.
+  beta), where A = e^a, B = e^b, E = e^e, exponents within [0, 3]; 95%
+  percentile intervals from bootstrap resamples of the runs.
 - L(N) = E + A / N^alpha over the lowest loss of each size, and
   L(C) = E + A / C^gamma over the compute frontier (the runs with a lower loss
   than every run of less or equal compute), least squares on the loss.
@@ -36,6 +37,17 @@ The fits:
   D_opt = k' C^b.
 - Extrapolation check (>= 3 sizes): approach 3 refitted without the largest
   size predicts that size's losses; the project's target is within 3%.
+
+fit.json: the law's E, A, B, alpha, beta; `ci95` ({name: [low, high]});
+`bootstrap` (resamples, fitted, seed); `huber_delta`, `huber_objective`;
+`L_N` (E, A, alpha, r2, sizes); `L_C` (E, A, gamma, r2, frontier_runs);
+`isoflop` (`budgets`: flops, rows, parabola_ln_params, params_opt,
+tokens_opt, loss_opt, inside; `params_opt_law`, `tokens_opt_law`: exponent,
+coefficient); `extrapolation` (held_out_params, fitted_runs, law, runs with
+their predicted loss and relative_error, max_abs_relative_error, target,
+within_target); `params_convention`, `flops_convention`, `runs`, `skipped`;
+`rows`: the runs used (params, tokens, loss, flops, frontier), which
+`budgets.rows` index. A part the table has too little data for is null.
 
 The plan: N_opt = G (C/6)^(beta/(alpha+beta)) with
 G = (alpha A / (beta B))^(1/(alpha+beta)), D_opt = C / (6 N_opt); then the
@@ -769,14 +781,18 @@ def main(argv: list[str] | None = None) -> int:
   f.add_argument("--out", help="folder for fit.json and the plots "
                  "(default: the table's)")
   f.add_argument("--bootstrap", type=int, default=200,
-                 help="resamples for the 95%% intervals (0: none)")
-  f.add_argument("--seed", type=int, default=0, help="of the resamples")
+                 help="resamples for the 95%% intervals (0: none; default "
+                 "%(default)s)")
+  f.add_argument("--seed", type=int, default=0,
+                 help="of the resamples (default %(default)s)")
   p = commands.add_parser("plan", help="a compute-optimal model for a budget")
   p.add_argument("--fit", required=True, help="fit.json of `fit`")
   p.add_argument("--flops", type=float, required=True,
                  help="compute budget C = 6 N D")
-  p.add_argument("--batch-size", type=int, default=32, help="sequences")
-  p.add_argument("--seq-len", type=int, default=128, help="tokens")
+  p.add_argument("--batch-size", type=int, default=32,
+                 help="sequences per step (default %(default)s)")
+  p.add_argument("--seq-len", type=int, default=128,
+                 help="tokens per sequence (default %(default)s)")
   p.add_argument("--out", help="write the plan here as JSON")
   args = parser.parse_args(argv)
   try:
