@@ -67,27 +67,8 @@ import os
 import sys
 
 import numpy as np
-
-
-def _import_optimize():
-  """scipy.optimize with scipy's OpenBLAS on one thread, unless something
-  loaded that library earlier. The fits are thousands of tiny L-BFGS-B
-  problems whose BLAS calls ran 10-20x slower with a thread per core on a
-  busy 2-core machine. The environment is restored: nothing else is
-  affected."""
-  previous = os.environ.get("OPENBLAS_NUM_THREADS")
-  os.environ["OPENBLAS_NUM_THREADS"] = "1"  # read as the library loads
-  try:
-    from scipy import optimize
-  finally:
-    if previous is None:
-      del os.environ["OPENBLAS_NUM_THREADS"]
-    else:
-      os.environ["OPENBLAS_NUM_THREADS"] = previous
-  return optimize
-
-
-optimize = _import_optimize()
+from scipy import optimize
+from threadpoolctl import threadpool_limits
 
 LAW = "L(N, D) = E + A / N^alpha + B / D^beta"
 LAW_PARAMS = ("E", "A", "B", "alpha", "beta")
@@ -394,9 +375,12 @@ def _extrapolation(N, D, L) -> dict | None:
 # ------------------------------------------------------------------ the fit
 
 
+@threadpool_limits.wrap(limits=1, user_api="blas")
 def fit(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
   """Every fit of the module docstring over the rows (as read_table gives
-  them); the dict that fit.json holds."""
+  them); the dict that fit.json holds. BLAS runs on one thread: the fits
+  are thousands of tiny L-BFGS-B problems, 10-20x slower with a thread per
+  core on a busy 2-core machine."""
   runs = _runs(rows)
   N, D, L, C = runs["N"], runs["D"], runs["L"], runs["C"]
   logN, logD, logL = np.log(N), np.log(D), np.log(L)
