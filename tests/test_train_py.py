@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from conftest import TINY_FLAGS, metrics_records, run_train_py
+from conftest import (TINY_FLAGS, file_snapshot, metrics_records,
+                      run_train_py)
 
 
 def _check_ok(result):
@@ -205,11 +206,20 @@ def test_bad_input_is_one_line_error(corpus_dir, tmp_path, trained):
       tmp_path / "cache" / "prepared")
 
 
-def _snapshot(directory) -> dict:
-  """Every file under directory with its size and modification time."""
-  return {os.path.join(d, f): (os.stat(os.path.join(d, f)).st_size,
-                               os.stat(os.path.join(d, f)).st_mtime_ns)
-          for d, _, files in os.walk(directory) for f in files}
+def test_a_finished_run_is_left_alone(trained):
+  """The command again, with new overrides but no more steps: it says the
+  run is complete and changes no file of it."""
+  workdir, flags, _ = trained
+  step = max(map(int, os.listdir(os.path.join(workdir, "checkpoints"))))
+  files = file_snapshot(workdir)
+  result = run_train_py(*flags, f"--config.train.steps={step}",
+                        "--config.train.learning_rate=0.01",
+                        "--config.sample.temperature=0.5",
+                        f"--workdir={workdir}")
+  _check_ok(result)
+  assert f"{workdir} is complete at step {step} (train.steps={step}); " \
+      "nothing written" in result.stdout, result.stdout
+  assert file_snapshot(workdir) == files
 
 
 def test_bad_late_settings_stop_every_mode_before_anything_is_written(
@@ -247,7 +257,7 @@ def test_bad_late_settings_stop_every_mode_before_anything_is_written(
                               f"--workdir={tmp_path / name}", wait=False)
            for name, (args, _) in cases.items()}
   run_dir = trained[0]
-  files = _snapshot(run_dir)
+  files = file_snapshot(run_dir)
   for mode, flag, message in (
       ("eval", "--config.eval.batch_size=0", cases["eval_batch"][1]),
       ("sample", "--config.sample.top_k=-1",
@@ -262,4 +272,4 @@ def test_bad_late_settings_stop_every_mode_before_anything_is_written(
     assert lines[-1].startswith("error: " + cases[name][1]), (name, stderr)
     assert [l for l in lines if "error" in l.lower()] == lines[-1:], name
     assert not (tmp_path / name).exists(), name
-  assert _snapshot(run_dir) == files
+  assert file_snapshot(run_dir) == files

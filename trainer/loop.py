@@ -203,6 +203,11 @@ def train(config, workdir: str) -> dict:
     stack.callback(train_iter.close)
     stack.callback(run.checkpointer.close)
     start, state = run.restore_latest(data_iterator=train_iter)
+    if start is not None and start >= t.steps:  # its files stay as they are
+      _log(f"{workdir} is complete at step {start} (train.steps={t.steps}); "
+           "nothing written. To train it further, raise "
+           "--config.train.steps; to use it, --mode=eval or --mode=sample")
+      return {}
     if start is not None:
       _log(f"resuming from {run.checkpointer.directory} at step {start}")
     else:
