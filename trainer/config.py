@@ -71,6 +71,8 @@ class Rule:
                  f"{self.high}{')' if self.high_open else ']'}")
       elif self.low is not None:
         what += f" {'>' if self.low_open else '>='} {self.low}"
+      elif self.high is not None:
+        what += f" {'<' if self.high_open else '<='} {self.high}"
       return what + "".join(f" or {value}" for value in self.also)
     what = {bool: "True or False", str: "a string", tuple: "a tuple"}[
         self.kind]
