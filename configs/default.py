@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
       batch_size=32,         # global, in sequences
       grad_accum_steps=1,
       learning_rate=4e-3,    # peak
-      warmup_steps=50,
+      warmup_steps=50,       # capped to steps // 5 in a run too short for it
       schedule="cosine",     # "cosine" | "wsd" (warmup-stable-decay) | "constant"
       decay_fraction=0.2,    # wsd: the decay takes this fraction of the steps
       decay_shape="1-sqrt",  # wsd and cooldowns: "linear" | "cosine" | "1-sqrt"

@@ -100,23 +100,54 @@ class Prepared:
     return self._splits[split]
 
 
+# What readers of a prepared directory take from its meta.json.
+_META_KEYS = ("tokenizer", "vocab_size", "dtype", "splits", "train_tokens",
+              "val_tokens")
+
+
 def load(path: str) -> Prepared:
   """A directory that `build` finished."""
-  meta = _read_json(os.path.join(path, META))
+  meta = _read_meta(path)
   if meta is None:
     raise DataError(f"{path} holds no finished preparation (no {META}); run "
                     "python -m data.prepare again to finish it")
-  if meta.get("version") != VERSION:
-    raise DataError(f"{path} was prepared by another version of this code; "
-                    "prepare it again")
-  for split in SPLITS:
-    for shard in meta["splits"][split]["shards"]:
-      file = os.path.join(path, shard["file"])
-      expected = shard["tokens"] * np.dtype(meta["dtype"]).itemsize
-      if not os.path.exists(file) or os.path.getsize(file) != expected:
-        raise DataError(f"{file} is missing or not the {expected} bytes that "
-                        f"{META} records; prepare {path} again")
+  for name, expected in _shard_bytes(meta).items():
+    file = os.path.join(path, name)
+    if not os.path.exists(file) or os.path.getsize(file) != expected:
+      raise DataError(f"{file} is missing or not the {expected} bytes that "
+                      f"{META} records; prepare {path} again")
   return Prepared(path, meta, _load_tokenizer(meta, path))
+
+
+def _read_meta(path: str) -> dict | None:
+  """The meta.json of `path`, None if there is none; one that is damaged
+  (not JSON, cut short, keys missing) or another version's is refused with
+  a line saying to prepare the directory again, which rewrites it."""
+  file = os.path.join(path, META)
+  try:
+    meta = _read_json(file)
+    if meta is None:
+      return None
+    if meta.get("version") != VERSION:
+      raise DataError(f"{path} was prepared by another version of this "
+                      "code; prepare it again")
+    problem = next((f"no {key!r}" for key in _META_KEYS if key not in meta),
+                   "")
+    _shard_bytes(meta)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    problem = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+  if problem:
+    raise DataError(f"{file} is damaged ({problem.splitlines()[0]}); "
+                    f"prepare {path} again (python -m data.prepare, the same "
+                    "command)")
+  return meta
+
+
+def _shard_bytes(meta: dict) -> dict[str, int]:
+  """The size of each shard file, by its name in the directory."""
+  itemsize = np.dtype(meta["dtype"]).itemsize
+  return {shard["file"]: int(shard["tokens"]) * itemsize
+          for split in SPLITS for shard in meta["splits"][split]["shards"]}
 
 
 def prepare(source: str, tokenizer: str, holdout: tuple[str, ...],
@@ -167,7 +198,10 @@ def build(inputs: Sequence[str], output: str, options: Options) -> Prepared:
 
 def _build(inputs, files, output, options) -> Prepared:
   request = _request(options)
-  old = _read_json(os.path.join(output, META))
+  try:
+    old = _read_meta(output)
+  except DataError:  # damaged: written afresh from the tasks' records
+    old = None
   if old is not None and old.get("tokenizer_request") != request:
     raise DataError(f"{output} holds data prepared with the tokenizer "
                     f"{old.get('tokenizer_request')}, not {request}; prepare "

@@ -8,7 +8,6 @@ carry logical axis names; `trainer.sharding` maps them to mesh axes.
 
 import dataclasses
 import math
-from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -19,25 +18,34 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+POSITIONS = ("learned", "sinusoidal")
+ATTENTIONS = ("einsum", "xla", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16")
+# Every logical axis name the arrays below carry: mesh.rules maps these.
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "head_dim", "mlp",
+                "vocab", "layers")
 
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
+  """The architecture. A run's values are checked by the rules in
+  trainer/config.py; the class itself refuses only sizes that would make
+  its derived ones (head_dim) wrong."""
   vocab_size: int
   num_layers: int
   d_model: int
   num_heads: int
   seq_len: int
   d_ff: int = 0  # 0 means 4 * d_model
-  position: Literal["learned", "sinusoidal"] = "learned"
+  position: str = "learned"  # one of POSITIONS
   tie_embeddings: bool = True
   use_bias: bool = True
   dropout: float = 0.0
   scan_layers: bool = False
-  remat: str = "none"
-  dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
+  remat: str = "none"  # a key of REMAT_POLICIES
+  dtype: str = "float32"  # compute dtype (DTYPES); parameters: param_dtype
   param_dtype: str = "float32"
-  attention: Literal["einsum", "xla", "cudnn"] = "einsum"
+  attention: str = "einsum"  # one of ATTENTIONS
   attention_chunks: int = 2  # query blocks of the einsum attention
 
   def __post_init__(self):
@@ -45,17 +53,6 @@ class GPTConfig:
       raise ValueError(
           f"model.d_model={self.d_model} is not divisible by "
           f"model.num_heads={self.num_heads}; pick heads that divide it")
-    for name, allowed in (("remat", sorted(REMAT_POLICIES)),
-                          ("position", ["learned", "sinusoidal"]),
-                          ("attention", ["einsum", "xla", "cudnn"])):
-      if getattr(self, name) not in allowed:
-        raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of "
-                         f"{allowed}")
-    for name in ("vocab_size", "num_layers", "d_model", "num_heads", "seq_len",
-                 "attention_chunks"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"model.{name} must be positive, got "
-                         f"{getattr(self, name)}")
 
   @property
   def head_dim(self) -> int:

@@ -192,6 +192,13 @@ def metrics_records(workdir) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
+def file_snapshot(directory) -> dict:
+  """Every file under directory with its size and modification time."""
+  return {os.path.join(d, f): (os.stat(os.path.join(d, f)).st_size,
+                               os.stat(os.path.join(d, f)).st_mtime_ns)
+          for d, _, files in os.walk(directory) for f in files}
+
+
 def last_logged_step(workdir) -> int:
   """The step of the newest complete record of a run that may still be
   writing (0 before the first)."""

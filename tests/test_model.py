@@ -181,17 +181,26 @@ def test_gpt2_small_config_param_count():
   assert _count(param_shapes(cfg)) == 124_439_808
 
 
-def test_config_errors():
+def test_heads_must_divide_the_width():
+  """The config's other rules are trainer.config.RULES (test_config_rules)."""
   with pytest.raises(ValueError, match="d_model=30 is not divisible by "
                      "model.num_heads=4"):
     tiny_model_config(d_model=30, num_heads=4)
-  with pytest.raises(ValueError, match="model.remat='some'"):
-    tiny_model_config(remat="some")
-  with pytest.raises(ValueError, match="model.num_layers must be positive"):
-    tiny_model_config(num_layers=0)
-  with pytest.raises(ValueError,
-                     match="model.attention_chunks must be positive, got 0"):
-    tiny_model_config(attention_chunks=0)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["layers", "scan"])
+def test_parameters_use_the_logical_axes_mesh_rules_may_name(scan):
+  """model.LOGICAL_AXES is what config checks mesh.rules against."""
+  import flax.linen as nn
+  from model import gpt
+  cfg = tiny_model_config(scan_layers=scan, tie_embeddings=False)
+  boxed = jax.eval_shape(GPT(cfg).init, jax.random.key(0),
+                         jnp.zeros((1, cfg.seq_len), jnp.int32))
+  specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x:
+                          isinstance(x, jax.sharding.PartitionSpec))
+  names = {name for spec in specs for name in spec if name}
+  assert names <= set(gpt.LOGICAL_AXES)
+  assert ("layers" in names) == scan and "embed" in names
 
 
 def test_tiny_model_overfits_one_batch():
@@ -201,8 +210,3 @@ def test_tiny_model_overfits_one_batch():
   assert int(state.step) == 150
   assert abs(losses[0] - math.log(37)) < 0.1
   assert losses[-1] < 0.5, losses[::10]
-
-
-def test_unknown_position_is_rejected():
-  with pytest.raises(ValueError, match="position"):
-    tiny_model_config(position="learnt")

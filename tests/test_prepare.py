@@ -167,6 +167,37 @@ def test_rerun_processes_only_new_or_changed_inputs(tmp_path):
   assert prepare.load(str(out)).meta == changed.meta
 
 
+@pytest.mark.parametrize("damage, reason", [
+    (lambda text: text[:len(text) // 2], "Expecting"),  # cut short
+    (lambda text: "", "Expecting value"),
+    (lambda text: json.dumps({**json.loads(text), "splits": None}),
+     "'NoneType' object is not subscriptable"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items()
+                              if k != "vocab_size"}), "no 'vocab_size'"),
+])
+def test_damaged_meta_is_refused_then_prepared_again(damage, reason,
+                                                     tmp_path):
+  """A meta.json that is not JSON or lacks keys: loading it says which file
+  and to prepare the directory again; preparing it again repairs it."""
+  (tmp_path / "corpus").mkdir()
+  for name in ("a", "b"):
+    (tmp_path / "corpus" / f"{name}.txt").write_text(f"text of {name} " * 9)
+  out, options = tmp_path / "out", prepare.Options(
+      tokenizer="char", seq_len=SEQ, holdout=("b",))
+  first = prepare.build([str(tmp_path / "corpus")], str(out), options)
+  meta = out / prepare.META
+  meta.write_text(damage(meta.read_text()))
+  with pytest.raises(DataError) as e:
+    prepare.prepare(str(out), "char", ())
+  message = str(e.value)
+  assert message.startswith(f"{meta} is damaged ("), message
+  assert reason in message and "\n" not in message
+  assert message.endswith(f"prepare {out} again (python -m data.prepare, the "
+                          "same command)")
+  again = prepare.build([str(tmp_path / "corpus")], str(out), options)
+  assert again.meta == first.meta == prepare.load(str(out)).meta
+
+
 def test_large_jsonl_is_read_in_ranges(tmp_path):
   lines = [json.dumps({"text": f"line {i} " + "é" * (i % 7)})
            for i in range(300)]

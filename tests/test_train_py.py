@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from conftest import TINY_FLAGS, metrics_records, run_train_py
+from conftest import (TINY_FLAGS, file_snapshot, metrics_records,
+                      run_train_py)
 
 
 def _check_ok(result):
@@ -122,12 +123,9 @@ def test_bad_input_is_one_line_error(corpus_dir, tmp_path, trained):
       "heads": ([source, cache, "--config.model.d_model=30",
                  "--config.model.num_heads=4"],
                 "model.d_model=30 is not divisible by model.num_heads=4"),
-      "warmup": ([source, cache, "--config.train.steps=5",
-                  "--config.train.warmup_steps=6"],
-                 "train.warmup_steps=6 must be between 0 and train.steps=5"),
       "steps": ([source, cache, "--config.train.steps=0",
                  "--config.train.warmup_steps=0"],
-                "train.steps must be positive, got 0"),
+                "train.steps=0 must be an integer >= 1"),
       "source": ([f"--config.data.source={tmp_path / 'missing'}", cache],
                  "is neither 'shakespeare' nor a directory"),
       "mesh": ([source, cache, "--config.mesh.data=2"],
@@ -139,7 +137,7 @@ def test_bad_input_is_one_line_error(corpus_dir, tmp_path, trained):
       "type": ([source, cache, "--config.train.steps=many"],
                "flag --config.train.steps=many: invalid literal for int()"),
       "lr": ([source, cache, "--config.train.learning_rate=0"],
-             "train.learning_rate must be positive, got 0"),
+             "train.learning_rate=0.0 must be a finite number > 0"),
       "config": (["--config=configs/nope.py"],
                  "--config=configs/nope.py: no such file"),
   }
@@ -206,3 +204,72 @@ def test_bad_input_is_one_line_error(corpus_dir, tmp_path, trained):
   assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == checkpoints
   assert not os.path.exists(tmp_path / "cache" / "prepared") or not os.listdir(
       tmp_path / "cache" / "prepared")
+
+
+def test_a_finished_run_is_left_alone(trained):
+  """The command again, with new overrides but no more steps: it says the
+  run is complete and changes no file of it."""
+  workdir, flags, _ = trained
+  step = max(map(int, os.listdir(os.path.join(workdir, "checkpoints"))))
+  files = file_snapshot(workdir)
+  result = run_train_py(*flags, f"--config.train.steps={step}",
+                        "--config.train.learning_rate=0.01",
+                        "--config.sample.temperature=0.5",
+                        f"--workdir={workdir}")
+  _check_ok(result)
+  assert f"{workdir} is complete at step {step} (train.steps={step}); " \
+      "nothing written" in result.stdout, result.stdout
+  assert file_snapshot(workdir) == files
+
+
+def test_bad_late_settings_stop_every_mode_before_anything_is_written(
+    corpus_dir, tmp_path, trained):
+  """Settings used only late (eval, sample, checkpoint, logging) and a
+  damaged prepared directory: one line and status 2 at the start, before
+  the workdir (config.json, checkpoints) exists; in eval and sample modes
+  the run's files stay as they were."""
+  from data import prepare
+  damaged = tmp_path / "prepared"
+  prepare.build([corpus_dir], str(damaged), prepare.Options(
+      tokenizer="char", holdout=("hamlet",)))
+  meta = damaged / prepare.META
+  meta.write_text(meta.read_text()[:100])
+  base = trained[1]
+  cases = {
+      "eval_batch": (["--config.eval.batch_size=0"],
+                     "eval.batch_size=0 must be an integer >= 1"),
+      "max_batches": (["--config.eval.max_batches=-1"],
+                      "eval.max_batches=-1 must be an integer >= 0"),
+      "new_tokens": (["--config.sample.max_new_tokens=0"],
+                     "sample.max_new_tokens=0 must be an integer >= 1"),
+      "top_k": (["--config.sample.top_k=500"],
+                "sample.top_k=500 exceeds the vocabulary of "),
+      "prompt": (["--config.sample.prompt=a§"],
+                 "sample.prompt='a§': character '§' is not in the vocabulary"),
+      "keep": (["--config.checkpoint.keep=0"],
+               "checkpoint.keep=0 must be an integer >= 1"),
+      "log_every": (["--config.train.log_every_steps=0"],
+                    "train.log_every_steps=0 must be an integer >= 1"),
+      "meta": ([f"--config.data.source={damaged}"],
+               f"{meta} is damaged ("),
+  }
+  procs = {name: run_train_py(*base, *args, "--config.train.steps=6",
+                              f"--workdir={tmp_path / name}", wait=False)
+           for name, (args, _) in cases.items()}
+  run_dir = trained[0]
+  files = file_snapshot(run_dir)
+  for mode, flag, message in (
+      ("eval", "--config.eval.batch_size=0", cases["eval_batch"][1]),
+      ("sample", "--config.sample.top_k=-1",
+       "sample.top_k=-1 must be an integer >= 0")):
+    procs[mode] = run_train_py(f"--mode={mode}", flag, f"--workdir={run_dir}",
+                               wait=False)
+    cases[mode] = (None, message)
+  for name, proc in procs.items():
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, (name, stdout, stderr)
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("error: " + cases[name][1]), (name, stderr)
+    assert [l for l in lines if "error" in l.lower()] == lines[-1:], name
+    assert not (tmp_path / name).exists(), name
+  assert file_snapshot(run_dir) == files

@@ -71,8 +71,13 @@ class Checkpointer:
         state=ocp.args.PyTreeSave({"params": params}),
         run=ocp.args.JsonSave(run_info)))
 
+  def saved_shapes(self, step: int) -> dict:
+    """{'params.Embed_0.embedding': shape, ...} of a checkpoint's state, read
+    from its metadata (no array is loaded)."""
+    return _shapes(self._manager.item_metadata(step)["state"])
+
   def _check_shapes(self, step: int, target_state, params_only: bool) -> None:
-    saved = _shapes(self._manager.item_metadata(step)["state"])
+    saved = self.saved_shapes(step)
     wanted = _shapes(target_state)
     if params_only:
       saved, wanted = ({k: v for k, v in d.items() if k.startswith("params.")}

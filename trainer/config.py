@@ -1,68 +1,312 @@
-"""Checks a run's config before anything is compiled or written, and turns
-its `model` section into a GPTConfig."""
+"""A run's config: a rule for every field, checked before anything is
+compiled or written; the config a run uses (a short run's warmup capped);
+its model section as a GPTConfig; config.json.
 
+Every field of configs/default.py has one entry in RULES (tests/
+test_config_rules.py fails for a field without one), and every rule across
+fields is one function in CROSS_CHECKS. Two checks need what a config alone
+does not say: the mesh against the device count (sharding.make_mesh) and
+the sample settings against the tokenizer (check_with_tokenizer).
+"""
+
+import dataclasses
 import json
+import math
 import os
 
 import ml_collections
 
 from configs import default
-from model import GPTConfig
-from trainer import optim
+from data import prepare
+from model import GPTConfig, gpt
+from trainer import optim, sharding
 from trainer.errors import ConfigError
 
 
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """The values one field accepts: of type `kind` (a float field takes an
+  int too, a tuple field a list, as config.json holds one; a bool is no
+  number); numbers finite and within `low` and `high` (None: unbounded;
+  exclusive where `low_open` or `high_open`), or one of `also`; strings one
+  of `choices` if given; strings and tuples not empty if `nonempty`; tuple
+  items each by `items`. `means` explains the special values."""
+  kind: type
+  low: float | None = None
+  high: float | None = None
+  low_open: bool = False
+  high_open: bool = False
+  also: tuple = ()
+  choices: tuple = ()
+  nonempty: bool = False
+  items: "Rule | None" = None
+  means: str = ""
+
+  def accepts(self, value) -> bool:
+    if not _has_kind(value, self.kind):
+      return False
+    if self.kind in (int, float):
+      return value in self.also or (math.isfinite(value) and
+                                    self._in_range(value))
+    if self.choices:
+      return value in self.choices
+    if self.nonempty and not value:
+      return False
+    return self.items is None or all(map(self.items.accepts, value))
+
+  def _in_range(self, value) -> bool:
+    above = self.low is None or (value > self.low if self.low_open else
+                                 value >= self.low)
+    below = self.high is None or (value < self.high if self.high_open else
+                                  value <= self.high)
+    return above and below
+
+  def describe(self) -> str:
+    if self.choices:
+      return f"one of {list(self.choices)}"
+    if self.kind in (int, float):
+      what = "an integer" if self.kind is int else "a finite number"
+      if self.low is not None and self.high is not None:
+        what += (f" in {'(' if self.low_open else '['}{self.low}, "
+                 f"{self.high}{')' if self.high_open else ']'}")
+      elif self.low is not None:
+        what += f" {'>' if self.low_open else '>='} {self.low}"
+      elif self.high is not None:
+        what += f" {'<' if self.high_open else '<='} {self.high}"
+      return what + "".join(f" or {value}" for value in self.also)
+    what = {bool: "True or False", str: "a string", tuple: "a tuple"}[
+        self.kind]
+    if self.nonempty:
+      what = what.replace("a ", "a non-empty ", 1)
+    if self.items is not None:
+      what += f" whose items are each {self.items.describe()}"
+    return what
+
+
+def _has_kind(value, kind: type) -> bool:
+  if isinstance(value, bool) or kind is bool:
+    return type(value) is kind
+  if kind is float:
+    return isinstance(value, (int, float))
+  return isinstance(value, (tuple, list) if kind is tuple else kind)
+
+
+def one_of(*choices: str) -> Rule:
+  return Rule(str, choices=choices)
+
+
+COUNT = Rule(int, 1)
+FLAG = Rule(bool)
+TEXT = Rule(str)
+MESH_SIZE = Rule(int, 1, also=(-1,), means="-1: all remaining devices")
+
+# Every field's rule, by its dotted name, in configs/default.py's order.
+RULES = {
+    "model.vocab_size": Rule(int, 0, means="0: the tokenizer's"),
+    "model.num_layers": COUNT,
+    "model.d_model": COUNT,
+    "model.num_heads": COUNT,
+    "model.d_ff": Rule(int, 0, means="0: 4 * d_model"),
+    "model.seq_len": COUNT,
+    "model.position": one_of(*gpt.POSITIONS),
+    "model.tie_embeddings": FLAG,
+    "model.use_bias": FLAG,
+    "model.dropout": Rule(float, 0, 1, high_open=True),
+    "model.scan_layers": FLAG,
+    "model.remat": one_of(*gpt.REMAT_POLICIES),
+    "model.dtype": one_of(*gpt.DTYPES),
+    "model.param_dtype": one_of(*gpt.DTYPES),
+    "model.attention": one_of(*gpt.ATTENTIONS),
+    "model.attention_chunks": COUNT,
+    "data.source": TEXT,
+    "data.tokenizer": one_of(*prepare.KINDS),
+    "data.holdout": Rule(tuple, items=Rule(str, nonempty=True)),
+    "data.val_fraction": Rule(float, 0, 1, low_open=True, high_open=True),
+    "data.cache_dir": Rule(str, means="'': $GPT_JAX_CACHE or ~/.cache/gpt_jax"),
+    "data.num_workers": Rule(int, 0, means="0: none, this process"),
+    "train.steps": COUNT,
+    "train.batch_size": COUNT,
+    "train.grad_accum_steps": COUNT,
+    "train.learning_rate": Rule(float, 0, low_open=True),
+    "train.warmup_steps": Rule(int, 0),  # and see capped_warmup
+    "train.schedule": one_of(*optim.SCHEDULES),
+    "train.decay_fraction": Rule(float, 0, 1, low_open=True),
+    "train.decay_shape": one_of(*optim.DECAY_SHAPES),
+    "train.min_lr_ratio": Rule(float, 0, 1),
+    "train.b1": Rule(float, 0, 1, high_open=True),
+    "train.b2": Rule(float, 0, 1, high_open=True),
+    "train.eps": Rule(float, 0, low_open=True),
+    "train.weight_decay": Rule(float, 0),
+    "train.grad_clip": Rule(float, 0, low_open=True),
+    "train.skip_nonfinite_updates": Rule(
+        int, 0, means="0: stop at a non-finite loss"),
+    "train.seed": Rule(int, 0),
+    "train.log_every_steps": COUNT,
+    "eval.every_steps": COUNT,
+    "eval.batch_size": COUNT,
+    "eval.max_batches": Rule(int, 0, means="0: all"),
+    "checkpoint.every_steps": COUNT,
+    "checkpoint.keep": COUNT,
+    "checkpoint.keep_best": FLAG,
+    "checkpoint.init_from": TEXT,
+    "checkpoint.keep_steps": Rule(tuple, items=COUNT),
+    "cooldown.from_step": Rule(int, 0),
+    "cooldown.steps": Rule(int, 0),
+    "cooldown.shape": Rule(str, choices=("", *optim.DECAY_SHAPES),
+                           means="'': the run's train.decay_shape"),
+    "cooldown.workdir": TEXT,
+    "cooldown.parent": TEXT,
+    "mesh.data": MESH_SIZE,
+    "mesh.fsdp": MESH_SIZE,
+    "mesh.tensor": MESH_SIZE,
+    "mesh.rules": Rule(tuple, items=Rule(tuple)),
+    "sample.prompt": Rule(str, nonempty=True),
+    "sample.temperature": Rule(float, 0, means="0: greedy"),
+    "sample.top_k": Rule(int, 0, means="0: no top-k filter"),
+    "sample.top_p": Rule(float, 0, 1, low_open=True),
+    "sample.max_new_tokens": COUNT,
+    "sample.seed": Rule(int, 0),
+    "perf.peak_flops": Rule(float, 0, means="0: look up or measure"),
+}
+
+
 def validate(config) -> None:
+  """Every field by its rule, then the rules across fields; raises a
+  ConfigError naming the first field that breaks one. A warmup too long
+  for the run is no error: the run caps it (capped_warmup)."""
+  for field in RULES:
+    check_field(config, field)
+  for check in CROSS_CHECKS:
+    check(config)
+
+
+def check_field(config, field: str) -> None:
+  section, name = field.split(".")
+  if section not in config or name not in config[section]:
+    raise ConfigError(f"the config has no field {field}; build it from "
+                      "configs/default.py")
+  rule, value = RULES[field], config[section][name]
+  if not rule.accepts(value):
+    raise ConfigError(f"{field}={value!r} must be {rule.describe()}" +
+                      (f" ({rule.means})" if rule.means else ""))
+
+
+# ---------------------------------------------------------------- across fields
+
+def batch_splits_into_microbatches(config) -> None:
   t = config.train
-  for name in ("steps", "batch_size", "learning_rate", "grad_accum_steps"):
-    if t[name] <= 0:
-      raise ConfigError(f"train.{name} must be positive, got {t[name]}")
-  if not 0 <= t.warmup_steps <= t.steps:
-    raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be between 0 "
-                      f"and train.steps={t.steps}")
-  _check_schedule(config)
   if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
                       f"train.grad_accum_steps={t.grad_accum_steps}")
-  for section in ("eval", "checkpoint"):
-    if config[section].every_steps <= 0:
-      raise ConfigError(f"{section}.every_steps must be positive, got "
-                        f"{config[section].every_steps}")
-  if config.sample.temperature < 0 or not 0 < config.sample.top_p <= 1:
-    raise ConfigError("sample.temperature must be >= 0 and sample.top_p in "
-                      "(0, 1]")
-  model_config(config, vocab_size=max(config.model.vocab_size, 1))
 
 
-def _check_schedule(config) -> None:
-  t, c = config.train, config.cooldown
-  for name, value, allowed in (
-      ("train.schedule", t.schedule, optim.SCHEDULES),
-      ("train.decay_shape", t.decay_shape, tuple(optim.DECAY_SHAPES)),
-      ("cooldown.shape", c.shape, ("",) + tuple(optim.DECAY_SHAPES))):
-    if value not in allowed:
-      raise ConfigError(f"{name}={value!r}; choose one of {list(allowed)}")
-  if not 0 < t.decay_fraction <= 1:
-    raise ConfigError(f"train.decay_fraction={t.decay_fraction} must be in "
-                      "(0, 1]")
-  if not 0 <= t.min_lr_ratio <= 1:
-    raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
-  decay_start, decay_steps, _ = optim.decay_phase(config)
-  if t.schedule == "wsd" and decay_start < t.warmup_steps:
-    raise ConfigError(
-        f"the wsd decay starts at step {decay_start}, before "
-        f"train.warmup_steps={t.warmup_steps} ends; shorten the warmup or "
-        "train.decay_fraction")
-  if any(not 0 < s <= t.steps for s in config.checkpoint.keep_steps):
+def keep_steps_inside_the_run(config) -> None:
+  steps = config.train.steps
+  if any(s > steps for s in config.checkpoint.keep_steps):
     raise ConfigError(
         f"checkpoint.keep_steps={tuple(config.checkpoint.keep_steps)} must "
-        f"be steps between 1 and train.steps={t.steps}")
-  if c.steps < 0 or c.from_step < 0:
-    raise ConfigError("cooldown.from_step and cooldown.steps must be >= 0")
+        f"be steps between 1 and train.steps={steps}")
+
+
+def cooldown_only_in_a_branch(config) -> None:
+  """cooldown.steps and cooldown.parent describe a branch, which
+  --mode=cooldown makes; a run with one and not the other would be
+  neither."""
+  c = config.cooldown
+  if c.steps > 0 and not c.parent:
+    raise ConfigError(f"cooldown.steps={c.steps} makes a branch of a run: "
+                      "add --mode=cooldown (with --config.cooldown.from_step)"
+                      ", or leave cooldown.steps at 0 to train")
+  if c.parent and c.steps <= 0:
+    raise ConfigError(f"cooldown.parent={c.parent!r} is set by --mode=cooldown"
+                      " alone, with cooldown.steps > 0; leave it empty")
+  if c.steps > 0 and c.from_step + c.steps != config.train.steps:
+    raise ConfigError(
+        f"cooldown.from_step={c.from_step} + cooldown.steps={c.steps} must "
+        f"equal train.steps={config.train.steps} in a cooldown branch")
+
+
+def one_mesh_axis_free(config) -> None:
+  free = [a for a in sharding.MESH_AXES if config.mesh[a] == -1]
+  if len(free) > 1:
+    raise ConfigError(f"mesh.{' and mesh.'.join(free)} are both -1; at most "
+                      "one axis may take the remaining devices")
+
+
+def mesh_rules_name_known_axes(config) -> None:
+  for entry in config.mesh.rules:
+    axes = entry[1] if len(entry) == 2 else ()
+    axes = (axes,) if isinstance(axes, str) or axes is None else axes
+    if (len(entry) != 2 or entry[0] not in gpt.LOGICAL_AXES or not all(
+        a is None or a in sharding.MESH_AXES for a in axes)):
+      raise ConfigError(
+          f"mesh.rules entry {tuple(entry)!r} must be (logical axis, mesh "
+          f"axes): a logical axis of {list(gpt.LOGICAL_AXES)}, mapped to "
+          f"one or a tuple of {list(sharding.MESH_AXES)} (or None)")
+
+
+def model_is_consistent(config) -> None:
+  """GPTConfig's own checks (heads that divide d_model), and the attention
+  implementation against the compute dtype."""
+  model_config(config, vocab_size=max(config.model.vocab_size, 1))
+  m = config.model
+  if m.attention == "cudnn" and m.dtype == "float32":
+    raise ConfigError("model.attention='cudnn' needs model.dtype='bfloat16' "
+                      "or 'float16' (cuDNN's attention has no float32)")
+
+
+def top_k_within_vocabulary(config, vocab_size: int = 0) -> None:
+  """When the vocabulary is known: model.vocab_size, else the tokenizer's."""
+  vocab = config.model.vocab_size or vocab_size
+  if vocab and config.sample.top_k > vocab:
+    raise ConfigError(f"sample.top_k={config.sample.top_k} exceeds the "
+                      f"vocabulary of {vocab}; lower it (0: no top-k filter)")
+
+
+CROSS_CHECKS = (batch_splits_into_microbatches, keep_steps_inside_the_run,
+                cooldown_only_in_a_branch, one_mesh_axis_free,
+                mesh_rules_name_known_axes, model_is_consistent,
+                top_k_within_vocabulary)
+
+
+def check_with_tokenizer(config, tokenizer) -> None:
+  """The sample settings against the run's tokenizer, once the data is
+  loaded: before training, not after it."""
+  top_k_within_vocabulary(config, tokenizer.vocab_size)
+  try:
+    tokenizer.encode(config.sample.prompt)
+  except ValueError as e:
+    raise ConfigError(f"sample.prompt={config.sample.prompt!r}: {e}") from None
+
+
+def capped_warmup(config) -> tuple[ml_collections.ConfigDict, str]:
+  """The config a run uses, and a notice if it differs from `config`: a
+  warmup must end by the time the decay starts (cosine's starts when the
+  warmup ends, so: by the last step). A longer one, as a config made for
+  long runs gives a short one (the default's 50 steps with
+  --config.train.steps=25), is cut to a fifth of the steps, or to where the
+  decay starts if that is sooner. The run saves the value it uses in its
+  config.json, so a resume uses it too."""
+  t = config.train
+  limit = optim.warmup_limit(config)
+  if t.warmup_steps <= limit:
+    return config, ""
+  capped = config.copy_and_resolve_references()
+  capped.train.warmup_steps = min(t.steps // 5, limit)
+  where = (f"is longer than this {t.steps}-step run" if limit == t.steps else
+           f"does not end before the decay starts at step {limit}")
+  how = ("a fifth of the run" if capped.train.warmup_steps == t.steps // 5
+         else "until the decay starts")
+  return capped, (f"note: train.warmup_steps={t.warmup_steps} {where}; "
+                  f"warming up for {capped.train.warmup_steps} steps ({how}) "
+                  "instead, as the run's config.json records")
 
 
 def model_config(config, vocab_size: int) -> GPTConfig:
   """GPTConfig from config.model; vocab_size 0 there means the tokenizer's."""
+  for field in RULES:
+    if field.startswith("model."):
+      check_field(config, field)
   fields = dict(config.model)
   if fields["vocab_size"] and fields["vocab_size"] < vocab_size:
     raise ConfigError(

@@ -101,7 +101,13 @@ def _windows(data: prepare.Prepared, split: str, model_cfg):
 
 
 def build(config, workdir: str) -> Run:
+  """Everything a run needs. Every setting is checked first, those used
+  late (eval, sample, checkpoint) included, so a bad one stops the run
+  before anything is compiled or written."""
   config_lib.validate(config)
+  config, notice = config_lib.capped_warmup(config)
+  if notice:
+    _log(notice)
   _check_workdir(workdir)
   mesh = sharding.make_mesh(config.mesh)
   # Before the data is prepared (model_and_optimizer checks it all again).
@@ -110,6 +116,7 @@ def build(config, workdir: str) -> Run:
   data = prepare.prepare(config.data.source, config.data.tokenizer,
                          tuple(config.data.holdout), config.data.cache_dir,
                          config.data.get("val_fraction", 0.01))
+  config_lib.check_with_tokenizer(config, data.tokenizer)
   model, tx, rules, shardings = model_and_optimizer(
       config, data.meta["vocab_size"], mesh)
   for split, batch_size in (("train", config.train.batch_size), ("val", 1)):
@@ -170,12 +177,7 @@ def evaluate_params(run: Run, params, max_batches: int) -> dict:
 def sample_text(run: Run, params) -> str:
   s = run.config.sample
   tokenizer = run.data.tokenizer
-  try:
-    prompt = tokenizer.encode(s.prompt)
-  except ValueError as e:
-    raise ConfigError(f"sample.prompt={s.prompt!r}: {e}") from None
-  if prompt.size == 0:
-    raise ConfigError("sample.prompt is empty; give at least one character")
+  prompt = tokenizer.encode(s.prompt)  # checked by build
   # One sequence is not split over the data-parallel devices.
   rules = tuple((name, None if name == "batch" else axes)
                 for name, axes in run.rules)
@@ -188,7 +190,7 @@ def sample_text(run: Run, params) -> str:
 
 def train(config, workdir: str) -> dict:
   run = build(config, workdir)
-  t = config.train
+  config, t = run.config, run.config.train  # as the run uses it
   description = _describe(run)
   _log(description)
   with run.context() as stack:
@@ -201,6 +203,11 @@ def train(config, workdir: str) -> dict:
     stack.callback(train_iter.close)
     stack.callback(run.checkpointer.close)
     start, state = run.restore_latest(data_iterator=train_iter)
+    if start is not None and start >= t.steps:  # its files stay as they are
+      _log(f"{workdir} is complete at step {start} (train.steps={t.steps}); "
+           "nothing written. To train it further, raise "
+           "--config.train.steps; to use it, --mode=eval or --mode=sample")
+      return {}
     if start is not None:
       _log(f"resuming from {run.checkpointer.directory} at step {start}")
     else:

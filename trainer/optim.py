@@ -40,6 +40,14 @@ def decay_phase(config) -> tuple[int, int, str]:
   return t.steps, 0, t.decay_shape  # constant: the decay never starts
 
 
+def warmup_limit(config) -> int:
+  """The step by which the warmup must end: where the decay starts, or, for
+  cosine, whose decay starts when the warmup ends, the last step."""
+  if config.train.schedule == "cosine" and config.cooldown.steps == 0:
+    return config.train.steps
+  return decay_phase(config)[0]
+
+
 def lr_schedule(config) -> optax.Schedule:
   peak = config.train.learning_rate
   end = peak * config.train.min_lr_ratio

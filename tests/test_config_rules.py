@@ -1,0 +1,173 @@
+"""Every config field has a rule (trainer.config.RULES) and every rule
+refuses what it should with one line naming the field; each rule across
+fields (CROSS_CHECKS) refuses its cases. Fast: no model is built."""
+
+import glob
+import importlib
+import os
+
+import ml_collections
+import pytest
+
+from conftest import REPO
+from configs import default
+from data import tokenizers
+from trainer import config as config_lib
+from trainer.errors import ConfigError
+
+
+def _configs() -> dict:
+  """name -> get_config() of every configs/*.py that has one: a new config
+  is covered without being listed here."""
+  found = {}
+  for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
+    name = os.path.splitext(os.path.basename(path))[0]
+    module = importlib.import_module(f"configs.{name}")
+    if hasattr(module, "get_config"):
+      found[name] = module.get_config()
+  return found
+
+
+CONFIGS = _configs()
+
+
+def _leaves(tree: dict, prefix: str = ""):
+  """Dotted names of the fields of a config's dict."""
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield prefix + key
+
+
+def test_the_configs_are_found():
+  assert {"default", "gpt2_small", "gpt3_xl"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_field_has_a_rule_and_keeps_it(name):
+  config = CONFIGS[name]
+  without_rule = set(_leaves(config.to_dict())) - set(config_lib.RULES)
+  assert not without_rule, f"add these to trainer.config.RULES: {without_rule}"
+  config_lib.validate(config)
+
+
+def test_every_rule_is_for_a_field():
+  fields = set().union(*(_leaves(c.to_dict()) for c in CONFIGS.values()))
+  assert not set(config_lib.RULES) - fields
+
+
+_WRONG_KIND = {int: 2.5, float: "0.1", str: 3, bool: 1, tuple: 3}
+
+
+def _violations(rule: config_lib.Rule) -> list:
+  """Values `rule` refuses: one of a wrong type, and one past each bound,
+  outside the choices, empty, or with a bad item, as the rule has them."""
+  bad = [_WRONG_KIND[rule.kind]]
+  if rule.kind is int:
+    bad.append(True)  # a bool is no integer
+  if rule.kind is float:
+    bad.append(float("nan"))
+  if rule.low is not None:
+    bad.append(rule.low if rule.low_open else rule.low - 1)
+  if rule.high is not None:
+    bad.append(rule.high if rule.high_open else rule.high + 1)
+  if rule.choices:
+    bad.append("bogus")
+  if rule.nonempty:
+    bad.append(rule.kind())
+  if rule.items is not None:
+    bad.append((_violations(rule.items)[0],))
+  return bad
+
+
+VIOLATIONS = [(field, value) for field, rule in config_lib.RULES.items()
+              for value in _violations(rule)]
+
+
+def _config(**fields) -> ml_collections.ConfigDict:
+  """configs/default.py with `fields` ("section__name": value) set as
+  config.json would give them: without ConfigDict's type conversions."""
+  tree = default.get_config().to_dict()
+  for key, value in fields.items():
+    section, name = key.split("__")
+    tree[section][name] = value
+  return ml_collections.ConfigDict(tree)
+
+
+@pytest.mark.parametrize("field, value", VIOLATIONS,
+                         ids=[f"{f}={v!r}" for f, v in VIOLATIONS])
+def test_each_rule_refuses_in_one_line_naming_the_field(field, value):
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(_config(**{field.replace(".", "__"): value}))
+  message = str(e.value)
+  assert message.startswith(f"{field}={value!r} must be "), message
+  assert "\n" not in message
+
+
+def test_a_missing_field_is_named():
+  tree = default.get_config().to_dict()
+  del tree["eval"]["max_batches"]
+  with pytest.raises(ConfigError, match="the config has no field "
+                     "eval.max_batches; build it from configs/default.py"):
+    config_lib.validate(ml_collections.ConfigDict(tree))
+
+
+CROSS_CASES = [
+    ("batch_splits_into_microbatches",
+     dict(train__batch_size=6, train__grad_accum_steps=4),
+     "train.batch_size=6 is not divisible by train.grad_accum_steps=4"),
+    ("keep_steps_inside_the_run",
+     dict(train__steps=100, checkpoint__keep_steps=(50, 101)),
+     "checkpoint.keep_steps=(50, 101) must be steps between 1 and "
+     "train.steps=100"),
+    ("cooldown_only_in_a_branch", dict(cooldown__steps=5),
+     "cooldown.steps=5 makes a branch of a run: add --mode=cooldown"),
+    ("cooldown_only_in_a_branch", dict(cooldown__parent="runs/x"),
+     "cooldown.parent='runs/x' is set by --mode=cooldown alone"),
+    ("cooldown_only_in_a_branch",
+     dict(cooldown__steps=5, cooldown__from_step=10, cooldown__parent="/r"),
+     "cooldown.from_step=10 + cooldown.steps=5 must equal "
+     "train.steps=1200"),
+    ("one_mesh_axis_free", dict(mesh__fsdp=-1),
+     "mesh.data and mesh.fsdp are both -1"),
+    ("mesh_rules_name_known_axes",
+     dict(mesh__rules=(("heads", ("tensor", "model")),)),
+     "mesh.rules entry ('heads', ('tensor', 'model')) must be (logical "
+     "axis, mesh axes)"),
+    ("mesh_rules_name_known_axes", dict(mesh__rules=(("head", "tensor"),)),
+     "mesh.rules entry ('head', 'tensor') must be"),
+    ("mesh_rules_name_known_axes", dict(mesh__rules=[["batch"]]),
+     "mesh.rules entry ('batch',) must be"),
+    ("model_is_consistent", dict(model__d_model=30, model__num_heads=4),
+     "model.d_model=30 is not divisible by model.num_heads=4"),
+    ("model_is_consistent", dict(model__attention="cudnn"),
+     "model.attention='cudnn' needs model.dtype='bfloat16' or 'float16'"),
+    ("top_k_within_vocabulary", dict(model__vocab_size=50, sample__top_k=51),
+     "sample.top_k=51 exceeds the vocabulary of 50"),
+]
+
+
+@pytest.mark.parametrize("check, fields, message", CROSS_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CROSS_CASES)])
+def test_each_rule_across_fields_refuses(check, fields, message):
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(_config(**fields))
+  assert str(e.value).startswith(message), str(e.value)
+
+
+def test_each_rule_across_fields_has_a_case():
+  assert ({check.__name__ for check in config_lib.CROSS_CHECKS} ==
+          {case[0] for case in CROSS_CASES})
+
+
+def test_sample_settings_against_the_tokenizer():
+  tokenizer = tokenizers.CharTokenizer.fit(["abc\nde"])  # 7 ids with EOT
+  config = _config(sample__prompt="\nbad", sample__top_k=7)
+  config_lib.check_with_tokenizer(config, tokenizer)
+  with pytest.raises(ConfigError, match="sample.top_k=8 exceeds the "
+                     "vocabulary of 7"):
+    config_lib.check_with_tokenizer(_config(sample__top_k=8), tokenizer)
+  with pytest.raises(ConfigError, match="sample.prompt='bad!': character '!' "
+                     "is not in the vocabulary"):
+    config_lib.check_with_tokenizer(_config(sample__prompt="bad!"), tokenizer)
