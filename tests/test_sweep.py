@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY_OVERRIDES
+from conftest import REPO, TINY_OVERRIDES, last_logged_step
 from launch import sweep
 
 TIMEOUT_S = 240  # for any one wait: far beyond a healthy sweep
@@ -200,6 +200,12 @@ def test_cooldown_branches_follow_each_run(tmp_path):
                          "--config.cooldown.from_step=40",
                          "--config.cooldown.steps=10",
                          f"--config.cooldown.workdir={branch.workdir}"]
+  # A run too short for the default warmup (50) caps it (to 4 of 20 steps)
+  # and branches after the capped one, as train.py would.
+  capped = _spec(tmp_path, {**BASE, "overrides": {
+      "train.steps": 20, "train.schedule": "wsd"}, "cooldowns": [0.5]},
+      "capped")
+  assert sweep.load(capped, "root").tasks[1].name.endswith("/cooldowns/8+2")
 
 
 # --- bad specs ---------------------------------------------------------------
@@ -225,8 +231,8 @@ BAD_SPECS = {
     "set twice": ({**BASE, "axes": [{"grid": {"train.steps": [10, 20]}}]},
                   "train.steps is set by overrides and by axis 0"),
     "bad run config": ({**BASE, "axes": [
-        {"grid": {"train.warmup_steps": [10, 500]}}]},
-        "run 1 (warmup_steps=500): train.warmup_steps=500"),
+        {"grid": {"model.num_heads": [4, 3]}}]},
+        "run 1 (num_heads=3): model.d_model=128 is not divisible"),
     "cooldowns without wsd": ({**BASE, "cooldowns": [0.5]},
                               "train.schedule='wsd'"),
     "cooldown in the warmup": ({**WSD, "cooldowns": [0.05]},
@@ -557,11 +563,13 @@ def test_killed_sweep_restarts_where_it_stopped(tmp_path, corpus_dir,
   runs = sweep.load(spec, str(roots["killed"])).runs
   proc = _start(*command("killed"))
   try:
-    # Halfway: a checkpoint at step 3 or 6 of 12, so that SIGTERM (sent by
-    # the kernel when the sweep dies) stops the run long before its end.
-    _wait_for(lambda: any(r.done() for r in runs) and any(
-        0 < max(_checkpoints(r), default=0) <= 6 for r in runs
-        if not r.done()), "done run beside a halfway one")
+    # Halfway: a checkpoint, and no step after 6 of 12 logged (committed
+    # checkpoints may lag behind), so that SIGTERM (sent by the kernel when
+    # the sweep dies) stops the run long before its end.
+    halfway = lambda r: (not r.done() and _checkpoints(r) and
+                         last_logged_step(r.workdir) <= 6)
+    _wait_for(lambda: any(r.done() for r in runs) and any(map(halfway, runs)),
+              "done run beside a halfway one")
     proc.kill()
     proc.wait()
     _wait_for(lambda: not _train_pids(roots["killed"]),
