@@ -3,6 +3,7 @@
   python -m research.scaling fit runs/sweep/results.csv [--out DIR]
   python -m research.scaling plan --fit DIR/fit.json --flops 1e17 \\
       [--batch-size 32 --seq-len 128] [--out plan.json]
+  python -m research.scaling study [configs/sweeps/scaling.py] [--minutes 11]
 
 `fit` reads a CSV with a row per run and the columns `params`, `tokens`,
 `loss`, optionally `flops`; other columns are ignored. With a `status` column
@@ -754,6 +755,70 @@ def _plan_command(args) -> None:
     print(f"wrote {args.out}")
 
 
+def time_budget(result: dict, rows: list[dict], seconds: float) -> list:
+  """What each size of a study reaches in `seconds` of this machine: its
+  tokens at the tokens/s its run measured, and the loss the fitted law
+  predicts for them; best first. On a CPU small models reach a smaller
+  fraction of the matmul peak, so a time budget is not one FLOP budget."""
+  law = {k: result[k] for k in LAW_PARAMS}
+  sizes = {}
+  for row in rows:
+    if row["kind"] == "run" and row["status"] == "done":
+      sizes.setdefault(row["params"], row)
+  options = []
+  for params, row in sorted(sizes.items()):
+    tokens = row["tokens_per_sec"] * seconds
+    options.append({
+        "shape": "x".join(str(row.get(f"model.{k}")) for k in
+                          ("num_layers", "d_model", "num_heads")),
+        "params": params, "tokens_per_sec": row["tokens_per_sec"],
+        "flops_per_sec": row["tokens_per_sec"] * row["flops"] / row["tokens"],
+        "tokens": tokens, "loss": float(predict(law, params, tokens))})
+  return sorted(options, key=lambda o: o["loss"])
+
+
+def study(spec: str, root: str, parallel: int, minutes: float,
+          batch_size: int, seq_len: int) -> None:
+  """The sweep of `spec` (resumed if it was interrupted), its results
+  table, the fits and plots (root/fit/), and a recommendation for `minutes`
+  of training on this machine (root/recommendation.json)."""
+  from launch import sweep  # here: fits and plans need no trainer
+  status = sweep.main(["run", spec, "--root", root, "--parallel",
+                       str(parallel)])
+  if status:
+    raise ScalingError(f"the sweep stopped with status {status} (see its "
+                       "table above); the same command resumes it")
+  rows = sweep.collect(sweep.load(spec, root))
+  result = fit(rows)
+  out = os.path.join(root, "fit")
+  os.makedirs(out, exist_ok=True)
+  paths = write_plots(result, out)
+  _write_json(os.path.join(out, "fit.json"), result)
+  print(fit_summary(result))
+  print(f"wrote {os.path.join(out, 'fit.json')} and "
+        + ", ".join(os.path.basename(p) for p in paths))
+
+  seconds = 60 * minutes
+  options = time_budget(result, rows, seconds)
+  largest = max(options, key=lambda o: o["params"])
+  compute = plan(result, largest["flops_per_sec"] * seconds, batch_size,
+                 seq_len)
+  print(f"\n{minutes:g} minutes of training here, each size at the "
+        "tokens/s its run measured:")
+  print(f"{'shape':>10} {'params':>9} {'tokens/s':>9} {'tokens':>9} "
+        f"{'predicted loss':>15}")
+  for o in options:
+    print(f"{o['shape']:>10} {o['params']:>9.3g} {o['tokens_per_sec']:>9,.0f}"
+          f" {o['tokens']:>9.3g} {o['loss']:>15.4f}")
+  print(f"\nthe same time in FLOPs, at the {largest['flops_per_sec'] / 1e9:.1f}"
+        f" GFLOP/s the largest size ran at: {compute['flops']:.3g}")
+  print(plan_table(compute))
+  _write_json(os.path.join(root, "recommendation.json"),
+              {"minutes": minutes, "by_time": options, "by_flops": compute})
+  print(f"\nrecommended for {minutes:g} minutes here: {options[0]['shape']} "
+        f"(predicted held-out loss {options[0]['loss']:.4f})")
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m research.scaling", description=__doc__,
@@ -778,9 +843,29 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--seq-len", type=int, default=128,
                  help="tokens per sequence (default %(default)s)")
   p.add_argument("--out", help="write the plan here as JSON")
+  st = commands.add_parser(
+      "study", help="sweep, fit, plot and recommend, on this machine")
+  st.add_argument("spec", nargs="?", default="configs/sweeps/scaling.py",
+                  help="the sweep (default %(default)s)")
+  st.add_argument("--root", help="the sweep's root (default: "
+                  "runs/sweeps/<spec file stem>)")
+  st.add_argument("--parallel", type=int, default=2,
+                  help="runs at a time (default %(default)s)")
+  st.add_argument("--minutes", type=float, default=11.0,
+                  help="the training time to recommend a model for "
+                  "(default %(default)s)")
+  st.add_argument("--batch-size", type=int, default=32,
+                  help="sequences per step (default %(default)s)")
+  st.add_argument("--seq-len", type=int, default=128,
+                  help="tokens per sequence (default %(default)s)")
   args = parser.parse_args(argv)
   try:
-    (_fit_command if args.command == "fit" else _plan_command)(args)
+    if args.command == "study":
+      stem = os.path.splitext(os.path.basename(args.spec))[0]
+      study(args.spec, args.root or os.path.join("runs", "sweeps", stem),
+            args.parallel, args.minutes, args.batch_size, args.seq_len)
+    else:
+      (_fit_command if args.command == "fit" else _plan_command)(args)
   except ScalingError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
