@@ -69,6 +69,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -610,6 +611,7 @@ class Metrics:
   def _reset(self, inode) -> None:
     self._inode, self._offset = inode, 0
     self.step, self.loss, self.last_eval, self.best_eval = 0, None, {}, {}
+    self.speeds = []  # the logged tokens_per_sec
 
   def update(self) -> "Metrics":
     try:
@@ -632,6 +634,8 @@ class Metrics:
       self.step = max(self.step, record.get("step", 0))
       if "loss" in record:
         self.loss = record["loss"]
+      if "tokens_per_sec" in record:
+        self.speeds.append(record["tokens_per_sec"])
       if "eval_loss" in record:
         self.last_eval = record
         if record["eval_loss"] < self.best_eval.get("eval_loss", math.inf):
@@ -968,6 +972,11 @@ def results(sweep: Sweep) -> list:
         "final_eval_bits_per_byte": m.last_eval.get("eval_bits_per_byte"),
         "best_eval_loss": m.best_eval.get("eval_loss"),
         "best_eval_bits_per_byte": m.best_eval.get("eval_bits_per_byte"),
+        # The names research.scaling's tables use: the final held-out loss
+        # again, and the median training speed (compilation, evals and
+        # checkpoints left out).
+        "loss": m.last_eval.get("eval_loss"),
+        "tokens_per_sec": statistics.median(m.speeds) if m.speeds else None,
         "wall_s": state.get("wall_s"), "workdir": task.workdir})
   return rows
 

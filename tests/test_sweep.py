@@ -301,14 +301,15 @@ def test_collect_rows_of_done_partial_and_unstarted_runs(tmp_path):
   info = {"params": 1000, "params_non_embedding": 800,
           "flops_per_token": 5000.0, "flops_per_token_6n": 4800,
           "tokens_per_step": 64, "vocab_size": 37, "steps": 100}
-  records = [{"step": 20, "loss": 3.5}, {"step": 20, "eval_loss": 3.0,
-                                         "eval_bits_per_byte": 4.0},
-             {"step": 40, "loss": 3.25}, {"step": 40, "eval_loss": 2.5,
-                                          "eval_bits_per_byte": 3.5}]
+  records = [{"step": 1, "loss": 4.0},  # compiling: no tokens_per_sec
+             {"step": 20, "loss": 3.5, "tokens_per_sec": 900.0},
+             {"step": 20, "eval_loss": 3.0, "eval_bits_per_byte": 4.0},
+             {"step": 40, "loss": 3.25, "tokens_per_sec": 1000.0},
+             {"step": 40, "eval_loss": 2.5, "eval_bits_per_byte": 3.5}]
   _write_run(partial, info, records, checkpoint=40)
   _write_run(done, info, records + [
-      {"step": 100, "loss": 2.0}, {"step": 100, "eval_loss": 2.75,
-                                   "eval_bits_per_byte": 3.75}],
+      {"step": 100, "loss": 2.0, "tokens_per_sec": 1200.0},
+      {"step": 100, "eval_loss": 2.75, "eval_bits_per_byte": 3.75}],
       checkpoint=100)
   rows = sweep.collect(sweep.load(spec, str(tmp_path / "root")))
   assert rows == _read_json_rows(tmp_path / "root" / "results.json")
@@ -321,8 +322,8 @@ def test_collect_rows_of_done_partial_and_unstarted_runs(tmp_path):
       "flops_6nd": 6 * 800 * 6400, "flops": 5000.0 * 6400,
       "final_train_loss": 2.0, "final_eval_loss": 2.75,
       "final_eval_bits_per_byte": 3.75, "best_eval_loss": 2.5,
-      "best_eval_bits_per_byte": 3.5, "wall_s": None,
-      "workdir": done.workdir}
+      "best_eval_bits_per_byte": 3.5, "loss": 2.75,
+      "tokens_per_sec": 1000.0, "wall_s": None, "workdir": done.workdir}
   assert rows[1]["status"] == "interrupted" and rows[1]["partial"] is True
   assert (rows[1]["steps"], rows[1]["tokens"], rows[1]["flops"],
           rows[1]["final_train_loss"], rows[1]["final_eval_loss"]) == (
@@ -611,7 +612,7 @@ def test_killed_sweep_restarts_where_it_stopped(tmp_path, corpus_dir,
   assert sweep.main(["collect", spec, "--root", str(roots["killed"])]) == 0
   expected, got = (_read_csv(roots[name] / "results.csv")
                    for name in ("reference", "killed"))
-  for row in expected + got:
-    del row["wall_s"], row["workdir"]
+  for row in expected + got:  # timings and places differ
+    del row["wall_s"], row["tokens_per_sec"], row["workdir"]
   assert got == expected
   assert {r["status"] for r in got} == {"done"}
