@@ -565,10 +565,10 @@ def _stale(found: dict, path: str) -> bool:
     heartbeat = found.get("heartbeat") or os.path.getmtime(path)
   except OSError:  # released meanwhile
     return False
-  if time.time() - heartbeat > STALE_S:
-    return True
-  pids = [found.get(k) for k in ("sweep_pid", "child_pid") if found.get(k)]
-  return found.get("host") == HOST and not any(map(_alive, pids))
+  if found.get("host") == HOST:  # the pids say: a suspended owner is alive
+    pids = [found.get(k) for k in ("sweep_pid", "child_pid") if found.get(k)]
+    return not any(map(_alive, pids))
+  return time.time() - heartbeat > STALE_S
 
 
 def _held(workdir: str) -> bool:
@@ -963,19 +963,19 @@ def results(sweep: Sweep) -> list:
         **{field: task.swept.get(field) for field in sweep.fields},
         "status": status, "partial": status != "done", "steps": m.step,
         "target_steps": task.steps, "tokens": tokens,
-        "params": info.get("params"),
-        "params_non_embedding": info.get("params_non_embedding"),
+        # params is the N of scaling laws (non-embedding, Kaplan's) and
+        # loss the final held-out loss: research.scaling fits this table.
+        "params": info.get("params_non_embedding"),
+        "params_total": info.get("params"),
         "flops_6nd": _times(info.get("flops_per_token_6n"), tokens),
         "flops": _times(info.get("flops_per_token"), tokens),
-        "final_train_loss": m.loss,
-        "final_eval_loss": m.last_eval.get("eval_loss"),
-        "final_eval_bits_per_byte": m.last_eval.get("eval_bits_per_byte"),
+        "loss": m.last_eval.get("eval_loss"),
+        "eval_bits_per_byte": m.last_eval.get("eval_bits_per_byte"),
         "best_eval_loss": m.best_eval.get("eval_loss"),
         "best_eval_bits_per_byte": m.best_eval.get("eval_bits_per_byte"),
-        # The names research.scaling's tables use: the final held-out loss
-        # again, and the median training speed (compilation, evals and
-        # checkpoints left out).
-        "loss": m.last_eval.get("eval_loss"),
+        "train_loss": m.loss,
+        # The median training speed (compilation, evals and checkpoints
+        # left out).
         "tokens_per_sec": statistics.median(m.speeds) if m.speeds else None,
         "wall_s": state.get("wall_s"), "workdir": task.workdir})
   return rows

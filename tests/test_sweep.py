@@ -318,20 +318,18 @@ def test_collect_rows_of_done_partial_and_unstarted_runs(tmp_path):
   assert rows[0] == {
       "name": done.name, "kind": "run", "parent": None, "train.seed": 0,
       "status": "done", "partial": False, "steps": 100, "target_steps": 100,
-      "tokens": 6400, "params": 1000, "params_non_embedding": 800,
-      "flops_6nd": 6 * 800 * 6400, "flops": 5000.0 * 6400,
-      "final_train_loss": 2.0, "final_eval_loss": 2.75,
-      "final_eval_bits_per_byte": 3.75, "best_eval_loss": 2.5,
-      "best_eval_bits_per_byte": 3.5, "loss": 2.75,
+      "tokens": 6400, "params": 800, "params_total": 1000,
+      "flops_6nd": 6 * 800 * 6400, "flops": 5000.0 * 6400, "loss": 2.75,
+      "eval_bits_per_byte": 3.75, "best_eval_loss": 2.5,
+      "best_eval_bits_per_byte": 3.5, "train_loss": 2.0,
       "tokens_per_sec": 1000.0, "wall_s": None, "workdir": done.workdir}
   assert rows[1]["status"] == "interrupted" and rows[1]["partial"] is True
   assert (rows[1]["steps"], rows[1]["tokens"], rows[1]["flops"],
-          rows[1]["final_train_loss"], rows[1]["final_eval_loss"]) == (
+          rows[1]["train_loss"], rows[1]["loss"]) == (
               40, 2560, 5000.0 * 2560, 3.25, 2.5)
   assert rows[2]["status"] == "queued" and rows[2]["partial"] is True
   assert [rows[2][k] for k in ("steps", "tokens", "params", "flops",
-                               "final_train_loss")] == [0, None, None, None,
-                                                        None]
+                               "train_loss")] == [0, None, None, None, None]
   csv_rows = _read_csv(tmp_path / "root" / "results.csv")
   assert list(csv_rows[0]) == list(rows[0])
   assert csv_rows[2]["params"] == "" and csv_rows[1]["partial"] == "True"
@@ -474,7 +472,8 @@ def test_live_lock_is_respected_and_stale_locks_are_taken_over(tmp_path,
       (dict(sweep_pid=dead, child_pid=live_pid), False),
       (dict(host="elsewhere", sweep_pid=dead), False),  # pids unknowable there
       (dict(sweep_pid=dead, child_pid=dead), True),
-      (dict(sweep_pid=live_pid, age_s=sweep.STALE_S + 1), True),
+      # Here the pids decide: an owner stopped for minutes is still alive.
+      (dict(sweep_pid=live_pid, age_s=sweep.STALE_S + 1), False),
       (dict(host="elsewhere", sweep_pid=dead, age_s=sweep.STALE_S + 1), True)]
   for i, (fields, stale) in enumerate(cases):
     workdir = tmp_path / str(i)
