@@ -1,8 +1,10 @@
 """Runs that stop and start: SIGKILL and SIGTERM at random steps, damaged
-checkpoints, restores onto another mesh, divergence, and starting from
-another run's parameters. Every run is a real train.py process."""
+checkpoints, restores onto another mesh or another number of processes,
+checkpoints of older versions, divergence, and starting from another run's
+parameters. Every run is a real train.py process."""
 
 import glob
+import json
 import os
 import random
 import shutil
@@ -210,6 +212,101 @@ def test_restore_onto_another_mesh(corpus_dir, reference, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     evals[name] = float(result.stdout.split("eval_loss=")[1].split()[0])
   assert evals["four"] == pytest.approx(evals["one"], rel=1e-5)
+
+
+def test_checkpoint_with_a_grain_iterator_resumes(corpus_dir, reference,
+                                                   tmp_path):
+  """A checkpoint as older versions wrote it, with each process's Grain
+  iterator beside the state (item `data`), restores without a warning, and
+  the run goes on with the losses of the run that never stopped."""
+  import grain
+  import orbax.checkpoint as ocp
+  ref_dir, cache = reference
+  workdir = str(tmp_path / "run")
+  shutil.copytree(ref_dir, workdir,
+                  ignore=shutil.ignore_patterns("checkpoints"))
+  step = STEPS - 10
+  with open(os.path.join(ref_dir, "checkpoints", str(step), "run",
+                         "metadata")) as f:
+    run_info = json.load(f)
+  iterator = iter(grain.MapDataset.range(8).to_iter_dataset())
+  next(iterator)  # any position: it is never read
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler(),
+                     "run": ocp.JsonCheckpointHandler()})
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeSave(_state(ref_dir, step)),
+      data=grain.checkpoint.CheckpointSave(iterator),
+      run=ocp.args.JsonSave(run_info)))
+  manager.wait_until_finished()
+  manager.close()
+
+  result = run_train_py(*_flags(corpus_dir, cache, workdir), timeout=TIMEOUT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"at step {step}" in result.stdout
+  assert 'Item "data"' not in result.stderr
+  assert _series(workdir) == _series(ref_dir)
+
+
+def _launch(num_processes, devices_per_process, flags, log):
+  """train.py in num_processes processes of launch/local.py, process 0's
+  output to `log`."""
+  with open(log, "a") as out:
+    return subprocess.Popen(
+        [sys.executable, "launch/local.py", f"--num_processes={num_processes}",
+         f"--devices_per_process={devices_per_process}",
+         f"--log_dir={os.path.dirname(log)}", "--", *flags],
+        cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def _sigterm_after(proc, workdir, step) -> int:
+  """SIGTERM once `step` is logged; the step the run stopped and saved at."""
+  deadline = time.time() + TIMEOUT
+  while (proc.poll() is None and last_logged_step(workdir) < step and
+         time.time() < deadline):
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGTERM)
+  try:
+    assert proc.wait(timeout=TIMEOUT) == 75  # preempted, saved
+  finally:
+    proc.kill()
+  return max(_steps(workdir))
+
+
+def test_resume_on_other_process_and_worker_counts(corpus_dir, tmp_path):
+  """Stopped on 1 process x 1 device with 2 data workers, resumed and
+  stopped on 2 processes x 2 devices, finished on 1 process x 4 devices: the
+  losses of a run that never stopped, to float32 round-off."""
+  cache, steps = str(tmp_path / "cache"), 30
+  flags = lambda workdir, *extra: _flags(
+      corpus_dir, cache, workdir, "--config.train.batch_size=8",
+      f"--config.train.steps={steps}", *extra)
+  ref = str(tmp_path / "ref")
+  result = run_train_py(*flags(ref), timeout=TIMEOUT)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  workdir, log = str(tmp_path / "run"), str(tmp_path / "logs" / "run.log")
+  os.makedirs(os.path.dirname(log))
+  first = _sigterm_after(
+      run_train_py(*flags(workdir, "--config.data.num_workers=2"), wait=False,
+                   log=log), workdir, 3)
+  second = _sigterm_after(_launch(2, 2, flags(workdir), log), workdir,
+                          first + 3)
+  assert first < second < steps
+  last = run_train_py(*flags(workdir), devices=4, timeout=TIMEOUT)
+  assert last.returncode == 0, last.stderr[-3000:]
+
+  with open(log) as f:
+    out = f.read() + last.stdout
+  assert f"at step {first}" in out and f"at step {second}" in out
+  for devices, processes in ((1, 1), (4, 2), (4, 1)):
+    assert f"over {devices} cpu devices in {processes} process(es)" in out
+  want, got = _series(ref), _series(workdir)
+  assert want.keys() == got.keys()
+  for key in want:
+    assert got[key] == pytest.approx(want[key], rel=1e-5), key
 
 
 def test_divergence_stops_without_saving_the_bad_state(corpus_dir, tmp_path):
