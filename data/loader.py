@@ -11,7 +11,14 @@ or a cooldown branch starts its pipeline at its checkpoint's step, whatever
 its number of processes, devices or worker processes (`num_workers`), and
 sees the batches a run that never stopped would have seen. Each process loads
 only the rows of the global batch that its devices hold.
+
+Each batch can carry a fingerprint of the whole global batch (the data-order
+audit, trainer.audit), computed where the batch is assembled: in Grain's
+prefetch threads or worker processes, off the step's critical path. The
+process that computes it (process 0 of a run) reads the whole global batch.
 """
+
+import hashlib
 
 from absl import flags
 import grain
@@ -74,13 +81,31 @@ def window_ids(num_windows: int, global_batch: int,
           .batch(global_batch, drop_remainder=True))
 
 
+def epoch_of(step: int, global_batch: int, num_windows: int) -> int:
+  """The epoch (from 0) of step `step`'s first window."""
+  return (step - 1) * global_batch // num_windows
+
+
+def fingerprint(tokens: np.ndarray) -> str:
+  """A short hash of a batch's token ids (blake2b of their int32 bytes)."""
+  data = np.ascontiguousarray(tokens, dtype="<i4").tobytes()
+  return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
 def train_iterator(source: WindowSource, global_batch: int, seed: int,
                    start_step: int = 0, rows: slice = slice(None),
-                   num_workers: int = 0):
-  """An endless iterator of `rows` of the global batches of steps
-  start_step + 1, start_step + 2, ...: [rows, L+1] int32."""
-  ds = (window_ids(len(source), global_batch, seed)[start_step:]
-        .map(lambda ids: np.stack([source[i] for i in ids[rows]])))
+                   num_workers: int = 0, fingerprints: bool = False):
+  """An endless iterator of (tokens, fingerprint) for steps start_step + 1,
+  start_step + 2, ...: tokens are `rows` of the step's global batch
+  ([rows, L+1] int32), fingerprint that of the whole global batch (read in
+  full for it) with `fingerprints`, else None."""
+  def load(ids):
+    if not fingerprints:
+      return np.stack([source[i] for i in ids[rows]]), None
+    tokens = np.stack([source[i] for i in ids])
+    return tokens[rows], fingerprint(tokens)
+
+  ds = window_ids(len(source), global_batch, seed)[start_step:].map(load)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2,
                                             prefetch_buffer_size=4))
   if num_workers > 0:

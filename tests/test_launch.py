@@ -19,6 +19,7 @@ import pytest
 from conftest import (REPO, TINY_FLAGS, last_logged_step, metrics_records,
                       run_train_py)
 from launch import local
+from trainer import audit
 
 TIMEOUT_S = 240  # for any one wait: far beyond a healthy run
 
@@ -308,15 +309,16 @@ def test_two_processes_match_one_process(corpus_dir, tmp_path, monkeypatch):
                                [r[key] for r in expected if key in r],
                                rtol=1e-5, err_msg=key)
 
-  # Process 0 alone wrote logs, TensorBoard events and samples: the workdir
-  # holds what a single process writes. Both checkpointed the final step,
-  # whose data position is the step alone.
+  # Process 0 alone wrote logs, TensorBoard events, samples and the data
+  # order: the workdir holds what a single process writes. Both
+  # checkpointed the final step, whose data position is the step alone.
   assert sorted(os.listdir(two)) == sorted(os.listdir(one))
   for workdir in (one, two):
     assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 1
     assert os.listdir(os.path.join(workdir, "samples")) == ["step_6.txt"]
     assert "6" in os.listdir(os.path.join(workdir, "checkpoints"))
   assert "data" not in os.listdir(os.path.join(two, "checkpoints", "6"))
+  assert audit.main([one, two]) == 0  # the same batches
   with open(os.path.join(logs, "process_1.log")) as f:
     process_1 = f.read()
   assert "step 6: eval loss" in out and "--- sample" in out
@@ -370,6 +372,7 @@ def test_processes_holding_the_same_rows(corpus_dir, tmp_path, monkeypatch,
     np.testing.assert_allclose([r[key] for r in got if key in r],
                                [r[key] for r in expected if key in r],
                                rtol=1e-5, err_msg=key)
+  assert audit.main([one, two]) == 0
 
 
 def _pids_of(marker: str) -> dict:

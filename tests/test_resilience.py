@@ -18,6 +18,7 @@ import pytest
 
 from conftest import (REPO, TINY_FLAGS, last_logged_step, metrics_records,
                       run_train_py)
+from trainer import audit
 
 STEPS = 120
 TIMEOUT = 300
@@ -47,6 +48,12 @@ def _params(workdir, step) -> dict:
   import jax
   return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in
           jax.tree_util.tree_leaves_with_path(_state(workdir, step)["params"])}
+
+
+def _data_order(workdir) -> list[tuple]:
+  """(step, fingerprint) of each record of data_order.jsonl."""
+  with open(os.path.join(workdir, audit.FILE)) as f:
+    return [(r["step"], r["fingerprint"]) for r in map(json.loads, f)]
 
 
 def _steps(workdir):
@@ -107,6 +114,9 @@ def test_sigkill_at_random_steps_resumes_bitwise(corpus_dir, reference,
   train_steps = [r["step"] for r in records if "loss" in r]
   assert train_steps == list(range(1, STEPS + 1)), (seed, kills)
   assert _series(workdir) == _series(ref_dir), (seed, kills)
+  # Replayed steps saw their first batches, and the batches of the run that
+  # never stopped.
+  assert audit.main([workdir, ref_dir]) == 0, (seed, kills)
   want, got = _params(ref_dir, STEPS), _params(workdir, STEPS)
   assert want.keys() == got.keys()
   for k in want:
@@ -197,6 +207,7 @@ def test_restore_onto_another_mesh(corpus_dir, reference, tmp_path):
   for name, (workdir, proc) in runs.items():
     code, out = _finish(proc)
     assert code == 0, (name, out)
+  assert _data_order(runs["one"][0]) == _data_order(runs["four"][0])
   one, four = (_series(runs[n][0]) for n in ("one", "four"))
   assert one.keys() == four.keys()
   assert max(k[0] for k in one) == 130
@@ -218,7 +229,8 @@ def test_checkpoint_with_a_grain_iterator_resumes(corpus_dir, reference,
                                                    tmp_path):
   """A checkpoint as older versions wrote it, with each process's Grain
   iterator beside the state (item `data`), restores without a warning, and
-  the run goes on with the losses of the run that never stopped."""
+  the run goes on with the batches and losses of the run that never
+  stopped."""
   import grain
   import orbax.checkpoint as ocp
   ref_dir, cache = reference
@@ -248,6 +260,7 @@ def test_checkpoint_with_a_grain_iterator_resumes(corpus_dir, reference,
   assert f"at step {step}" in result.stdout
   assert 'Item "data"' not in result.stderr
   assert _series(workdir) == _series(ref_dir)
+  assert audit.main([workdir, ref_dir]) == 0
 
 
 def _launch(num_processes, devices_per_process, flags, log):
@@ -278,7 +291,8 @@ def _sigterm_after(proc, workdir, step) -> int:
 def test_resume_on_other_process_and_worker_counts(corpus_dir, tmp_path):
   """Stopped on 1 process x 1 device with 2 data workers, resumed and
   stopped on 2 processes x 2 devices, finished on 1 process x 4 devices: the
-  losses of a run that never stopped, to float32 round-off."""
+  losses of a run that never stopped, to float32 round-off, and the same
+  batch at every step."""
   cache, steps = str(tmp_path / "cache"), 30
   flags = lambda workdir, *extra: _flags(
       corpus_dir, cache, workdir, "--config.train.batch_size=8",
@@ -307,6 +321,8 @@ def test_resume_on_other_process_and_worker_counts(corpus_dir, tmp_path):
   assert want.keys() == got.keys()
   for key in want:
     assert got[key] == pytest.approx(want[key], rel=1e-5), key
+  assert dict(_data_order(workdir)) == dict(_data_order(ref))
+  assert audit.main([workdir, ref]) == 0
 
 
 def test_divergence_stops_without_saving_the_bad_state(corpus_dir, tmp_path):

@@ -16,7 +16,8 @@ import tqdm
 
 from data import loader, prepare
 from model import GPT, generate
-from trainer import checkpoint, config as config_lib, metrics, optim, sharding
+from trainer import audit, checkpoint, config as config_lib, metrics, optim
+from trainer import sharding
 from trainer import state as state_lib
 from trainer.errors import ConfigError, Diverged, Preempted
 
@@ -205,9 +206,14 @@ def train(config, workdir: str) -> dict:
       metrics.write_run_summary(workdir, run.model.cfg, t)
     # The data continue at the step the state is at (data.loader).
     source = _windows(run.data, "train", run.model.cfg)
+    fingerprints = config.data.fingerprint and jax.process_index() == 0
     train_iter = loader.train_iterator(
-        source, t.batch_size, t.seed, start, rows, config.data.num_workers)
+        source, t.batch_size, t.seed, start, rows, config.data.num_workers,
+        fingerprints)
     stack.callback(train_iter.close)
+    data_order = audit.DataOrderLog(workdir, t.batch_size, len(source),
+                                    fingerprints)
+    stack.callback(data_order.close)
     train_step = state_lib.make_train_step(
         run.model, run.tx, run.shardings, grad_accum_steps=t.grad_accum_steps,
         seed=t.seed)
@@ -274,10 +280,11 @@ def train(config, workdir: str) -> dict:
     last_eval = {}
     for step in range(start, t.steps):
       t0 = time.perf_counter()
-      batch = sharding.to_global(next(train_iter), batch_sharding,
-                                 batch_shape)
+      tokens, fingerprint = next(train_iter)
+      batch = sharding.to_global(tokens, batch_sharding, batch_shape)
       window["data_wait"] += time.perf_counter() - t0
       state, step_metrics = train_step(state, batch)
+      data_order.write(step + 1, fingerprint)
       if pending is not None:
         log_step(*pending)
       done_step = step + 1
