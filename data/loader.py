@@ -111,6 +111,14 @@ def train_iterator(source: WindowSource, global_batch: int, seed: int,
   if num_workers > 0:
     if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags
       flags.FLAGS.mark_as_parsed()
+    # Batches cross from the workers pickled, not in shared memory: Grain
+    # unlinks a shared block only once its array is garbage-collected (in a
+    # background thread), and the last batch's block, which the jax.Array
+    # made from it on CPU aliases without a copy, is collected only as the
+    # interpreter exits: too late ("leaked shared_memory objects" at exit).
+    # A batch is small next to a step.
+    ds = grain.experimental.WithOptionsIterDataset(
+        ds, grain.experimental.DatasetOptions(min_shm_size=2**62))
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(ds)
 

@@ -292,7 +292,8 @@ def test_resume_on_other_process_and_worker_counts(corpus_dir, tmp_path):
   """Stopped on 1 process x 1 device with 2 data workers, resumed and
   stopped on 2 processes x 2 devices, finished on 1 process x 4 devices: the
   losses of a run that never stopped, to float32 round-off, and the same
-  batch at every step."""
+  batch at every step. The run with workers leaves no shared memory
+  behind."""
   cache, steps = str(tmp_path / "cache"), 30
   flags = lambda workdir, *extra: _flags(
       corpus_dir, cache, workdir, "--config.train.batch_size=8",
@@ -306,6 +307,8 @@ def test_resume_on_other_process_and_worker_counts(corpus_dir, tmp_path):
   first = _sigterm_after(
       run_train_py(*flags(workdir, "--config.data.num_workers=2"), wait=False,
                    log=log), workdir, 3)
+  with open(log) as f:
+    assert "leaked shared_memory" not in f.read()
   second = _sigterm_after(_launch(2, 2, flags(workdir), log), workdir,
                           first + 3)
   assert first < second < steps
