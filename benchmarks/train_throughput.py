@@ -45,7 +45,7 @@ def jax_runner(config, vocab_size):
     step = state_lib.make_train_step(model, tx, shardings, grad_accum_steps=1,
                                      seed=0)
     batches = [sharding.to_global(rng.integers(0, vocab_size, shape, np.int32),
-                                  sharding.batch_sharding(mesh))
+                                  sharding.batch_sharding(mesh), shape)
                for _ in range(2)]
     t = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()

@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
       val_fraction=0.01,     # raw sources with holdout=(): fraction held out by a hash of the text
       cache_dir="",          # "": $GPT_JAX_CACHE or ~/.cache/gpt_jax
       num_workers=0,         # grain worker processes
+      fingerprint=True,      # log a hash of each step's batch: data_order.jsonl
   ))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -2,12 +2,23 @@
 
 Window i is tokens[i * seq_len : (i + 1) * seq_len + 1]: inputs are its first
 seq_len tokens and targets its last seq_len (the inputs shifted by one).
-Training windows are shuffled by the seed, reshuffled each epoch, and batched
-globally before each process takes its own rows, so a global batch is the
-same whatever the number of processes. The iterator state is checkpointable;
-with worker processes (`num_workers`) the batches are the same as without, and
-a state restores under the same worker count.
+
+The training order is a pure function of (seed, step, row): the windows are
+shuffled by the seed and reshuffled each epoch, and the global batch of step s
+is the windows [(s - 1) * batch, s * batch) of that endless order. Grain's
+MapDataset is random access, so a pipeline starts at any step: a resumed run
+or a cooldown branch starts its pipeline at its checkpoint's step, whatever
+its number of processes, devices or worker processes (`num_workers`), and
+sees the batches a run that never stopped would have seen. Each process loads
+only the rows of the global batch that its devices hold.
+
+Each batch can carry a fingerprint of the whole global batch (the data-order
+audit, trainer.audit), computed where the batch is assembled: in Grain's
+prefetch threads or worker processes, off the step's critical path. The
+process that computes it (process 0 of a run) reads the whole global batch.
 """
+
+import hashlib
 
 from absl import flags
 import grain
@@ -17,7 +28,7 @@ from data.corpus import DataError
 
 
 class WindowSource:
-  """Random access to the windows of a flat token array (a grain source).
+  """Random access to the windows of a flat token array.
   With `vocab_size`, a window holding an id outside the vocabulary (damaged
   or mismatched data, which the embedding lookup would silently clamp) is
   refused."""
@@ -50,7 +61,7 @@ class WindowSource:
           f"{self.vocab_size}; the data does not match its tokenizer: prepare "
           "it again")
 
-  def __repr__(self) -> str:  # grain checkpoints need a stable repr
+  def __repr__(self) -> str:  # short: it names the split, not its tokens
     return f"WindowSource({self.name}, seq_len={self.seq_len})"
 
 
@@ -62,20 +73,52 @@ def check_size(source: WindowSource, batch_size: int) -> None:
         "use more text or a smaller batch size / model.seq_len")
 
 
+def window_ids(num_windows: int, global_batch: int,
+               seed: int) -> grain.MapDataset:
+  """The window ids of every step's global batch: element k is step k + 1's.
+  Batches run across epoch boundaries: no window is dropped."""
+  return (grain.MapDataset.range(num_windows).shuffle(seed=seed).repeat()
+          .batch(global_batch, drop_remainder=True))
+
+
+def epoch_of(step: int, global_batch: int, num_windows: int) -> int:
+  """The epoch (from 0) of step `step`'s first window."""
+  return (step - 1) * global_batch // num_windows
+
+
+def fingerprint(tokens: np.ndarray) -> str:
+  """A short hash of a batch's token ids (blake2b of their int32 bytes)."""
+  data = np.ascontiguousarray(tokens, dtype="<i4").tobytes()
+  return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
 def train_iterator(source: WindowSource, global_batch: int, seed: int,
-                   process_index: int = 0, process_count: int = 1,
-                   num_workers: int = 0):
-  """An endless, checkpointable iterator of this process's [b, L+1] rows."""
-  local = global_batch // process_count
-  rows = slice(process_index * local, (process_index + 1) * local)
-  ds = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
-        .batch(global_batch, drop_remainder=True)
-        .map(lambda idx: np.stack([source[i] for i in idx[rows]])))
+                   start_step: int = 0, rows: slice = slice(None),
+                   num_workers: int = 0, fingerprints: bool = False):
+  """An endless iterator of (tokens, fingerprint) for steps start_step + 1,
+  start_step + 2, ...: tokens are `rows` of the step's global batch
+  ([rows, L+1] int32), fingerprint that of the whole global batch (read in
+  full for it) with `fingerprints`, else None."""
+  def load(ids):
+    if not fingerprints:
+      return np.stack([source[i] for i in ids[rows]]), None
+    tokens = np.stack([source[i] for i in ids])
+    return tokens[rows], fingerprint(tokens)
+
+  ds = window_ids(len(source), global_batch, seed)[start_step:].map(load)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2,
                                             prefetch_buffer_size=4))
   if num_workers > 0:
     if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags
       flags.FLAGS.mark_as_parsed()
+    # Batches cross from the workers pickled, not in shared memory: Grain
+    # unlinks a shared block only once its array is garbage-collected (in a
+    # background thread), and the last batch's block, which the jax.Array
+    # made from it on CPU aliases without a copy, is collected only as the
+    # interpreter exits: too late ("leaked shared_memory objects" at exit).
+    # A batch is small next to a step.
+    ds = grain.experimental.WithOptionsIterDataset(
+        ds, grain.experimental.DatasetOptions(min_shm_size=2**62))
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(ds)
 

@@ -131,7 +131,8 @@ def train_steps(config, batches, *, seed=0, vocab=37, grad_accum_steps=1,
                                      grad_accum_steps=grad_accum_steps,
                                      seed=config.train.seed)
     for batch in batches:
-      state, metrics = step(state, sharding.to_global(batch, batch_sharding))
+      state, metrics = step(state, sharding.to_global(batch, batch_sharding,
+                                                      batch.shape))
       losses.append(float(metrics["loss"]))
       grad_norms.append(float(metrics["grad_norm"]))
   return losses, grad_norms, state

@@ -1,5 +1,6 @@
 """Tokenizers, preparation from config.data, and the Grain window pipelines."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -303,7 +304,8 @@ def _source(num_windows, extra=1):
 
 
 def _take(it, n):
-  return [next(it) for _ in range(n)]
+  """The tokens of the next n batches."""
+  return [next(it)[0] for _ in range(n)]
 
 
 def test_windows_are_exact_slices():
@@ -380,51 +382,79 @@ def test_train_iterator_epochs_and_seeds():
   assert [_window_ids(b) for b in other] != ids[:3]
 
 
-def test_train_iterator_resumes_from_state():
+def test_the_order_is_the_one_runs_have_trained_on():
+  """Pinned: the order of the iterator that checkpointed its state, so
+  runs resumed across the change (and results before it) stay comparable."""
+  batches = _take(loader.train_iterator(_source(12), 4, seed=7), 6)
+  assert [_window_ids(b) for b in batches] == [
+      [4, 11, 3, 7], [2, 9, 6, 10], [1, 5, 8, 0], [5, 3, 10, 7],
+      [9, 1, 11, 2], [4, 8, 6, 0]]
+  assert [loader.epoch_of(step, 4, 12) for step in range(1, 8)] == [
+      0, 0, 0, 1, 1, 1, 2]
+
+
+def test_train_iterator_starts_at_any_step():
+  """Started at step k, it yields the batches an iterator from step 0 yields
+  after k, across epoch boundaries (10 windows: 2.5 batches an epoch)."""
   source = _source(10)
-  it = loader.train_iterator(source, 4, seed=1)
-  _take(it, 2)
-  state = it.get_state()
-  expected = _take(it, 4)  # crosses an epoch boundary
-  resumed = loader.train_iterator(source, 4, seed=1)
-  resumed.set_state(state)
-  for a, b in zip(expected, _take(resumed, 4)):
-    np.testing.assert_array_equal(a, b)
+  expected = _take(loader.train_iterator(source, 4, seed=1), 9)
+  for start in (1, 2, 5):
+    got = _take(loader.train_iterator(source, 4, seed=1, start_step=start),
+                9 - start)
+    for a, b in zip(expected[start:], got):
+      np.testing.assert_array_equal(a, b)
 
 
-def test_train_iterator_with_workers_is_the_same_and_resumes(tmp_path):
-  """Two worker processes, reading shards on disk: the batches of no
-  workers, and a mid-epoch state restores under the same worker count."""
+def test_fingerprints_hash_the_whole_global_batch():
+  source = _source(10)
+  whole = loader.train_iterator(source, 4, seed=1, fingerprints=True)
+  plain = loader.train_iterator(source, 4, seed=1)
+  for _ in range(4):
+    tokens, fingerprint = next(whole)
+    assert next(plain)[1] is None
+    assert fingerprint == hashlib.blake2b(
+        tokens.astype("<i4").tobytes(), digest_size=8).hexdigest()
+  changed = tokens.copy()
+  changed[3, 5] += 1
+  assert loader.fingerprint(changed) != fingerprint
+  # Rows of the batch: the fingerprint stays the whole batch's.
+  rows = loader.train_iterator(source, 4, seed=1, start_step=3,
+                               rows=slice(2, 4), fingerprints=True)
+  part, same = next(rows)
+  np.testing.assert_array_equal(part, tokens[2:4])
+  assert same == fingerprint
+
+
+def test_train_iterator_with_workers_is_the_same_from_any_step(tmp_path):
+  """Two worker processes, reading shards on disk: the batches and
+  fingerprints of no workers, also when started mid-epoch."""
   tokens = np.arange(10 * L + 1, dtype=np.uint16)
   tokens.tofile(tmp_path / "t.bin")
   source = loader.WindowSource(shards.Tokens([str(tmp_path / "t.bin")],
                                               "uint16"), L, "test")
-  expected = _take(loader.train_iterator(source, 4, seed=1), 7)
-  it = loader.train_iterator(source, 4, seed=1, num_workers=2)
-  got = _take(it, 3)
-  state = it.get_state()
-  got += _take(it, 4)  # crosses an epoch boundary (2.5 batches each)
-  it.close()
-  resumed = loader.train_iterator(source, 4, seed=1, num_workers=2)
-  resumed.set_state(state)
-  again = _take(resumed, 4)
-  resumed.close()
-  for a, b in zip(expected, got):
-    np.testing.assert_array_equal(a, b)
-  for a, b in zip(expected[3:], again):
-    np.testing.assert_array_equal(a, b)
+  plain = loader.train_iterator(source, 4, seed=1, fingerprints=True)
+  expected = [next(plain) for _ in range(7)]
+  for start in (0, 3):
+    it = loader.train_iterator(source, 4, seed=1, start_step=start,
+                               num_workers=2, fingerprints=True)
+    got = [next(it) for _ in range(7 - start)]
+    it.close()
+    for (a, fa), (b, fb) in zip(expected[start:], got):
+      np.testing.assert_array_equal(a, b)
+      assert fa == fb
 
 
 @pytest.mark.parametrize("processes", [2, 4])
-def test_train_iterator_process_shards_make_the_global_batch(processes):
+def test_process_rows_make_the_global_batch(processes):
   source = _source(24)
   whole = _take(loader.train_iterator(source, 8, seed=3), 4)
-  parts = [_take(loader.train_iterator(source, 8, seed=3, process_index=p,
-                                       process_count=processes), 4)
+  local = 8 // processes
+  parts = [_take(loader.train_iterator(
+      source, 8, seed=3, rows=slice(p * local, (p + 1) * local)), 4)
            for p in range(processes)]
   for step, batch in enumerate(whole):
     rows = [_window_ids(parts[p][step]) for p in range(processes)]
-    assert all(len(r) == 8 // processes for r in rows)  # equal-sized
+    assert all(len(r) == local for r in rows)  # equal-sized
     assert len(set(sum(rows, []))) == 8  # disjoint
     np.testing.assert_array_equal(
         np.concatenate([parts[p][step] for p in range(processes)]), batch)

@@ -1,6 +1,7 @@
-"""launch/: the launchers' dry runs print exactly what they run, and a
-2-process run on 127.0.0.1 gives the losses of a 1-process run on as many
-devices (the real run takes ~30-60 s on 2 cores)."""
+"""launch/: the launchers' dry runs print exactly what they run, and
+2-process runs on 127.0.0.1 give the losses of a 1-process run on as many
+devices, whichever devices hold which rows of a batch (each real run takes
+~30-60 s on 2 cores)."""
 
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 from conftest import (REPO, TINY_FLAGS, last_logged_step, metrics_records,
                       run_train_py)
 from launch import local
+from trainer import audit
 
 TIMEOUT_S = 240  # for any one wait: far beyond a healthy run
 
@@ -307,23 +309,70 @@ def test_two_processes_match_one_process(corpus_dir, tmp_path, monkeypatch):
                                [r[key] for r in expected if key in r],
                                rtol=1e-5, err_msg=key)
 
-  # Process 0 alone wrote logs, TensorBoard events and samples: the workdir
-  # holds what a single process writes. Both checkpointed the final step,
-  # with the data iterator position of each process.
+  # Process 0 alone wrote logs, TensorBoard events, samples and the data
+  # order: the workdir holds what a single process writes. Both
+  # checkpointed the final step, whose data position is the step alone.
   assert sorted(os.listdir(two)) == sorted(os.listdir(one))
   for workdir in (one, two):
     assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 1
     assert os.listdir(os.path.join(workdir, "samples")) == ["step_6.txt"]
     assert "6" in os.listdir(os.path.join(workdir, "checkpoints"))
-  assert sorted(f for f in os.listdir(os.path.join(two, "checkpoints", "6",
-                                                   "data"))
-                if f.startswith("process_")) == ["process_0-of-2.json",
-                                                 "process_1-of-2.json"]
+  assert "data" not in os.listdir(os.path.join(two, "checkpoints", "6"))
+  assert audit.main([one, two]) == 0  # the same batches
   with open(os.path.join(logs, "process_1.log")) as f:
     process_1 = f.read()
   assert "step 6: eval loss" in out and "--- sample" in out
   for line in ("mesh:", "eval loss", "--- sample"):
     assert line not in process_1, process_1[-2000:]
+
+
+# The default rules, but the vocabulary (34 characters here) is not split.
+_RULES_WITHOUT_VOCAB = (
+    "--config.mesh.rules=(('batch', ('data', 'fsdp')), ('vocab', None), "
+    "('embed', 'fsdp'), ('heads', 'tensor'), ('mlp', 'tensor'))")
+
+
+@pytest.mark.parametrize("mesh", [(1, 4), (2, 2)],
+                         ids=["tensor4", "data2-tensor2"])
+def test_processes_holding_the_same_rows(corpus_dir, tmp_path, monkeypatch,
+                                         mesh):
+  """2 processes x 2 devices where both processes hold every row (tensor 4
+  across them) or each process's 2 devices hold the same rows (data 2 over
+  processes, tensor 2 within): each process loads the rows its devices
+  need, and the losses are those of 1 process x 4 devices."""
+  data, tensor = mesh
+  one, two, logs = (str(tmp_path / name) for name in ("one", "two", "logs"))
+  flags = (*TINY_FLAGS, f"--config.data.source={corpus_dir}",
+           f"--config.data.cache_dir={tmp_path / 'cache'}",
+           "--config.model.num_heads=4", _RULES_WITHOUT_VOCAB,
+           "--config.train.batch_size=8", f"--config.mesh.data={data}",
+           f"--config.mesh.tensor={tensor}", "--config.train.steps=4",
+           "--config.eval.max_batches=1", "--config.sample.max_new_tokens=4")
+  proc = _start(sys.executable, "launch/local.py", "--num_processes=2",
+                "--devices_per_process=2", f"--log_dir={logs}", "--", *flags,
+                f"--workdir={two}")
+  try:
+    with monkeypatch.context() as m:
+      m.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+      m.setenv("JAX_PLATFORMS", "cpu")
+      single = run_train_py(*flags, f"--workdir={one}", timeout=TIMEOUT_S)
+    assert single.returncode == 0, single.stderr[-3000:]
+    out, err = _finish(proc)
+    assert proc.returncode == 0, err[-3000:]
+  finally:
+    left = _kill_group(proc)
+  assert not left, "processes of the run were left behind"
+  rows = 8 // data
+  assert (f"4 cpu devices in 2 process(es); batch 8 x 16 tokens, {rows} "
+          f"sequences per device (2 devices and {rows} sequences per "
+          "process)") in out
+  expected, got = metrics_records(one), metrics_records(two)
+  assert [r["step"] for r in got if "loss" in r] == [1, 2, 3, 4]
+  for key in ("loss", "grad_norm", "eval_loss"):
+    np.testing.assert_allclose([r[key] for r in got if key in r],
+                               [r[key] for r in expected if key in r],
+                               rtol=1e-5, err_msg=key)
+  assert audit.main([one, two]) == 0
 
 
 def _pids_of(marker: str) -> dict:
@@ -373,6 +422,5 @@ def test_sigterm_to_one_process_stops_all_at_one_step(corpus_dir, tmp_path):
                      text).group(1) for text in (err, process_1)]
   assert steps[0] == steps[1], steps
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [steps[0]]
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints", steps[0],
-                                        "data"))) == [
-      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+  assert "commit_success.txt" in os.listdir(
+      os.path.join(workdir, "checkpoints", steps[0], "state"))

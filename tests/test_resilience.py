@@ -1,8 +1,10 @@
 """Runs that stop and start: SIGKILL and SIGTERM at random steps, damaged
-checkpoints, restores onto another mesh, divergence, and starting from
-another run's parameters. Every run is a real train.py process."""
+checkpoints, restores onto another mesh or another number of processes,
+checkpoints of older versions, divergence, and starting from another run's
+parameters. Every run is a real train.py process."""
 
 import glob
+import json
 import os
 import random
 import shutil
@@ -16,6 +18,7 @@ import pytest
 
 from conftest import (REPO, TINY_FLAGS, last_logged_step, metrics_records,
                       run_train_py)
+from trainer import audit
 
 STEPS = 120
 TIMEOUT = 300
@@ -45,6 +48,12 @@ def _params(workdir, step) -> dict:
   import jax
   return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in
           jax.tree_util.tree_leaves_with_path(_state(workdir, step)["params"])}
+
+
+def _data_order(workdir) -> list[tuple]:
+  """(step, fingerprint) of each record of data_order.jsonl."""
+  with open(os.path.join(workdir, audit.FILE)) as f:
+    return [(r["step"], r["fingerprint"]) for r in map(json.loads, f)]
 
 
 def _steps(workdir):
@@ -105,6 +114,9 @@ def test_sigkill_at_random_steps_resumes_bitwise(corpus_dir, reference,
   train_steps = [r["step"] for r in records if "loss" in r]
   assert train_steps == list(range(1, STEPS + 1)), (seed, kills)
   assert _series(workdir) == _series(ref_dir), (seed, kills)
+  # Replayed steps saw their first batches, and the batches of the run that
+  # never stopped.
+  assert audit.main([workdir, ref_dir]) == 0, (seed, kills)
   want, got = _params(ref_dir, STEPS), _params(workdir, STEPS)
   assert want.keys() == got.keys()
   for k in want:
@@ -195,6 +207,7 @@ def test_restore_onto_another_mesh(corpus_dir, reference, tmp_path):
   for name, (workdir, proc) in runs.items():
     code, out = _finish(proc)
     assert code == 0, (name, out)
+  assert _data_order(runs["one"][0]) == _data_order(runs["four"][0])
   one, four = (_series(runs[n][0]) for n in ("one", "four"))
   assert one.keys() == four.keys()
   assert max(k[0] for k in one) == 130
@@ -210,6 +223,109 @@ def test_restore_onto_another_mesh(corpus_dir, reference, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     evals[name] = float(result.stdout.split("eval_loss=")[1].split()[0])
   assert evals["four"] == pytest.approx(evals["one"], rel=1e-5)
+
+
+def test_checkpoint_with_a_grain_iterator_resumes(corpus_dir, reference,
+                                                   tmp_path):
+  """A checkpoint as older versions wrote it, with each process's Grain
+  iterator beside the state (item `data`), restores without a warning, and
+  the run goes on with the batches and losses of the run that never
+  stopped."""
+  import grain
+  import orbax.checkpoint as ocp
+  ref_dir, cache = reference
+  workdir = str(tmp_path / "run")
+  shutil.copytree(ref_dir, workdir,
+                  ignore=shutil.ignore_patterns("checkpoints"))
+  step = STEPS - 10
+  with open(os.path.join(ref_dir, "checkpoints", str(step), "run",
+                         "metadata")) as f:
+    run_info = json.load(f)
+  iterator = iter(grain.MapDataset.range(8).to_iter_dataset())
+  next(iterator)  # any position: it is never read
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler(),
+                     "run": ocp.JsonCheckpointHandler()})
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeSave(_state(ref_dir, step)),
+      data=grain.checkpoint.CheckpointSave(iterator),
+      run=ocp.args.JsonSave(run_info)))
+  manager.wait_until_finished()
+  manager.close()
+
+  result = run_train_py(*_flags(corpus_dir, cache, workdir), timeout=TIMEOUT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"at step {step}" in result.stdout
+  assert 'Item "data"' not in result.stderr
+  assert _series(workdir) == _series(ref_dir)
+  assert audit.main([workdir, ref_dir]) == 0
+
+
+def _launch(num_processes, devices_per_process, flags, log):
+  """train.py in num_processes processes of launch/local.py, process 0's
+  output to `log`."""
+  with open(log, "a") as out:
+    return subprocess.Popen(
+        [sys.executable, "launch/local.py", f"--num_processes={num_processes}",
+         f"--devices_per_process={devices_per_process}",
+         f"--log_dir={os.path.dirname(log)}", "--", *flags],
+        cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def _sigterm_after(proc, workdir, step) -> int:
+  """SIGTERM once `step` is logged; the step the run stopped and saved at."""
+  deadline = time.time() + TIMEOUT
+  while (proc.poll() is None and last_logged_step(workdir) < step and
+         time.time() < deadline):
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGTERM)
+  try:
+    assert proc.wait(timeout=TIMEOUT) == 75  # preempted, saved
+  finally:
+    proc.kill()
+  return max(_steps(workdir))
+
+
+def test_resume_on_other_process_and_worker_counts(corpus_dir, tmp_path):
+  """Stopped on 1 process x 1 device with 2 data workers, resumed and
+  stopped on 2 processes x 2 devices, finished on 1 process x 4 devices: the
+  losses of a run that never stopped, to float32 round-off, and the same
+  batch at every step. The run with workers leaves no shared memory
+  behind."""
+  cache, steps = str(tmp_path / "cache"), 30
+  flags = lambda workdir, *extra: _flags(
+      corpus_dir, cache, workdir, "--config.train.batch_size=8",
+      f"--config.train.steps={steps}", *extra)
+  ref = str(tmp_path / "ref")
+  result = run_train_py(*flags(ref), timeout=TIMEOUT)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  workdir, log = str(tmp_path / "run"), str(tmp_path / "logs" / "run.log")
+  os.makedirs(os.path.dirname(log))
+  first = _sigterm_after(
+      run_train_py(*flags(workdir, "--config.data.num_workers=2"), wait=False,
+                   log=log), workdir, 3)
+  with open(log) as f:
+    assert "leaked shared_memory" not in f.read()
+  second = _sigterm_after(_launch(2, 2, flags(workdir), log), workdir,
+                          first + 3)
+  assert first < second < steps
+  last = run_train_py(*flags(workdir), devices=4, timeout=TIMEOUT)
+  assert last.returncode == 0, last.stderr[-3000:]
+
+  with open(log) as f:
+    out = f.read() + last.stdout
+  assert f"at step {first}" in out and f"at step {second}" in out
+  for devices, processes in ((1, 1), (4, 2), (4, 1)):
+    assert f"over {devices} cpu devices in {processes} process(es)" in out
+  want, got = _series(ref), _series(workdir)
+  assert want.keys() == got.keys()
+  for key in want:
+    assert got[key] == pytest.approx(want[key], rel=1e-5), key
+  assert dict(_data_order(workdir)) == dict(_data_order(ref))
+  assert audit.main([workdir, ref]) == 0
 
 
 def test_divergence_stops_without_saving_the_bad_state(corpus_dir, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from conftest import (TINY_FLAGS, file_snapshot, metrics_records,
                       run_train_py)
 from configs import default
-from trainer import config as config_lib, optim
+from trainer import audit, config as config_lib, optim
 from trainer.errors import ConfigError
 
 
@@ -180,6 +180,8 @@ def test_branch_at_the_decay_start_replays_the_runs_own_decay(wsd_run):
   assert losses == [(s, parent[s]["loss"]) for s in (10, 11, 12)]
   assert records[-1]["eval_loss"] == [
       r for r in metrics_records(wsd_run) if "eval_loss" in r][-1]["eval_loss"]
+  # The branch's steps 10-12 saw the parent's batches, and nothing before.
+  assert audit.main([branch, wsd_run]) == 0
   assert file_snapshot(wsd_run) == {**parent_files, **{
       k: v for k, v in file_snapshot(wsd_run).items() if k.startswith(branch)}}
   with open(os.path.join(branch, "config.json")) as f:

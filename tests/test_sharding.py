@@ -112,6 +112,46 @@ def test_fsdp_shards_state_across_devices(runs):
   assert max(report["1x2x4"]["state_bytes_per_device"]) < 0.2 * total
 
 
+class _Layout:
+  """A sharding whose addressable devices hold the given rows of a batch:
+  what process_rows reads of a real one."""
+
+  def __init__(self, *rows):
+    self.rows = rows
+
+  def addressable_devices_indices_map(self, shape):
+    return {device: (rows, slice(None)) for device, rows in
+            enumerate(self.rows)}
+
+
+@pytest.mark.parametrize("rows, expected", [
+    ((slice(4, 6), slice(6, 8)), slice(4, 8)),  # data over processes
+    ((slice(6, 8), slice(4, 6)), slice(4, 8)),  # in any device order
+    ((slice(None), slice(None)), slice(0, 8)),  # tensor across processes
+    ((slice(0, 4), slice(0, 4), slice(4, 8), slice(4, 8)), slice(0, 8)),
+])
+def test_process_rows(rows, expected):
+  from trainer import sharding
+  assert sharding.process_rows(_Layout(*rows), (8, 17)) == expected
+
+
+def test_process_rows_in_two_ranges_are_refused():
+  from trainer import sharding
+  from trainer.errors import ConfigError
+  with pytest.raises(ConfigError, match=r"rows 0-1, 4-5 of each batch of 8, "
+                     "not one contiguous range; choose mesh sizes"):
+    sharding.process_rows(_Layout(slice(0, 2), slice(4, 6)), (8, 17))
+
+
+def test_process_rows_of_one_process_are_the_batch():
+  import jax
+  from configs import default
+  from trainer import sharding
+  mesh = sharding.make_mesh(default.get_config().mesh)
+  assert sharding.process_rows(sharding.batch_sharding(mesh), (
+      4 * jax.device_count(), 17)) == slice(0, 4 * jax.device_count())
+
+
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   _run_all(sys.argv[1])

@@ -52,7 +52,7 @@ def _seeded_losses(seed, steps=3):
   tokens = np.random.default_rng(0).integers(0, 37, 40 * L + 1)
   batches = loader.train_iterator(loader.WindowSource(tokens, L, "t"), 4, seed)
   losses, _, state = train_steps(tiny_config(),
-                                 [next(batches) for _ in range(steps)],
+                                 [next(batches)[0] for _ in range(steps)],
                                  seed=seed)
   return losses, jax.device_get(state.params)
 

@@ -1,9 +1,12 @@
 """Orbax checkpoints under <workdir>/checkpoints.
 
 One checkpoint holds the whole truth of a step: the train state (params,
-optimizer state, step; the dropout RNG is derived from seed and step), the
-Grain iterator state, and `run` (the config that produced it and counters
-such as tokens seen). Saves are asynchronous: training does not wait for the
+optimizer state, step; the dropout RNG is derived from seed and step) and
+`run` (the config that produced it and counters such as tokens seen). The
+data position is the step itself (data.loader orders batches by step), so a
+checkpoint restores under any number of processes, devices or data workers;
+older checkpoints also hold the Grain iterator of each process (`data`),
+which is not read. Saves are asynchronous: training does not wait for the
 disk. The newest `keep` are kept, plus the best by eval loss if asked, plus
 those at `keep_steps` (where cooldown branches start).
 
@@ -43,9 +46,11 @@ class Checkpointer:
             create=not read_only, read_only=read_only,
             cleanup_tmp_directories=not read_only,
             preservation_policy=policies.AnyPreservationPolicy(keeps)),
+        # "data": the Grain iterator item of older checkpoints, never
+        # restored; known, so that restoring them warns of nothing.
         item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler(),
-                       "run": ocp.JsonCheckpointHandler()})
+                       "run": ocp.JsonCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler()})
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -53,7 +58,7 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state, data_iterator, run_info: dict,
+  def save(self, step: int, state, run_info: dict,
            eval_loss: float | None = None) -> None:
     if step in self._manager.all_steps():
       return
@@ -61,7 +66,6 @@ class Checkpointer:
         step, metrics=None if eval_loss is None else {"eval_loss": eval_loss},
         args=ocp.args.Composite(
             state=ocp.args.PyTreeSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
             run=ocp.args.JsonSave(run_info)))
 
   def save_params(self, step: int, params, run_info: dict) -> None:
@@ -92,25 +96,21 @@ class Checkpointer:
           "(with --config.checkpoint.init_from=<this workdir> to start from "
           "its parameters)")
 
-  def restore(self, step: int, target_state, data_iterator=None,
-              params_only: bool = False):
-    """Restores onto `target_state`'s shapes and shardings (any mesh); the
-    iterator, if given, is restored in place. With `params_only`, the rest
-    of the returned state is None."""
+  def restore(self, step: int, target_state, params_only: bool = False):
+    """Restores onto `target_state`'s shapes and shardings (any mesh). With
+    `params_only`, the rest of the returned state is None."""
     self._check_shapes(step, target_state, params_only)
     target = {"params": target_state.params} if params_only else target_state
-    args = {"state": ocp.args.PyTreeRestore(
+    restore = ocp.args.PyTreeRestore(
         item=target, partial_restore=params_only,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(target))}
-    if data_iterator is not None:
-      args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    state = self._manager.restore(step, args=ocp.args.Composite(**args)).state
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    state = self._manager.restore(
+        step, args=ocp.args.Composite(state=restore)).state
     if params_only:
       return target_state.replace(params=state["params"], opt_state=None)
     return state
 
-  def restore_latest_valid(self, target_state, data_iterator=None,
-                           params_only: bool = False):
+  def restore_latest_valid(self, target_state, params_only: bool = False):
     """(step, state) of the newest checkpoint that restores, or (None, None)
     if there is none. Newer ones that failed are set aside once an older one
     has restored (so the failure was theirs, not the code's); if none
@@ -118,7 +118,7 @@ class Checkpointer:
     failed = []
     for step in reversed(self.steps()):
       try:
-        state = self.restore(step, target_state, data_iterator, params_only)
+        state = self.restore(step, target_state, params_only)
       except ConfigError:
         raise
       except Exception as e:  # noqa: BLE001 - any damage, whatever raised it

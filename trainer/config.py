@@ -124,6 +124,7 @@ RULES = {
     "data.val_fraction": Rule(float, 0, 1, low_open=True, high_open=True),
     "data.cache_dir": Rule(str, means="'': $GPT_JAX_CACHE or ~/.cache/gpt_jax"),
     "data.num_workers": Rule(int, 0, means="0: none, this process"),
+    "data.fingerprint": FLAG,
     "train.steps": COUNT,
     "train.batch_size": COUNT,
     "train.grad_accum_steps": COUNT,

@@ -16,7 +16,8 @@ import tqdm
 
 from data import loader, prepare
 from model import GPT, generate
-from trainer import checkpoint, config as config_lib, metrics, optim, sharding
+from trainer import audit, checkpoint, config as config_lib, metrics, optim
+from trainer import sharding
 from trainer import state as state_lib
 from trainer.errors import ConfigError, Diverged, Preempted
 
@@ -44,17 +45,16 @@ class Run:
     stack.enter_context(nn.logical_axis_rules(self.rules))
     return stack
 
-  def restore_latest(self, checkpointer=None, data_iterator=None,
-                     params_only=False):
+  def restore_latest(self, checkpointer=None, params_only=False):
     """(step, state) of the newest valid checkpoint, resharded onto this
     run's mesh, or (None, None)."""
     return (checkpointer or self.checkpointer).restore_latest_valid(
-        self._target(), data_iterator, params_only)
+        self._target(), params_only)
 
-  def restore_checkpoint(self, checkpointer, step: int, data_iterator):
+  def restore_checkpoint(self, checkpointer, step: int):
     """The state of one given checkpoint, resharded onto this run's mesh."""
     try:
-      return checkpointer.restore(step, self._target(), data_iterator)
+      return checkpointer.restore(step, self._target())
     except ConfigError:
       raise
     except Exception as e:  # noqa: BLE001 - any damage, whatever raised it
@@ -135,8 +135,9 @@ def _log(message: str) -> None:
     tqdm.tqdm.write(message)
 
 
-def _describe(run: Run) -> str:
-  """The model, mesh and data of a run, for the console and TensorBoard."""
+def _describe(run: Run, rows: slice) -> str:
+  """The model, mesh and data of a run, for the console and TensorBoard;
+  `rows`: the rows of each batch that this process loads."""
   cfg, t = run.model.cfg, run.config.train
   data_parallel = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
   return "\n".join((
@@ -150,7 +151,7 @@ def _describe(run: Run) -> str:
       f"process(es); batch {t.batch_size} x {cfg.seq_len} tokens, "
       f"{t.batch_size // data_parallel} sequences per device "
       f"({jax.local_device_count()} devices and "
-      f"{t.batch_size // jax.process_count()} sequences per process)",
+      f"{rows.stop - rows.start} sequences per process)",
       f"data: {run.data.path} ({run.data.meta['train_tokens']:,} train / "
       f"{run.data.meta['val_tokens']:,} val tokens)"))
 
@@ -191,18 +192,13 @@ def sample_text(run: Run, params) -> str:
 def train(config, workdir: str) -> dict:
   run = build(config, workdir)
   config, t = run.config, run.config.train  # as the run uses it
-  description = _describe(run)
+  batch_sharding = sharding.batch_sharding(run.mesh)
+  batch_shape = (t.batch_size, run.model.cfg.seq_len + 1)
+  rows = sharding.process_rows(batch_sharding, batch_shape)
+  description = _describe(run, rows)
   _log(description)
   with run.context() as stack:
-    source = _windows(run.data, "train", run.model.cfg)
-    train_iter = loader.train_iterator(
-        source, t.batch_size, t.seed, jax.process_index(), jax.process_count(),
-        config.data.num_workers)
-    # Grain workers stop at exit, after the checkpoints that read the
-    # iterator are committed (the stack unwinds last-in first-out).
-    stack.callback(train_iter.close)
-    stack.callback(run.checkpointer.close)
-    start, state = run.restore_latest(data_iterator=train_iter)
+    start, state = run.restore_latest()
     if start is not None and start >= t.steps:  # its files stay as they are
       _log(f"{workdir} is complete at step {start} (train.steps={t.steps}); "
            "nothing written. To train it further, raise "
@@ -211,10 +207,20 @@ def train(config, workdir: str) -> dict:
     if start is not None:
       _log(f"resuming from {run.checkpointer.directory} at step {start}")
     else:
-      start, state = _first_state(run, train_iter)
+      start, state = _first_state(run)
     if jax.process_index() == 0:  # only once the state is known to fit
       config_lib.save(config, workdir)
       metrics.write_run_summary(workdir, run.model.cfg, t)
+    # The data continue at the step the state is at (data.loader).
+    source = _windows(run.data, "train", run.model.cfg)
+    fingerprints = config.data.fingerprint and jax.process_index() == 0
+    train_iter = loader.train_iterator(
+        source, t.batch_size, t.seed, start, rows, config.data.num_workers,
+        fingerprints)
+    stack.callback(train_iter.close)
+    data_order = audit.DataOrderLog(workdir, t.batch_size, len(source),
+                                    fingerprints)
+    stack.callback(data_order.close)
     train_step = state_lib.make_train_step(
         run.model, run.tx, run.shardings, grad_accum_steps=t.grad_accum_steps,
         seed=t.seed)
@@ -223,7 +229,6 @@ def train(config, workdir: str) -> dict:
     writer.text("run", description, start)
     stop = _stop_on_sigterm(stack)
     schedule = optim.lr_schedule(config)
-    batch_sharding = sharding.batch_sharding(run.mesh)
     tokens_per_step = t.batch_size * run.model.cfg.seq_len
     flops_per_step = run.model.cfg.flops_per_token() * tokens_per_step
     peak = metrics.peak_flops_per_device(config.perf.peak_flops) * jax.device_count()
@@ -282,9 +287,11 @@ def train(config, workdir: str) -> dict:
     last_eval = {}
     for step in range(start, t.steps):
       t0 = time.perf_counter()
-      batch = sharding.to_global(next(train_iter), batch_sharding)
+      tokens, fingerprint = next(train_iter)
+      batch = sharding.to_global(tokens, batch_sharding, batch_shape)
       window["data_wait"] += time.perf_counter() - t0
       state, step_metrics = train_step(state, batch)
+      data_order.write(step + 1, fingerprint)
       if pending is not None:
         log_step(*pending)
       done_step = step + 1
@@ -305,7 +312,7 @@ def train(config, workdir: str) -> dict:
              f"{last_eval['eval_bits_per_byte']:.4f} bits/byte")
       if do_save:
         run.checkpointer.save(
-            done_step, state, train_iter,
+            done_step, state,
             _run_info(config, done_step,
                       tokens_seen=done_step * tokens_per_step),
             eval_loss=last_eval["eval_loss"] if do_eval else None)
@@ -347,14 +354,14 @@ def _stop_on_sigterm(stack):
   return lambda: bool(received)
 
 
-def _first_state(run: Run, train_iter):
+def _first_state(run: Run):
   """(step, state) where a run without checkpoints of its own starts: a
-  cooldown branch at its parent's checkpoint (the data iterator where the
-  parent's stood), any other run freshly initialized (with the params of
-  checkpoint.init_from, if set)."""
+  cooldown branch at its parent's checkpoint (its data go on from that step,
+  as the parent's did), any other run freshly initialized (with the params
+  of checkpoint.init_from, if set)."""
   config = run.config
   if config.cooldown.steps > 0:
-    return config.cooldown.from_step, _branch_state(run, train_iter)
+    return config.cooldown.from_step, _branch_state(run)
   state = state_lib.init_state(run.model, run.tx, run.shardings,
                                config.train.seed)
   if config.checkpoint.init_from:
@@ -362,9 +369,9 @@ def _first_state(run: Run, train_iter):
   return 0, state
 
 
-def _branch_state(run: Run, train_iter):
-  """The state and data position of the parent's checkpoint at
-  cooldown.from_step; the parent is only read."""
+def _branch_state(run: Run):
+  """The state of the parent's checkpoint at cooldown.from_step; the parent
+  is only read."""
   cooldown = run.config.cooldown
   parent = checkpoint.Checkpointer(cooldown.parent, keep=1, read_only=True)
   step = cooldown.from_step
@@ -374,7 +381,7 @@ def _branch_state(run: Run, train_iter):
           f"{parent.directory} has no checkpoint at step {step} (it has "
           f"{parent.steps() or 'none'}); train the run with "
           f"--config.checkpoint.keep_steps='({step},)' to keep one there")
-    state = run.restore_checkpoint(parent, step, train_iter)
+    state = run.restore_checkpoint(parent, step)
   finally:
     parent.close()
   _log(f"cooldown branch from {parent.directory}/{step}: "

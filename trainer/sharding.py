@@ -80,6 +80,31 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(("data", "fsdp")))
 
 
-def to_global(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """This process's rows -> one global array sharded over the batch axes."""
-  return jax.make_array_from_process_local_data(sharding, batch)
+def process_rows(sharding: NamedSharding, global_shape: tuple) -> slice:
+  """The rows of a global batch that this process's devices hold, as one
+  range: what its data pipeline loads. Where devices of several processes
+  hold the same rows (tensor parallelism across hosts), each of them loads
+  those rows. A layout that gives a process rows in several ranges is
+  refused."""
+  batch = global_shape[0]
+  ranges = sorted({index[0].indices(batch)[:2] for index in
+                   sharding.addressable_devices_indices_map(
+                       global_shape).values()})
+  start, stop = ranges[0]
+  for low, high in ranges[1:]:
+    if low > stop:
+      held = ", ".join(f"{a}-{b - 1}" for a, b in ranges)
+      raise ConfigError(
+          f"the mesh gives process {jax.process_index()} rows {held} of each "
+          f"batch of {batch}, not one contiguous range; choose mesh sizes "
+          "whose data and fsdp axes split the batch over processes in order "
+          "(e.g. mesh.data = the number of processes)")
+    stop = max(stop, high)
+  return slice(start, stop)
+
+
+def to_global(rows: np.ndarray, sharding: NamedSharding,
+              global_shape: tuple) -> jax.Array:
+  """This process's rows of a batch (process_rows) -> one global array
+  sharded over the batch axes."""
+  return jax.make_array_from_process_local_data(sharding, rows, global_shape)
