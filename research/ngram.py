@@ -1,7 +1,8 @@
 """Counted n-gram language models (interpolated Kneser-Ney): the baseline
 every GPT run here is compared against.
 
-  python -m research.ngram [--source shakespeare] [--orders 1-8] [--out DIR]
+  python -m research.ngram [--source shakespeare] [--orders 1-8] \
+      [--discounting modified|plain] [--out DIR]
 
 Each model trains on the train split a GPT of `data.source` trains on (the
 same preparation: tokenizer and holdout; by default Shakespeare by character
@@ -24,8 +25,10 @@ n-gram). A context without counts (never seen, or cut short by the start of
 the text) leaves its lower order unchanged. The discounts of each order come
 from its counts of counts n1..n4: Y = n1 / (n1 + 2 n2),
 Dc = c - (c + 1) Y n(c+1) / n(c); where a count of counts is 0 or a Dc is not
-within (0, c) (too little text), KenLM's fallback 0.5, 1, 1.5. So every
-conditional distribution sums to 1 over the vocabulary.
+within (0, c) (too little text), KenLM's fallback 0.5, 1, 1.5. With
+`--discounting plain`, plain interpolated Kneser-Ney: one discount per order
+for every count, D = n1 / (n1 + 2 n2) (0.5 where n1 or n2 is 0). Either way
+every conditional distribution sums to 1 over the vocabulary.
 
 Word model: each document's text is split (WORD) into runs of word
 characters, runs of whitespace and single other characters, which spell it
@@ -38,7 +41,8 @@ P(<unk> | h) S(w) / Z. S, its spelling, is a Kneser-Ney byte 5-gram
 after four end marks (so that no context reaches into another token; the
 marks themselves are counted too, which wastes a little of S on the empty
 spelling) and ended by the next mark; Z = 1 - S(empty) - S summed over the
-vocabulary, so the tokens outside it share exactly P(<unk> | h). The model
+vocabulary, so the tokens outside it share exactly P(<unk> | h) (S and the
+letter models below always use modified discounts). The model
 sums to 1 over token sequences; over texts it is deficient (a sequence with
 two word tokens side by side spells a text that splits otherwise), so its
 bits are a true code length, a little above what a normalized model needs.
@@ -95,6 +99,18 @@ def modified_discounts(counts: np.ndarray) -> tuple[tuple, bool]:
   return FALLBACK_DISCOUNTS, True
 
 
+def plain_discounts(counts: np.ndarray) -> tuple[tuple, bool]:
+  """One discount for every count, D = n1 / (n1 + 2 n2) (Ney, Essen and
+  Kneser 1994), or 0.5 where n1 or n2 is 0; and whether it fell back."""
+  n1, n2 = (int(np.count_nonzero(counts == c)) for c in (1, 2))
+  if n1 and n2:
+    return (n1 / (n1 + 2 * n2),) * 3, False
+  return (0.5,) * 3, True
+
+
+DISCOUNTING = {"modified": modified_discounts, "plain": plain_discounts}
+
+
 @dataclasses.dataclass(frozen=True)
 class Level:
   """The n-grams of one order. A gram's key is (the id of its context, an
@@ -109,8 +125,9 @@ class Level:
   fallback: bool
 
 
-def _level(keys, counts, num_contexts: int, vocab_size: int) -> Level:
-  discounts, fallback = modified_discounts(counts)
+def _level(keys, counts, num_contexts: int, vocab_size: int,
+           discounting: str) -> Level:
+  discounts, fallback = DISCOUNTING[discounting](counts)
   discount = np.select([counts == 1, counts == 2, counts >= 3], discounts, 0.)
   context = keys // vocab_size
   total = np.bincount(context, counts, num_contexts)
@@ -150,8 +167,9 @@ class KneserNey:
     self.order = len(levels)
 
   @classmethod
-  def fit(cls, tokens, order: int, vocab_size: int) -> "KneserNey":
-    return fit_orders(tokens, (order,), vocab_size)[order]
+  def fit(cls, tokens, order: int, vocab_size: int,
+          discounting: str = "modified") -> "KneserNey":
+    return fit_orders(tokens, (order,), vocab_size, discounting)[order]
 
   def probs(self, tokens) -> np.ndarray:
     """P(tokens[..., i] | the up to order - 1 tokens before it in its row),
@@ -200,7 +218,8 @@ def _checked(tokens, vocab_size: int) -> np.ndarray:
   return tokens
 
 
-def fit_orders(tokens, orders, vocab_size: int) -> dict[int, KneserNey]:
+def fit_orders(tokens, orders, vocab_size: int,
+               discounting: str = "modified") -> dict[int, KneserNey]:
   """A model of each order in `orders`, counted in one pass: all share the
   lower orders (continuation counts) and differ in their highest."""
   tokens = _checked(tokens, vocab_size)
@@ -209,11 +228,11 @@ def fit_orders(tokens, orders, vocab_size: int) -> dict[int, KneserNey]:
                      "many for 64-bit n-gram keys")
   keys, counts, continuations = _count(tokens, max(orders), vocab_size)
   contexts = [1] + [len(k) for k in keys[:-1]]
-  lower = [_level(k, c, m, vocab_size)
+  lower = [_level(k, c, m, vocab_size, discounting)
            for k, c, m in zip(keys, continuations, contexts)]
   return {n: KneserNey(vocab_size, lower[:n - 1] + [
-      _level(keys[n - 1], counts[n - 1], contexts[n - 1], vocab_size)])
-          for n in orders}
+      _level(keys[n - 1], counts[n - 1], contexts[n - 1], vocab_size,
+             discounting)]) for n in orders}
 
 
 def bits_per_byte(log_probs: np.ndarray, num_bytes: int) -> float:
@@ -360,7 +379,7 @@ def parse_orders(text: str) -> tuple[int, ...]:
 
 
 def run(source: str, tokenizer: str, holdout: tuple, cache_dir: str,
-        orders: tuple, out: str, seed: int) -> dict:
+        orders: tuple, discounting: str, out: str, seed: int) -> dict:
   clock = time.perf_counter()
   data = prepare.prepare(source, tokenizer, holdout, cache_dir)
   tok = data.tokenizer
@@ -369,19 +388,22 @@ def run(source: str, tokenizer: str, holdout: tuple, cache_dir: str,
   val_bytes = int(tok.token_bytes()[val].sum())
   results = {"source": source, "data": data.path, "tokenizer": tok.kind,
              "vocab_size": tok.vocab_size, "train_tokens": len(train),
-             "val_tokens": len(val), "val_bytes": val_bytes, "seed": seed}
+             "val_tokens": len(val), "val_bytes": val_bytes,
+             "discounting": discounting, "seed": seed}
 
   start = time.perf_counter()
-  models = fit_orders(train, orders, tok.vocab_size)
-  results["token_model"] = {"fit_s": time.perf_counter() - start,
-                            "rows": _scores(models, val, val_bytes)}
+  models = fit_orders(train, orders, tok.vocab_size, discounting)
+  results["token_model"] = {
+      "fit_s": time.perf_counter() - start,
+      "rows": [_row(n, m, lambda: m.log_probs(val), val_bytes)
+               for n, m in models.items()]}
 
   start = time.perf_counter()
   train_texts = split_documents(train, tok)
   val_texts = split_documents(val, tok)
   words = Words.fit(train_texts)
   word_ids, _ = words.encode(train_texts)
-  word_models = fit_orders(word_ids, orders, words.vocab_size)
+  word_models = fit_orders(word_ids, orders, words.vocab_size, discounting)
   val_ids, unknown = words.encode(val_texts)
   word_bytes = sum(len(t.encode("utf-8")) for t in val_texts)
   results["word_model"] = {
@@ -389,8 +411,7 @@ def run(source: str, tokenizer: str, holdout: tuple, cache_dir: str,
       "train_tokens": len(word_ids), "val_tokens": len(val_ids),
       "val_unknown_tokens": len(unknown), "val_bytes": word_bytes,
       "spelling_mass_outside_vocab": math.exp(words.log_z),
-      "rows": [dict(order=n, **_score(
-          lambda: words.log_probs(m, val_texts), m, word_bytes))
+      "rows": [_row(n, m, lambda: words.log_probs(m, val_texts), word_bytes)
                for n, m in word_models.items()]}
 
   letter_models = fit_orders(letter_ids(" ".join(train_texts)),
@@ -411,22 +432,18 @@ def run(source: str, tokenizer: str, holdout: tuple, cache_dir: str,
   return results
 
 
-def _score(log_probs, model: KneserNey, num_bytes: int) -> dict:
+def _row(order: int, model: KneserNey, score, num_bytes: int) -> dict:
+  """A model's line of results.json; `score` gives its ln P per token."""
   start = time.perf_counter()
-  lp = log_probs()
+  lp = score()
   top = model.levels[-1]
-  return {"nats_per_token": float(-lp.mean()),
+  return {"order": order, "nats_per_token": float(-lp.mean()),
           "bits_per_byte": bits_per_byte(lp, num_bytes),
           "grams": len(top.keys), "discounts": list(top.discounts),
           "fallback_discounts": top.fallback,
           "lower_discounts": [list(level.discounts)
                               for level in model.levels[:-1]],
           "score_s": time.perf_counter() - start}
-
-
-def _scores(models: dict, val: np.ndarray, num_bytes: int) -> list[dict]:
-  return [dict(order=n, **_score(lambda: m.log_probs(val), m, num_bytes))
-          for n, m in models.items()]
 
 
 def print_table(results: dict) -> None:
@@ -457,6 +474,11 @@ def main(argv: list[str] | None = None) -> int:
                       "$GPT_JAX_CACHE or ~/.cache/gpt_jax)")
   parser.add_argument("--orders", default="1-8",
                       help="n-gram orders (default %(default)s)")
+  parser.add_argument("--discounting", choices=sorted(DISCOUNTING),
+                      default="modified",
+                      help="of the token and word models: modified Kneser-"
+                      "Ney's three discounts per order, or plain Kneser-"
+                      "Ney's one (default %(default)s)")
   parser.add_argument("--out", default=os.path.join("runs", "ngram"),
                       help="output folder (default %(default)s)")
   parser.add_argument("--seed", type=int, default=0,
@@ -467,8 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.isfile(args.out):
       raise NgramError(f"--out {args.out} is a file; give a folder")
     results = run(args.source, args.tokenizer, tuple(args.holdout),
-                  args.cache_dir, orders, args.out, args.seed)
-  except (DataError, NgramError) as e:
+                  args.cache_dir, orders, args.discounting, args.out,
+                  args.seed)
+  except (DataError, NgramError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print_table(results)

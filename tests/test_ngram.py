@@ -70,6 +70,13 @@ def test_unigram_with_modified_discounts_by_hand():
           gamma / 8]
   np.testing.assert_allclose(model.distribution([]), expected, rtol=1e-12)
   assert math.isclose(expected[6], 99 / 392)
+  # Plain: one discount n1 / (n1 + 2 n2) = 3/7 for every count; discounted
+  # mass 7 (3/7) = 3, gamma = 3 / 14.
+  plain = ngram.KneserNey.fit(corpus, 1, 8, discounting="plain")
+  counts = np.array([1, 1, 1, 2, 2, 3, 4, 0])
+  np.testing.assert_allclose(
+      plain.distribution([]),
+      np.maximum(counts - 3 / 7, 0) / 14 + 3 / 14 / 8, rtol=1e-12)
 
 
 def test_bigram_and_trigram_by_hand():
