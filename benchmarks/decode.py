@@ -51,7 +51,7 @@ def main():
   p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
   p.add_argument("--new", type=int, default=512,
                  help="new tokens (at least 65)")
-  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--vocab", type=int, default=85)
   args = p.parse_args()
   if args.new < 65:
