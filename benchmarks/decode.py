@@ -1,7 +1,7 @@
 """Decoding speed: the cached sampler against the uncached reference.
 
   python -m benchmarks.decode                    # default model, batch 1 and 8
-  python -m benchmarks.decode --batch 8 --rounds 5
+  python -m benchmarks.decode --batch 8 --rounds 9
 
 The model of configs/default.py with random weights (vocab 85) continues a
 random prompt of --prompt tokens by --new tokens (temperature 0.8). Rounds
