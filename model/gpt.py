@@ -4,11 +4,15 @@ Tensor names carry their shapes: B batch, L length, N = B * L tokens,
 D d_model, H heads, K head dim, F MLP width, V vocab, Q and T the query and
 key positions of an attention block. Every parameter and the main activations
 carry logical axis names; `trainer.sharding` maps them to mesh axes.
+
+Cached generation calls the same modules with a `KVCache` (Z layers, S cache
+slots): only attention's key/value source differs from training.
 """
 
 import dataclasses
 import math
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -88,6 +92,61 @@ class GPTConfig:
     return 6 * n + 12 * self.num_layers * self.d_model * self.seq_len
 
 
+CACHE_AXES = ("layers", "batch", "length", "heads", "head_dim")
+
+
+@flax.struct.dataclass
+class KVCache:
+  """The keys and values of every layer for the tokens seen so far.
+
+  A step claims the next slots, the same in every row, for its tokens and
+  their positions (`claim`); each layer then writes its keys and values
+  there and attends to all slots (`write`). Attention masks by the slots'
+  positions alone (-1: free, or left padding), so a cache that fills slots
+  in another order (a rolling one) or a layer that sees only a band of them
+  changes `claim` or `mask`, nothing else. Sharded like training: the batch
+  over the data axes, the heads over tensor.
+  """
+  k_ZxBxSxHxK: jax.Array
+  v_ZxBxSxHxK: jax.Array
+  pos_BxS: jax.Array
+  length: jax.Array  # slots claimed
+
+  @classmethod
+  def empty(cls, cfg: GPTConfig, batch: int) -> "KVCache":
+    shape = (cfg.num_layers, batch, cfg.seq_len, cfg.num_heads, cfg.head_dim)
+    zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, cfg.dtype),
+                                               CACHE_AXES)
+    pos_BxS = nn.with_logical_constraint(
+        jnp.full((batch, cfg.seq_len), -1, jnp.int32), ("batch", "length"))
+    return cls(zeros(), zeros(), pos_BxS, jnp.zeros((), jnp.int32))
+
+  def claim(self, pos_BxL) -> "KVCache":
+    """The next L slots (they must be free) for tokens at positions pos_BxL."""
+    return self.replace(
+        pos_BxS=jax.lax.dynamic_update_slice(self.pos_BxS, pos_BxL,
+                                             (0, self.length)),
+        length=self.length + pos_BxL.shape[1])
+
+  def mask(self, pos_BxL):
+    """Which slots the tokens at positions pos_BxL (claimed) attend to: those
+    at their position or before; none for padding (-1)."""
+    key_pos_Bx1x1xS = self.pos_BxS[:, None, None, :]
+    return (key_pos_Bx1x1xS >= 0) & (key_pos_Bx1x1xS <=
+                                     pos_BxL[:, None, :, None])
+
+  def write(self, layer, k_BxLxHxK, v_BxLxHxK) -> "KVCache":
+    """Layer `layer`'s keys and values of the tokens in the slots claimed
+    last. Attention reads them back from the cache, after this write: a read
+    before it would keep the old cache alive and cost XLA a copy of it."""
+    at = (layer, 0, self.length - k_BxLxHxK.shape[1], 0, 0)
+    write = lambda old, new: nn.with_logical_constraint(
+        jax.lax.dynamic_update_slice(old, new[None].astype(old.dtype), at),
+        CACHE_AXES)
+    return self.replace(k_ZxBxSxHxK=write(self.k_ZxBxSxHxK, k_BxLxHxK),
+                        v_ZxBxSxHxK=write(self.v_ZxBxSxHxK, v_BxLxHxK))
+
+
 def _dense_init(scale: float = 1.0):
   return nn.initializers.normal(stddev=0.02 * scale)
 
@@ -113,7 +172,11 @@ class Attention(nn.Module):
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, deterministic: bool):
+  def __call__(self, x_BxLxD, deterministic: bool, cache=None, layer=None,
+               mask_Bx1xLxS=None):
+    """With a `cache`, the tokens' keys and values go into its slots for
+    `layer` and the tokens attend to its slots under `mask_Bx1xLxS`; returns
+    the output and the cache."""
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
     H, K = cfg.num_heads, cfg.head_dim
@@ -132,7 +195,12 @@ class Attention(nn.Module):
                            zeros)
     qkv_BxLx3xHxK = qkv_Nx3xHxK.reshape(B, L, 3, H, K)
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
-    if cfg.attention == "einsum":
+    if cache is not None:
+      cache = cache.write(layer, k_BxLxHxK, v_BxLxHxK)
+      out_BxLxHxK = self._attend(
+          q_BxLxHxK * (1.0 / math.sqrt(K)), cache.k_ZxBxSxHxK[layer],
+          cache.v_ZxBxSxHxK[layer], mask_Bx1xLxS, deterministic)
+    elif cfg.attention == "einsum":
       out_BxLxHxK = self._einsum_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
                                            deterministic)
     else:
@@ -148,7 +216,7 @@ class Attention(nn.Module):
                        w_HxKxD)
     if cfg.use_bias:
       y_NxD += param("out_bias", (D,), ("embed",), zeros)
-    return y_NxD.reshape(B, L, D)
+    return y_NxD.reshape(B, L, D), cache
 
   def _einsum_attention(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, deterministic):
     """Causal softmax attention, in `cfg.attention_chunks` blocks of queries.
@@ -163,18 +231,21 @@ class Attention(nn.Module):
     bounds = [L * i // chunks for i in range(chunks + 1)]
     out = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-      att_BxHxQxT = jnp.einsum("bqhk,bthk->bhqt", q_BxLxHxK[:, lo:hi],
-                               k_BxLxHxK[:, :hi])
       causal_QxT = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]
-      att_BxHxQxT = jnp.where(causal_QxT, att_BxHxQxT.astype(jnp.float32),
-                              jnp.finfo(jnp.float32).min)
-      probs_BxHxQxT = jax.nn.softmax(att_BxHxQxT, axis=-1).astype(
-          v_BxLxHxK.dtype)
-      probs_BxHxQxT = nn.Dropout(self.cfg.dropout)(probs_BxHxQxT,
-                                                   deterministic)
-      out.append(jnp.einsum("bhqt,bthk->bqhk", probs_BxHxQxT,
-                            v_BxLxHxK[:, :hi]))
+      out.append(self._attend(q_BxLxHxK[:, lo:hi], k_BxLxHxK[:, :hi],
+                              v_BxLxHxK[:, :hi], causal_QxT, deterministic))
     return jnp.concatenate(out, axis=1)
+
+  def _attend(self, q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, mask, deterministic):
+    """Softmax attention of scaled queries; `mask` broadcasts to
+    [B, H, Q, T]."""
+    att_BxHxQxT = jnp.einsum("bqhk,bthk->bhqt", q_BxQxHxK, k_BxTxHxK)
+    att_BxHxQxT = jnp.where(mask, att_BxHxQxT.astype(jnp.float32),
+                            jnp.finfo(jnp.float32).min)
+    probs_BxHxQxT = jax.nn.softmax(att_BxHxQxT, axis=-1).astype(
+        v_BxTxHxK.dtype)
+    probs_BxHxQxT = nn.Dropout(self.cfg.dropout)(probs_BxHxQxT, deterministic)
+    return jnp.einsum("bhqt,bthk->bqhk", probs_BxHxQxT, v_BxTxHxK)
 
 
 class MLP(nn.Module):
@@ -202,27 +273,39 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+
+  Carries (x, cache): with a KVCache, attention writes and reads its slots
+  for `layer` (one cache through all layers, so that XLA updates it in
+  place)."""
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, deterministic: bool):
+  def __call__(self, carry, deterministic: bool, layer=None,
+               mask_Bx1xLxS=None):
+    x_BxLxD, cache = carry
     drop = nn.Dropout(self.cfg.dropout)
-    x_BxLxD = x_BxLxD + drop(
-        Attention(self.cfg)(_layer_norm(self.cfg)(x_BxLxD), deterministic),
-        deterministic)
+    y_BxLxD, cache = Attention(self.cfg)(
+        _layer_norm(self.cfg)(x_BxLxD), deterministic, cache, layer,
+        mask_Bx1xLxS)
+    x_BxLxD = x_BxLxD + drop(y_BxLxD, deterministic)
     x_BxLxD = x_BxLxD + drop(MLP(self.cfg)(_layer_norm(self.cfg)(x_BxLxD)),
                              deterministic)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
-    return x_BxLxD, None
+    return (x_BxLxD, cache), None
 
 
 class GPT(nn.Module):
-  """tokens [B, L] int -> logits [B, L, V] float32."""
+  """tokens [B, L] int -> logits [B, L, V] float32.
+
+  With a `cache`, the tokens (at positions `pos_BxL`, -1 for padding) attend
+  to it as well, and the call returns (logits, the cache with them added).
+  """
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, deterministic: bool = True):
+  def __call__(self, tokens_BxL, deterministic: bool = True,
+               cache: KVCache | None = None, pos_BxL=None):
     cfg = self.cfg
     L = tokens_BxL.shape[1]
     embed = nn.Embed(
@@ -236,12 +319,16 @@ class GPT(nn.Module):
     table_VxD = nn.with_logical_constraint(embed.embedding, ("vocab", None))
     x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(cfg.dtype)
     if cfg.position == "learned":
-      wpe_LxD = self.param(
+      positions_SxD = self.param(
           "wpe", nn.with_logical_partitioning(_dense_init(0.5), (None, "embed")),
           (cfg.seq_len, cfg.d_model), cfg.param_dtype)
-      x_BxLxD = x_BxLxD + wpe_LxD[:L].astype(cfg.dtype)
     else:
-      x_BxLxD = x_BxLxD + sinusoidal_positions(L, cfg.d_model).astype(cfg.dtype)
+      positions_SxD = sinusoidal_positions(cfg.seq_len, cfg.d_model)
+    if cache is None:
+      x_BxLxD = x_BxLxD + positions_SxD[:L].astype(cfg.dtype)
+    else:
+      x_BxLxD = x_BxLxD + jnp.take(positions_SxD, jnp.maximum(pos_BxL, 0),
+                                   axis=0).astype(cfg.dtype)
     x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
 
@@ -249,16 +336,24 @@ class GPT(nn.Module):
     if cfg.remat != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat],
                        static_argnums=(2,))
+    layers = mask_Bx1xLxS = None
+    if cache is not None:
+      cache = cache.claim(pos_BxL)
+      mask_Bx1xLxS = cache.mask(pos_BxL)
+      layers = jnp.arange(cfg.num_layers)
     if cfg.scan_layers:
-      x_BxLxD, _ = nn.scan(
+      (x_BxLxD, cache), _ = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True,
                                                           "dropout": True},
-          in_axes=nn.broadcast, length=cfg.num_layers,
+          in_axes=(nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, name="blocks")(x_BxLxD, deterministic)
+      )(cfg, name="blocks")((x_BxLxD, cache), deterministic, layers,
+                            mask_Bx1xLxS)
     else:
       for i in range(cfg.num_layers):
-        x_BxLxD, _ = block(cfg, name=f"block_{i}")(x_BxLxD, deterministic)
+        (x_BxLxD, cache), _ = block(cfg, name=f"block_{i}")(
+            (x_BxLxD, cache), deterministic, None if cache is None else i,
+            mask_Bx1xLxS)
 
     x_BxLxD = _layer_norm(cfg, name="ln_f")(x_BxLxD)
     if cfg.tie_embeddings:
@@ -273,4 +368,6 @@ class GPT(nn.Module):
                                                  ("vocab",)))(x_BxLxD)
     logits_BxLxV = nn.with_logical_constraint(logits_BxLxV,
                                               ("batch", "length", "vocab"))
-    return logits_BxLxV.astype(jnp.float32)
+    if cache is None:
+      return logits_BxLxV.astype(jnp.float32)
+    return logits_BxLxV.astype(jnp.float32), cache

@@ -1,14 +1,34 @@
-"""Autoregressive sampling: one token at a time, with temperature, top-k, top-p.
+"""Sampling from a GPT: prefill the prompts in one pass, then one token per
+step from a key/value cache, with temperature, top-k and top-p.
 
-The whole generation is one jitted `fori_loop` over a fixed-size token buffer;
-each step re-reads the last `seq_len` tokens (no KV cache yet), so prompts and
-outputs longer than the context slide the window.
+Prompts of different lengths are left-padded into one batch, so that every
+row writes the same cache slot at each step; padded slots hold position -1
+and are masked. The token loop runs in Python around a jitted prefill and a
+jitted decode step: the host needs each token anyway (to stream it to a
+callback, detokenize it for stop strings and stop finished rows), and it
+dispatches step t + 1 before it reads token t, so that this host work
+overlaps the device's.
+
+Past the context window `window_start` decides what each token sees. With
+learned or sinusoidal absolute positions a cached key is only valid for the
+window it was computed in, so the window cannot slide a token at a time:
+when the cache is full it restarts on the last half of the context, which is
+prefilled again, and the new tokens decode into the freed slots. With seq_len
+S that is one prefill of ceil(S / 2) tokens every S - ceil(S / 2) + 1 new
+tokens (64 tokens every 65 at S = 128), and each token then sees the last
+ceil(S / 2) to S tokens. Rotary positions would not go stale: their cache
+could roll instead (claim slot `pos % S`, and the window start `n - S`), a
+change to `KVCache.claim` and `window_start` alone.
 """
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from model.gpt import KVCache
 
 
 def sample_next(logits_BxV, rng, temperature: float, top_k: int = 0,
@@ -31,30 +51,162 @@ def sample_next(logits_BxV, rng, temperature: float, top_k: int = 0,
   return jax.random.categorical(rng, logits_BxV, axis=-1)
 
 
-def generate(model, params, prompt_BxP, rng, *, max_new_tokens: int,
-             temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0):
-  """Returns [B, P + max_new_tokens] ids: the prompt and its continuation."""
-  B, P = prompt_BxP.shape
-  if P == 0:
-    raise ValueError("the prompt must hold at least one token")
-  total = P + max_new_tokens
-  window = min(model.cfg.seq_len, total)
+def window_start(n: int, seq_len: int) -> int:
+  """The context policy: column n of the batch (prompts right-aligned, so
+  that every row makes its column n in the same step) is predicted from
+  columns [window_start(n), n), less any left padding.
 
-  @functools.partial(jax.jit, donate_argnums=(1,))
-  def run(params, buf_BxT, rng):
-    def step(t, carry):
-      buf_BxT, rng = carry
-      start = jnp.maximum(t - window, 0)
-      ctx_BxW = jax.lax.dynamic_slice(buf_BxT, (0, start), (B, window))
-      logits_BxWxV = model.apply({"params": params}, ctx_BxW)
-      logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxWxV, t - 1 - start,
-                                                axis=1, keepdims=False)
-      rng, key = jax.random.split(rng)
-      next_B = sample_next(logits_BxV, key, temperature, top_k, top_p)
-      buf_BxT = jax.lax.dynamic_update_slice(
-          buf_BxT, next_B[:, None].astype(buf_BxT.dtype), (0, t))
-      return buf_BxT, rng
-    return jax.lax.fori_loop(P, total, step, (buf_BxT, rng))[0]
+  Up to seq_len columns the window holds them all; then it restarts on the
+  last ceil(seq_len / 2) and grows back to seq_len before the next restart.
+  A prompt alone, or among prompts of its length, sees exactly that; a
+  shorter one restarts with the batch, so past the context its window
+  depends on the longest prompt. Both samplers follow this function.
+  """
+  if n <= seq_len:
+    return 0
+  keep = (seq_len + 1) // 2
+  return n - keep - (n - seq_len - 1) % (seq_len - keep + 1)
 
-  buf_BxT = jnp.zeros((B, total), jnp.int32).at[:, :P].set(prompt_BxP)
-  return run(params, buf_BxT, rng)
+
+def _left_pad(prompts, max_new_tokens: int):
+  """The prompts, right-aligned in one [B, P + max_new_tokens] buffer, and
+  each row's number of padding columns."""
+  rows = [np.asarray(p, np.int32).ravel() for p in prompts]
+  if not rows or min(r.size for r in rows) == 0:
+    raise ValueError("each prompt must hold at least one token")
+  P = max(r.size for r in rows)
+  buf_BxN = np.zeros((len(rows), P + max_new_tokens), np.int32)
+  pad_B = np.array([P - r.size for r in rows])
+  for row, pad, r in zip(buf_BxN, pad_B, rows):
+    row[pad:P] = r
+  return buf_BxN, pad_B
+
+
+def _axis_rules() -> tuple:
+  """The active logical-axis rules, hashable, to key the jitted steps by: jit
+  does not see them, and a trace made under other rules would shard the
+  cache wrongly."""
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+               for name, axes in nn.get_logical_axis_rules())
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_steps(model, sampling: tuple, rules: tuple):
+  """The jitted prefill and decode step of a model, sampling settings and
+  logical-axis rules (static: a call then hashes none of them)."""
+
+  def prefill(params, tokens_BxL, pos_BxL, rng, n):
+    """A fresh cache holding the tokens, and the token after them (column n
+    of the buffer, drawn with the key `fold_in(rng, n)`)."""
+    with nn.logical_axis_rules(rules):
+      logits_BxLxV, cache = model.apply(
+          {"params": params}, tokens_BxL, pos_BxL=pos_BxL,
+          cache=KVCache.empty(model.cfg, tokens_BxL.shape[0]))
+    return sample_next(logits_BxLxV[:, -1], jax.random.fold_in(rng, n),
+                       *sampling), cache
+
+  def decode(params, cache, tokens_B, rng, n):
+    """The cache with one more token per row, and the token after it."""
+    pos_Bx1 = jnp.max(cache.pos_BxS, axis=1, keepdims=True) + 1
+    with nn.logical_axis_rules(rules):
+      logits_Bx1xV, cache = model.apply(
+          {"params": params}, tokens_B[:, None], cache=cache, pos_BxL=pos_Bx1)
+    return sample_next(logits_Bx1xV[:, -1], jax.random.fold_in(rng, n),
+                       *sampling), cache
+
+  return jax.jit(prefill), jax.jit(decode, donate_argnames="cache")
+
+
+def generate(model, params, prompts, rng, *, max_new_tokens: int,
+             temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
+             stop_token: int | None = None, stop_strings=(), to_text=None,
+             on_token=None) -> list[np.ndarray]:
+  """Continues each prompt (a sequence of ids; lengths may differ).
+
+  Returns one array per prompt: the prompt and its continuation, which ends
+  after max_new_tokens or with the token that is `stop_token` or completes
+  one of `stop_strings` in the continuation's text (`to_text(ids) -> str`).
+  Rows that stopped stop growing; the call returns once all have.
+  `on_token(tokens_B, growing_B)` is called after every step with each row's
+  new token and whether it belongs to the row's continuation. The token in
+  column n of the batch (see `window_start`) is drawn with the key
+  `fold_in(rng, n)`, as in `generate_uncached`.
+  """
+  if stop_strings and to_text is None:
+    raise ValueError("stop_strings need to_text to detokenize")
+  buf_BxN, pad_B = _left_pad(prompts, max_new_tokens)
+  B, N = buf_BxN.shape
+  P, S = N - max_new_tokens, model.cfg.seq_len
+  prefill, decode = _jitted_steps(model, (temperature, top_k, top_p),
+                                  _axis_rules())
+
+  def restart(n, window, tokens_BxL):
+    """A cache of columns [window, n) (tokens_BxL), and column n."""
+    pos_BxL = np.arange(window, n) - np.maximum(pad_B, window)[:, None]
+    return prefill(params, tokens_BxL, np.maximum(pos_BxL, -1), rng, n)
+
+  end_B = np.full(B, N)  # one past each row's last column
+  window = window_start(P, S)
+  if N > P:
+    pending_B, cache = restart(P, window, buf_BxN[:, window:P])
+  for n in range(P, N):
+    # pending_B (still on the device) is column n; dispatch column n + 1.
+    if n + 1 < N:
+      window, last_window = window_start(n + 1, S), window
+      if window == last_window:
+        next_B, cache = decode(params, cache, pending_B, rng, n + 1)
+      else:
+        next_B, cache = restart(n + 1, window, jnp.concatenate(
+            [buf_BxN[:, window:n], pending_B[:, None]], axis=1))
+    buf_BxN[:, n] = np.asarray(pending_B)
+    growing_B = end_B > n
+    for b in np.flatnonzero(growing_B):
+      text = to_text(buf_BxN[b, P:n + 1]) if stop_strings else ""
+      if (buf_BxN[b, n] == stop_token or
+          any(stop in text for stop in stop_strings)):
+        end_B[b] = n + 1
+    if on_token is not None:
+      on_token(buf_BxN[:, n].copy(), growing_B)
+    if (end_B <= n + 1).all():
+      break
+    pending_B = next_B
+  return [row[pad:end] for row, pad, end in zip(buf_BxN, pad_B, end_B)]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "rules",
+                                             "first"))
+def _uncached(params, buf_BxN, pad_B, window_N, rng, *, model, sampling,
+              rules, first):
+  """Fills columns [first, N) of the buffer, one full forward per column."""
+  S = model.cfg.seq_len
+  # S columns of room on the right, so that no slice is shifted to fit.
+  buf_BxN = jnp.pad(buf_BxN, ((0, 0), (0, S)))
+
+  def step(n, buf_BxN):
+    begin_B = jnp.maximum(window_N[n], pad_B)
+    ctx_BxS = jax.vmap(lambda row, b: jax.lax.dynamic_slice(row, (b,), (S,)))(
+        buf_BxN, begin_B)
+    with nn.logical_axis_rules(rules):
+      logits_BxSxV = model.apply({"params": params}, ctx_BxS)
+    logits_BxV = jnp.take_along_axis(
+        logits_BxSxV, (n - 1 - begin_B)[:, None, None], axis=1)[:, 0]
+    next_B = sample_next(logits_BxV, jax.random.fold_in(rng, n), *sampling)
+    return buf_BxN.at[:, n].set(next_B)
+
+  return jax.lax.fori_loop(first, buf_BxN.shape[1] - S, step, buf_BxN)[:, :-S]
+
+
+def generate_uncached(model, params, prompts, rng, *, max_new_tokens: int,
+                      temperature: float = 0.8, top_k: int = 0,
+                      top_p: float = 1.0) -> list[np.ndarray]:
+  """The reference for `generate` (tests and benchmarks): each token runs
+  the plain forward over its whole window, as chosen by `window_start`, with
+  the same per-token random keys, in one jitted loop; no stops."""
+  buf_BxN, pad_B = _left_pad(prompts, max_new_tokens)
+  N = buf_BxN.shape[1]
+  window_N = np.array([window_start(n, model.cfg.seq_len) for n in range(N)])
+  out_BxN = np.asarray(_uncached(
+      params, buf_BxN, pad_B, window_N, rng, model=model,
+      sampling=(temperature, top_k, top_p), rules=_axis_rules(),
+      first=N - max_new_tokens))
+  return [row[pad:] for row, pad in zip(out_BxN, pad_B)]

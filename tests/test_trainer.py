@@ -12,7 +12,8 @@ import pytest
 from conftest import (metrics_records, random_params, tiny_config,
                       tiny_model_config, tiny_run_config, train_steps)
 from data import loader
-from model import GPT, GPTConfig, generate
+from model import (GPT, GPTConfig, generate, generate_uncached,
+                   window_start)
 from model.sampling import sample_next
 from trainer import config as config_lib, loop
 from trainer import state as state_lib
@@ -200,13 +201,13 @@ def sampler():
 
 
 def _greedy_by_hand(model, params, prompt, n):
-  """Argmax continuation with repeated model.apply over the last seq_len
-  tokens (right-padded to seq_len: the model is causal)."""
+  """Argmax continuation with repeated model.apply over the window that
+  window_start gives (right-padded to seq_len: the model is causal)."""
   W = model.cfg.seq_len
   apply = jax.jit(lambda ctx: model.apply({"params": params}, ctx))
   buf = np.asarray(prompt)
   for _ in range(n):
-    ctx = buf[:, -W:]
+    ctx = buf[:, window_start(buf.shape[1], W):]
     padded = np.zeros((buf.shape[0], W), np.int32)
     padded[:, :ctx.shape[1]] = ctx
     logits = np.asarray(apply(padded))[:, ctx.shape[1] - 1]
@@ -214,18 +215,20 @@ def _greedy_by_hand(model, params, prompt, n):
   return buf
 
 
-def test_greedy_generation_matches_hand_argmax(sampler):
+@pytest.mark.parametrize("sampler_fn", [generate, generate_uncached],
+                         ids=["cached", "uncached"])
+def test_greedy_generation_matches_hand_argmax(sampler, sampler_fn):
   model, params = sampler
   prompt = np.random.default_rng(6).integers(0, 37, (2, 3)).astype(np.int32)
-  n = 10  # 3 + 10 > seq_len 8: the window slides
-  out = np.asarray(generate(model, params, prompt, jax.random.key(0),
+  n = 10  # 3 + 10 > seq_len 8: the window restarts
+  out = np.stack(sampler_fn(model, params, prompt, jax.random.key(0),
                             max_new_tokens=n, temperature=0.0))
   assert out.shape == (2, 13)
   np.testing.assert_array_equal(out[:, :3], prompt)
   expected = _greedy_by_hand(model, params, prompt, n)
   np.testing.assert_array_equal(out, expected)
   assert len(set(out[0, 3:].tolist())) > 1  # not a degenerate model
-  top1 = np.asarray(generate(model, params, prompt, jax.random.key(1),
+  top1 = np.stack(sampler_fn(model, params, prompt, jax.random.key(1),
                              max_new_tokens=n, temperature=1.0, top_k=1))
   np.testing.assert_array_equal(top1, expected)
 
@@ -233,7 +236,7 @@ def test_greedy_generation_matches_hand_argmax(sampler):
 def test_stochastic_generation_is_seeded(sampler):
   model, params = sampler
   prompt = np.array([[1, 2, 3, 4]], np.int32)
-  sample = lambda seed: np.asarray(generate(
+  sample = lambda seed: np.stack(generate(
       model, params, prompt, jax.random.key(seed), max_new_tokens=12,
       temperature=2.0))
   a, b, c = sample(0), sample(0), sample(1)
