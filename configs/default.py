@@ -99,11 +99,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict(dict(
       prompt="\n",
+      prompt_file="",      # if set, its text (UTF-8) is the prompt
+      num_samples=1,       # --mode=sample
       temperature=0.8,
       top_k=0,
       top_p=1.0,
       max_new_tokens=500,
       seed=0,
+      top=5,               # --mode=next: how many next tokens to list
   ))
 
   c.perf = ml_collections.ConfigDict(dict(

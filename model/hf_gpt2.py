@@ -84,8 +84,6 @@ _PREFIX = "transformer."
 _WEIGHTS = "model.safetensors"
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt",
                     "tokenizer_config.json", "special_tokens_map.json")
-TOKENIZER_DIR = "tokenizer"
-TOKENIZER_SPEC = "spec.json"
 
 
 def _shape(spec: str, dims: dict) -> tuple[int, ...]:
@@ -267,13 +265,13 @@ def import_gpt2(hf_dir: str, workdir: str, scan_layers: bool = False):
   target.close()
   config_lib.save(config, workdir)
   if tok is not None:
-    directory = os.path.join(workdir, TOKENIZER_DIR)
+    directory = os.path.join(workdir, loop.TOKENIZER)
     os.makedirs(directory, exist_ok=True)
     for name in tokenizer_files:
       shutil.copyfile(os.path.join(hf_dir, name), os.path.join(directory, name))
     if "tokenizer.json" not in tokenizer_files:
       tok.save(directory)
-    with open(os.path.join(directory, TOKENIZER_SPEC), "w") as f:
+    with open(os.path.join(directory, tokenizers.SPEC), "w") as f:
       json.dump(tok.to_json(), f, indent=1)
   return cfg
 
@@ -334,12 +332,11 @@ def export_gpt2(workdir: str, hf_dir: str) -> int:
                         "directory")
   if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
     raise ConfigError(f"{hf_dir} is a file; give a directory")
-  tokenizer_dir = os.path.join(workdir, TOKENIZER_DIR)
+  tokenizer_dir = os.path.join(workdir, loop.TOKENIZER)
   eot_id, tokenizer_files = None, []
-  if os.path.isfile(os.path.join(tokenizer_dir, TOKENIZER_SPEC)):
+  if os.path.isfile(os.path.join(tokenizer_dir, tokenizers.SPEC)):
     try:
-      with open(os.path.join(tokenizer_dir, TOKENIZER_SPEC)) as f:
-        eot_id = tokenizers.from_json(json.load(f), tokenizer_dir).eot_id
+      eot_id = tokenizers.load_dir(tokenizer_dir).eot_id
     except Exception as e:  # a missing or foreign file: say which and why
       raise ConfigError(f"the tokenizer in {tokenizer_dir} does not load "
                         f"({str(e).splitlines()[0]})") from None

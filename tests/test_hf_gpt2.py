@@ -374,8 +374,9 @@ def test_init_from_an_import_starts_from_its_params(tmp_path, capsys):
   config.checkpoint.init_from = imported
   mesh = sharding.make_mesh(config.mesh)
   model, tx, rules, shardings = loop.model_and_optimizer(config, 288, mesh)
-  run = loop.Run(config, str(tmp_path / "tuned"), None, model, tx, mesh,
-                 rules, shardings, None, None)
+  run = loop.Run(config, str(tmp_path / "tuned"), None,
+                 tokenizers.load_dir(os.path.join(imported, loop.TOKENIZER)),
+                 model, tx, mesh, rules, shardings, None, None)
   with jax.set_mesh(mesh):
     state = state_lib.init_state(model, tx, shardings, seed=0)
     state = loop._init_from(run, state, imported)
@@ -385,6 +386,38 @@ def test_init_from_an_import_starts_from_its_params(tmp_path, capsys):
   for k, v in _fixture_tensors().items():
     np.testing.assert_array_equal(exported[k], v, err_msg=k)
   assert int(state.step) == 0 and state.opt_state is not None
+
+
+def test_an_import_is_used_with_its_own_tokenizer(tmp_path, capsys,
+                                                   corpus_dir):
+  """train.py's modes read the import's tokenizer (it has no corpus); a
+  corpus with another tokenizer cannot fine-tune it."""
+  imported = str(tmp_path / "imported")
+  assert _main(capsys, "import", FIXTURE, imported)[0] == 0
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = lambda *args: subprocess.run(
+      [sys.executable, "train.py", *args], cwd=REPO, env=env, text=True,
+      capture_output=True, timeout=300)
+  result = run(f"--workdir={imported}", "--mode=next", "--json",
+               "--config.sample.prompt=Hello world")
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = json.loads(result.stdout.strip().splitlines()[-1])
+  assert len(rows) == 5 and all(r["id"] < 288 for r in rows)
+  _, logits = _logits(imported, tokenizers.load_dir(os.path.join(
+      imported, loop.TOKENIZER)).encode("Hello world")[None])
+  assert rows[0]["id"] == int(np.argmax(logits[0, -1]))
+  tuned = run(f"--config.checkpoint.init_from={imported}",
+              f"--config.data.source={corpus_dir}",
+              f"--config.data.cache_dir={tmp_path / 'cache'}",
+              f"--workdir={tmp_path / 'tuned'}", "--config.train.steps=2",
+              "--config.model.vocab_size=288", "--config.model.d_model=32",
+              "--config.model.num_layers=2", "--config.model.num_heads=4",
+              "--config.model.seq_len=64")
+  assert tuned.returncode == 2, tuned.stderr[-2000:]
+  assert tuned.stderr.strip().splitlines()[-1].startswith(
+      f"error: the model of {imported} uses a bpe tokenizer of 288 ids, but "
+      f"{corpus_dir} was prepared with a char tokenizer")
+  assert not os.path.exists(tmp_path / "tuned" / "config.json")
 
 
 # ---------------------------------------------------------------- GPT-2 small

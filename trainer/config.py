@@ -162,11 +162,14 @@ RULES = {
     "mesh.tensor": MESH_SIZE,
     "mesh.rules": Rule(tuple, items=Rule(tuple)),
     "sample.prompt": Rule(str, nonempty=True),
+    "sample.prompt_file": Rule(str, means="'': sample.prompt"),
+    "sample.num_samples": COUNT,
     "sample.temperature": Rule(float, 0, means="0: greedy"),
     "sample.top_k": Rule(int, 0, means="0: no top-k filter"),
     "sample.top_p": Rule(float, 0, 1, low_open=True),
     "sample.max_new_tokens": COUNT,
     "sample.seed": Rule(int, 0),
+    "sample.top": COUNT,
     "perf.peak_flops": Rule(float, 0, means="0: look up or measure"),
 }
 
@@ -271,13 +274,73 @@ CROSS_CHECKS = (batch_splits_into_microbatches, keep_steps_inside_the_run,
 
 
 def check_with_tokenizer(config, tokenizer) -> None:
-  """The sample settings against the run's tokenizer, once the data is
-  loaded: before training, not after it."""
+  """The sample settings against the run's tokenizer, once it is known:
+  before training, not after it."""
   top_k_within_vocabulary(config, tokenizer.vocab_size)
+  if config.sample.top > tokenizer.vocab_size:
+    raise ConfigError(f"sample.top={config.sample.top} exceeds the "
+                      f"vocabulary of {tokenizer.vocab_size}; lower it")
+  s = config.sample
   try:
-    tokenizer.encode(config.sample.prompt)
+    tokenizer.encode(prompt_text(config))
   except ValueError as e:
-    raise ConfigError(f"sample.prompt={config.sample.prompt!r}: {e}") from None
+    field = (f"sample.prompt_file={s.prompt_file!r}" if s.prompt_file else
+             f"sample.prompt={s.prompt!r}")
+    raise ConfigError(f"{field}: {e}") from None
+
+
+def prompt_text(config) -> str:
+  """sample.prompt, or the text of sample.prompt_file if set."""
+  path = config.sample.prompt_file
+  if not path:
+    return config.sample.prompt
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f"sample.prompt_file={path!r} cannot be read as UTF-8 "
+                      f"text ({getattr(e, 'strerror', None) or e})") from None
+  if not text:
+    raise ConfigError(f"sample.prompt_file={path!r} is empty; give at least "
+                      "one character")
+  return text
+
+
+# The sections each mode other than train takes from the command line; the
+# rest of its config is the run's (config.json). The mesh and perf sections
+# describe this machine: they always come from the command line.
+MODE_SECTIONS = {"eval": ("eval", "data"), "sample": ("sample",),
+                 "next": ("sample",), "export": (),
+                 "cooldown": ("cooldown", "eval", "sample")}
+
+
+def for_mode(saved, given, overrides: dict, mode: str, workdir: str
+             ) -> ml_collections.ConfigDict:
+  """The config --mode=MODE uses on the run in `workdir`: its saved config,
+  this machine's mesh and perf (from `given`, the command line's config),
+  and the overrides (--config.* flags given) of the sections the mode reads.
+  An override of another field is refused, unless it equals the run's
+  value: the model, data and training are the run's."""
+  config = ml_collections.ConfigDict(saved.to_dict())
+  config.mesh, config.perf = given.mesh, given.perf
+  sections = MODE_SECTIONS[mode] + ("mesh", "perf")
+  for field, value in overrides.items():
+    section, name = field.split(".", 1)
+    if section in sections:
+      if section != "cooldown":  # cooldown_branch reads those
+        config[section][name] = given[section][name]
+    elif _plain(saved[section][name]) != _plain(value):
+      raise ConfigError(
+          f"--config.{field}={value!r} does not apply to --mode={mode}: it "
+          f"uses the run's {field}={saved[section][name]!r} "
+          f"({os.path.join(workdir, 'config.json')}); this mode takes "
+          f"{', '.join(s + '.*' for s in sections)} from the command line")
+  return config
+
+
+def _plain(value):
+  """Tuples as lists, as config.json holds them."""
+  return json.loads(json.dumps(value))
 
 
 def capped_warmup(config) -> tuple[ml_collections.ConfigDict, str]:
