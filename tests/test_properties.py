@@ -70,10 +70,11 @@ def test_bfloat16_logits_are_rounded_and_params_stay_float32():
   float32."""
   params = random_params(tiny_model_config(), seed=1, std=0.1)
   tokens = _tokens(1)[:, :-1]
-  logits = {dtype: np.asarray(GPT(tiny_model_config(dtype=dtype)).apply(
-      {"params": params}, tokens)) for dtype in ("float32", "bfloat16")}
-  other_attention = np.asarray(GPT(tiny_model_config(attention="xla")).apply(
-      {"params": params}, tokens))
+  logits = {dtype: np.asarray(jax.jit(GPT(tiny_model_config(
+      dtype=dtype)).apply)({"params": params}, tokens))
+            for dtype in ("float32", "bfloat16")}
+  other_attention = np.asarray(jax.jit(GPT(tiny_model_config(
+      attention="xla")).apply)({"params": params}, tokens))
   float32_noise = np.abs(other_attention - logits["float32"]).max()
   bf16_change = np.abs(logits["bfloat16"] - logits["float32"]).max()
   assert float32_noise < 1e-5

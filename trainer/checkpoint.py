@@ -111,7 +111,7 @@ class Checkpointer:
     """Orbax's background thread, on process 0, once the files of the step
     being saved are final and before it is committed."""
     pending = glob.glob(os.path.join(
-        self.directory, f"{self._saving}.orbax-checkpoint-tmp*"))
+        glob.escape(self.directory), f"{self._saving}.orbax-checkpoint-tmp*"))
     if len(pending) > 1:
       raise RuntimeError(f"several uncommitted saves of step {self._saving} "
                          f"under {self.directory}: {pending}")
