@@ -54,15 +54,17 @@ class Run:
     return (checkpointer or self.checkpointer).restore_latest_valid(
         self._target(), params_only)
 
-  def restore_checkpoint(self, checkpointer, step: int):
-    """The state of one given checkpoint, resharded onto this run's mesh."""
+  def restore_checkpoint(self, checkpointer, step: int, fix: str,
+                         params_only=False):
+    """The state of one given checkpoint, resharded onto this run's mesh; a
+    damaged one is refused (a ConfigError that ends with `fix`)."""
     try:
-      return checkpointer.restore(step, self._target())
+      return checkpointer.restore(step, self._target(), params_only)
     except ConfigError:
       raise
     except Exception as e:  # noqa: BLE001 - any damage, whatever raised it
       raise ConfigError(f"the checkpoint {checkpointer.directory}/{step} "
-                        f"cannot be restored ({checkpoint.reason(e)})"
+                        f"cannot be restored ({checkpoint.reason(e)}); {fix}"
                         ) from None
 
   def _target(self):
@@ -427,7 +429,9 @@ def _branch_state(run: Run):
           f"{parent.directory} has no checkpoint at step {step} (it has "
           f"{parent.steps() or 'none'}); train the run with "
           f"--config.checkpoint.keep_steps='({step},)' to keep one there")
-    state = run.restore_checkpoint(parent, step)
+    state = run.restore_checkpoint(
+        parent, step, "branch from another step of the run, or restore this "
+        "one from a copy")
   finally:
     parent.close()
   log(f"cooldown branch from {parent.directory}/{step}: "
@@ -436,17 +440,23 @@ def _branch_state(run: Run):
 
 
 def _init_from(run: Run, state, workdir: str):
-  """`state` with the params of another run's newest valid checkpoint; its
-  tokenizer, if it saved one, must be this run's."""
+  """`state` with the params of another run's newest checkpoint, whose
+  tokenizer, if it saved one, must be this run's; if that checkpoint is
+  damaged, the run stops rather than start from an older one unasked."""
   model_tokenizer = tokenizers.load_dir(os.path.join(workdir, TOKENIZER))
   if model_tokenizer is not None:
     _check_same_tokenizer(model_tokenizer, workdir, run.tokenizer,
                           run.config.data.source)
   source = checkpoint.Checkpointer(workdir, keep=1, read_only=True)
-  step, restored = run.restore_latest(source, params_only=True)
-  source.close()
-  if step is None:
-    raise ConfigError(f"checkpoint.init_from={workdir!r} holds no checkpoint "
-                      f"(nothing restorable under {source.directory})")
+  try:
+    step = source.latest_step()
+    if step is None:
+      raise ConfigError(f"checkpoint.init_from={workdir!r} holds no "
+                        f"checkpoint (nothing under {source.directory})")
+    restored = run.restore_checkpoint(
+        source, step, "restore it from a copy, or move it aside to start "
+        "from the run's previous checkpoint", params_only=True)
+  finally:
+    source.close()
   log(f"starting from the parameters of {source.directory}/{step}")
   return state.replace(params=restored.params)
