@@ -16,7 +16,7 @@ import pytest
 
 from conftest import file_snapshot, metrics_records, tiny_run_config
 from configs import default
-from trainer import checkpoint, config as config_lib, loop
+from trainer import checkpoint, config as config_lib, loop, modes
 from trainer.errors import ConfigError
 
 STEPS = 12
@@ -148,7 +148,7 @@ def test_damaged_newest_falls_back_and_is_set_aside(run_dir, tmp_path,
   workdir = _copy(run_dir, tmp_path)
   _damage(_step_dir(workdir, STEPS), how)
   with caplog.at_level(logging.WARNING):
-    result = loop.evaluate(config_lib.load_saved(workdir), workdir)
+    result = modes.evaluate(config_lib.load_saved(workdir), workdir)
   assert result["step"] == 10
   warned = [r.getMessage() for r in caplog.records]
   assert any(f"checkpoints/{STEPS} cannot be restored (DamagedCheckpoint: "
@@ -220,7 +220,7 @@ def test_a_checkpoint_saved_without_checksums_restores(run_dir, tmp_path,
   assert not os.path.exists(os.path.join(_step_dir(workdir, 10),
                                          checkpoint.CHECKSUMS))
   with caplog.at_level(logging.WARNING):
-    result = loop.evaluate(config_lib.load_saved(workdir), workdir)
+    result = modes.evaluate(config_lib.load_saved(workdir), workdir)
   assert result["step"] == 10
   assert any("checkpoints/10 has no checksums (saved before they were "
              "recorded); restoring it unverified" in r.getMessage()
