@@ -420,6 +420,40 @@ def test_an_import_is_used_with_its_own_tokenizer(tmp_path, capsys,
   assert not os.path.exists(tmp_path / "tuned" / "config.json")
 
 
+def test_import_fine_tune_and_sample(tmp_path, capsys, corpus_dir):
+  """The README's example at the fixture's size: import, prepare a corpus
+  with the import's tokenizer, fine-tune from the import, sample."""
+  imported = str(tmp_path / "imported")
+  assert _main(capsys, "import", FIXTURE, imported)[0] == 0
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = lambda *args: subprocess.run(
+      [sys.executable, *args], cwd=REPO, env=env, text=True,
+      capture_output=True, timeout=300)
+  data = str(tmp_path / "data")
+  prepared = run("-m", "data.prepare", "--input", corpus_dir, "--output",
+                 data, "--tokenizer", "gpt2", "--tokenizer-files",
+                 os.path.join(imported, loop.TOKENIZER), "--seq-len", "64",
+                 "--holdout", "hamlet")
+  assert prepared.returncode == 0, prepared.stderr[-2000:]
+  tuned = str(tmp_path / "tuned")
+  model = ("--config.model.vocab_size=288", "--config.model.num_layers=2",
+           "--config.model.d_model=32", "--config.model.num_heads=4",
+           "--config.model.seq_len=64")
+  result = run("train.py", f"--config.checkpoint.init_from={imported}",
+               f"--config.data.source={data}", f"--workdir={tuned}", *model,
+               "--config.train.steps=3", "--config.train.batch_size=4",
+               "--config.train.learning_rate=1e-4",
+               "--config.sample.max_new_tokens=5",
+               "--config.perf.peak_flops=1e12")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"starting from the parameters of {imported}/checkpoints/0" in (
+      result.stdout + result.stderr)
+  sample = run("train.py", "--mode=sample", f"--workdir={tuned}",
+               "--config.sample.prompt=Hello", "--config.sample.temperature=0")
+  assert sample.returncode == 0, sample.stderr[-2000:]
+  assert sample.stdout.startswith("Hello")
+
+
 # ---------------------------------------------------------------- GPT-2 small
 
 def test_gpt2_small_shape_against_transformers(tmp_path, capsys):
