@@ -12,7 +12,7 @@ import pytest
 
 from conftest import (REPO, param_shapes, random_params, tiny_config,
                       tiny_model_config, train_steps)
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, resize_vocab
 from trainer import config as config_lib
 from trainer import state as state_lib
 
@@ -139,6 +139,8 @@ def test_initial_loss_is_log_vocab():
 
 PARAM_VARIANTS = {
     "default": {},
+    "padded": dict(vocab_multiple=16),
+    "padded-untied": dict(vocab_multiple=16, tie_embeddings=False),
     "no-bias": dict(use_bias=False),
     "untied": dict(tie_embeddings=False),
     "untied-no-bias": dict(tie_embeddings=False, use_bias=False),
@@ -153,12 +155,68 @@ PARAM_VARIANTS = {
 @pytest.mark.parametrize("overrides", PARAM_VARIANTS.values(),
                          ids=PARAM_VARIANTS.keys())
 def test_num_params_matches_param_tree(overrides):
+  """num_params(padded=True) counts the tree; without `padded`, the real
+  vocabulary's rows; without embeddings, neither (the same N)."""
   cfg = tiny_model_config(**overrides)
-  assert _count(param_shapes(cfg)) == cfg.num_params()
-  embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
-  embedding += (cfg.seq_len * cfg.d_model if cfg.position == "learned" else 0)
-  embedding += 0 if cfg.tie_embeddings or not cfg.use_bias else cfg.vocab_size
-  assert cfg.num_params(embeddings=False) == cfg.num_params() - embedding
+  assert _count(param_shapes(cfg)) == cfg.num_params(padded=True)
+
+  def embedding(vocab):
+    n = vocab * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    n += cfg.seq_len * cfg.d_model if cfg.position == "learned" else 0
+    return n + (0 if cfg.tie_embeddings or not cfg.use_bias else vocab)
+
+  n = cfg.num_params(embeddings=False)
+  assert n == cfg.num_params(embeddings=False, padded=True)
+  assert cfg.num_params() == n + embedding(cfg.vocab_size)
+  assert cfg.num_params(padded=True) == n + embedding(cfg.padded_vocab_size)
+  assert cfg.padded_vocab_size == (48 if cfg.vocab_multiple == 16 else 37)
+
+
+def test_flops_per_token_counts_the_real_output_layer():
+  """The padded ids' output columns are computed but are not the model's
+  FLOPs: flops_per_token(padded=True) adds them."""
+  cfg = tiny_model_config(vocab_multiple=16)
+  attention = 12 * cfg.num_layers * cfg.d_model * cfg.seq_len
+  n = cfg.num_params(embeddings=False)
+  assert cfg.flops_per_token() == 6 * (n + 32 * 37) + attention
+  assert cfg.flops_per_token(padded=True) == 6 * (n + 32 * 48) + attention
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_padded_ids_get_no_probability_and_no_gradient(tied):
+  """The logits of the real ids, the loss and its gradients are the
+  unpadded model's, however large the padded rows; the padded ids' logits
+  are float32's lowest (probability exactly 0) and their rows get no
+  gradient."""
+  unpadded = tiny_model_config(tie_embeddings=tied)
+  padded = tiny_model_config(tie_embeddings=tied, vocab_multiple=16)
+  params = random_params(unpadded, seed=6, std=0.3)
+  params_padded = jax.tree.map(np.array, resize_vocab(params, 48))
+  # Padded rows far larger than the real ones: unmasked, they would win.
+  params_padded["Embed_0"]["embedding"][37:] = 10
+  if not tied:
+    params_padded["lm_head"]["kernel"][:, 37:] = 10
+    params_padded["lm_head"]["bias"][37:] = 10
+  tokens = np.asarray(_tokens(8, (B, L + 1)))
+
+  def loss(model, params):
+    logits = model.apply({"params": params}, tokens[:, :-1])
+    return state_lib.cross_entropy(logits, tokens[:, 1:]).mean(), logits
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True),
+                 static_argnums=0)
+  (want_loss, want), want_grads = grad(GPT(unpadded), params)
+  (got_loss, got), got_grads = grad(GPT(padded), params_padded)
+  assert got.shape == (B, L, 48)
+  np.testing.assert_allclose(got[..., :37], want, rtol=0, atol=1e-5)
+  assert (got[..., 37:] == np.finfo(np.float32).min).all()
+  assert abs(float(got_loss) - float(want_loss)) < 1e-6
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0,
+                                                      atol=1e-6),
+               resize_vocab(got_grads, 37), want_grads)
+  assert not np.any(got_grads["Embed_0"]["embedding"][37:])
+  if not tied:
+    assert not np.any(got_grads["lm_head"]["kernel"][:, 37:])
 
 
 def test_gpt2_small_closed_form_is_124m():
