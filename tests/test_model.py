@@ -234,9 +234,11 @@ def test_gpt2_small_config_param_count():
   assert config.data.tokenizer == "byte"
   cfg = config_lib.model_config(config, vocab_size=256)
   assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.seq_len,
-          cfg.vocab_size) == (12, 768, 12, 1024, 50257)
+          cfg.vocab_size, cfg.padded_vocab_size) == (12, 768, 12, 1024,
+                                                     50257, 50304)
   assert cfg.num_params() == 124_439_808
-  assert _count(param_shapes(cfg)) == 124_439_808
+  assert _count(param_shapes(cfg)) == cfg.num_params(padded=True) == (
+      124_439_808 + 47 * 768)
 
 
 def test_heads_must_divide_the_width():
@@ -259,6 +261,25 @@ def test_parameters_use_the_logical_axes_mesh_rules_may_name(scan):
   names = {name for spec in specs for name in spec if name}
   assert names <= set(gpt.LOGICAL_AXES)
   assert ("layers" in names) == scan and "embed" in names
+
+
+def test_padding_trains_as_the_unpadded_model():
+  """The default padding (37 ids to 128) changes no loss: the real rows'
+  initial values are the unpadded table's (JAX's partitionable threefry
+  draws each element by its index), and the padded ones are never used."""
+  batch = np.asarray(_tokens(9, (4, L + 1)))
+  runs = {}
+  for multiple in (1, 128):
+    config = tiny_config(steps=3)
+    config.model.update(num_layers=1, vocab_multiple=multiple)
+    runs[multiple] = train_steps(config, [batch] * 3)
+  (want, want_norms, want_state), (got, got_norms, got_state) = runs.values()
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(got_norms, want_norms, rtol=1e-5)
+  assert got_state.params["Embed_0"]["embedding"].shape == (128, 32)
+  np.testing.assert_allclose(
+      resize_vocab(got_state.params, 37)["Embed_0"]["embedding"],
+      want_state.params["Embed_0"]["embedding"], rtol=0, atol=1e-6)
 
 
 def test_tiny_model_overfits_one_batch():

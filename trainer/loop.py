@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import numpy as np
 import tqdm
 
 from data import loader, prepare
-from model import GPT, generate
+from model import GPT, generate, resize_vocab
 from trainer import audit, checkpoint, config as config_lib, metrics, optim
 from trainer import sharding
 from trainer import state as state_lib
@@ -140,11 +141,15 @@ def _describe(run: Run, rows: slice) -> str:
   `rows`: the rows of each batch that this process loads."""
   cfg, t = run.model.cfg, run.config.train
   data_parallel = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+  vocab, padded = f"vocab {cfg.vocab_size}", ""
+  if cfg.padded_vocab_size != cfg.vocab_size:
+    vocab += f" (padded to {cfg.padded_vocab_size})"
+    padded = f"{cfg.num_params(padded=True) / 1e6:.2f}M as padded, "
   return "\n".join((
       f"model: {cfg.num_layers} layers x {cfg.d_model} x {cfg.num_heads} "
-      f"heads, context {cfg.seq_len}, vocab {cfg.vocab_size}: "
-      f"{cfg.num_params() / 1e6:.2f}M params "
-      f"({cfg.num_params(embeddings=False) / 1e6:.2f}M non-embedding), "
+      f"heads, context {cfg.seq_len}, {vocab}: "
+      f"{cfg.num_params() / 1e6:.2f}M params ({padded}"
+      f"{cfg.num_params(embeddings=False) / 1e6:.2f}M non-embedding), "
       f"{cfg.flops_per_token() / 1e6:.1f} MFLOPs/token",
       f"mesh: {dict(run.mesh.shape)} over {jax.device_count()} "
       f"{jax.devices()[0].platform} devices in {jax.process_count()} "
@@ -180,13 +185,17 @@ def sample_text(run: Run, params) -> str:
   tokenizer = run.data.tokenizer
   prompt = tokenizer.encode(s.prompt)  # checked by build
   # One sequence is not split over the data-parallel devices.
-  rules = tuple((name, None if name == "batch" else axes)
-                for name, axes in run.rules)
-  with nn.logical_axis_rules(rules):
+  with nn.logical_axis_rules(_whole(run.rules, "batch")):
     out = generate(run.model, params, prompt[None], jax.random.key(s.seed),
                    max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                    top_k=s.top_k, top_p=s.top_p)
   return tokenizer.decode(np.asarray(out[0]))
+
+
+def _whole(rules, logical_axis: str) -> tuple:
+  """Logical-axis rules that leave `logical_axis` unsplit."""
+  return tuple((name, None if name == logical_axis else axes)
+               for name, axes in rules)
 
 
 def train(config, workdir: str) -> dict:
@@ -389,16 +398,44 @@ def _branch_state(run: Run):
   return state
 
 
+def _padded_as_saved(run: Run, workdir: str):
+  """This run's model config with the vocabulary padding of the run saved
+  in `workdir` (a config.json from before model.vocab_multiple means 1),
+  or None where that pads the vocabulary to the same size."""
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    return None
+  multiple = config_lib.load_saved(workdir).model.vocab_multiple
+  saved = dataclasses.replace(run.model.cfg, vocab_multiple=multiple)
+  return (None if saved.padded_vocab_size == run.model.cfg.padded_vocab_size
+          else saved)
+
+
 def _init_from(run: Run, state, workdir: str):
-  """`state` with the params of another run's newest valid checkpoint."""
+  """`state` with the params of another run's newest valid checkpoint. A
+  vocabulary padded to another size there (a run from before
+  model.vocab_multiple: unpadded) is restored unsplit, as saved, then cut or
+  padded to this run's."""
   source = checkpoint.Checkpointer(workdir, keep=1, read_only=True)
-  step, restored = run.restore_latest(source, params_only=True)
+  saved = _padded_as_saved(run, workdir)
+  if saved is None:
+    step, restored = run.restore_latest(source, params_only=True)
+  else:
+    model = GPT(saved)
+    rules = _whole(run.rules, "vocab")
+    as_saved = dataclasses.replace(run, model=model, rules=rules, shardings=(
+        state_lib.state_shardings(model, run.tx, run.mesh, rules)))
+    step, restored = as_saved.restore_latest(source, params_only=True)
   source.close()
   if step is None:
     raise ConfigError(f"checkpoint.init_from={workdir!r} holds no checkpoint "
                       f"(nothing restorable under {source.directory})")
+  params = restored.params
+  if saved is not None:
+    resize = functools.partial(resize_vocab,
+                               size=run.model.cfg.padded_vocab_size)
+    params = jax.jit(resize, out_shardings=run.shardings.params)(params)
   _log(f"starting from the parameters of {source.directory}/{step}")
-  return state.replace(params=restored.params)
+  return state.replace(params=params)
 
 
 def _restore_latest(run: Run):
@@ -421,8 +458,8 @@ def evaluate(config, workdir: str) -> dict:
 
 def export(config, workdir: str, export_dir: str) -> int:
   """Writes the newest params, without the optimizer state, as a workdir of
-  their own (config.json and one checkpoint) that --mode=eval, --mode=sample
-  and checkpoint.init_from read like any run's."""
+  their own (config.json, run.json and one checkpoint) that --mode=eval,
+  --mode=sample and checkpoint.init_from read like any run's."""
   run = build(config, workdir)
   _check_workdir(export_dir)
   if os.path.exists(os.path.join(export_dir, "checkpoints")):
@@ -436,6 +473,7 @@ def export(config, workdir: str, export_dir: str) -> int:
     target.close()
   if jax.process_index() == 0:
     config_lib.save(config, export_dir)
+    metrics.write_run_summary(export_dir, run.model.cfg, config.train)
   _log(f"exported the parameters of step {step} to {export_dir}")
   return step
 
