@@ -207,6 +207,7 @@ def train(config, workdir: str) -> dict:
   description = _describe(run, rows)
   _log(description)
   with run.context() as stack:
+    _check_resumed_padding(run)
     start, state = run.restore_latest()
     if start is not None and start >= t.steps:  # its files stay as they are
       _log(f"{workdir} is complete at step {start} (train.steps={t.steps}); "
@@ -408,6 +409,19 @@ def _padded_as_saved(run: Run, workdir: str):
   saved = dataclasses.replace(run.model.cfg, vocab_multiple=multiple)
   return (None if saved.padded_vocab_size == run.model.cfg.padded_vocab_size
           else saved)
+
+
+def _check_resumed_padding(run: Run) -> None:
+  """A run resumes with the vocabulary padding its checkpoints have."""
+  saved = _padded_as_saved(run, run.workdir)
+  if saved is None or run.checkpointer.latest_step() is None:
+    return
+  raise ConfigError(
+      f"{run.workdir} was trained with model.vocab_multiple="
+      f"{saved.vocab_multiple} ({saved.padded_vocab_size} vocabulary rows; "
+      "1 for runs from before the field), this config pads the vocabulary "
+      f"to {run.model.cfg.padded_vocab_size}; pass "
+      f"--config.model.vocab_multiple={saved.vocab_multiple} to resume it")
 
 
 def _init_from(run: Run, state, workdir: str):
