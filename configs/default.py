@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=0,        # 0: the tokenizer's vocabulary size
+      vocab_multiple=128,  # pad the vocabulary to a multiple of this; 1: none
       num_layers=4,
       d_model=128,
       num_heads=4,

@@ -9,8 +9,9 @@ default; for GPT-2 token ids, prepare a corpus with `python -m data.prepare
 Full remat over scanned layers: at 8 sequences per device launch/memory.py
 plans 11 GiB of temporaries per device, 35 GiB with remat="dots", 191 GiB
 with none. With unrolled layers the CPU compiler's plan does not shrink with
-remat (147 GiB either way). Tensor parallelism splits the vocabulary, so pad
-it to a multiple of mesh.tensor, e.g. --config.model.vocab_size=50304.
+remat (147 GiB either way). Tensor parallelism splits the vocabulary too:
+model.vocab_multiple (128) pads its 50257 ids to 50304, which mesh.tensor
+= 2, 4, 8 ... 128 divide.
 
 Command:  python train.py --config=configs/gpt3_xl.py
 Memory:   python -m launch.memory --config=configs/gpt3_xl.py --devices=64 \

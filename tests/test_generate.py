@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import random_params, tiny_model_config
-from model import GPT, KVCache, generate, generate_uncached, window_start
+from model import (GPT, KVCache, generate, generate_uncached, resize_vocab,
+                   window_start)
 
 S = 16  # the tiny models' context
 LENGTHS = (3, 20, 1, 9)  # one prompt longer than the context
@@ -190,10 +191,32 @@ def test_bad_arguments():
   _assert_rows_equal(rows, [[1, 2], [3]])
 
 
+def test_padded_ids_are_never_sampled():
+  """37 ids padded to 48, the padded rows of the table far larger than the
+  real ones: unmasked they would be drawn nearly every step (the same
+  parameters read as an unpadded 48-id model show it); masked, neither
+  sampler ever gives one, greedy or at a high temperature."""
+  model, params = _sampler(vocab_multiple=16)
+  params = jax.tree.map(np.array, resize_vocab(params, 48))
+  params["Embed_0"]["embedding"][37:] *= 30
+  unmasked = GPT(tiny_model_config(vocab_size=48))
+  rows = generate(unmasked, params, _prompts(), jax.random.key(0),
+                  max_new_tokens=32, temperature=0.0)
+  assert np.mean([(r[n:] >= 37).mean() for r, n in zip(rows, LENGTHS)]) > 0.5
+  for sampler, kwargs in ((generate, dict(temperature=0.0)),
+                          (generate, dict(temperature=2.0, top_p=0.99)),
+                          (generate_uncached, dict(temperature=2.0))):
+    rows = sampler(model, params, _prompts(), jax.random.key(1),
+                   max_new_tokens=40, **kwargs)
+    new = np.concatenate([r[n:] for r, n in zip(rows, LENGTHS)])
+    assert new.size == 4 * 40 and new.max() < 37, (sampler, kwargs)
+    assert len(set(new.tolist())) > 5  # not one token repeated
+
+
 # ------------------------------------------------------------ 4-device mesh
 
 MESH = dict(data=2, fsdp=1, tensor=2)
-VOCAB = 40  # the vocabulary is split over tensor too
+PADDING = dict(vocab_multiple=8)  # 37 ids padded to 40, split over tensor
 REPORT = "report.json"
 
 
@@ -210,7 +233,7 @@ def _run_on_mesh(out_dir: str) -> None:
     config.mesh.update(MESH)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:4])
     rules = sharding.logical_rules(config.mesh)
-    model, params = _sampler(vocab_size=VOCAB)
+    model, params = _sampler(**PADDING)
     kwargs = dict(max_new_tokens=NEW, temperature=0.0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       boxed = jax.eval_shape(model.init, jax.random.key(0),
@@ -225,10 +248,12 @@ def _run_on_mesh(out_dir: str) -> None:
           {"params": params}, tokens, pos_BxL=jnp.zeros_like(tokens),
           cache=KVCache.empty(model.cfg, 4)))(params, np.zeros((4, 1),
                                                                np.int32))
+    table = params["Embed_0"]["embedding"]
     report = {"cached": [r.tolist() for r in cached],
               "reference": [r.tolist() for r in reference],
               "cache_shard": cache.k_ZxBxSxHxK.sharding.shard_shape(
-                  cache.k_ZxBxSxHxK.shape)}
+                  cache.k_ZxBxSxHxK.shape),
+              "table_shard": table.sharding.shard_shape(table.shape)}
   with open(os.path.join(out_dir, REPORT), "w") as f:
     json.dump(report, f)
 
@@ -245,7 +270,8 @@ def test_greedy_on_a_4_device_mesh_matches_one_device(tmp_path):
   # [layers, batch, length, heads, head_dim]: batch over data, heads over
   # tensor.
   assert report["cache_shard"] == [2, 2, S, 1, 16]
-  model, params = _sampler(vocab_size=VOCAB)
+  assert report["table_shard"] == [20, 32]  # the padded vocabulary's half
+  model, params = _sampler(**PADDING)
   one_device = generate_uncached(model, params, _prompts(), jax.random.key(0),
                                  max_new_tokens=NEW, temperature=0.0)
   _assert_rows_equal(report["cached"], one_device)

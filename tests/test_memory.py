@@ -57,15 +57,30 @@ def test_summary():
     assert f"\n  {name} " in out
 
 
+def test_a_vocabulary_padded_to_128_splits_over_tensor_8():
+  """84 ids, which 8 does not divide, padded to 128 (model.vocab_multiple's
+  default): the layout compiles, and the counted parameters are the
+  padded ones, as stored."""
+  from model import GPTConfig
+  r = _report("--config.mesh.data=1", "--config.mesh.tensor=8",
+              "--config.model.num_heads=8", "--config.model.vocab_size=84")
+  assert r["mesh"] == {"data": 1, "fsdp": 1, "tensor": 8}
+  cfg = GPTConfig(vocab_size=84, vocab_multiple=128, num_layers=2,
+                  d_model=32, num_heads=8, seq_len=16, use_bias=False)
+  assert r["params"] == cfg.num_params(padded=True)
+
+
 @pytest.mark.parametrize("args, message", [
     (("--config.mesh.data=2", "--config.mesh.fsdp=2"),
      "mesh data*fsdp*tensor = 2*2*1 = 4 but there are 8 devices"),
     (("--config.mesh.data=1", "--config.mesh.tensor=8"),
      "model.num_heads = 2 is not divisible by mesh.tensor=8"),
     (("--config.mesh.data=1", "--config.mesh.tensor=8",
-      "--config.model.num_heads=8", "--config.model.vocab_size=84"),
+      "--config.model.num_heads=8", "--config.model.vocab_size=84",
+      "--config.model.vocab_multiple=1"),
      "Embed_0/embedding (84, 32): dimension 0 (size 84) does not split over "
-     "mesh tensor=8"),
+     "mesh tensor=8; pick mesh sizes that divide it (for the vocabulary: a "
+     "model.vocab_multiple they divide)"),
     (("--config.mesh.data=1", "--config.mesh.fsdp=8",
       "--config.train.batch_size=4"),
      "train.batch_size=4 is not divisible by the data-parallel size 8"),

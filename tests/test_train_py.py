@@ -33,9 +33,14 @@ def trained(corpus_dir, tmp_path_factory):
 
 def test_train_writes_metrics_checkpoints_and_samples(trained):
   workdir, _, result = trained
-  # The overrides reached the model.
-  assert re.search(r"model: 1 layers x 32 x 2 heads, context 16, vocab \d+",
-                   result.stdout), result.stdout
+  # The overrides reached the model; the vocabulary is padded to 128.
+  assert re.search(r"model: 1 layers x 32 x 2 heads, context 16, vocab \d+ "
+                   r"\(padded to 128\)", result.stdout), result.stdout
+  with open(os.path.join(workdir, "run.json")) as f:
+    sizes = json.load(f)
+  assert sizes["vocab_size"] < sizes["vocab_size_padded"] == 128
+  assert sizes["params_padded"] - sizes["params"] == 32 * (
+      128 - sizes["vocab_size"])
   with open(os.path.join(workdir, "config.json")) as f:
     saved = json.load(f)
   assert saved["model"]["num_layers"] == 1 and saved["model"]["d_model"] == 32

@@ -103,6 +103,7 @@ MESH_SIZE = Rule(int, 1, also=(-1,), means="-1: all remaining devices")
 # Every field's rule, by its dotted name, in configs/default.py's order.
 RULES = {
     "model.vocab_size": Rule(int, 0, means="0: the tokenizer's"),
+    "model.vocab_multiple": Rule(int, 1, means="1: no padding"),
     "model.num_layers": COUNT,
     "model.d_model": COUNT,
     "model.num_heads": COUNT,
@@ -388,17 +389,26 @@ def save(config, workdir: str) -> None:
     f.write(config.to_json(indent=1))
 
 
+# Fields whose default changes what a run written before them computes, and
+# the value that keeps it: what load_saved gives a config.json without them.
+BEFORE_FIELD = {"model.vocab_multiple": 1}
+
+
 def load_saved(workdir: str) -> ml_collections.ConfigDict:
   """A run's config.json; fields added to the code since it was written take
-  their defaults, which keep its behaviour."""
+  their defaults, which keep its behaviour (BEFORE_FIELD's values where the
+  default would not)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ConfigError(f"{workdir!r} holds no trained run (no config.json); "
                       "train one there first with --mode=train")
   with open(path) as f:
     saved = json.load(f)
-  return ml_collections.ConfigDict(
-      _merged(default.get_config().to_dict(), saved))
+  defaults = default.get_config().to_dict()
+  for field, value in BEFORE_FIELD.items():
+    section, name = field.split(".")
+    defaults[section][name] = value
+  return ml_collections.ConfigDict(_merged(defaults, saved))
 
 
 def _merged(defaults: dict, saved: dict) -> dict:

@@ -4,6 +4,7 @@ trainer/modes.py."""
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import numpy as np
 import tqdm
 
 from data import loader, prepare, tokenizers
-from model import GPT, generate
+from model import GPT, generate, resize_vocab
 from trainer import audit, checkpoint, config as config_lib, metrics, optim
 from trainer import sharding
 from trainer import state as state_lib
@@ -171,11 +172,15 @@ def _describe(run: Run, rows: slice) -> str:
   `rows`: the rows of each batch that this process loads."""
   cfg, t = run.model.cfg, run.config.train
   data_parallel = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+  vocab, padded = f"vocab {cfg.vocab_size}", ""
+  if cfg.padded_vocab_size != cfg.vocab_size:
+    vocab += f" (padded to {cfg.padded_vocab_size})"
+    padded = f"{cfg.num_params(padded=True) / 1e6:.2f}M as padded, "
   return "\n".join((
       f"model: {cfg.num_layers} layers x {cfg.d_model} x {cfg.num_heads} "
-      f"heads, context {cfg.seq_len}, vocab {cfg.vocab_size}: "
-      f"{cfg.num_params() / 1e6:.2f}M params "
-      f"({cfg.num_params(embeddings=False) / 1e6:.2f}M non-embedding), "
+      f"heads, context {cfg.seq_len}, {vocab}: "
+      f"{cfg.num_params() / 1e6:.2f}M params ({padded}"
+      f"{cfg.num_params(embeddings=False) / 1e6:.2f}M non-embedding), "
       f"{cfg.flops_per_token() / 1e6:.1f} MFLOPs/token",
       f"mesh: {dict(run.mesh.shape)} over {jax.device_count()} "
       f"{jax.devices()[0].platform} devices in {jax.process_count()} "
@@ -225,15 +230,19 @@ def sample_text(run: Run, params, index: int = 0, stream=None) -> str:
         shown = len(text)
 
   # One sequence is not split over the data-parallel devices.
-  rules = tuple((name, None if name == "batch" else axes)
-                for name, axes in run.rules)
-  with nn.logical_axis_rules(rules):
+  with nn.logical_axis_rules(_whole(run.rules, "batch")):
     out = generate(run.model, params, [prompt],
                    jax.random.fold_in(jax.random.key(s.seed), index),
                    max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                    top_k=s.top_k, top_p=s.top_p, stop_token=tokenizer.eot_id,
                    on_token=on_token if stream else None)
   return tokenizer.decode(out[0])
+
+
+def _whole(rules, logical_axis: str) -> tuple:
+  """Logical-axis rules that leave `logical_axis` unsplit."""
+  return tuple((name, None if name == logical_axis else axes)
+               for name, axes in rules)
 
 
 def train(config, workdir: str) -> dict:
@@ -245,6 +254,7 @@ def train(config, workdir: str) -> dict:
   description = _describe(run, rows)
   log(description)
   with run.context() as stack:
+    _check_resumed_padding(run)
     start, state = run.restore_latest()
     if start is not None and start >= t.steps:  # its files stay as they are
       log(f"{workdir} is complete at step {start} (train.steps={t.steps}); "
@@ -439,24 +449,62 @@ def _branch_state(run: Run):
   return state
 
 
+def _padded_as_saved(run: Run, workdir: str):
+  """This run's model config with the vocabulary padding of the run saved
+  in `workdir` (a config.json from before model.vocab_multiple means 1),
+  or None where that pads the vocabulary to the same size."""
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    return None
+  multiple = config_lib.load_saved(workdir).model.vocab_multiple
+  saved = dataclasses.replace(run.model.cfg, vocab_multiple=multiple)
+  return (None if saved.padded_vocab_size == run.model.cfg.padded_vocab_size
+          else saved)
+
+
+def _check_resumed_padding(run: Run) -> None:
+  """A run resumes with the vocabulary padding its checkpoints have."""
+  saved = _padded_as_saved(run, run.workdir)
+  if saved is None or run.checkpointer.latest_step() is None:
+    return
+  raise ConfigError(
+      f"{run.workdir} was trained with model.vocab_multiple="
+      f"{saved.vocab_multiple} ({saved.padded_vocab_size} vocabulary rows; "
+      "1 for runs from before the field), this config pads the vocabulary "
+      f"to {run.model.cfg.padded_vocab_size}; pass "
+      f"--config.model.vocab_multiple={saved.vocab_multiple} to resume it")
+
+
 def _init_from(run: Run, state, workdir: str):
   """`state` with the params of another run's newest checkpoint, whose
   tokenizer, if it saved one, must be this run's; if that checkpoint is
-  damaged, the run stops rather than start from an older one unasked."""
+  damaged, the run stops rather than start from an older one unasked. A
+  vocabulary padded to another size there (a run from before
+  model.vocab_multiple: unpadded) is restored unsplit, as saved, then cut or
+  padded to this run's."""
   model_tokenizer = tokenizers.load_dir(os.path.join(workdir, TOKENIZER))
   if model_tokenizer is not None:
     _check_same_tokenizer(model_tokenizer, workdir, run.tokenizer,
                           run.config.data.source)
+  saved = _padded_as_saved(run, workdir)
+  as_saved = run
+  if saved is not None:
+    model, rules = GPT(saved), _whole(run.rules, "vocab")
+    as_saved = dataclasses.replace(run, model=model, rules=rules, shardings=(
+        state_lib.state_shardings(model, run.tx, run.mesh, rules)))
   source = checkpoint.Checkpointer(workdir, keep=1, read_only=True)
   try:
     step = source.latest_step()
     if step is None:
       raise ConfigError(f"checkpoint.init_from={workdir!r} holds no "
                         f"checkpoint (nothing under {source.directory})")
-    restored = run.restore_checkpoint(
+    params = as_saved.restore_checkpoint(
         source, step, "restore it from a copy, or move it aside to start "
-        "from the run's previous checkpoint", params_only=True)
+        "from the run's previous checkpoint", params_only=True).params
   finally:
     source.close()
+  if saved is not None:
+    resize = functools.partial(resize_vocab,
+                               size=run.model.cfg.padded_vocab_size)
+    params = jax.jit(resize, out_shardings=run.shardings.params)(params)
   log(f"starting from the parameters of {source.directory}/{step}")
-  return state.replace(params=restored.params)
+  return state.replace(params=params)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from data import tokenizers
-from trainer import checkpoint, config as config_lib
+from trainer import checkpoint, config as config_lib, metrics
 from trainer.errors import ConfigError
 from trainer.loop import (TOKENIZER, build, check_workdir, evaluate_params,
                           log, run_info, sample_text)
@@ -85,7 +85,7 @@ def next_table(prompt: str, rows: list[dict]) -> str:
 
 def export(config, workdir: str, export_dir: str) -> int:
   """Writes the newest params, without the optimizer state, as a workdir of
-  their own (config.json, its tokenizer and one checkpoint) that
+  their own (config.json, run.json, its tokenizer and one checkpoint) that
   --mode=eval, --mode=sample and checkpoint.init_from read like any run's."""
   run = build(config, workdir, splits=())
   check_workdir(export_dir)
@@ -100,6 +100,7 @@ def export(config, workdir: str, export_dir: str) -> int:
     target.close()
   if jax.process_index() == 0:
     config_lib.save(config, export_dir)
+    metrics.write_run_summary(export_dir, run.model.cfg, config.train)
     tokenizers.save_dir(run.tokenizer, os.path.join(export_dir, TOKENIZER))
   log(f"exported the parameters of step {step} to {export_dir}")
   return step
