@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
       learning_rate=4e-3,    # peak
       warmup_steps=50,       # capped to steps // 5 in a run too short for it
       schedule="cosine",     # "cosine" | "wsd" (warmup-stable-decay) | "constant"
+      cosine_steps=0,        # cosine: its decay ends here (or at train.steps
+                             # if sooner), then the rate holds (GPT-3: 260B
+                             # of 300B tokens); 0: train.steps
       decay_fraction=0.2,    # wsd: the decay takes this fraction of the steps
       decay_shape="1-sqrt",  # wsd and cooldowns: "linear" | "cosine" | "1-sqrt"
       min_lr_ratio=0.1,      # the decay ends at this fraction of the peak

@@ -130,6 +130,12 @@ CROSS_CASES = [
      dict(cooldown__steps=5, cooldown__from_step=10, cooldown__parent="/r"),
      "cooldown.from_step=10 + cooldown.steps=5 must equal "
      "train.steps=1200"),
+    ("cosine_steps_after_the_warmup",
+     dict(train__schedule="wsd", train__cosine_steps=80),
+     "train.cosine_steps=80 shapes the cosine schedule, not "
+     "train.schedule='wsd'"),
+    ("cosine_steps_after_the_warmup", dict(train__cosine_steps=50),
+     "train.cosine_steps=50 must exceed train.warmup_steps=50"),
     ("one_mesh_axis_free", dict(mesh__fsdp=-1),
      "mesh.data and mesh.fsdp are both -1"),
     ("mesh_rules_name_known_axes",

@@ -1,5 +1,6 @@
 """launch/memory.py: the per-device memory of a tiny model's train step on 8
-fake devices, compiled ahead of time in a subprocess (~10 s each)."""
+fake devices, compiled ahead of time in a subprocess (~10 s each), and of
+GPT-3 175B on 1024."""
 
 import json
 import subprocess
@@ -68,6 +69,22 @@ def test_a_vocabulary_padded_to_128_splits_over_tensor_8():
   cfg = GPTConfig(vocab_size=84, vocab_multiple=128, num_layers=2,
                   d_model=32, num_heads=8, seq_len=16, use_bias=False)
   assert r["params"] == cfg.num_params(padded=True)
+
+
+def test_gpt3_175b_fits_80gb_on_1024_devices():
+  """launch/README.md's plan, compiled whole (~40 s): the state is 12 bytes
+  a parameter over 1024 devices, 3 sequences at a time, under 80 GB."""
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.memory", "--config=configs/gpt3_175b.py",
+       "--devices=1024", "--json"],
+      cwd=REPO, text=True, capture_output=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  r = json.loads(result.stdout)
+  assert r["mesh"] == {"data": 1, "fsdp": 128, "tensor": 8}
+  assert r["batch_per_device"] // r["grad_accum_steps"] == 3
+  state = r["params_bytes"] + r["opt_state_bytes"]
+  assert abs(state / (12 * r["params"] / 1024) - 1) < 0.01
+  assert r["total_bytes"] < 80e9
 
 
 @pytest.mark.parametrize("args, message", [

@@ -132,6 +132,7 @@ RULES = {
     "train.learning_rate": Rule(float, 0, low_open=True),
     "train.warmup_steps": Rule(int, 0),  # and see capped_warmup
     "train.schedule": one_of(*optim.SCHEDULES),
+    "train.cosine_steps": Rule(int, 0, means="0: train.steps"),
     "train.decay_fraction": Rule(float, 0, 1, low_open=True),
     "train.decay_shape": one_of(*optim.DECAY_SHAPES),
     "train.min_lr_ratio": Rule(float, 0, 1),
@@ -231,6 +232,20 @@ def cooldown_only_in_a_branch(config) -> None:
         f"equal train.steps={config.train.steps} in a cooldown branch")
 
 
+def cosine_steps_after_the_warmup(config) -> None:
+  """train.cosine_steps ends cosine's decay, which starts after the warmup;
+  the other schedules place their decay by other fields."""
+  t = config.train
+  if t.cosine_steps and t.schedule != "cosine":
+    raise ConfigError(f"train.cosine_steps={t.cosine_steps} shapes the cosine "
+                      f"schedule, not train.schedule={t.schedule!r}; leave it "
+                      "at 0")
+  if 0 < t.cosine_steps <= t.warmup_steps:
+    raise ConfigError(f"train.cosine_steps={t.cosine_steps} must exceed "
+                      f"train.warmup_steps={t.warmup_steps}: the decay "
+                      "follows the warmup (0: decay until train.steps)")
+
+
 def one_mesh_axis_free(config) -> None:
   free = [a for a in sharding.MESH_AXES if config.mesh[a] == -1]
   if len(free) > 1:
@@ -269,9 +284,9 @@ def top_k_within_vocabulary(config, vocab_size: int = 0) -> None:
 
 
 CROSS_CHECKS = (batch_splits_into_microbatches, keep_steps_inside_the_run,
-                cooldown_only_in_a_branch, one_mesh_axis_free,
-                mesh_rules_name_known_axes, model_is_consistent,
-                top_k_within_vocabulary)
+                cooldown_only_in_a_branch, cosine_steps_after_the_warmup,
+                one_mesh_axis_free, mesh_rules_name_known_axes,
+                model_is_consistent, top_k_within_vocabulary)
 
 
 def check_with_tokenizer(config, tokenizer) -> None:
