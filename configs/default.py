@@ -37,6 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
       param_dtype="float32",
       attention="einsum",  # "einsum" | "xla" | "cudnn" (GPU, bf16)
       attention_chunks=2,  # einsum attention in query blocks that skip masked keys
+      parametrization="standard",  # or "mup" (README, muP)
+      mup_base_width=128,  # muP: the d_model where it equals "standard"
   ))
 
   c.data = ml_collections.ConfigDict(dict(

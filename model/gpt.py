@@ -24,6 +24,7 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 POSITIONS = ("learned", "sinusoidal")
+PARAMETRIZATIONS = ("standard", "mup")
 ATTENTIONS = ("einsum", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 # Every logical axis name the arrays below carry: mesh.rules maps these.
@@ -53,6 +54,8 @@ class GPTConfig:
   attention: str = "einsum"  # one of ATTENTIONS
   attention_chunks: int = 2  # query blocks of the einsum attention
   vocab_multiple: int = 1  # pad the vocabulary to a multiple of this
+  parametrization: str = "standard"  # one of PARAMETRIZATIONS
+  mup_base_width: int = 128  # muP: the d_model at which it equals standard
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -62,6 +65,12 @@ class GPTConfig:
     if self.vocab_multiple < 1:
       raise ValueError(f"model.vocab_multiple={self.vocab_multiple} must be "
                        ">= 1 (1: no padding)")
+    if self.parametrization == "mup" and (
+        self.mup_base_width < 1 or self.mup_base_width % self.num_heads):
+      raise ValueError(
+          f"model.mup_base_width={self.mup_base_width} must be a positive "
+          f"multiple of model.num_heads={self.num_heads}: muP's base model "
+          "is this one at d_model = mup_base_width, with the same heads")
 
   @property
   def head_dim(self) -> int:
@@ -70,6 +79,36 @@ class GPTConfig:
   @property
   def mlp_dim(self) -> int:
     return self.d_ff or 4 * self.d_model
+
+  # muP (Tensor Programs V): the model at d_model = mup_base_width is the
+  # standard one, bit for bit; wider (or narrower) ones scale as below, and
+  # trainer.optim scales the hidden weights' Adam updates by 1 / width_mult.
+  @property
+  def width_mult(self) -> float:
+    """d_model / mup_base_width under muP; 1 under the standard
+    parametrization."""
+    if self.parametrization == "mup":
+      return self.d_model / self.mup_base_width
+    return 1.0
+
+  @property
+  def hidden_init_scale(self) -> float:
+    """Multiplies the init std of the hidden (width x width) weights: their
+    variance goes as 1 / fan_in under muP."""
+    return math.sqrt(1 / self.width_mult)
+
+  @property
+  def attention_scale(self) -> float:
+    """Multiplies q.k: 1 / sqrt(head_dim) (standard); under muP 1 / head_dim
+    times sqrt(the base model's head_dim), so 1 / sqrt(head_dim) at the base
+    width."""
+    return 1.0 / math.sqrt(self.head_dim) * math.sqrt(1 / self.width_mult)
+
+  @property
+  def output_mult(self) -> float:
+    """Multiplies the readout's input (the tied embedding or lm_head): muP's
+    1 / width_mult keeps the logits' updates independent of the width."""
+    return 1 / self.width_mult
 
   @property
   def padded_vocab_size(self) -> int:
@@ -205,7 +244,8 @@ class Attention(nn.Module):
         cfg.param_dtype).astype(cfg.dtype)
     zeros = nn.initializers.zeros
     w_Dx3xHxK = param("qkv_kernel", (D, 3, H, K),
-                      ("embed", None, "heads", "head_dim"), _dense_init())
+                      ("embed", None, "heads", "head_dim"),
+                      _dense_init(cfg.hidden_init_scale))
     # Projections contract over flattened tokens (N = B * L): one contracting
     # dimension in the weight gradients, which XLA:CPU runs much faster.
     qkv_Nx3xHxK = jnp.einsum("nd,dshk->nshk", x_BxLxD.reshape(B * L, D),
@@ -218,7 +258,7 @@ class Attention(nn.Module):
     if cache is not None:
       cache = cache.write(layer, k_BxLxHxK, v_BxLxHxK)
       out_BxLxHxK = self._attend(
-          q_BxLxHxK * (1.0 / math.sqrt(K)), cache.k_ZxBxSxHxK[layer],
+          q_BxLxHxK * cfg.attention_scale, cache.k_ZxBxSxHxK[layer],
           cache.v_ZxBxSxHxK[layer], mask_Bx1xLxS, deterministic)
     elif cfg.attention == "einsum":
       out_BxLxHxK = self._einsum_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
@@ -226,12 +266,13 @@ class Attention(nn.Module):
     else:
       out_BxLxHxK = jax.nn.dot_product_attention(
           q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True,
-          implementation=cfg.attention)
+          scale=cfg.attention_scale, implementation=cfg.attention)
     out_BxLxHxK = nn.with_logical_constraint(
         out_BxLxHxK, ("batch", "length", "heads", "head_dim"))
     # GPT-2 scales the residual projections by 1/sqrt(2 * layers) at init.
     w_HxKxD = param("out_kernel", (H, K, D), ("heads", "head_dim", "embed"),
-                    _dense_init(1 / math.sqrt(2 * cfg.num_layers)))
+                    _dense_init(cfg.hidden_init_scale /
+                                math.sqrt(2 * cfg.num_layers)))
     y_NxD = jnp.einsum("nhk,hkd->nd", out_BxLxHxK.reshape(B * L, H, K),
                        w_HxKxD)
     if cfg.use_bias:
@@ -246,7 +287,7 @@ class Attention(nn.Module):
     upper triangle (a quarter of the score and value matmuls with 2 blocks).
     """
     L = q_BxLxHxK.shape[1]
-    q_BxLxHxK = q_BxLxHxK * (1.0 / math.sqrt(q_BxLxHxK.shape[-1]))
+    q_BxLxHxK = q_BxLxHxK * self.cfg.attention_scale
     chunks = min(self.cfg.attention_chunks, L)
     bounds = [L * i // chunks for i in range(chunks + 1)]
     out = []
@@ -281,13 +322,14 @@ class MLP(nn.Module):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
     B, L, D = x_BxLxD.shape
     # On flattened tokens, as in Attention: one contracting dimension.
-    h_NxF = dense(cfg.mlp_dim, ("embed", "mlp"), _dense_init())(
+    h_NxF = dense(cfg.mlp_dim, ("embed", "mlp"),
+                  _dense_init(cfg.hidden_init_scale))(
         x_BxLxD.reshape(B * L, D))
     h_BxLxF = nn.with_logical_constraint(h_NxF.reshape(B, L, -1),
                                          ("batch", "length", "mlp"))
     h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)  # GPT-2's tanh GELU
-    y_NxD = dense(D, ("mlp", "embed"),
-                  _dense_init(1 / math.sqrt(2 * cfg.num_layers)))(
+    y_NxD = dense(D, ("mlp", "embed"), _dense_init(
+        cfg.hidden_init_scale / math.sqrt(2 * cfg.num_layers)))(
                       h_BxLxF.reshape(B * L, -1))
     return y_NxD.reshape(B, L, D)
 
@@ -378,6 +420,8 @@ class GPT(nn.Module):
             mask_Bx1xLxS)
 
     x_BxLxD = _layer_norm(cfg, name="ln_f")(x_BxLxD)
+    if cfg.output_mult != 1:  # muP away from its base width
+      x_BxLxD = x_BxLxD * cfg.output_mult
     if cfg.tie_embeddings:
       logits_BxLxV = embed.attend(x_BxLxD)
     else:

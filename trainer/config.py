@@ -119,6 +119,9 @@ RULES = {
     "model.param_dtype": one_of(*gpt.DTYPES),
     "model.attention": one_of(*gpt.ATTENTIONS),
     "model.attention_chunks": COUNT,
+    "model.parametrization": one_of(*gpt.PARAMETRIZATIONS),
+    "model.mup_base_width": Rule(int, 1, means="muP's base d_model; a "
+                                 "multiple of model.num_heads"),
     "data.source": TEXT,
     "data.tokenizer": one_of(*prepare.KINDS),
     "data.holdout": Rule(tuple, items=Rule(str, nonempty=True)),
@@ -283,10 +286,22 @@ def top_k_within_vocabulary(config, vocab_size: int = 0) -> None:
                       f"vocabulary of {vocab}; lower it (0: no top-k filter)")
 
 
+def mup_scales_every_width(config) -> None:
+  """muP scales every hidden width with d_model (its learning rates and
+  inits by d_model / mup_base_width): the MLP's too, so d_ff must follow
+  d_model."""
+  m = config.model
+  if m.parametrization == "mup" and m.d_ff:
+    raise ConfigError(f"model.parametrization='mup' scales the MLP with "
+                      f"d_model: set model.d_ff=0 (4 * d_model), not "
+                      f"{m.d_ff}")
+
+
 CROSS_CHECKS = (batch_splits_into_microbatches, keep_steps_inside_the_run,
                 cooldown_only_in_a_branch, cosine_steps_after_the_warmup,
                 one_mesh_axis_free, mesh_rules_name_known_axes,
-                model_is_consistent, top_k_within_vocabulary)
+                model_is_consistent, mup_scales_every_width,
+                top_k_within_vocabulary)
 
 
 def check_with_tokenizer(config, tokenizer) -> None:
