@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import sys
 import time
 
@@ -199,16 +200,16 @@ def run_coord_check(args) -> dict:
 
 
 def coord_check_table(result: dict) -> str:
-  """Markdown: each layer's slope at the last step, both parametrizations."""
+  """Markdown: each layer's slope at the first and last step, and the
+  largest over the steps, under both parametrizations."""
   t = result["steps"]
-  lines = [f"| layer | standard: slope at step {t} | muP: slope at step {t} "
-           "| muP: largest slope, steps 0.." + str(t) + " |",
-           "| --- | --- | --- | --- |"]
+  lines = [f"| layer | standard: step 0 | standard: step {t} | muP: step 0 | "
+           f"muP: step {t} | muP: largest, steps 0-{t} |",
+           "| --- | --- | --- | --- | --- | --- |"]
   for layer in result["layers"]:
-    sp, mup = result["slopes"]["standard"][layer], result["slopes"]["mup"][
-        layer]
-    lines.append(f"| {layer} | {sp[-1]:+.3f} | {mup[-1]:+.3f} | "
-                 f"{max(mup):+.3f} |")
+    sp, mup = (result["slopes"][p][layer] for p in PARAMETRIZATIONS)
+    lines.append(f"| {layer} | {sp[0]:+.3f} | {sp[-1]:+.3f} | {mup[0]:+.3f} "
+                 f"| {mup[-1]:+.3f} | {max(mup):+.3f} |")
   return "\n".join(lines)
 
 
@@ -391,8 +392,14 @@ def _transfer_command(args) -> int:
   except sweep.SpecError as e:
     raise MupError(str(e)) from None
   summary = transfer_summary(rows)
-  summary["wall_s"] = sum(r["wall_s"] or 0 for r in rows)  # run time, summed
+  # The runs' own times, summed (they ran --parallel at a time), and this
+  # command's wall time and its train.py processes' CPU time: the cost
+  # on an idle machine, whatever else shared this one.
+  summary["runs_wall_s_sum"] = round(sum(r["wall_s"] or 0 for r in rows), 1)
   summary["this_command_s"] = round(time.monotonic() - started, 1)
+  children = resource.getrusage(resource.RUSAGE_CHILDREN)
+  summary["this_command_cpu_s"] = round(children.ru_utime +
+                                        children.ru_stime, 1)
   out = args.out or root
   os.makedirs(out, exist_ok=True)
   _write_json(os.path.join(out, "transfer.json"), summary)
@@ -410,6 +417,8 @@ def _transfer_command(args) -> int:
   print(f"muP transfers (within 1 step over >= 4 widths): "
         f"{summary['mup_transfers']}; standard moves >= 2 steps: "
         f"{summary['standard_moves']}")
+  print(f"this command: {summary['this_command_s'] / 60:.1f} minutes, its "
+        f"runs {summary['this_command_cpu_s'] / 60:.1f} CPU minutes")
   print(f"wrote {out}/transfer.json, transfer.md and transfer.png")
   return 0 if summary["mup_transfers"] and summary["standard_moves"] else 1
 

@@ -152,6 +152,14 @@ CROSS_CASES = [
      "model.attention='cudnn' needs model.dtype='bfloat16' or 'float16'"),
     ("top_k_within_vocabulary", dict(model__vocab_size=50, sample__top_k=51),
      "sample.top_k=51 exceeds the vocabulary of 50"),
+    ("mup_scales_every_width",
+     dict(model__parametrization="mup", model__d_ff=100),
+     "model.parametrization='mup' scales the MLP with d_model: set "
+     "model.d_ff=0 (4 * d_model), not 100"),
+    ("model_is_consistent",
+     dict(model__parametrization="mup", model__mup_base_width=66),
+     "model.mup_base_width=66 must be a positive multiple of "
+     "model.num_heads=4"),
 ]
 
 
