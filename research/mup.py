@@ -298,20 +298,25 @@ def transfer_summary(rows: list) -> dict:
       finite = {lr: l for lr, l in grid[p][w].items() if math.isfinite(l)}
       best[w] = min(finite, key=finite.get) if finite else None
     steps = [lrs.index(best[w]) for w in widths if best[w] is not None]
+    edge = [w for w in widths if best[w] in (lrs[0], lrs[-1])]
     out["parametrizations"][p] = {
         "widths": widths,
         "loss": {str(w): {repr(lr): grid[p][w].get(lr, float("nan"))
                           for lr in lrs} for w in widths},
         "best_learning_rate": {str(w): best[w] for w in widths},
         "best_spread_steps": (max(steps) - min(steps)) if steps else None,
+        "widths_with_a_best": len(steps),
+        # A best at the grid's edge may lie beyond it: the spread is then a
+        # lower bound.
+        "best_at_grid_edge": edge,
         "complete": all(math.isfinite(grid[p][w].get(lr, float("nan")))
                         for w in widths for lr in lrs),
     }
   mup, sp = out["parametrizations"]["mup"], out["parametrizations"]["standard"]
-  out["mup_transfers"] = (mup["best_spread_steps"] is not None and
-                          len(mup["widths"]) >= 4 and
+  out["mup_transfers"] = (mup["widths_with_a_best"] >= 4 and
+                          not mup["best_at_grid_edge"] and
                           mup["best_spread_steps"] <= 1)
-  out["standard_moves"] = (sp["best_spread_steps"] is not None and
+  out["standard_moves"] = (sp["widths_with_a_best"] >= 4 and
                            sp["best_spread_steps"] >= 2)
   return out
 
@@ -360,8 +365,9 @@ def plot_transfer(summary: dict, path: str) -> None:
                 markersize=14, color=line.get_color())
     ax.set_xscale("log", base=2)
     ax.set_xlabel("learning rate (peak)")
-    ax.set_title(f"{'muP' if p == 'mup' else 'standard'}: best moves "
-                 f"{s['best_spread_steps']} grid steps")
+    spread = s["best_spread_steps"]
+    ax.set_title(f"{'muP' if p == 'mup' else 'standard'}: the best moves "
+                 f"{spread} grid step{'' if spread == 1 else 's'}")
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("held-out loss (nats/char)")
   axes[1].legend()
@@ -392,14 +398,15 @@ def _transfer_command(args) -> int:
   except sweep.SpecError as e:
     raise MupError(str(e)) from None
   summary = transfer_summary(rows)
-  # The runs' own times, summed (they ran --parallel at a time), and this
-  # command's wall time and its train.py processes' CPU time: the cost
-  # on an idle machine, whatever else shared this one.
+  # The runs' own times, summed (they ran --parallel at a time); and, when
+  # this command ran the sweep, its wall time and its train.py processes'
+  # CPU time: the cost on an idle machine, whatever else shared this one.
   summary["runs_wall_s_sum"] = round(sum(r["wall_s"] or 0 for r in rows), 1)
-  summary["this_command_s"] = round(time.monotonic() - started, 1)
-  children = resource.getrusage(resource.RUSAGE_CHILDREN)
-  summary["this_command_cpu_s"] = round(children.ru_utime +
-                                        children.ru_stime, 1)
+  if not args.summary_only:
+    summary["this_command_s"] = round(time.monotonic() - started, 1)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    summary["this_command_cpu_s"] = round(children.ru_utime +
+                                          children.ru_stime, 1)
   out = args.out or root
   os.makedirs(out, exist_ok=True)
   _write_json(os.path.join(out, "transfer.json"), summary)
@@ -413,12 +420,13 @@ def _transfer_command(args) -> int:
     print(f"{p}: best learning rate per width "
           + ", ".join(f"{w}: {_lr_label(s['best_learning_rate'][str(w)])}"
                       for w in s["widths"])
-          + f"; moves {s['best_spread_steps']} grid steps")
+          + f"; moves {s['best_spread_steps']} grid step(s)")
   print(f"muP transfers (within 1 step over >= 4 widths): "
         f"{summary['mup_transfers']}; standard moves >= 2 steps: "
         f"{summary['standard_moves']}")
-  print(f"this command: {summary['this_command_s'] / 60:.1f} minutes, its "
-        f"runs {summary['this_command_cpu_s'] / 60:.1f} CPU minutes")
+  if not args.summary_only:
+    print(f"this command: {summary['this_command_s'] / 60:.1f} minutes, its "
+          f"runs {summary['this_command_cpu_s'] / 60:.1f} CPU minutes")
   print(f"wrote {out}/transfer.json, transfer.md and transfer.png")
   return 0 if summary["mup_transfers"] and summary["standard_moves"] else 1
 

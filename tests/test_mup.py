@@ -239,7 +239,7 @@ def test_coord_check_end_to_end(corpus_dir, data_cache, tmp_path,
 
 def test_transfer_summary_finds_the_best_learning_rates():
   rows = []
-  lrs = [2 ** -k for k in (8, 7, 6, 5)]
+  lrs = [2 ** -k for k in (8, 7, 6, 5, 4)]
   for p, best_index in (("standard", {32: 3, 64: 2, 128: 1, 256: 0}),
                         ("mup", {32: 3, 64: 3, 128: 2, 256: 3})):
     for w, best in best_index.items():
@@ -251,6 +251,10 @@ def test_transfer_summary_finds_the_best_learning_rates():
   assert summary["parametrizations"]["standard"]["best_spread_steps"] == 3
   assert summary["parametrizations"]["mup"]["best_spread_steps"] == 1
   assert summary["mup_transfers"] and summary["standard_moves"]
+  assert summary["parametrizations"]["standard"]["best_at_grid_edge"] == [256]
+  # A best at the grid's edge may lie beyond it: no transfer shown.
+  rows = [r for r in rows if r["train.learning_rate"] != 2 ** -4]
+  assert not mup.transfer_summary(rows)["mup_transfers"]
   assert "**2.0000**" in mup.transfer_table(summary)
 
 
