@@ -4,6 +4,8 @@
   python train.py --config=configs/NAME.py --config.train.steps=500 --workdir=runs/x
   python train.py --mode=eval --workdir=runs/x      # evaluate the latest checkpoint
   python train.py --mode=sample --workdir=runs/x --config.sample.prompt="ROMEO:"
+  python train.py --mode=next --workdir=runs/x --config.sample.prompt="To be or"
+  python train.py --mode=eval --workdir=runs/x --config.data.source=DIR --json
   python train.py --mode=export --workdir=runs/x    # params only, to runs/x/export
   python train.py --mode=cooldown --workdir=runs/x --config.cooldown.from_step=800 \
       --config.cooldown.steps=200                   # a wsd run's checkpoint, decayed
@@ -11,6 +13,7 @@
                                                     # one process of several (launch/)
 """
 
+import json
 import os
 import sys
 
@@ -39,12 +42,21 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where the run's config, metrics, checkpoints and samples "
     "go (default: runs/<config name>).")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "sample", "export", "cooldown"],
-    "What to do: export writes the newest params alone (no optimizer state) "
-    "to --export_dir, a directory that eval, sample and "
+    "mode", "train", ["train", "eval", "sample", "next", "export",
+                      "cooldown"],
+    "What to do. eval scores the newest params on config.data.source (the "
+    "run's, or any corpus prepared with its tokenizer); sample writes "
+    "sample.num_samples samples; next lists the sample.top likeliest next "
+    "tokens after the prompt; export writes the newest params alone (no "
+    "optimizer state) to --export_dir, a directory that eval, sample and "
     "--config.checkpoint.init_from read like a run's workdir; cooldown "
     "branches a wsd run of --workdir at --config.cooldown.from_step into a "
-    "run of its own that decays over --config.cooldown.steps.")
+    "run of its own that decays over --config.cooldown.steps. The modes "
+    "other than train use the run's config.json: only the sections they "
+    "read (eval, data, sample, cooldown) and mesh.* / perf.* come from "
+    "--config.* flags.")
+_JSON = flags.DEFINE_bool("json", False, "eval and next: print one JSON "
+                          "object instead of text.")
 _EXPORT_DIR = flags.DEFINE_string(
     "export_dir", None, "Where --mode=export writes (default: <workdir>/export).")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
@@ -68,7 +80,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   # Imported here so that absl has parsed the flags (Grain workers need them).
   from data.corpus import DataError
-  from trainer import config as config_lib, distributed, loop
+  from trainer import config as config_lib, distributed, loop, modes
   from trainer.errors import ConfigError, Diverged, Preempted
 
   config_file = config_flags.get_config_filename(flags.FLAGS["config"])
@@ -78,28 +90,32 @@ def main(argv):
   config = _CONFIG.value
   config_name = os.path.splitext(os.path.basename(config_file))[0]
   workdir = _WORKDIR.value or os.path.join("runs", config_name)
+  mode = _MODE.value
   try:
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value,
                            _NUM_PROCESSES.value, _PROCESS_ID.value)
-    if _MODE.value == "train":
+    if mode == "train":
       loop.train(config, workdir)
+      return
+    run_config = config_lib.for_mode(
+        config_lib.load_saved(workdir), config,
+        config_flags.get_override_values(flags.FLAGS["config"]), mode,
+        workdir)
+    if mode == "cooldown":
+      loop.train(*config_lib.cooldown_branch(run_config, config.cooldown,
+                                             workdir))
+    elif mode == "eval":
+      result = modes.evaluate(run_config, workdir)
+      _show(result, " ".join(f"{k}={v:.4f}" if isinstance(v, float) else
+                             f"{k}={v}" for k, v in result.items()))
+    elif mode == "sample":
+      modes.sample(run_config, workdir)
+    elif mode == "next":
+      rows = modes.next_tokens(run_config, workdir)
+      _show(rows, modes.next_table(config_lib.prompt_text(run_config), rows))
     else:
-      # The other modes rebuild the trained model from the run's saved
-      # config; the mesh (this machine's) comes from flags, and so do eval
-      # and sample, except in a cooldown branch: it continues the run.
-      saved = config_lib.load_saved(workdir)
-      saved.mesh = config.mesh
-      if _MODE.value != "cooldown":
-        saved.eval, saved.sample = config.eval, config.sample
-      if _MODE.value == "cooldown":
-        loop.train(*config_lib.cooldown_branch(saved, config.cooldown, workdir))
-      elif _MODE.value == "eval":
-        loop.evaluate(saved, workdir)
-      elif _MODE.value == "sample":
-        loop.sample(saved, workdir)
-      else:
-        loop.export(saved, workdir,
-                    _EXPORT_DIR.value or os.path.join(workdir, "export"))
+      modes.export(run_config, workdir,
+                   _EXPORT_DIR.value or os.path.join(workdir, "export"))
   except Preempted as e:
     print(f"preempted: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
@@ -108,6 +124,13 @@ def main(argv):
       raise
     print(f"error: {e}", file=sys.stderr)
     sys.exit(getattr(e, "exit_code", 2))
+
+
+def _show(result, text: str) -> None:
+  """A mode's result, as --json asks (process 0 only)."""
+  import jax
+  if jax.process_index() == 0:
+    print(json.dumps(result) if _JSON.value else text)
 
 
 if __name__ == "__main__":

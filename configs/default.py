@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=0,        # 0: the tokenizer's vocabulary size
+      vocab_multiple=128,  # pad the vocabulary to a multiple of this; 1: none
       num_layers=4,
       d_model=128,
       num_heads=4,
@@ -60,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
       learning_rate=4e-3,    # peak
       warmup_steps=50,       # capped to steps // 5 in a run too short for it
       schedule="cosine",     # "cosine" | "wsd" (warmup-stable-decay) | "constant"
+      cosine_steps=0,        # cosine: its decay ends here (or at train.steps
+                             # if sooner), then the rate holds (GPT-3: 260B
+                             # of 300B tokens); 0: train.steps
       decay_fraction=0.2,    # wsd: the decay takes this fraction of the steps
       decay_shape="1-sqrt",  # wsd and cooldowns: "linear" | "cosine" | "1-sqrt"
       min_lr_ratio=0.1,      # the decay ends at this fraction of the peak
@@ -103,11 +107,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict(dict(
       prompt="\n",
+      prompt_file="",      # if set, its text (UTF-8) is the prompt
+      num_samples=1,       # --mode=sample
       temperature=0.8,
       top_k=0,
       top_p=1.0,
       max_new_tokens=500,
       seed=0,
+      top=5,               # --mode=next: how many next tokens to list
   ))
 
   c.perf = ml_collections.ConfigDict(dict(

@@ -198,3 +198,44 @@ def from_json(spec: dict, directory: str = ""):
     return tok
   raise ValueError(f"unknown tokenizer kind {spec['kind']!r}")
 
+
+
+SPEC = "spec.json"  # to_json() of a tokenizer saved in a directory
+
+
+def save_dir(tokenizer, directory: str) -> None:
+  """A tokenizer in a directory of its own (a run's <workdir>/tokenizer/):
+  its spec, and a BPE's tokenizer.json beside it."""
+  os.makedirs(directory, exist_ok=True)
+  if isinstance(tokenizer, BPETokenizer):
+    tokenizer.save(directory)
+  path = os.path.join(directory, SPEC)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(tokenizer.to_json(), f, ensure_ascii=False)
+  os.replace(path + ".tmp", path)
+
+
+def load_dir(directory: str):
+  """The tokenizer that save_dir (or a Hugging Face import) wrote, or None
+  where there is none."""
+  path = os.path.join(directory, SPEC)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return from_json(json.load(f), directory)
+
+
+def same(a, b) -> bool:
+  """Whether two tokenizers give every text the same ids. BPEs compare by
+  vocabulary and merges: the same GPT-2 files give the same model whether
+  read from tokenizer.json or vocab.json + merges.txt."""
+  if a.kind != b.kind:
+    return False
+  if a.kind != "bpe":
+    return a.to_json() == b.to_json()
+  model = lambda t: json.loads(t.to_str())["model"]
+  return all(model(a)[k] == model(b)[k] for k in ("vocab", "merges"))
+
+
+def describe(tokenizer) -> str:
+  return f"{tokenizer.kind} tokenizer of {tokenizer.vocab_size:,} ids"

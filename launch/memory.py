@@ -75,7 +75,7 @@ def measure(config) -> dict:
   cfg = model.cfg
   return {
       "model": f"{cfg.num_layers}x{cfg.d_model}x{cfg.num_heads}",
-      "params": cfg.num_params(),
+      "params": cfg.num_params(padded=True),  # as stored
       "seq_len": cfg.seq_len, "remat": cfg.remat,
       "scan_layers": cfg.scan_layers,
       "devices": jax.device_count(), "mesh": dict(mesh.shape),

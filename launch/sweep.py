@@ -108,6 +108,7 @@ class Task:
   swept: dict          # the values the axes chose (a branch: its run's)
   parent: "Task | None" = None
   from_step: int = 0   # a branch: the run's checkpoint it starts from
+  cost: float = 0.0    # its training FLOPs, roughly: the queue's priority
 
   @property
   def kind(self) -> str:
@@ -201,8 +202,10 @@ def _expand(spec, spec_path: str, root: str) -> Sweep:
                       f"overrides ({name}); make every run differ")
     names[name] = index
     workdir = os.path.join(root, name)
+    step_flops = _step_flops(config)
     run = Task(name, workdir, [f"--config={base}", f"--workdir={workdir}",
-                               *_flags(values)], config.train.steps, swept)
+                               *_flags(values)], config.train.steps, swept,
+               cost=step_flops * config.train.steps)
     runs.append(run)
     tasks.append(run)
     for from_step, steps in branch_points:
@@ -215,8 +218,17 @@ def _expand(spec, spec_path: str, root: str) -> Sweep:
       tasks.append(Task(branch, cooldown["workdir"], [
           "--mode=cooldown", *run.args,
           *_flags({f"cooldown.{k}": v for k, v in cooldown.items()})],
-          from_step + steps, swept, run, from_step))
+          from_step + steps, swept, run, from_step, step_flops * steps))
   return Sweep(spec_path, root, runs, tasks, swept_fields)
+
+
+def _step_flops(config) -> float:
+  """A train step's FLOPs (the vocabulary, unknown before the data is
+  read, counted as 256 where the config leaves it to the tokenizer)."""
+  from trainer import config as config_lib
+  model = config_lib.model_config(config, config.model.vocab_size or 256)
+  return (model.flops_per_token() * config.train.batch_size *
+          model.seq_len)
 
 
 def _fields(mapping, where: str, allow_empty: bool = False) -> dict:
@@ -868,7 +880,9 @@ class Queue:
     return 1 if "failed" in self.finished.values() else 0
 
   def _start(self) -> None:
-    for task in self.tasks:
+    """Starts the costliest ready tasks first: a study's longest runs do not
+    wait for the end while short branches fill the slots around them."""
+    for task in sorted(self.tasks, key=lambda t: -t.cost):
       if len(self.running) >= self.parallel:
         return
       if task.name in self.running or task.name in self.finished:

@@ -1,9 +1,10 @@
 """A decoder-only GPT in flax.linen: a pure function of a parameter pytree.
 
 Tensor names carry their shapes: B batch, L length, N = B * L tokens,
-D d_model, H heads, K head dim, F MLP width, V vocab, Q and T the query and
-key positions of an attention block. Every parameter and the main activations
-carry logical axis names; `trainer.sharding` maps them to mesh axes.
+D d_model, H heads, K head dim, F MLP width, V the padded vocabulary, Q and
+T the query and key positions of an attention block. Every parameter and
+the main activations carry logical axis names; `trainer.sharding` maps them
+to mesh axes.
 
 Attention layers follow `attention_pattern`: "dense" ones see the whole
 context, "local" ones (GPT-3's banded layers) the last `local_window` keys.
@@ -60,6 +61,7 @@ class GPTConfig:
   # "dense,local" alternates them, starting with a dense layer.
   attention_pattern: str = "dense"
   local_window: int = 256  # keys a local layer's query sees, its own included
+  vocab_multiple: int = 1  # pad the vocabulary to a multiple of this
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -81,6 +83,9 @@ class GPTConfig:
       raise ValueError(
           f"model.position='rope' rotates pairs of dimensions: head_dim = "
           f"d_model / num_heads = {self.head_dim} must be even")
+    if self.vocab_multiple < 1:
+      raise ValueError(f"model.vocab_multiple={self.vocab_multiple} must be "
+                       ">= 1 (1: no padding)")
 
   @property
   def head_dim(self) -> int:
@@ -115,30 +120,45 @@ class GPTConfig:
     true of rotary positions (relative), not of absolute ones."""
     return self.position == "rope"
 
-  def num_params(self, embeddings: bool = True) -> int:
-    """Closed-form parameter count of this architecture."""
+  @property
+  def padded_vocab_size(self) -> int:
+    """The rows of the embedding and the columns of the output layer: the
+    vocabulary rounded up to a multiple of vocab_multiple, so that tensor
+    parallelism can split it evenly. The padded ids' logits are masked."""
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+  def num_params(self, embeddings: bool = True, padded: bool = False) -> int:
+    """Closed-form parameter count of this architecture: the real
+    vocabulary's embedding (and output layer, if untied), or with `padded`
+    the padded one, as the param tree holds it. Without `embeddings`, no
+    vocabulary or position table: the N of scaling laws, the same padded or
+    not."""
     d, f, b = self.d_model, self.mlp_dim, int(self.use_bias)
+    v = self.padded_vocab_size if padded else self.vocab_size
     attn = d * 3 * d + 3 * d * b + d * d + d * b
     mlp = d * f + f * b + f * d + d * b
     norms = 2 * d * (1 + b)
     block = attn + mlp + norms
     n = self.num_layers * block + d * (1 + b)  # blocks + final norm
     if embeddings:
-      n += self.vocab_size * d
+      n += v * d
       n += self.seq_len * d if self.position == "learned" else 0
-      n += 0 if self.tie_embeddings else d * self.vocab_size + b * self.vocab_size
+      n += 0 if self.tie_embeddings else d * v + b * v
     return n
 
-  def flops_per_token(self) -> float:
+  def flops_per_token(self, padded: bool = False) -> float:
     """Training FLOPs per token: 6 N + 12 * layers * d_model * seq_len.
 
     N counts the non-embedding parameters plus the output projection (a
-    matmul with the vocabulary every token pays, tied or not). The second
-    term is the attention score and value matmuls (PaLM's convention,
-    counted over the full, unmasked context; a local layer's over its
-    window instead of seq_len).
+    matmul with the vocabulary every token pays, tied or not): over the real
+    vocabulary, the model's FLOPs (MFU does not rise by padding), or with
+    `padded` over the padded one, which the step computes. The second term
+    is the attention score and value matmuls (PaLM's convention, counted
+    over the full, unmasked context; a local layer's over its window
+    instead of seq_len).
     """
-    n = self.num_params(embeddings=False) + self.d_model * self.vocab_size
+    v = self.padded_vocab_size if padded else self.vocab_size
+    n = self.num_params(embeddings=False) + self.d_model * v
     return 6 * n + 12 * self.d_model * sum(map(self.window, self.layer_kinds))
 
 
@@ -515,7 +535,9 @@ class Pattern(nn.Module):
 
 
 class GPT(nn.Module):
-  """tokens [B, L] int -> logits [B, L, V] float32.
+  """tokens [B, L] int -> logits [B, L, V] float32, V the padded vocabulary:
+  the logits of the padded ids are float32's lowest, so that every softmax,
+  loss and sampler sees exactly the real vocabulary's distribution.
 
   With a `cache`, the tokens (at positions `pos_BxL`, -1 for padding) attend
   to it as well, and the call returns (logits, the cache with them added).
@@ -531,7 +553,7 @@ class GPT(nn.Module):
     cfg = self.cfg
     L = tokens_BxL.shape[1]
     embed = nn.Embed(
-        cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+        cfg.padded_vocab_size, cfg.d_model, dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
         embedding_init=nn.with_logical_partitioning(_dense_init(),
                                                     ("vocab", "embed")))
@@ -585,14 +607,40 @@ class GPT(nn.Module):
       logits_BxLxV = embed.attend(x_BxLxD)
     else:
       logits_BxLxV = nn.Dense(
-          cfg.vocab_size, use_bias=cfg.use_bias, dtype=cfg.dtype,
+          cfg.padded_vocab_size, use_bias=cfg.use_bias, dtype=cfg.dtype,
           param_dtype=cfg.param_dtype, name="lm_head",
           kernel_init=nn.with_logical_partitioning(_dense_init(),
                                                    ("embed", "vocab")),
           bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                                  ("vocab",)))(x_BxLxD)
-    logits_BxLxV = nn.with_logical_constraint(logits_BxLxV,
-                                              ("batch", "length", "vocab"))
+    logits_BxLxV = nn.with_logical_constraint(
+        logits_BxLxV, ("batch", "length", "vocab")).astype(jnp.float32)
+    if cfg.padded_vocab_size > cfg.vocab_size:  # no probability, no gradient
+      real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+      logits_BxLxV = jnp.where(real_V, logits_BxLxV,
+                               jnp.finfo(jnp.float32).min)
     if cache is None:
-      return logits_BxLxV.astype(jnp.float32)
-    return logits_BxLxV.astype(jnp.float32), cache.written()
+      return logits_BxLxV
+    return logits_BxLxV, cache.written()
+
+
+# The parameters with a vocabulary axis, by path, and that axis.
+VOCAB_AXIS = {("Embed_0", "embedding"): 0, ("lm_head", "kernel"): 1,
+              ("lm_head", "bias"): 0}
+
+
+def resize_vocab(params, size: int):
+  """`params` with the vocabulary axis cut or zero-padded to `size`: from
+  one padding of the same vocabulary to another (the rows of padded ids
+  change nothing the model computes)."""
+  def resize(path, x):
+    axis = VOCAB_AXIS.get(tuple(key.key for key in path))
+    if axis is None or x.shape[axis] == size:
+      return x
+    if x.shape[axis] > size:
+      return jax.lax.slice_in_dim(x, 0, size, axis=axis)
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+  return jax.tree_util.tree_map_with_path(resize, params)

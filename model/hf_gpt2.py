@@ -11,7 +11,10 @@ layout can express. Import then export gives back every tensor bit for bit.
 
 GPT-2 stores its Conv1D weights [in, out], as a Flax Dense kernel is, so each
 tensor maps onto one of ours by a reshape, never a transpose. `_GLOBAL`,
-`_LAYER` and `_HF_FIXED` are the whole mapping, read both ways.
+`_LAYER` and `_HF_FIXED` are the whole mapping, read both ways; then our
+vocabulary is padded to model.vocab_multiple (50257 -> 50304 ids at the
+default 128; zero rows, whose logits the model masks) and cut back on
+export.
 """
 
 import argparse
@@ -30,8 +33,8 @@ from flax import traverse_util
 
 from configs import default
 from data import tokenizers
-from model import GPTConfig
-from trainer import checkpoint, loop, sharding
+from model import GPTConfig, resize_vocab
+from trainer import checkpoint, loop, metrics, sharding
 from trainer import config as config_lib
 from trainer import state as state_lib
 from trainer.errors import ConfigError
@@ -84,8 +87,6 @@ _PREFIX = "transformer."
 _WEIGHTS = "model.safetensors"
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt",
                     "tokenizer_config.json", "special_tokens_map.json")
-TOKENIZER_DIR = "tokenizer"
-TOKENIZER_SPEC = "spec.json"
 
 
 def _shape(spec: str, dims: dict) -> tuple[int, ...]:
@@ -107,21 +108,23 @@ def _rows(cfg: GPTConfig):
 
 
 def params_from_gpt2(tensors: dict, cfg: GPTConfig) -> dict:
-  """Our parameter tree from GPT-2 tensors (names without `transformer.`)
-  that `check_tensors` accepted."""
+  """Our parameter tree, its vocabulary padded, from GPT-2 tensors (names
+  without `transformer.`) that `check_tensors` accepted."""
   flat = {ours: np.asarray(tensors[hf], np.float32).reshape(our_shape)
           for hf, _, ours, our_shape in _rows(cfg)}
   if cfg.scan_layers:
     for _, _, path, _ in _LAYER:
       flat[f"blocks/{path}"] = np.stack(
           [flat.pop(f"block_{i}/{path}") for i in range(cfg.num_layers)])
-  return traverse_util.unflatten_dict(flat, sep="/")
+  return resize_vocab(traverse_util.unflatten_dict(flat, sep="/"),
+                      cfg.padded_vocab_size)
 
 
 def gpt2_from_params(params, cfg: GPTConfig) -> dict:
   """GPT2LMHeadModel's float32 tensors (tied lm_head left out, as
-  save_pretrained does) from our parameter tree."""
-  flat = traverse_util.flatten_dict(params, sep="/")
+  save_pretrained does) from our parameter tree, without the padded ids."""
+  flat = traverse_util.flatten_dict(resize_vocab(params, cfg.vocab_size),
+                                    sep="/")
   if cfg.scan_layers:
     for _, _, path, _ in _LAYER:
       stacked = flat.pop(f"blocks/{path}")
@@ -266,14 +269,15 @@ def import_gpt2(hf_dir: str, workdir: str, scan_layers: bool = False):
       "imported_from": os.path.abspath(hf_dir)})
   target.close()
   config_lib.save(config, workdir)
+  metrics.write_run_summary(workdir, cfg, config.train)
   if tok is not None:
-    directory = os.path.join(workdir, TOKENIZER_DIR)
+    directory = os.path.join(workdir, loop.TOKENIZER)
     os.makedirs(directory, exist_ok=True)
     for name in tokenizer_files:
       shutil.copyfile(os.path.join(hf_dir, name), os.path.join(directory, name))
     if "tokenizer.json" not in tokenizer_files:
       tok.save(directory)
-    with open(os.path.join(directory, TOKENIZER_SPEC), "w") as f:
+    with open(os.path.join(directory, tokenizers.SPEC), "w") as f:
       json.dump(tok.to_json(), f, indent=1)
   return cfg
 
@@ -289,6 +293,25 @@ def _check_gpt2_layout(model) -> None:
                         f"holds model.{field}={gpt2!r} only")
 
 
+def _vocab_size(workdir: str, config, embedding_shape: tuple) -> int:
+  """The real vocabulary of a run or import: its config's, else (trained
+  runs may leave model.vocab_size 0, the tokenizer's) its run.json's, else
+  the rows of an unpadded embedding."""
+  if config.model.vocab_size:
+    return config.model.vocab_size
+  try:
+    with open(os.path.join(workdir, "run.json")) as f:
+      return json.load(f)["vocab_size"]
+  except (OSError, ValueError, KeyError):
+    pass
+  if config.model.vocab_multiple == 1:
+    return embedding_shape[0]
+  raise ConfigError(
+      f"{workdir} does not say how many of its {embedding_shape[0]} "
+      "embedding rows are the vocabulary (model.vocab_size=0 in its "
+      "config.json, no run.json); set model.vocab_size there")
+
+
 def load_params(workdir: str):
   """(config, GPTConfig, step, params as numpy) of the newest checkpoint of
   a run or import that restores."""
@@ -298,9 +321,8 @@ def load_params(workdir: str):
   if step is None:
     raise ConfigError(f"{workdir} holds no checkpoint (nothing under "
                       f"{source.directory})")
-  # Trained runs may leave model.vocab_size 0 (the tokenizer's): the
-  # checkpoint knows it.
-  vocab_size = source.saved_shapes(step)["params.Embed_0.embedding"][0]
+  vocab_size = _vocab_size(
+      workdir, config, source.saved_shapes(step)["params.Embed_0.embedding"])
   config.mesh = default.get_config().mesh
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   model, tx, _, shardings = loop.model_and_optimizer(config, vocab_size, mesh)
@@ -334,12 +356,11 @@ def export_gpt2(workdir: str, hf_dir: str) -> int:
                         "directory")
   if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
     raise ConfigError(f"{hf_dir} is a file; give a directory")
-  tokenizer_dir = os.path.join(workdir, TOKENIZER_DIR)
+  tokenizer_dir = os.path.join(workdir, loop.TOKENIZER)
   eot_id, tokenizer_files = None, []
-  if os.path.isfile(os.path.join(tokenizer_dir, TOKENIZER_SPEC)):
+  if os.path.isfile(os.path.join(tokenizer_dir, tokenizers.SPEC)):
     try:
-      with open(os.path.join(tokenizer_dir, TOKENIZER_SPEC)) as f:
-        eot_id = tokenizers.from_json(json.load(f), tokenizer_dir).eot_id
+      eot_id = tokenizers.load_dir(tokenizer_dir).eot_id
     except Exception as e:  # a missing or foreign file: say which and why
       raise ConfigError(f"the tokenizer in {tokenizer_dir} does not load "
                         f"({str(e).splitlines()[0]})") from None
@@ -387,8 +408,8 @@ def main(argv=None) -> int:
       cfg = import_gpt2(args.hf_dir, args.workdir, args.scan_layers)
       print(f"imported {args.hf_dir} ({cfg.num_layers} layers x "
             f"{cfg.d_model} x {cfg.num_heads} heads, context {cfg.seq_len}, "
-            f"vocab {cfg.vocab_size}: {cfg.num_params() / 1e6:.2f}M params) "
-            f"to {args.workdir}")
+            f"vocab {cfg.vocab_size} padded to {cfg.padded_vocab_size}: "
+            f"{cfg.num_params() / 1e6:.2f}M params) to {args.workdir}")
     else:
       step = export_gpt2(args.workdir, args.hf_dir)
       print(f"exported the parameters of step {step} of {args.workdir} to "

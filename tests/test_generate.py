@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import random_params, tiny_model_config
-from model import GPT, KVCache, generate, generate_uncached, window_start
+from model import (GPT, KVCache, generate, generate_uncached, resize_vocab,
+                   window_start)
 
 S = 16  # the tiny models' context
 LENGTHS = (3, 20, 1, 9)  # one prompt longer than the context
@@ -238,12 +239,35 @@ def test_bad_arguments():
   _assert_rows_equal(rows, [[1, 2], [3]])
 
 
+def test_padded_ids_are_never_sampled():
+  """37 ids padded to 48, the padded rows of the table far larger than the
+  real ones: unmasked they would be drawn nearly every step (the same
+  parameters read as an unpadded 48-id model show it); masked, neither
+  sampler ever gives one, greedy or at a high temperature."""
+  model, params = _sampler(vocab_multiple=16)
+  params = jax.tree.map(np.array, resize_vocab(params, 48))
+  params["Embed_0"]["embedding"][37:] *= 30
+  unmasked = GPT(tiny_model_config(vocab_size=48))
+  rows = generate(unmasked, params, _prompts(), jax.random.key(0),
+                  max_new_tokens=32, temperature=0.0)
+  assert np.mean([(r[n:] >= 37).mean() for r, n in zip(rows, LENGTHS)]) > 0.5
+  for sampler, kwargs in ((generate, dict(temperature=0.0)),
+                          (generate, dict(temperature=2.0, top_p=0.99)),
+                          (generate_uncached, dict(temperature=2.0))):
+    rows = sampler(model, params, _prompts(), jax.random.key(1),
+                   max_new_tokens=40, **kwargs)
+    new = np.concatenate([r[n:] for r, n in zip(rows, LENGTHS)])
+    assert new.size == 4 * 40 and new.max() < 37, (sampler, kwargs)
+    assert len(set(new.tolist())) > 5  # not one token repeated
+
+
 # ------------------------------------------------------------ 4-device mesh
 
 MESH = dict(data=2, fsdp=1, tensor=2)
-VOCAB = 40  # the vocabulary is split over tensor too
-MESH_MODELS = {"dense": {},
-               "rope-dense-local": dict(LOCAL, position="rope", std=0.5)}
+PADDING = dict(vocab_multiple=8)  # 37 ids padded to 40, split over tensor
+MESH_MODELS = {"dense": PADDING,
+               "rope-dense-local": dict(PADDING, **LOCAL, position="rope",
+                                        std=0.5)}
 REPORT = "report.json"
 
 
@@ -262,7 +286,7 @@ def _run_on_mesh(out_dir: str) -> None:
     rules = sharding.logical_rules(config.mesh)
     report = {}
     for name, overrides in MESH_MODELS.items():
-      model, params = _sampler(vocab_size=VOCAB, **overrides)
+      model, params = _sampler(**overrides)
       kwargs = dict(max_new_tokens=NEW, temperature=0.0)
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(model.init, jax.random.key(0),
@@ -277,11 +301,13 @@ def _run_on_mesh(out_dir: str) -> None:
             {"params": params}, tokens, pos_BxL=jnp.zeros_like(tokens),
             cache=KVCache.empty(model.cfg, 4)))(params, np.zeros((4, 1),
                                                                  np.int32))
+      table = params["Embed_0"]["embedding"]
       report[name] = {
           "cached": [r.tolist() for r in cached],
           "reference": [r.tolist() for r in reference],
           "cache_shards": [ring.k_ZxBxWxHxK.sharding.shard_shape(
-              ring.k_ZxBxWxHxK.shape) for ring in cache.rings]}
+              ring.k_ZxBxWxHxK.shape) for ring in cache.rings],
+          "table_shard": table.sharding.shard_shape(table.shape)}
   with open(os.path.join(out_dir, REPORT), "w") as f:
     json.dump(report, f)
 
@@ -301,7 +327,9 @@ def test_greedy_on_a_4_device_mesh_matches_one_device(tmp_path):
   assert report["rope-dense-local"]["cache_shards"] == [[1, 2, S, 1, 16],
                                                         [1, 2, 5, 1, 16]]
   for name, overrides in MESH_MODELS.items():
-    model, params = _sampler(vocab_size=VOCAB, **overrides)
+    # The padded vocabulary's half.
+    assert report[name]["table_shard"] == [20, 32], name
+    model, params = _sampler(**overrides)
     one_device = generate_uncached(model, params, _prompts(),
                                    jax.random.key(0), max_new_tokens=NEW,
                                    temperature=0.0)

@@ -65,15 +65,40 @@ def _report(capsys, line: str) -> None:
 
 
 def _logits(workdir, input_ids):
+  """The model of a workdir and its logits of the real vocabulary (the
+  padded ids' checked to be masked)."""
   _, cfg, _, params = hf_gpt2.load_params(workdir)
-  return cfg, np.asarray(jax.jit(GPT(cfg).apply)({"params": params},
-                                                 input_ids))
+  logits = np.asarray(jax.jit(GPT(cfg).apply)({"params": params}, input_ids))
+  assert (logits[..., cfg.vocab_size:] == np.finfo(np.float32).min).all()
+  return cfg, logits[..., :cfg.vocab_size]
+
+
+def _import_from_before_padding(tmp_path, monkeypatch) -> str:
+  """A workdir as imports were before model.vocab_multiple: the vocabulary
+  unpadded, no such field in config.json, no run.json."""
+  workdir = tmp_path / "old-import"
+  with monkeypatch.context() as patch:
+    run_config = hf_gpt2.run_config
+    patch.setattr(hf_gpt2, "run_config", lambda fields: _unpadded(
+        run_config(fields)))
+    hf_gpt2.import_gpt2(FIXTURE, str(workdir))
+  fields = json.loads((workdir / "config.json").read_text())
+  del fields["model"]["vocab_multiple"]
+  (workdir / "config.json").write_text(json.dumps(fields))
+  (workdir / "run.json").unlink()
+  return str(workdir)
+
+
+def _unpadded(config):
+  config.model.vocab_multiple = 1
+  return config
 
 
 # ---------------------------------------------------------------- mapping
 
 MAPPING_VARIANTS = {
     "default": {},
+    "padded": dict(vocab_multiple=128),
     "scan": dict(scan_layers=True),
     "d_ff-4-heads-3-layers": dict(d_ff=48, num_heads=4, num_layers=3),
 }
@@ -104,6 +129,7 @@ def test_mapping_fills_our_param_tree_and_inverts(overrides):
   params = hf_gpt2.params_from_gpt2(tensors, cfg)
   want = jax.tree.map(lambda s: s.shape, param_shapes(cfg))
   assert jax.tree.map(np.shape, params) == want
+  assert not np.any(params["Embed_0"]["embedding"][cfg.vocab_size:])
   back = hf_gpt2.gpt2_from_params(params, cfg)
   assert sorted(back) == sorted("transformer." + k for k in tensors)
   for k, v in tensors.items():
@@ -143,7 +169,7 @@ def test_imported_fixture_gives_transformers_logits(layout, tmp_path, capsys):
   status, out, err = _main(capsys, "import", make_dir(tmp_path), workdir,
                            *flags)
   assert status == 0, err
-  assert "2 layers x 32 x 4 heads, context 64, vocab 288" in out
+  assert "2 layers x 32 x 4 heads, context 64, vocab 288 padded to 384" in out
   expected = np.load(os.path.join(FIXTURE, "expected.npz"))
   cfg, logits = _logits(workdir, expected["input_ids"])
   assert cfg.scan_layers == bool(flags)
@@ -165,8 +191,8 @@ def test_import_then_export_is_bit_exact(scan, tmp_path, capsys):
   config_lib.validate(config)
   assert dict(config.model) == {
       **dict(hf_gpt2.run_config({}).model), "vocab_size": 288,
-      "num_layers": 2, "d_model": 32, "num_heads": 4, "seq_len": 64,
-      "d_ff": 0, "dropout": 0.0, "scan_layers": scan}
+      "vocab_multiple": 128, "num_layers": 2, "d_model": 32, "num_heads": 4,
+      "seq_len": 64, "d_ff": 0, "dropout": 0.0, "scan_layers": scan}
   assert (config.data.tokenizer, config.data.source) == ("gpt2", "")
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["0"]
   with open(os.path.join(workdir, "checkpoints", "0", "run",
@@ -177,8 +203,8 @@ def test_import_then_export_is_bit_exact(scan, tmp_path, capsys):
   with open(os.path.join(tokenizer_dir, "spec.json")) as f:
     tok = tokenizers.from_json(json.load(f), tokenizer_dir)
   assert tok.vocab_size == 288 and tok.eot_id == 0
-  if scan:  # as a trained run's config has it: the tokenizer's
-    config.model.vocab_size = 0
+  if scan:  # as a trained run's config has it (the tokenizer's): run.json
+    config.model.vocab_size = 0  # says how many rows are not padding
     config_lib.save(config, workdir)
 
   status, out, err = _main(capsys, "export", workdir, exported)
@@ -363,32 +389,126 @@ def test_export_of_a_checkpoint_its_config_does_not_fit(tmp_path, capsys):
   status, _, err = _main(capsys, "export", workdir, str(exported))
   assert status == 2 and len(err.splitlines()) == 1
   assert "does not match the model" in err and (
-      "(params.Embed_0.embedding: (288, 32) saved, (288, 64) wanted)" in err)
+      "(params.Embed_0.embedding: (384, 32) saved, (384, 64) wanted)" in err)
   assert not exported.exists()
 
 
 # ---------------------------------------------------------------- init_from
 
-def test_init_from_an_import_starts_from_its_params(tmp_path, capsys):
+@pytest.mark.parametrize("old", [False, True], ids=["import",
+                                                   "unpadded-import"])
+def test_init_from_an_import_starts_from_its_params(old, tmp_path, capsys,
+                                                    monkeypatch):
   """checkpoint.init_from=<import> through the trainer's own restore: every
-  parameter is the GPT-2 tensor's."""
+  parameter is the GPT-2 tensor's, also from an import from before
+  vocabulary padding into a run that pads."""
   imported = str(tmp_path / "imported")
-  assert _main(capsys, "import", FIXTURE, imported)[0] == 0
+  if old:
+    imported = _import_from_before_padding(tmp_path, monkeypatch)
+  else:
+    assert _main(capsys, "import", FIXTURE, imported)[0] == 0
   config = config_lib.load_saved(imported)
+  assert config.model.vocab_multiple == (1 if old else 128)
+  config.model.vocab_multiple = 128
   config.checkpoint.init_from = imported
   mesh = sharding.make_mesh(config.mesh)
   model, tx, rules, shardings = loop.model_and_optimizer(config, 288, mesh)
-  run = loop.Run(config, str(tmp_path / "tuned"), None, model, tx, mesh,
-                 rules, shardings, None, None)
+  run = loop.Run(config, str(tmp_path / "tuned"), None,
+                 tokenizers.load_dir(os.path.join(imported, loop.TOKENIZER)),
+                 model, tx, mesh, rules, shardings, None, None)
   with jax.set_mesh(mesh):
     state = state_lib.init_state(model, tx, shardings, seed=0)
     state = loop._init_from(run, state, imported)
   assert f"starting from the parameters of {imported}/checkpoints/0" in (
       capsys.readouterr().out)
-  exported = hf_gpt2.gpt2_from_params(jax.device_get(state.params), model.cfg)
+  params = jax.device_get(state.params)
+  assert params["Embed_0"]["embedding"].shape == (384, 32)
+  exported = hf_gpt2.gpt2_from_params(params, model.cfg)
   for k, v in _fixture_tensors().items():
     np.testing.assert_array_equal(exported[k], v, err_msg=k)
   assert int(state.step) == 0 and state.opt_state is not None
+
+
+def test_an_import_is_used_with_its_own_tokenizer(tmp_path, capsys,
+                                                   corpus_dir):
+  """train.py's modes read the import's tokenizer (it has no corpus); a
+  corpus with another tokenizer cannot fine-tune it."""
+  imported = str(tmp_path / "imported")
+  assert _main(capsys, "import", FIXTURE, imported)[0] == 0
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = lambda *args: subprocess.run(
+      [sys.executable, "train.py", *args], cwd=REPO, env=env, text=True,
+      capture_output=True, timeout=300)
+  result = run(f"--workdir={imported}", "--mode=next", "--json",
+               "--config.sample.prompt=Hello world")
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = json.loads(result.stdout.strip().splitlines()[-1])
+  assert len(rows) == 5 and all(r["id"] < 288 for r in rows)
+  _, logits = _logits(imported, tokenizers.load_dir(os.path.join(
+      imported, loop.TOKENIZER)).encode("Hello world")[None])
+  assert rows[0]["id"] == int(np.argmax(logits[0, -1]))
+  tuned = run(f"--config.checkpoint.init_from={imported}",
+              f"--config.data.source={corpus_dir}",
+              f"--config.data.cache_dir={tmp_path / 'cache'}",
+              f"--workdir={tmp_path / 'tuned'}", "--config.train.steps=2",
+              "--config.model.vocab_size=288", "--config.model.d_model=32",
+              "--config.model.num_layers=2", "--config.model.num_heads=4",
+              "--config.model.seq_len=64")
+  assert tuned.returncode == 2, tuned.stderr[-2000:]
+  assert tuned.stderr.strip().splitlines()[-1].startswith(
+      f"error: the model of {imported} uses a bpe tokenizer of 288 ids, but "
+      f"{corpus_dir} was prepared with a char tokenizer")
+  assert not os.path.exists(tmp_path / "tuned" / "config.json")
+
+
+def test_import_fine_tune_and_sample(tmp_path, capsys, corpus_dir):
+  """The README's example at the fixture's size: import, prepare a corpus
+  with the import's tokenizer, fine-tune from the import, sample."""
+  imported = str(tmp_path / "imported")
+  assert _main(capsys, "import", FIXTURE, imported)[0] == 0
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = lambda *args: subprocess.run(
+      [sys.executable, *args], cwd=REPO, env=env, text=True,
+      capture_output=True, timeout=300)
+  data = str(tmp_path / "data")
+  prepared = run("-m", "data.prepare", "--input", corpus_dir, "--output",
+                 data, "--tokenizer", "gpt2", "--tokenizer-files",
+                 os.path.join(imported, loop.TOKENIZER), "--seq-len", "64",
+                 "--holdout", "hamlet")
+  assert prepared.returncode == 0, prepared.stderr[-2000:]
+  tuned = str(tmp_path / "tuned")
+  model = ("--config.model.vocab_size=288", "--config.model.num_layers=2",
+           "--config.model.d_model=32", "--config.model.num_heads=4",
+           "--config.model.seq_len=64")
+  result = run("train.py", f"--config.checkpoint.init_from={imported}",
+               f"--config.data.source={data}", f"--workdir={tuned}", *model,
+               "--config.train.steps=3", "--config.train.batch_size=4",
+               "--config.train.learning_rate=1e-4",
+               "--config.sample.max_new_tokens=5",
+               "--config.perf.peak_flops=1e12")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"starting from the parameters of {imported}/checkpoints/0" in (
+      result.stdout + result.stderr)
+  sample = run("train.py", "--mode=sample", f"--workdir={tuned}",
+               "--config.sample.prompt=Hello", "--config.sample.temperature=0")
+  assert sample.returncode == 0, sample.stderr[-2000:]
+  assert sample.stdout.startswith("Hello")
+
+
+def test_an_import_from_before_padding_still_loads(tmp_path, monkeypatch,
+                                                   capsys):
+  """Its config.json without model.vocab_multiple reads as 1 (unpadded, as
+  it was written): its logits are transformers', its export bit-exact."""
+  workdir = _import_from_before_padding(tmp_path, monkeypatch)
+  expected = np.load(os.path.join(FIXTURE, "expected.npz"))
+  cfg, logits = _logits(workdir, expected["input_ids"])
+  assert cfg.padded_vocab_size == cfg.vocab_size == 288
+  assert np.abs(logits - expected["logits"]).max() < 1e-4
+  exported = str(tmp_path / "exported")
+  assert _main(capsys, "export", workdir, exported)[0] == 0
+  back = safetensors.numpy.load_file(os.path.join(exported, WEIGHTS))
+  for k, v in _fixture_tensors().items():
+    assert back[k].tobytes() == v.tobytes(), k
 
 
 # ---------------------------------------------------------------- GPT-2 small
@@ -429,7 +549,9 @@ def test_gpt2_small_shape_against_transformers(tmp_path, capsys):
 
   (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
       params)
-  logit_diff = float(np.abs(np.asarray(logits) - want_logits).max())
+  assert cfg.padded_vocab_size == 50304
+  logits = np.asarray(logits)[..., :cfg.vocab_size]  # the rest: masked
+  logit_diff = float(np.abs(logits - want_logits).max())
   _report(capsys, f"\nlogits: max abs difference {logit_diff:.2e} (logits "
           f"up to {np.abs(want_logits).max():.2f}); loss {float(loss):.6f} "
           f"vs {out.loss.item():.6f}")

@@ -271,14 +271,11 @@ def test_tpu_needs_name_and_zone():
 
 # --- a real 2-process run ----------------------------------------------------
 
-def test_two_processes_match_one_process(corpus_dir, tmp_path, monkeypatch):
-  """2 processes x 2 CPU devices vs 1 process x 4, on a (data 2, fsdp 2) mesh:
-  the same losses to float32 round-off (rtol 1e-5), one writer."""
+def _two_processes_and_one(flags, tmp_path, monkeypatch):
+  """Runs train.py FLAGS as 2 processes x 2 CPU devices (launch/local.py)
+  and as 1 process x 4; returns their workdirs (1 process, 2 processes),
+  their consoles (stdout) and the 2-process run's logs folder."""
   one, two, logs = (str(tmp_path / name) for name in ("one", "two", "logs"))
-  flags = (*TINY_FLAGS, f"--config.data.source={corpus_dir}",
-           f"--config.data.cache_dir={tmp_path / 'cache'}",
-           "--config.train.batch_size=8", "--config.mesh.data=2",
-           "--config.mesh.fsdp=2", "--config.train.steps=6")
   # Started first, so that it does not inherit the 1-process run's XLA_FLAGS.
   proc = _start(sys.executable, "launch/local.py", "--num_processes=2",
                 "--devices_per_process=2", f"--log_dir={logs}", "--", *flags,
@@ -296,18 +293,35 @@ def test_two_processes_match_one_process(corpus_dir, tmp_path, monkeypatch):
   assert not left, "processes of the run were left behind"
   port = int(re.search(r"coordinator 127\.0\.0\.1:(\d+)", err).group(1))
   assert _port_free(port)
+  return one, two, single.stdout, out, logs
 
-  assert ("mesh: {'data': 2, 'fsdp': 2, 'tensor': 1} over 4 cpu devices in 1 "
-          "process(es)") in single.stdout
-  assert ("mesh: {'data': 2, 'fsdp': 2, 'tensor': 1} over 4 cpu devices in 2 "
-          "process(es)") in out
+
+def _same_losses(one, two, steps):
   expected, got = metrics_records(one), metrics_records(two)
-  assert [sorted(r) for r in got] == [sorted(r) for r in expected]
-  assert [r["step"] for r in got if "loss" in r] == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in got if "loss" in r] == list(range(1, steps + 1))
   for key in ("loss", "grad_norm", "eval_loss"):
     np.testing.assert_allclose([r[key] for r in got if key in r],
                                [r[key] for r in expected if key in r],
                                rtol=1e-5, err_msg=key)
+
+
+def test_two_processes_match_one_process(corpus_dir, tmp_path, monkeypatch):
+  """2 processes x 2 CPU devices vs 1 process x 4, on a (data 2, fsdp 2) mesh:
+  the same losses to float32 round-off (rtol 1e-5), one writer."""
+  flags = (*TINY_FLAGS, f"--config.data.source={corpus_dir}",
+           f"--config.data.cache_dir={tmp_path / 'cache'}",
+           "--config.train.batch_size=8", "--config.mesh.data=2",
+           "--config.mesh.fsdp=2", "--config.train.steps=6")
+  one, two, single, out, logs = _two_processes_and_one(flags, tmp_path,
+                                                       monkeypatch)
+
+  assert ("mesh: {'data': 2, 'fsdp': 2, 'tensor': 1} over 4 cpu devices in 1 "
+          "process(es)") in single
+  assert ("mesh: {'data': 2, 'fsdp': 2, 'tensor': 1} over 4 cpu devices in 2 "
+          "process(es)") in out
+  assert [sorted(r) for r in metrics_records(two)] == [
+      sorted(r) for r in metrics_records(one)]
+  _same_losses(one, two, steps=6)
 
   # Process 0 alone wrote logs, TensorBoard events, samples and the data
   # order: the workdir holds what a single process writes. Both
@@ -341,37 +355,18 @@ def test_processes_holding_the_same_rows(corpus_dir, tmp_path, monkeypatch,
   processes, tensor 2 within): each process loads the rows its devices
   need, and the losses are those of 1 process x 4 devices."""
   data, tensor = mesh
-  one, two, logs = (str(tmp_path / name) for name in ("one", "two", "logs"))
   flags = (*TINY_FLAGS, f"--config.data.source={corpus_dir}",
            f"--config.data.cache_dir={tmp_path / 'cache'}",
            "--config.model.num_heads=4", _RULES_WITHOUT_VOCAB,
            "--config.train.batch_size=8", f"--config.mesh.data={data}",
            f"--config.mesh.tensor={tensor}", "--config.train.steps=4",
            "--config.eval.max_batches=1", "--config.sample.max_new_tokens=4")
-  proc = _start(sys.executable, "launch/local.py", "--num_processes=2",
-                "--devices_per_process=2", f"--log_dir={logs}", "--", *flags,
-                f"--workdir={two}")
-  try:
-    with monkeypatch.context() as m:
-      m.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-      m.setenv("JAX_PLATFORMS", "cpu")
-      single = run_train_py(*flags, f"--workdir={one}", timeout=TIMEOUT_S)
-    assert single.returncode == 0, single.stderr[-3000:]
-    out, err = _finish(proc)
-    assert proc.returncode == 0, err[-3000:]
-  finally:
-    left = _kill_group(proc)
-  assert not left, "processes of the run were left behind"
+  one, two, _, out, _ = _two_processes_and_one(flags, tmp_path, monkeypatch)
   rows = 8 // data
   assert (f"4 cpu devices in 2 process(es); batch 8 x 16 tokens, {rows} "
           f"sequences per device (2 devices and {rows} sequences per "
           "process)") in out
-  expected, got = metrics_records(one), metrics_records(two)
-  assert [r["step"] for r in got if "loss" in r] == [1, 2, 3, 4]
-  for key in ("loss", "grad_norm", "eval_loss"):
-    np.testing.assert_allclose([r[key] for r in got if key in r],
-                               [r[key] for r in expected if key in r],
-                               rtol=1e-5, err_msg=key)
+  _same_losses(one, two, steps=4)
   assert audit.main([one, two]) == 0
 
 

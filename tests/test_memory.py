@@ -1,5 +1,6 @@
 """launch/memory.py: the per-device memory of a tiny model's train step on 8
-fake devices, compiled ahead of time in a subprocess (~10 s each)."""
+fake devices, compiled ahead of time in a subprocess (~10 s each), and of
+GPT-3 175B on 1024."""
 
 import json
 import subprocess
@@ -57,15 +58,46 @@ def test_summary():
     assert f"\n  {name} " in out
 
 
+def test_a_vocabulary_padded_to_128_splits_over_tensor_8():
+  """84 ids, which 8 does not divide, padded to 128 (model.vocab_multiple's
+  default): the layout compiles, and the counted parameters are the
+  padded ones, as stored."""
+  from model import GPTConfig
+  r = _report("--config.mesh.data=1", "--config.mesh.tensor=8",
+              "--config.model.num_heads=8", "--config.model.vocab_size=84")
+  assert r["mesh"] == {"data": 1, "fsdp": 1, "tensor": 8}
+  cfg = GPTConfig(vocab_size=84, vocab_multiple=128, num_layers=2,
+                  d_model=32, num_heads=8, seq_len=16, use_bias=False)
+  assert r["params"] == cfg.num_params(padded=True)
+
+
+def test_gpt3_175b_fits_80gb_on_1024_devices():
+  """launch/README.md's plan, compiled whole (~40 s): the state is 12 bytes
+  a parameter over 1024 devices, 3 sequences at a time, under 80 GB."""
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.memory", "--config=configs/gpt3_175b.py",
+       "--devices=1024", "--json"],
+      cwd=REPO, text=True, capture_output=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  r = json.loads(result.stdout)
+  assert r["mesh"] == {"data": 1, "fsdp": 128, "tensor": 8}
+  assert r["batch_per_device"] // r["grad_accum_steps"] == 3
+  state = r["params_bytes"] + r["opt_state_bytes"]
+  assert abs(state / (12 * r["params"] / 1024) - 1) < 0.01
+  assert r["total_bytes"] < 80e9
+
+
 @pytest.mark.parametrize("args, message", [
     (("--config.mesh.data=2", "--config.mesh.fsdp=2"),
      "mesh data*fsdp*tensor = 2*2*1 = 4 but there are 8 devices"),
     (("--config.mesh.data=1", "--config.mesh.tensor=8"),
      "model.num_heads = 2 is not divisible by mesh.tensor=8"),
     (("--config.mesh.data=1", "--config.mesh.tensor=8",
-      "--config.model.num_heads=8", "--config.model.vocab_size=84"),
+      "--config.model.num_heads=8", "--config.model.vocab_size=84",
+      "--config.model.vocab_multiple=1"),
      "Embed_0/embedding (84, 32): dimension 0 (size 84) does not split over "
-     "mesh tensor=8"),
+     "mesh tensor=8; pick mesh sizes that divide it (for the vocabulary: a "
+     "model.vocab_multiple they divide)"),
     (("--config.mesh.data=1", "--config.mesh.fsdp=8",
       "--config.train.batch_size=4"),
      "train.batch_size=4 is not divisible by the data-parallel size 8"),

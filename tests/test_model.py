@@ -13,7 +13,7 @@ import pytest
 
 from conftest import (REPO, param_shapes, random_params, tiny_config,
                       tiny_model_config, train_steps)
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig, KVCache, resize_vocab
 from model import gpt
 from trainer import config as config_lib
 from trainer import state as state_lib
@@ -323,6 +323,8 @@ def test_initial_loss_is_log_vocab():
 
 PARAM_VARIANTS = {
     "default": {},
+    "padded": dict(vocab_multiple=16),
+    "padded-untied": dict(vocab_multiple=16, tie_embeddings=False),
     "no-bias": dict(use_bias=False),
     "untied": dict(tie_embeddings=False),
     "untied-no-bias": dict(tie_embeddings=False, use_bias=False),
@@ -339,12 +341,68 @@ PARAM_VARIANTS = {
 @pytest.mark.parametrize("overrides", PARAM_VARIANTS.values(),
                          ids=PARAM_VARIANTS.keys())
 def test_num_params_matches_param_tree(overrides):
+  """num_params(padded=True) counts the tree; without `padded`, the real
+  vocabulary's rows; without embeddings, neither (the same N)."""
   cfg = tiny_model_config(**overrides)
-  assert _count(param_shapes(cfg)) == cfg.num_params()
-  embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
-  embedding += (cfg.seq_len * cfg.d_model if cfg.position == "learned" else 0)
-  embedding += 0 if cfg.tie_embeddings or not cfg.use_bias else cfg.vocab_size
-  assert cfg.num_params(embeddings=False) == cfg.num_params() - embedding
+  assert _count(param_shapes(cfg)) == cfg.num_params(padded=True)
+
+  def embedding(vocab):
+    n = vocab * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    n += cfg.seq_len * cfg.d_model if cfg.position == "learned" else 0
+    return n + (0 if cfg.tie_embeddings or not cfg.use_bias else vocab)
+
+  n = cfg.num_params(embeddings=False)
+  assert n == cfg.num_params(embeddings=False, padded=True)
+  assert cfg.num_params() == n + embedding(cfg.vocab_size)
+  assert cfg.num_params(padded=True) == n + embedding(cfg.padded_vocab_size)
+  assert cfg.padded_vocab_size == (48 if cfg.vocab_multiple == 16 else 37)
+
+
+def test_flops_per_token_counts_the_real_output_layer():
+  """The padded ids' output columns are computed but are not the model's
+  FLOPs: flops_per_token(padded=True) adds them."""
+  cfg = tiny_model_config(vocab_multiple=16)
+  attention = 12 * cfg.num_layers * cfg.d_model * cfg.seq_len
+  n = cfg.num_params(embeddings=False)
+  assert cfg.flops_per_token() == 6 * (n + 32 * 37) + attention
+  assert cfg.flops_per_token(padded=True) == 6 * (n + 32 * 48) + attention
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_padded_ids_get_no_probability_and_no_gradient(tied):
+  """The logits of the real ids, the loss and its gradients are the
+  unpadded model's, however large the padded rows; the padded ids' logits
+  are float32's lowest (probability exactly 0) and their rows get no
+  gradient."""
+  unpadded = tiny_model_config(tie_embeddings=tied)
+  padded = tiny_model_config(tie_embeddings=tied, vocab_multiple=16)
+  params = random_params(unpadded, seed=6, std=0.3)
+  params_padded = jax.tree.map(np.array, resize_vocab(params, 48))
+  # Padded rows far larger than the real ones: unmasked, they would win.
+  params_padded["Embed_0"]["embedding"][37:] = 10
+  if not tied:
+    params_padded["lm_head"]["kernel"][:, 37:] = 10
+    params_padded["lm_head"]["bias"][37:] = 10
+  tokens = np.asarray(_tokens(8, (B, L + 1)))
+
+  def loss(model, params):
+    logits = model.apply({"params": params}, tokens[:, :-1])
+    return state_lib.cross_entropy(logits, tokens[:, 1:]).mean(), logits
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True),
+                 static_argnums=0)
+  (want_loss, want), want_grads = grad(GPT(unpadded), params)
+  (got_loss, got), got_grads = grad(GPT(padded), params_padded)
+  assert got.shape == (B, L, 48)
+  np.testing.assert_allclose(got[..., :37], want, rtol=0, atol=1e-5)
+  assert (got[..., 37:] == np.finfo(np.float32).min).all()
+  assert abs(float(got_loss) - float(want_loss)) < 1e-6
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0,
+                                                      atol=1e-6),
+               resize_vocab(got_grads, 37), want_grads)
+  assert not np.any(got_grads["Embed_0"]["embedding"][37:])
+  if not tied:
+    assert not np.any(got_grads["lm_head"]["kernel"][:, 37:])
 
 
 def test_gpt2_small_closed_form_is_124m():
@@ -362,9 +420,11 @@ def test_gpt2_small_config_param_count():
   assert config.data.tokenizer == "byte"
   cfg = config_lib.model_config(config, vocab_size=256)
   assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.seq_len,
-          cfg.vocab_size) == (12, 768, 12, 1024, 50257)
+          cfg.vocab_size, cfg.padded_vocab_size) == (12, 768, 12, 1024,
+                                                     50257, 50304)
   assert cfg.num_params() == 124_439_808
-  assert _count(param_shapes(cfg)) == 124_439_808
+  assert _count(param_shapes(cfg)) == cfg.num_params(padded=True) == (
+      124_439_808 + 47 * 768)
 
 
 def test_heads_must_divide_the_width():
@@ -387,6 +447,78 @@ def test_parameters_use_the_logical_axes_mesh_rules_may_name(scan):
   names = {name for spec in specs for name in spec if name}
   assert names <= set(gpt.LOGICAL_AXES)
   assert ("layers" in names) == scan and "embed" in names
+
+
+def test_padding_trains_as_the_unpadded_model():
+  """The default padding (37 ids to 128) changes no loss: the real rows'
+  initial values are the unpadded table's (JAX's partitionable threefry
+  draws each element by its index), and the padded ones are never used."""
+  batch = np.asarray(_tokens(9, (4, L + 1)))
+  runs = {}
+  for multiple in (1, 128):
+    config = tiny_config(steps=3)
+    config.model.update(num_layers=1, vocab_multiple=multiple)
+    runs[multiple] = train_steps(config, [batch] * 3)
+  (want, want_norms, want_state), (got, got_norms, got_state) = runs.values()
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(got_norms, want_norms, rtol=1e-5)
+  assert got_state.params["Embed_0"]["embedding"].shape == (128, 32)
+  np.testing.assert_allclose(
+      resize_vocab(got_state.params, 37)["Embed_0"]["embedding"],
+      want_state.params["Embed_0"]["embedding"], rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------- golden
+
+def _golden():
+  from fixtures import make_golden_logits
+  return make_golden_logits, np.load(make_golden_logits.OUT)
+
+
+GOLDEN_PATHS = {  # equivalent implementations of the same forward pass
+    "default": {}, "attention_chunks=3": dict(attention_chunks=3),
+    "xla-attention": dict(attention="xla"), "scan": dict(scan_layers=True),
+    "remat-full": dict(remat="full"), "kv-cache": None}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "untied-sinusoidal-nobias"])
+@pytest.mark.parametrize("path", GOLDEN_PATHS.values(), ids=GOLDEN_PATHS)
+def test_forward_matches_golden_logits(name, path):
+  """The committed logits of tests/fixtures/make_golden_logits.py's fixed
+  parameters and tokens, to 1e-6, the padded ids' masked. Equivalent
+  implementations differ by <= 2.1e-7 (measured, on logits up to 0.96);
+  the MLP before attention, a missing residual or the two LayerNorms
+  swapped moved them by 0.23 or more, the erf GELU for GPT-2's tanh one by
+  8e-5. A deliberate change of the model regenerates them (see there)."""
+  import dataclasses
+  golden, want = _golden()
+  cfg = golden.CONFIGS[name]
+  tokens = want["tokens"]
+  if path is None:  # the prefill of the sampler's cache
+    cfg_path = cfg
+    with jax.default_matmul_precision("highest"):
+      got, _ = jax.jit(lambda params: GPT(cfg).apply(
+          {"params": params}, tokens, cache=KVCache.empty(cfg, 2),
+          pos_BxL=np.broadcast_to(np.arange(L), tokens.shape)))(
+              golden.params(cfg))
+  else:
+    cfg_path = dataclasses.replace(cfg, **path)
+    got = golden.logits(cfg_path, tokens)
+  np.testing.assert_allclose(got, want[name], rtol=0, atol=1e-6)
+  assert cfg_path.padded_vocab_size == 48 > cfg.vocab_size == 37
+
+
+def test_golden_parameters_reveal_a_swapped_layer_norm():
+  """The golden parameters make every LayerNorm and bias count: the two
+  LayerNorms of a block swapped move the logits far past the tolerance."""
+  golden, want = _golden()
+  cfg = golden.CONFIGS["gpt2"]
+  params = golden.params(cfg)
+  block = params["block_1"]
+  block["LayerNorm_0"], block["LayerNorm_1"] = (block["LayerNorm_1"],
+                                                block["LayerNorm_0"])
+  got = golden.logits(cfg, want["tokens"], params)
+  assert np.abs(got - want["gpt2"]).max() > 1e-3
 
 
 def test_tiny_model_overfits_one_batch():

@@ -37,6 +37,20 @@ def test_cosine_is_optax_warmup_cosine():
                              [float(reference(s)) for s in steps], atol=1e-6)
 
 
+def test_cosine_steps_end_the_decay_early_then_hold():
+  """GPT-3's: cosine to 10% over 260B tokens, then 10% to 300B."""
+  c = _config(cosine_steps=60)
+  reference = optax.warmup_cosine_decay_schedule(
+      0.0, 1.0, warmup_steps=10, decay_steps=60, end_value=0.1)
+  np.testing.assert_allclose(_lrs(c, range(61)),
+                             [float(reference(s)) for s in range(61)],
+                             atol=1e-6)
+  np.testing.assert_allclose(_lrs(c, [60, 80, 100]), 0.1, atol=1e-7)
+  # Beyond the run, the decay ends with it: as if cosine_steps were 0.
+  np.testing.assert_allclose(_lrs(_config(cosine_steps=1000), range(101)),
+                             _lrs(_config(), range(101)))
+
+
 @pytest.mark.parametrize("shape, mid", [("linear", 0.55), ("cosine", 0.55),
                                         ("1-sqrt", 1 - 0.9 * 0.5**0.5)])
 def test_wsd_warms_up_holds_then_decays(shape, mid):

@@ -212,6 +212,23 @@ def test_cooldown_branches_follow_each_run(tmp_path):
 
 BASE = {"base": "configs/default.py", "overrides": {"train.steps": 100}}
 WSD = {**BASE, "overrides": {"train.steps": 100, "train.schedule": "wsd"}}
+
+
+def test_the_queue_starts_the_costliest_ready_tasks_first(tmp_path,
+                                                          monkeypatch):
+  """The wider run (listed last) first, then the narrow one, and its
+  branches after the runs (not ready until their run's checkpoint)."""
+  spec = _spec(tmp_path, {**WSD, "axes": [{"grid": {
+      "model.d_model": [64, 256]}}], "cooldowns": [0.8]})
+  loaded = sweep.load(spec, str(tmp_path / "root"))
+  narrow, narrow_branch, wide, wide_branch = loaded.tasks
+  assert wide.cost > narrow.cost > narrow_branch.cost > 0
+  assert wide.cost / wide_branch.cost == 100 / 16  # its own steps only
+  queue = sweep.Queue(loaded, parallel=4, retries=0, display=None)
+  monkeypatch.setattr(queue, "_try_start",
+                      lambda task: queue.running.update({task.name: task}))
+  queue._start()
+  assert list(queue.running) == [wide.name, narrow.name]
 BAD_SPECS = {
     "unknown field": ({**BASE, "overrides": {"train.nope": 1}},
                       "unknown config field"),

@@ -3,6 +3,7 @@ one-line errors for bad input. Each run is a subprocess (~10 s or more)."""
 
 import glob
 import json
+import math
 import os
 import re
 
@@ -32,9 +33,14 @@ def trained(corpus_dir, tmp_path_factory):
 
 def test_train_writes_metrics_checkpoints_and_samples(trained):
   workdir, _, result = trained
-  # The overrides reached the model.
-  assert re.search(r"model: 1 layers x 32 x 2 heads, context 16, vocab \d+",
-                   result.stdout), result.stdout
+  # The overrides reached the model; the vocabulary is padded to 128.
+  assert re.search(r"model: 1 layers x 32 x 2 heads, context 16, vocab \d+ "
+                   r"\(padded to 128\)", result.stdout), result.stdout
+  with open(os.path.join(workdir, "run.json")) as f:
+    sizes = json.load(f)
+  assert sizes["vocab_size"] < sizes["vocab_size_padded"] == 128
+  assert sizes["params_padded"] - sizes["params"] == 32 * (
+      128 - sizes["vocab_size"])
   with open(os.path.join(workdir, "config.json")) as f:
     saved = json.load(f)
   assert saved["model"]["num_layers"] == 1 and saved["model"]["d_model"] == 32
@@ -69,7 +75,9 @@ def test_train_writes_metrics_checkpoints_and_samples(trained):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
   with open(os.path.join(workdir, "samples", "step_6.txt")) as f:
     sample = f.read()
-  assert sample.startswith("\n") and len(sample) == 21  # prompt + 20 chars
+  # The prompt and 20 characters, or fewer that end at end of text.
+  assert sample.startswith("\n") and (
+      len(sample) == 21 or len(sample) < 21 and sample.endswith("\u2403"))
   assert sample in result.stdout
 
 
@@ -83,6 +91,77 @@ def test_eval_mode(trained):
   assert match, result.stdout
   assert int(match.group(1)) == last["step"]
   assert float(match.group(2)) == pytest.approx(last["eval_loss"], abs=1e-4)
+
+
+def test_eval_json_on_another_corpus(trained, tmp_path):
+  """Any corpus prepared with the model's tokenizer is scored; one with
+  another tokenizer is refused."""
+  workdir, flags, _ = trained
+  with open(os.path.join(workdir, "config.json")) as f:
+    source = json.load(f)["data"]["source"]
+  result = run_train_py(f"--workdir={workdir}", "--mode=eval", "--json")
+  _check_ok(result)
+  own = json.loads(result.stdout.strip().splitlines()[-1])
+  assert own["step"] == 6 and own["eval_tokens"] > 0
+  assert own["eval_perplexity"] == pytest.approx(math.exp(own["eval_loss"]))
+  other = run_train_py(f"--workdir={workdir}", "--mode=eval", "--json",
+                       "--config.data.holdout=('lear',)")  # other val text
+  _check_ok(other)
+  scored = json.loads(other.stdout.strip().splitlines()[-1])
+  assert scored["data"] != own["data"] and scored["eval_loss"] != own[
+      "eval_loss"]
+  byte = run_train_py(f"--workdir={workdir}", "--mode=eval",
+                      "--config.data.tokenizer=byte", f"--config.data.source="
+                      f"{source}", f"--config.data.cache_dir={tmp_path}")
+  assert byte.returncode == 2, byte.stderr[-2000:]
+  assert byte.stderr.strip().splitlines()[-1].startswith(
+      f"error: the model of {workdir} uses a char tokenizer of ")
+
+
+def test_modes_take_only_their_sections(trained):
+  workdir, _, _ = trained
+  result = run_train_py(f"--workdir={workdir}", "--mode=sample",
+                        "--config.model.d_model=64")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: --config.model.d_model=64 does not apply to --mode=sample: it "
+      f"uses the run's model.d_model=32 ({workdir}/config.json); this mode "
+      "takes sample.*, mesh.*, perf.* from the command line")
+  same = run_train_py(f"--workdir={workdir}", "--mode=next",
+                      "--config.model.d_model=32")  # the run's own value
+  _check_ok(same)
+
+
+def test_next_mode_lists_the_likeliest_tokens(trained, tmp_path):
+  workdir, _, _ = trained
+  prompt = tmp_path / "prompt.txt"
+  prompt.write_text("the ki", encoding="utf-8")
+  args = (f"--workdir={workdir}", "--mode=next",
+          f"--config.sample.prompt_file={prompt}")
+  table = run_train_py(*args)
+  _check_ok(table)
+  assert "after 'the ki':" in table.stdout
+  assert re.search(r"^\s+1\s+0\.\d{4}\s+'.+'$", table.stdout, re.M)
+  whole = run_train_py(*args, "--json", "--config.sample.top=34")
+  _check_ok(whole)
+  rows = json.loads(whole.stdout.strip().splitlines()[-1])
+  probabilities = [r["probability"] for r in rows]
+  assert [r["rank"] for r in rows] == list(range(1, 35))
+  assert probabilities == sorted(probabilities, reverse=True)
+  assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)  # all of them
+  assert len({r["id"] for r in rows}) == 34
+
+
+def test_sample_mode_streams_several_samples(trained):
+  workdir, _, _ = trained
+  result = run_train_py(f"--workdir={workdir}", "--mode=sample",
+                        "--config.sample.num_samples=3",
+                        "--config.sample.prompt=the king",
+                        "--config.sample.max_new_tokens=10")
+  _check_ok(result)
+  parts = re.split(r"--- sample \d of 3 ---\n", result.stdout)
+  assert len(parts) == 4 and all(p.startswith("the king") for p in parts[1:])
+  assert len(set(parts[1:])) == 3  # each its own seed
 
 
 def test_sample_mode_greedy(trained):

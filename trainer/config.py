@@ -103,6 +103,7 @@ MESH_SIZE = Rule(int, 1, also=(-1,), means="-1: all remaining devices")
 # Every field's rule, by its dotted name, in configs/default.py's order.
 RULES = {
     "model.vocab_size": Rule(int, 0, means="0: the tokenizer's"),
+    "model.vocab_multiple": Rule(int, 1, means="1: no padding"),
     "model.num_layers": COUNT,
     "model.d_model": COUNT,
     "model.num_heads": COUNT,
@@ -137,6 +138,7 @@ RULES = {
     "train.learning_rate": Rule(float, 0, low_open=True),
     "train.warmup_steps": Rule(int, 0),  # and see capped_warmup
     "train.schedule": one_of(*optim.SCHEDULES),
+    "train.cosine_steps": Rule(int, 0, means="0: train.steps"),
     "train.decay_fraction": Rule(float, 0, 1, low_open=True),
     "train.decay_shape": one_of(*optim.DECAY_SHAPES),
     "train.min_lr_ratio": Rule(float, 0, 1),
@@ -168,11 +170,14 @@ RULES = {
     "mesh.tensor": MESH_SIZE,
     "mesh.rules": Rule(tuple, items=Rule(tuple)),
     "sample.prompt": Rule(str, nonempty=True),
+    "sample.prompt_file": Rule(str, means="'': sample.prompt"),
+    "sample.num_samples": COUNT,
     "sample.temperature": Rule(float, 0, means="0: greedy"),
     "sample.top_k": Rule(int, 0, means="0: no top-k filter"),
     "sample.top_p": Rule(float, 0, 1, low_open=True),
     "sample.max_new_tokens": COUNT,
     "sample.seed": Rule(int, 0),
+    "sample.top": COUNT,
     "perf.peak_flops": Rule(float, 0, means="0: look up or measure"),
 }
 
@@ -233,6 +238,20 @@ def cooldown_only_in_a_branch(config) -> None:
         f"equal train.steps={config.train.steps} in a cooldown branch")
 
 
+def cosine_steps_after_the_warmup(config) -> None:
+  """train.cosine_steps ends cosine's decay, which starts after the warmup;
+  the other schedules place their decay by other fields."""
+  t = config.train
+  if t.cosine_steps and t.schedule != "cosine":
+    raise ConfigError(f"train.cosine_steps={t.cosine_steps} shapes the cosine "
+                      f"schedule, not train.schedule={t.schedule!r}; leave it "
+                      "at 0")
+  if 0 < t.cosine_steps <= t.warmup_steps:
+    raise ConfigError(f"train.cosine_steps={t.cosine_steps} must exceed "
+                      f"train.warmup_steps={t.warmup_steps}: the decay "
+                      "follows the warmup (0: decay until train.steps)")
+
+
 def one_mesh_axis_free(config) -> None:
   free = [a for a in sharding.MESH_AXES if config.mesh[a] == -1]
   if len(free) > 1:
@@ -272,19 +291,79 @@ def top_k_within_vocabulary(config, vocab_size: int = 0) -> None:
 
 
 CROSS_CHECKS = (batch_splits_into_microbatches, keep_steps_inside_the_run,
-                cooldown_only_in_a_branch, one_mesh_axis_free,
-                mesh_rules_name_known_axes, model_is_consistent,
-                top_k_within_vocabulary)
+                cooldown_only_in_a_branch, cosine_steps_after_the_warmup,
+                one_mesh_axis_free, mesh_rules_name_known_axes,
+                model_is_consistent, top_k_within_vocabulary)
 
 
 def check_with_tokenizer(config, tokenizer) -> None:
-  """The sample settings against the run's tokenizer, once the data is
-  loaded: before training, not after it."""
+  """The sample settings against the run's tokenizer, once it is known:
+  before training, not after it."""
   top_k_within_vocabulary(config, tokenizer.vocab_size)
+  if config.sample.top > tokenizer.vocab_size:
+    raise ConfigError(f"sample.top={config.sample.top} exceeds the "
+                      f"vocabulary of {tokenizer.vocab_size}; lower it")
+  s = config.sample
   try:
-    tokenizer.encode(config.sample.prompt)
+    tokenizer.encode(prompt_text(config))
   except ValueError as e:
-    raise ConfigError(f"sample.prompt={config.sample.prompt!r}: {e}") from None
+    field = (f"sample.prompt_file={s.prompt_file!r}" if s.prompt_file else
+             f"sample.prompt={s.prompt!r}")
+    raise ConfigError(f"{field}: {e}") from None
+
+
+def prompt_text(config) -> str:
+  """sample.prompt, or the text of sample.prompt_file if set."""
+  path = config.sample.prompt_file
+  if not path:
+    return config.sample.prompt
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f"sample.prompt_file={path!r} cannot be read as UTF-8 "
+                      f"text ({getattr(e, 'strerror', None) or e})") from None
+  if not text:
+    raise ConfigError(f"sample.prompt_file={path!r} is empty; give at least "
+                      "one character")
+  return text
+
+
+# The sections each mode other than train takes from the command line; the
+# rest of its config is the run's (config.json). The mesh and perf sections
+# describe this machine: they always come from the command line.
+MODE_SECTIONS = {"eval": ("eval", "data"), "sample": ("sample",),
+                 "next": ("sample",), "export": (),
+                 "cooldown": ("cooldown", "eval", "sample")}
+
+
+def for_mode(saved, given, overrides: dict, mode: str, workdir: str
+             ) -> ml_collections.ConfigDict:
+  """The config --mode=MODE uses on the run in `workdir`: its saved config,
+  this machine's mesh and perf (from `given`, the command line's config),
+  and the overrides (--config.* flags given) of the sections the mode reads.
+  An override of another field is refused, unless it equals the run's
+  value: the model, data and training are the run's."""
+  config = ml_collections.ConfigDict(saved.to_dict())
+  config.mesh, config.perf = given.mesh, given.perf
+  sections = MODE_SECTIONS[mode] + ("mesh", "perf")
+  for field, value in overrides.items():
+    section, name = field.split(".", 1)
+    if section in sections:
+      if section != "cooldown":  # cooldown_branch reads those
+        config[section][name] = given[section][name]
+    elif _plain(saved[section][name]) != _plain(value):
+      raise ConfigError(
+          f"--config.{field}={value!r} does not apply to --mode={mode}: it "
+          f"uses the run's {field}={saved[section][name]!r} "
+          f"({os.path.join(workdir, 'config.json')}); this mode takes "
+          f"{', '.join(s + '.*' for s in sections)} from the command line")
+  return config
+
+
+def _plain(value):
+  """Tuples as lists, as config.json holds them."""
+  return json.loads(json.dumps(value))
 
 
 def capped_warmup(config) -> tuple[ml_collections.ConfigDict, str]:
@@ -332,17 +411,26 @@ def save(config, workdir: str) -> None:
     f.write(config.to_json(indent=1))
 
 
+# Fields whose default changes what a run written before them computes, and
+# the value that keeps it: what load_saved gives a config.json without them.
+BEFORE_FIELD = {"model.vocab_multiple": 1}
+
+
 def load_saved(workdir: str) -> ml_collections.ConfigDict:
   """A run's config.json; fields added to the code since it was written take
-  their defaults, which keep its behaviour."""
+  their defaults, which keep its behaviour (BEFORE_FIELD's values where the
+  default would not)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ConfigError(f"{workdir!r} holds no trained run (no config.json); "
                       "train one there first with --mode=train")
   with open(path) as f:
     saved = json.load(f)
-  return ml_collections.ConfigDict(
-      _merged(default.get_config().to_dict(), saved))
+  defaults = default.get_config().to_dict()
+  for field, value in BEFORE_FIELD.items():
+    section, name = field.split(".")
+    defaults[section][name] = value
+  return ml_collections.ConfigDict(_merged(defaults, saved))
 
 
 def _merged(defaults: dict, saved: dict) -> dict:

@@ -1,7 +1,10 @@
-"""The three things train.py does: train, evaluate, sample."""
+"""Building a run from its config, and training it: train.py's train and
+cooldown modes. What the other modes do with a trained run is in
+trainer/modes.py."""
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -14,8 +17,8 @@ import jax
 import numpy as np
 import tqdm
 
-from data import loader, prepare
-from model import GPT, generate
+from data import loader, prepare, tokenizers
+from model import GPT, generate, resize_vocab
 from trainer import audit, checkpoint, config as config_lib, metrics, optim
 from trainer import sharding
 from trainer import state as state_lib
@@ -27,7 +30,8 @@ class Run:
   """Everything built from a config before the first step."""
   config: object
   workdir: str
-  data: prepare.Prepared
+  data: prepare.Prepared | None  # None: a mode that reads no corpus
+  tokenizer: object
   model: GPT
   tx: object
   mesh: jax.sharding.Mesh
@@ -51,15 +55,17 @@ class Run:
     return (checkpointer or self.checkpointer).restore_latest_valid(
         self._target(), params_only)
 
-  def restore_checkpoint(self, checkpointer, step: int):
-    """The state of one given checkpoint, resharded onto this run's mesh."""
+  def restore_checkpoint(self, checkpointer, step: int, fix: str,
+                         params_only=False):
+    """The state of one given checkpoint, resharded onto this run's mesh; a
+    damaged one is refused (a ConfigError that ends with `fix`)."""
     try:
-      return checkpointer.restore(step, self._target())
+      return checkpointer.restore(step, self._target(), params_only)
     except ConfigError:
       raise
     except Exception as e:  # noqa: BLE001 - any damage, whatever raised it
       raise ConfigError(f"the checkpoint {checkpointer.directory}/{step} "
-                        f"cannot be restored ({checkpoint.reason(e)})"
+                        f"cannot be restored ({checkpoint.reason(e)}); {fix}"
                         ) from None
 
   def _target(self):
@@ -80,7 +86,7 @@ def model_and_optimizer(config, vocab_size: int, mesh):
   return model, tx, rules, shardings
 
 
-def _check_workdir(workdir: str) -> None:
+def check_workdir(workdir: str) -> None:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir={workdir} is a file, not a directory; "
                       "choose another path")
@@ -100,37 +106,63 @@ def _windows(data: prepare.Prepared, split: str, model_cfg):
                              model_cfg.vocab_size)
 
 
-def build(config, workdir: str) -> Run:
-  """Everything a run needs. Every setting is checked first, those used
-  late (eval, sample, checkpoint) included, so a bad one stops the run
-  before anything is compiled or written."""
+def build(config, workdir: str, splits=("train", "val")) -> Run:
+  """Everything a run needs, with the data `splits` it reads (none: the
+  corpus is read only for its tokenizer, and only when the workdir holds
+  none). Every setting is checked first, those used late (eval, sample,
+  checkpoint) included, so a bad one stops the run before anything is
+  compiled or written. A workdir's model keeps its tokenizer: a corpus
+  prepared with another one is refused."""
   config_lib.validate(config)
   config, notice = config_lib.capped_warmup(config)
   if notice:
-    _log(notice)
-  _check_workdir(workdir)
+    log(notice)
+  check_workdir(workdir)
   mesh = sharding.make_mesh(config.mesh)
   # Before the data is prepared (model_and_optimizer checks it all again).
   sharding.check_layout(mesh.shape, config_lib.model_config(config, 1),
                         config.train.batch_size, config.train.grad_accum_steps)
-  data = prepare.prepare(config.data.source, config.data.tokenizer,
-                         tuple(config.data.holdout), config.data.cache_dir,
-                         config.data.get("val_fraction", 0.01))
-  config_lib.check_with_tokenizer(config, data.tokenizer)
+  tokenizer = tokenizers.load_dir(os.path.join(workdir, TOKENIZER))
+  data = None
+  if splits or tokenizer is None:
+    data = prepare.prepare(config.data.source, config.data.tokenizer,
+                           tuple(config.data.holdout), config.data.cache_dir,
+                           config.data.val_fraction)
+    tokenizer = tokenizer or data.tokenizer
+    _check_same_tokenizer(tokenizer, workdir, data.tokenizer, data.path)
+  config_lib.check_with_tokenizer(config, tokenizer)
   model, tx, rules, shardings = model_and_optimizer(
-      config, data.meta["vocab_size"], mesh)
-  for split, batch_size in (("train", config.train.batch_size), ("val", 1)):
+      config, tokenizer.vocab_size, mesh)
+  for split in splits:
     windows = _windows(data, split, model.cfg)
-    loader.check_size(windows, batch_size)
+    loader.check_size(windows, config.train.batch_size if split == "train"
+                      else 1)
     windows.check_all_ids()
-  return Run(config, workdir, data, model, tx, mesh, rules, shardings,
+  return Run(config, workdir, data, tokenizer, model, tx, mesh, rules,
+             shardings,
              checkpoint.Checkpointer(workdir, config.checkpoint.keep,
                                      config.checkpoint.keep_best,
                                      keep_steps=config.checkpoint.keep_steps),
              state_lib.make_eval_step(model))
 
 
-def _log(message: str) -> None:
+TOKENIZER = "tokenizer"  # <workdir>/tokenizer/: the model's, saved by train
+
+
+def _check_same_tokenizer(model_tokenizer, model_dir: str, tokenizer,
+                          corpus: str) -> None:
+  if not tokenizers.same(model_tokenizer, tokenizer):
+    hint = (f"--tokenizer gpt2 --tokenizer-files "
+            f"{os.path.join(model_dir, TOKENIZER)}" if model_tokenizer.kind ==
+            "bpe" else f"--tokenizer {model_tokenizer.kind}")
+    raise ConfigError(
+        f"the model of {model_dir} uses a "
+        f"{tokenizers.describe(model_tokenizer)}, but {corpus} was prepared "
+        f"with a {tokenizers.describe(tokenizer)}; use a corpus prepared with "
+        f"the model's tokenizer (python -m data.prepare {hint})")
+
+
+def log(message: str) -> None:
   if jax.process_index() == 0:
     tqdm.tqdm.write(message)
 
@@ -140,11 +172,15 @@ def _describe(run: Run, rows: slice) -> str:
   `rows`: the rows of each batch that this process loads."""
   cfg, t = run.model.cfg, run.config.train
   data_parallel = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+  vocab, padded = f"vocab {cfg.vocab_size}", ""
+  if cfg.padded_vocab_size != cfg.vocab_size:
+    vocab += f" (padded to {cfg.padded_vocab_size})"
+    padded = f"{cfg.num_params(padded=True) / 1e6:.2f}M as padded, "
   return "\n".join((
       f"model: {cfg.num_layers} layers x {cfg.d_model} x {cfg.num_heads} "
-      f"heads, context {cfg.seq_len}, vocab {cfg.vocab_size}: "
-      f"{cfg.num_params() / 1e6:.2f}M params "
-      f"({cfg.num_params(embeddings=False) / 1e6:.2f}M non-embedding), "
+      f"heads, context {cfg.seq_len}, {vocab}: "
+      f"{cfg.num_params() / 1e6:.2f}M params ({padded}"
+      f"{cfg.num_params(embeddings=False) / 1e6:.2f}M non-embedding), "
       f"{cfg.flops_per_token() / 1e6:.1f} MFLOPs/token",
       f"mesh: {dict(run.mesh.shape)} over {jax.device_count()} "
       f"{jax.devices()[0].platform} devices in {jax.process_count()} "
@@ -159,7 +195,7 @@ def _describe(run: Run, rows: slice) -> str:
 def evaluate_params(run: Run, params, max_batches: int) -> dict:
   """Mean loss, perplexity and bits per byte over the validation split."""
   source = _windows(run.data, "val", run.model.cfg)
-  token_bytes = run.data.tokenizer.token_bytes()
+  token_bytes = run.tokenizer.token_bytes()
   batch_sharding = sharding.batch_sharding(run.mesh)
   data_parallel = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
   batch_size = math.ceil(run.config.eval.batch_size / data_parallel) * data_parallel
@@ -175,18 +211,38 @@ def evaluate_params(run: Run, params, max_batches: int) -> dict:
           "eval_tokens": int(count)}
 
 
-def sample_text(run: Run, params) -> str:
-  s = run.config.sample
-  tokenizer = run.data.tokenizer
-  prompt = tokenizer.encode(s.prompt)  # checked by build
+def sample_text(run: Run, params, index: int = 0, stream=None) -> str:
+  """Sample `index` of the run's sample settings: the prompt and its
+  continuation, which ends at end-of-text or after sample.max_new_tokens.
+  `stream(piece)` gets the continuation's text piece by piece as tokens are
+  made."""
+  s, tokenizer = run.config.sample, run.tokenizer
+  prompt = tokenizer.encode(config_lib.prompt_text(run.config))
+  made, shown = [], 0
+
+  def on_token(tokens_B, growing_B):
+    nonlocal shown
+    if growing_B[0]:
+      made.append(int(tokens_B[0]))
+      text = tokenizer.decode(made).rstrip("\ufffd")  # a character cut short
+      if len(text) > shown:
+        stream(text[shown:])
+        shown = len(text)
+
   # One sequence is not split over the data-parallel devices.
-  rules = tuple((name, None if name == "batch" else axes)
-                for name, axes in run.rules)
-  with nn.logical_axis_rules(rules):
-    out = generate(run.model, params, prompt[None], jax.random.key(s.seed),
+  with nn.logical_axis_rules(_whole(run.rules, "batch")):
+    out = generate(run.model, params, [prompt],
+                   jax.random.fold_in(jax.random.key(s.seed), index),
                    max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                   top_k=s.top_k, top_p=s.top_p)
-  return tokenizer.decode(np.asarray(out[0]))
+                   top_k=s.top_k, top_p=s.top_p, stop_token=tokenizer.eot_id,
+                   on_token=on_token if stream else None)
+  return tokenizer.decode(out[0])
+
+
+def _whole(rules, logical_axis: str) -> tuple:
+  """Logical-axis rules that leave `logical_axis` unsplit."""
+  return tuple((name, None if name == logical_axis else axes)
+               for name, axes in rules)
 
 
 def train(config, workdir: str) -> dict:
@@ -196,21 +252,23 @@ def train(config, workdir: str) -> dict:
   batch_shape = (t.batch_size, run.model.cfg.seq_len + 1)
   rows = sharding.process_rows(batch_sharding, batch_shape)
   description = _describe(run, rows)
-  _log(description)
+  log(description)
   with run.context() as stack:
+    _check_resumed_padding(run)
     start, state = run.restore_latest()
     if start is not None and start >= t.steps:  # its files stay as they are
-      _log(f"{workdir} is complete at step {start} (train.steps={t.steps}); "
+      log(f"{workdir} is complete at step {start} (train.steps={t.steps}); "
            "nothing written. To train it further, raise "
            "--config.train.steps; to use it, --mode=eval or --mode=sample")
       return {}
     if start is not None:
-      _log(f"resuming from {run.checkpointer.directory} at step {start}")
+      log(f"resuming from {run.checkpointer.directory} at step {start}")
     else:
       start, state = _first_state(run)
     if jax.process_index() == 0:  # only once the state is known to fit
       config_lib.save(config, workdir)
       metrics.write_run_summary(workdir, run.model.cfg, t)
+      tokenizers.save_dir(run.tokenizer, os.path.join(workdir, TOKENIZER))
     # The data continue at the step the state is at (data.loader).
     source = _windows(run.data, "train", run.model.cfg)
     fingerprints = config.data.fingerprint and jax.process_index() == 0
@@ -308,12 +366,12 @@ def train(config, workdir: str) -> dict:
         last_eval = evaluate_params(
             run, state.params, 0 if final else config.eval.max_batches)
         writer.write(done_step, last_eval)
-        _log(f"step {done_step}: eval loss {last_eval['eval_loss']:.4f}, "
+        log(f"step {done_step}: eval loss {last_eval['eval_loss']:.4f}, "
              f"{last_eval['eval_bits_per_byte']:.4f} bits/byte")
       if do_save:
         run.checkpointer.save(
             done_step, state,
-            _run_info(config, done_step,
+            run_info(config, done_step,
                       tokens_seen=done_step * tokens_per_step),
             eval_loss=last_eval["eval_loss"] if do_eval else None)
       if preempted:
@@ -333,11 +391,11 @@ def train(config, workdir: str) -> dict:
       with open(os.path.join(workdir, "samples", f"step_{t.steps}.txt"), "w") as f:
         f.write(text)
       writer.text("sample", text, t.steps)
-  _log(f"--- sample (temperature {config.sample.temperature}) ---\n{text}")
+  log(f"--- sample (temperature {config.sample.temperature}) ---\n{text}")
   return last_eval
 
 
-def _run_info(config, step: int, **extra) -> dict:
+def run_info(config, step: int, **extra) -> dict:
   """What a checkpoint records beside the arrays: the config and counters."""
   return {"config": json.loads(config.to_json()), "step": step, **extra}
 
@@ -381,69 +439,72 @@ def _branch_state(run: Run):
           f"{parent.directory} has no checkpoint at step {step} (it has "
           f"{parent.steps() or 'none'}); train the run with "
           f"--config.checkpoint.keep_steps='({step},)' to keep one there")
-    state = run.restore_checkpoint(parent, step)
+    state = run.restore_checkpoint(
+        parent, step, "branch from another step of the run, or restore this "
+        "one from a copy")
   finally:
     parent.close()
-  _log(f"cooldown branch from {parent.directory}/{step}: "
+  log(f"cooldown branch from {parent.directory}/{step}: "
        f"{run.config.cooldown.steps} steps of decay")
   return state
 
 
+def _padded_as_saved(run: Run, workdir: str):
+  """This run's model config with the vocabulary padding of the run saved
+  in `workdir` (a config.json from before model.vocab_multiple means 1),
+  or None where that pads the vocabulary to the same size."""
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    return None
+  multiple = config_lib.load_saved(workdir).model.vocab_multiple
+  saved = dataclasses.replace(run.model.cfg, vocab_multiple=multiple)
+  return (None if saved.padded_vocab_size == run.model.cfg.padded_vocab_size
+          else saved)
+
+
+def _check_resumed_padding(run: Run) -> None:
+  """A run resumes with the vocabulary padding its checkpoints have."""
+  saved = _padded_as_saved(run, run.workdir)
+  if saved is None or run.checkpointer.latest_step() is None:
+    return
+  raise ConfigError(
+      f"{run.workdir} was trained with model.vocab_multiple="
+      f"{saved.vocab_multiple} ({saved.padded_vocab_size} vocabulary rows; "
+      "1 for runs from before the field), this config pads the vocabulary "
+      f"to {run.model.cfg.padded_vocab_size}; pass "
+      f"--config.model.vocab_multiple={saved.vocab_multiple} to resume it")
+
+
 def _init_from(run: Run, state, workdir: str):
-  """`state` with the params of another run's newest valid checkpoint."""
+  """`state` with the params of another run's newest checkpoint, whose
+  tokenizer, if it saved one, must be this run's; if that checkpoint is
+  damaged, the run stops rather than start from an older one unasked. A
+  vocabulary padded to another size there (a run from before
+  model.vocab_multiple: unpadded) is restored unsplit, as saved, then cut or
+  padded to this run's."""
+  model_tokenizer = tokenizers.load_dir(os.path.join(workdir, TOKENIZER))
+  if model_tokenizer is not None:
+    _check_same_tokenizer(model_tokenizer, workdir, run.tokenizer,
+                          run.config.data.source)
+  saved = _padded_as_saved(run, workdir)
+  as_saved = run
+  if saved is not None:
+    model, rules = GPT(saved), _whole(run.rules, "vocab")
+    as_saved = dataclasses.replace(run, model=model, rules=rules, shardings=(
+        state_lib.state_shardings(model, run.tx, run.mesh, rules)))
   source = checkpoint.Checkpointer(workdir, keep=1, read_only=True)
-  step, restored = run.restore_latest(source, params_only=True)
-  source.close()
-  if step is None:
-    raise ConfigError(f"checkpoint.init_from={workdir!r} holds no checkpoint "
-                      f"(nothing restorable under {source.directory})")
-  _log(f"starting from the parameters of {source.directory}/{step}")
-  return state.replace(params=restored.params)
-
-
-def _restore_latest(run: Run):
-  step, state = run.restore_latest(params_only=True)
-  if step is None:
-    raise ConfigError(f"no checkpoint under {run.checkpointer.directory}; "
-                      "train first with --mode=train")
-  return step, state.params
-
-
-def evaluate(config, workdir: str) -> dict:
-  run = build(config, workdir)
-  with run.context():
-    step, params = _restore_latest(run)
-    result = {"step": step, **evaluate_params(run, params, max_batches=0)}
-  _log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in result.items()))
-  return result
-
-
-def export(config, workdir: str, export_dir: str) -> int:
-  """Writes the newest params, without the optimizer state, as a workdir of
-  their own (config.json and one checkpoint) that --mode=eval, --mode=sample
-  and checkpoint.init_from read like any run's."""
-  run = build(config, workdir)
-  _check_workdir(export_dir)
-  if os.path.exists(os.path.join(export_dir, "checkpoints")):
-    raise ConfigError(f"--export_dir={export_dir} already holds checkpoints; "
-                      "choose a new directory")
-  with run.context():
-    step, params = _restore_latest(run)
-    target = checkpoint.Checkpointer(export_dir, keep=1)
-    target.save_params(step, params, _run_info(
-        config, step, exported_from=f"{run.checkpointer.directory}/{step}"))
-    target.close()
-  if jax.process_index() == 0:
-    config_lib.save(config, export_dir)
-  _log(f"exported the parameters of step {step} to {export_dir}")
-  return step
-
-
-def sample(config, workdir: str) -> str:
-  run = build(config, workdir)
-  with run.context():
-    _, params = _restore_latest(run)
-    text = sample_text(run, params)
-  _log(text)
-  return text
+  try:
+    step = source.latest_step()
+    if step is None:
+      raise ConfigError(f"checkpoint.init_from={workdir!r} holds no "
+                        f"checkpoint (nothing under {source.directory})")
+    params = as_saved.restore_checkpoint(
+        source, step, "restore it from a copy, or move it aside to start "
+        "from the run's previous checkpoint", params_only=True).params
+  finally:
+    source.close()
+  if saved is not None:
+    resize = functools.partial(resize_vocab,
+                               size=run.model.cfg.padded_vocab_size)
+    params = jax.jit(resize, out_shardings=run.shardings.params)(params)
+  log(f"starting from the parameters of {source.directory}/{step}")
+  return state.replace(params=params)

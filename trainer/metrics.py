@@ -53,14 +53,19 @@ def _tensorboard_tag(key: str) -> str:
 
 def write_run_summary(workdir: str, model_cfg, train_cfg) -> None:
   """<workdir>/run.json: the sizes a sweep or scaling study reads without
-  rebuilding the model (parameters, FLOPs per token, tokens per step)."""
+  rebuilding the model (parameters, FLOPs per token, tokens per step). The
+  counts are the real vocabulary's; `*_padded`, the padded one's (model.
+  GPTConfig.padded_vocab_size), as the parameters are stored."""
   non_embedding = model_cfg.num_params(embeddings=False)
   summary = {"params": model_cfg.num_params(),
+             "params_padded": model_cfg.num_params(padded=True),
              "params_non_embedding": non_embedding,
              "flops_per_token": model_cfg.flops_per_token(),
              "flops_per_token_6n": 6 * non_embedding,
              "tokens_per_step": train_cfg.batch_size * model_cfg.seq_len,
-             "vocab_size": model_cfg.vocab_size, "steps": train_cfg.steps}
+             "vocab_size": model_cfg.vocab_size,
+             "vocab_size_padded": model_cfg.padded_vocab_size,
+             "steps": train_cfg.steps}
   with open(os.path.join(workdir, "run.json"), "w") as f:
     json.dump(summary, f, indent=1)
 

@@ -3,7 +3,8 @@ matrices only, global-norm clipping; and the learning-rate schedules.
 
 Every schedule is linear warmup, then a constant phase, then a decay of some
 shape to `min_lr_ratio` of the peak:
-- cosine: the decay takes all steps after warmup (no constant phase);
+- cosine: the decay takes all steps after warmup (no constant phase), or
+  those up to `cosine_steps`, after which the rate holds at its floor;
 - wsd (warmup-stable-decay): the decay takes the last `decay_fraction` of
   the steps, so any checkpoint of the stable phase can branch into a short
   cooldown of its own (`--mode=cooldown`): one run, many token budgets;
@@ -33,7 +34,7 @@ def decay_phase(config) -> tuple[int, int, str]:
   if cooldown.steps > 0:
     return cooldown.from_step, cooldown.steps, cooldown.shape or t.decay_shape
   if t.schedule == "cosine":
-    return t.warmup_steps, t.steps - t.warmup_steps, "cosine"
+    return t.warmup_steps, _cosine_end(t) - t.warmup_steps, "cosine"
   if t.schedule == "wsd":
     steps = max(1, round(t.decay_fraction * t.steps))
     return t.steps - steps, steps, t.decay_shape
@@ -46,6 +47,12 @@ def warmup_limit(config) -> int:
   if config.train.schedule == "cosine" and config.cooldown.steps == 0:
     return config.train.steps
   return decay_phase(config)[0]
+
+
+def _cosine_end(t) -> int:
+  """The step where cosine reaches its floor: cosine_steps, or the last
+  step if that is sooner (a short run of a long config still decays)."""
+  return min(t.cosine_steps or t.steps, t.steps)
 
 
 def lr_schedule(config) -> optax.Schedule:

@@ -61,7 +61,8 @@ def check_even(abstract_tree) -> None:
             f"{jax.tree_util.keystr(path, simple=True, separator='/')} "
             f"{tuple(leaf.shape)}: dimension {dim} (size {size}) does not "
             f"split over mesh {'*'.join(axes)}={ways}; pick mesh sizes that "
-            "divide it (or pad that model size, e.g. model.vocab_size)")
+            "divide it (for the vocabulary: a model.vocab_multiple they "
+            "divide)")
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:

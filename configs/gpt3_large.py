@@ -1,0 +1,26 @@
+"""GPT-3 Large (760M): 24 layers x 1536 x 16 heads, context 2048.
+
+gpt3_small's recipe at 256 x 2048 tokens (0.5M) a step and a peak rate of
+2.5e-4: 572,205 steps, warmup 715, cosine to step 495,911. gpt3_medium's
+scanned layers, with full remat from here on. Attention: dense in every
+layer (GPT-3 alternates dense and banded: see gpt3_small.py).
+
+Params:   760,300,032 (680.0M non-embedding).
+FLOPs:    per token 6N = 4.08 G; 5.45 G as logged (+ output layer 0.46 G,
+          attention 0.91 G).
+Memory:   20.3 GiB per device at 8 sequences each on 32 devices,
+          data-parallel (CPU plan: python -m launch.memory
+          --config=configs/gpt3_large.py --devices=32); 38.3 GiB with
+          remat="dots"
+
+Command:  python train.py --config=configs/gpt3_large.py
+"""
+
+from configs import gpt3_medium, gpt3_small
+
+
+def get_config():
+  c = gpt3_medium.get_config()
+  c.model.remat = "full"
+  return gpt3_small.sized(c, 24, 1536, 16, batch_size=256,
+                          learning_rate=2.5e-4)

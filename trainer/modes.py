@@ -1,0 +1,106 @@
+"""What train.py does with a trained run (or an exported or imported one):
+eval, sample, next, export. Each rebuilds the model from the run's saved
+config (trainer.config.for_mode) and restores its newest params."""
+
+import math
+import os
+import sys
+
+import jax
+import numpy as np
+
+from data import tokenizers
+from trainer import checkpoint, config as config_lib, metrics
+from trainer.errors import ConfigError
+from trainer.loop import (TOKENIZER, build, check_workdir, evaluate_params,
+                          log, run_info, sample_text)
+
+
+def _newest_params(run):
+  step, state = run.restore_latest(params_only=True)
+  if step is None:
+    raise ConfigError(f"no checkpoint under {run.checkpointer.directory}; "
+                      "train first with --mode=train")
+  return step, state.params
+
+
+def evaluate(config, workdir: str) -> dict:
+  """The newest params scored on the whole validation split of
+  config.data.source: the run's own, or any corpus prepared with the
+  model's tokenizer."""
+  run = build(config, workdir, splits=("val",))
+  with run.context():
+    step, params = _newest_params(run)
+    return {"step": step, **evaluate_params(run, params, max_batches=0),
+            "data": run.data.path, "workdir": workdir}
+
+
+def sample(config, workdir: str) -> list[str]:
+  """sample.num_samples samples, each streamed to stdout as it is made."""
+  run = build(config, workdir, splits=())
+  n = config.sample.num_samples
+  texts = []
+  with run.context():
+    _, params = _newest_params(run)
+    for i in range(n):
+      if n > 1:
+        _write(f"--- sample {i + 1} of {n} ---\n")
+      _write(config_lib.prompt_text(config))
+      texts.append(sample_text(run, params, index=i, stream=_write))
+      _write("\n")
+  return texts
+
+
+def _write(text: str) -> None:
+  """To the terminal at once (process 0)."""
+  if jax.process_index() == 0:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def next_tokens(config, workdir: str) -> list[dict]:
+  """The sample.top most likely next tokens after the prompt (its last
+  model.seq_len tokens), with their probabilities at temperature 1."""
+  run = build(config, workdir, splits=())
+  tokenizer = run.tokenizer
+  prompt = tokenizer.encode(config_lib.prompt_text(config))
+  window = prompt[-run.model.cfg.seq_len:][None]
+  with run.context():
+    _, params = _newest_params(run)
+    logits = run.model.apply({"params": params}, window)[0, -1]
+  logprobs = np.asarray(jax.nn.log_softmax(logits))
+  top = np.argsort(-logprobs, kind="stable")[:config.sample.top]
+  return [{"rank": rank + 1, "id": int(i), "token": tokenizer.decode([i]),
+           "probability": float(math.exp(logprobs[i]))}
+          for rank, i in enumerate(top)]
+
+
+def next_table(prompt: str, rows: list[dict]) -> str:
+  """The classic table: each candidate next token and its probability."""
+  lines = [f"after {prompt!r}:", f"{'rank':>4}  {'probability':>11}  token"]
+  lines += [f"{r['rank']:>4}  {r['probability']:>11.4f}  {r['token']!r}"
+            for r in rows]
+  return "\n".join(lines)
+
+
+def export(config, workdir: str, export_dir: str) -> int:
+  """Writes the newest params, without the optimizer state, as a workdir of
+  their own (config.json, run.json, its tokenizer and one checkpoint) that
+  --mode=eval, --mode=sample and checkpoint.init_from read like any run's."""
+  run = build(config, workdir, splits=())
+  check_workdir(export_dir)
+  if os.path.exists(os.path.join(export_dir, "checkpoints")):
+    raise ConfigError(f"--export_dir={export_dir} already holds checkpoints; "
+                      "choose a new directory")
+  with run.context():
+    step, params = _newest_params(run)
+    target = checkpoint.Checkpointer(export_dir, keep=1)
+    target.save_params(step, params, run_info(
+        config, step, exported_from=f"{run.checkpointer.directory}/{step}"))
+    target.close()
+  if jax.process_index() == 0:
+    config_lib.save(config, export_dir)
+    metrics.write_run_summary(export_dir, run.model.cfg, config.train)
+    tokenizers.save_dir(run.tokenizer, os.path.join(export_dir, TOKENIZER))
+  log(f"exported the parameters of step {step} to {export_dir}")
+  return step
