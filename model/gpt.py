@@ -511,27 +511,33 @@ class Block(nn.Module):
     return (x_BxLxD, cache), None
 
 
-def _block(cfg: GPTConfig):
-  """Block, rematerialized as cfg.remat says."""
-  if cfg.remat == "none":
-    return Block
-  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(2,))
-
-
 class Pattern(nn.Module):
   """One repeat of the attention pattern, a block per place: what
   scan_layers scans over when the pattern has several places, so that each
   place keeps its kind, its parameters stacked over the repeats. Called like
-  Block; `layer` is the repeat, each place's layer in its ring."""
+  Block; `layer` is the repeat, each place's layer in its ring.
+
+  Remat applies to the whole repeat, not to each block in it: the scan then
+  saves one input per repeat. (GPT-3 XL, "dense,local", full remat: 12.8 GiB
+  per device in launch.memory's plan, against 14.2 with each block
+  rematerialized, the same recomputation.)"""
   cfg: GPTConfig
 
   @nn.compact
   def __call__(self, carry, deterministic: bool, layer=None, masks=None,
                pos_BxL=None):
     for place in range(len(self.cfg.pattern)):
-      carry, _ = _block(self.cfg)(self.cfg, place, name=f"block_{place}")(
+      carry, _ = Block(self.cfg, place, name=f"block_{place}")(
           carry, deterministic, layer, masks, pos_BxL)
     return carry, None
+
+
+def _remat(cfg: GPTConfig, module):
+  """Block or Pattern, rematerialized as cfg.remat says."""
+  if cfg.remat == "none":
+    return module
+  return nn.remat(module, policy=REMAT_POLICIES[cfg.remat],
+                  static_argnums=(2,))
 
 
 class GPT(nn.Module):
@@ -588,7 +594,7 @@ class GPT(nn.Module):
     if cfg.scan_layers:
       # A pattern of one kind scans its blocks; a longer one, its repeats.
       (x_BxLxD, cache), _ = nn.scan(
-          _block(cfg) if places == 1 else Pattern,
+          _remat(cfg, Block if places == 1 else Pattern),
           variable_axes={"params": 0}, split_rngs={"params": True,
                                                    "dropout": True},
           in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast),
@@ -599,7 +605,8 @@ class GPT(nn.Module):
     else:
       for i in range(cfg.num_layers):
         layer = None if cache is None else i // places  # in its ring
-        (x_BxLxD, cache), _ = _block(cfg)(cfg, i % places, name=f"block_{i}")(
+        (x_BxLxD, cache), _ = _remat(cfg, Block)(cfg, i % places,
+                                                 name=f"block_{i}")(
             (x_BxLxD, cache), deterministic, layer, masks, pos_BxL)
 
     x_BxLxD = _layer_norm(cfg, name="ln_f")(x_BxLxD)

@@ -356,6 +356,8 @@ def test_a_workdir_with_checkpoints_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("field, value, message", [
     ("position", "sinusoidal", "model.position='sinusoidal': GPT-2's layout "
      "holds model.position='learned' only"),
+    ("position", "rope", "model.position='rope': GPT-2's layout holds "
+     "model.position='learned' only"),
     ("use_bias", False, "model.use_bias=False: GPT-2's layout holds "
      "model.use_bias=True only"),
     ("tie_embeddings", False, "model.tie_embeddings=False: GPT-2's layout "
@@ -363,8 +365,8 @@ def test_a_workdir_with_checkpoints_is_refused(tmp_path, capsys):
     ("attention_pattern", "dense,local", "model.attention_pattern="
      "'dense,local': GPT-2's layout holds model.attention_pattern='dense' "
      "only")],
-                         ids=["position", "use_bias", "tie_embeddings",
-                              "attention_pattern"])
+                         ids=["position", "rope", "use_bias",
+                              "tie_embeddings", "attention_pattern"])
 def test_export_refuses_what_gpt2_cannot_hold(field, value, message, tmp_path,
                                               capsys):
   workdir = str(tmp_path / "run")
