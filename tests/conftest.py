@@ -186,6 +186,21 @@ def run_train_py(*args, timeout=300, wait=True, devices=0, log=None):
                         timeout=timeout)
 
 
+def train_py_processes(marker: str) -> dict:
+  """{pid: command-line args} of the live train.py processes whose command
+  line holds `marker` (e.g. a workdir or a sweep root)."""
+  found = {}
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        args = f.read().decode().split("\0")
+    except OSError:
+      continue
+    if "train.py" in args and any(marker in a for a in args):
+      found[int(pid)] = args
+  return found
+
+
 def metrics_records(workdir) -> list[dict]:
   """The records of a run's metrics.jsonl."""
   import json
