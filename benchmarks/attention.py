@@ -4,8 +4,8 @@
   python -m benchmarks.attention --context 2048 --window 256 --rounds 9
 
 The two einsum kernels of model/gpt.py on random queries, keys and values in
-the default model's head layout (configs/default.py: 4 heads of 32), batch
---batch: `causal_attention` (model.attention_chunks query blocks, as a dense
+the default model's head layout (configs/default.py: 3 heads of 32 today),
+batch --batch: `causal_attention` (model.attention_chunks query blocks, as a dense
 layer trains) and `banded_attention` (a local layer, model.local_window).
 Each call is one jitted forward and backward (the gradients of q, k and v
 for a fixed random output gradient). Rounds alternate between the two, so
