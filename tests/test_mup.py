@@ -289,13 +289,13 @@ def test_export_to_gpt2_refuses_mup_away_from_its_base_width(tmp_path,
   from model import hf_gpt2
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
-  config = hf_gpt2.run_config({})  # 128 wide, 4 heads
-  config.model.update(parametrization="mup", mup_base_width=64)
+  config = hf_gpt2.run_config({"d_model": 96, "num_heads": 3})
+  config.model.update(parametrization="mup", mup_base_width=48)
   config_lib.save(config, workdir)
   exported = tmp_path / "exported"
   assert hf_gpt2.main(["export", workdir, str(exported)]) == 2
   assert capsys.readouterr().err == (
-      "error: model.parametrization='mup' at d_model=128, not its base "
-      "width 64: GPT-2's layout has no output multiplier or 1/head_dim "
+      "error: model.parametrization='mup' at d_model=96, not its base "
+      "width 48: GPT-2's layout has no output multiplier or 1/head_dim "
       "attention scale\n")
   assert not exported.exists()

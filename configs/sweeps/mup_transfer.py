@@ -25,7 +25,8 @@ def get_sweep():
       "overrides": {
           "model.num_layers": 2, "model.num_heads": 2, "model.seq_len": 64,
           "model.mup_base_width": WIDTHS[0],
-          "train.batch_size": 16, "train.steps": 300,
+          "train.schedule": "cosine", "train.batch_size": 16,
+          "train.steps": 300,
           "train.warmup_steps": 30, "train.log_every_steps": 50,
           "eval.every_steps": 1000, "checkpoint.every_steps": 1000,
           "sample.max_new_tokens": 1,
