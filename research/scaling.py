@@ -755,26 +755,49 @@ def _plan_command(args) -> None:
     print(f"wrote {args.out}")
 
 
-def time_budget(result: dict, rows: list[dict], seconds: float) -> list:
-  """What each size of a study reaches in `seconds` of this machine: its
-  tokens at the tokens/s its run measured, and the loss the fitted law
-  predicts for them; best first. On a CPU small models reach a smaller
-  fraction of the matmul peak, so a time budget is not one FLOP budget."""
+def time_budget(result: dict, sizes: list[dict], seconds: float) -> list:
+  """What each size reaches in `seconds` of this machine at its measured
+  tokens/s (`sizes`: {shape, params, tokens_per_sec, flops_per_token}), and
+  the loss the fitted law predicts for those tokens; best first. On a CPU
+  small models reach a smaller fraction of the matmul peak, so a time
+  budget is not one FLOP budget."""
   law = {k: result[k] for k in LAW_PARAMS}
-  sizes = {}
+  options = []
+  for size in sizes:
+    tokens = size["tokens_per_sec"] * seconds
+    options.append({**size, "tokens": tokens,
+                    "flops_per_sec": size["tokens_per_sec"] *
+                                     size["flops_per_token"],
+                    "loss": float(predict(law, size["params"], tokens))})
+  return sorted(options, key=lambda o: o["loss"])
+
+
+def measure_sizes(rows: list[dict], rounds: int = 3, steps: int = 4) -> list:
+  """Each size of a study (its runs' configs) timed here: train steps on
+  random tokens, in rounds that alternate the sizes in this one process, so
+  each sees the same machine (the runs' own logs ran two at a time beside
+  other work). Medians."""
+  import statistics
+  from benchmarks import train_throughput
+  from trainer import config as config_lib
+  runners = []
   for row in rows:
     if row["kind"] == "run" and row["status"] == "done":
-      sizes.setdefault(row["params"], row)
-  options = []
-  for params, row in sorted(sizes.items()):
-    tokens = row["tokens_per_sec"] * seconds
-    options.append({
-        "shape": "x".join(str(row.get(f"model.{k}")) for k in
-                          ("num_layers", "d_model", "num_heads")),
-        "params": params, "tokens_per_sec": row["tokens_per_sec"],
-        "flops_per_sec": row["tokens_per_sec"] * row["flops"] / row["tokens"],
-        "tokens": tokens, "loss": float(predict(law, params, tokens))})
-  return sorted(options, key=lambda o: o["loss"])
+      config = config_lib.load_saved(row["workdir"])
+      with open(os.path.join(row["workdir"], "run.json")) as f:
+        info = json.load(f)
+      run = train_throughput.jax_runner(config, info["vocab_size"])[2]
+      runners.append(({
+          "shape": "x".join(str(config.model[k]) for k in
+                            ("num_layers", "d_model", "num_heads")),
+          "params": row["params"],
+          "flops_per_token": info["flops_per_token"]},
+                      info["tokens_per_step"], run, []))
+  for _ in range(rounds):
+    for _, _, run, times in runners:
+      times.append(run(steps) / steps)
+  return [{**size, "tokens_per_sec": tokens / statistics.median(times)}
+          for size, tokens, _, times in runners]
 
 
 def study(spec: str, root: str, parallel: int, minutes: float,
@@ -799,12 +822,12 @@ def study(spec: str, root: str, parallel: int, minutes: float,
         + ", ".join(os.path.basename(p) for p in paths))
 
   seconds = 60 * minutes
-  options = time_budget(result, rows, seconds)
+  options = time_budget(result, measure_sizes(rows), seconds)
   largest = max(options, key=lambda o: o["params"])
   compute = plan(result, largest["flops_per_sec"] * seconds, batch_size,
                  seq_len)
   print(f"\n{minutes:g} minutes of training here, each size at the "
-        "tokens/s its run measured:")
+        "tokens/s measured now, in alternating rounds:")
   print(f"{'shape':>10} {'params':>9} {'tokens/s':>9} {'tokens':>9} "
         f"{'predicted loss':>15}")
   for o in options:

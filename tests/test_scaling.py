@@ -298,3 +298,20 @@ def test_cli_plan(tmp_path, capsys):
   assert scaling.main(["plan", "--fit", str(fit_json), "--flops", "1e15"]) == 2
   err = capsys.readouterr().err.splitlines()
   assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+
+
+def test_time_budget_ranks_sizes_by_the_loss_they_reach():
+  """A size reaches tokens = tokens/s x seconds, scored by the law: a
+  faster small model can beat a slower large one, and the order says so."""
+  sizes = [{"shape": "small", "params": 1e4, "tokens_per_sec": 1e5,
+            "flops_per_token": 1e5},
+           {"shape": "large", "params": 1e6, "tokens_per_sec": 1e3,
+            "flops_per_token": 1e7}]
+  options = scaling.time_budget(TRUE, sizes, seconds=100.0)
+  for o in options:
+    expected = scaling.predict(TRUE, o["params"], o["tokens_per_sec"] * 100)
+    assert o["tokens"] == o["tokens_per_sec"] * 100
+    assert o["loss"] == pytest.approx(float(expected))
+    assert o["flops_per_sec"] == o["tokens_per_sec"] * o["flops_per_token"]
+  assert [o["loss"] for o in options] == sorted(o["loss"] for o in options)
+  assert [o["shape"] for o in options] == ["small", "large"]

@@ -133,7 +133,8 @@ def test_build_applies_config_and_eval_bits_per_byte(corpus_dir, data_cache,
   try:
     vocab = run.data.meta["vocab_size"]
     assert run.model.cfg == GPTConfig(vocab_size=vocab, num_layers=1,
-                                      d_model=32, num_heads=2, seq_len=16)
+                                      d_model=32, num_heads=2, seq_len=16,
+                                      vocab_multiple=128)
     assert vocab == len(run.data.tokenizer.chars)
     assert run.data.meta["documents"]["val"] == ["hamlet"]
     with run.context():
