@@ -2,11 +2,44 @@
 counting? One attention block against two (8 heads, width 128).
 
   python -m research.parens [--out DIR] [--steps N] [--samples N] ...
+      [--set FIELD=VALUE ...]
 
-DOC_PLACEHOLDER
+Wolfram's account ("What is ChatGPT doing...") trained a transformer on
+balanced parentheses plus an end token: with one attention block (8 heads,
+feature vectors of 128) it learned little; with two it seemed to converge
+after about 10 million examples, yet it still put 15% on an illegal ")"
+with some 400,000 weights. This command repeats that comparison with the
+project's own model and training loop (model.GPT, trainer.loop.train on a
+prepared corpus, configs/parens.py) and scores both models.
+
+Data. Documents are random walks on the depth (`Walk`: inside, open with
+0.4 and close otherwise; at depth 0, end with 0.6; at most depth 8 and 64
+characters), each followed by the end token as data.prepare packs them.
+`pack` orders them so that every training window of model.seq_len tokens
+starts at a document (right after an end token): no document is cut by a
+window edge, every target is a legal continuation of what the window shows,
+and each window opens exactly as scoring and sampling prompt the model (the
+end token at position 0).
+
+Metrics, per model (results.json; README, Balanced parentheses):
+- illegal mass: after every prefix of the held-out words (read after an end
+  token), the probability on tokens that cannot continue a balanced word
+  (")" at depth 0, the end inside or before the first "(", any other id),
+  averaged over each word's positions and then over words; also the worst
+  position and the mean per state (start, inside, depth 0);
+- balanced fraction: samples at temperature 1 from the end token alone
+  that are a balanced word followed by the end;
+- greedy completion of d "(" for d = 1 .. 4 x the training depth: correct
+  when it is exactly d ")" and the end; and the worst illegal mass along
+  "(" * d + ")" * d;
+- nats per token beside the walk's own (the least any model reaches).
+Outputs: OUT/results.json, OUT/parens.png, OUT/{one_block,two_blocks}/
+(each an ordinary workdir: metrics.jsonl, checkpoints, config.json). A
+rerun reuses the prepared corpus and resumes or keeps finished models.
 """
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -128,22 +161,84 @@ def score_completion(depth: int, continuation: str) -> dict:
 
 # ---------------------------------------------------------- corpus and runs
 
+def pack(words: list[str], seq_len: int) -> list[str]:
+  """Words in the order to write them, one per document (each followed by
+  the end token, as data.prepare packs them), so that every training window
+  starts at a document: the end tokens fall exactly on the positions
+  seq_len, 2 seq_len, ... that open windows 1, 2, ... (window 0 opens with
+  the first word). No document is then cut by a window edge, every target in
+  a window is a legal continuation of what the window shows, and a window
+  opens with the end token just as scoring and sampling prompt the model.
+
+  A word costs len + 1 tokens (its end); the first window holds seq_len + 1,
+  the others seq_len. Words are taken in order while they fit. The first
+  that does not (or would leave a gap of 1, 2 or 4, which no word fills:
+  costs are odd and at least 3) is put aside in a pool, and the gap is
+  filled from the pool, the longest word that leaves a fillable gap first,
+  drawing further words into the pool while none does. The next window
+  opens with the next word in order. The words that open a window (those
+  that scoring and sampling reproduce) are thus drawn exactly as the walk
+  draws them, as is every word that starts early enough to fit whatever it
+  is; only the fillers at a window's end lean short. Words left in the pool
+  at the end are not used."""
+  stream, pool = iter(words), collections.defaultdict(list)  # cost -> words
+  out, capacity = [], seq_len + 1
+
+  def fits(gap: int, cost: int) -> bool:
+    return gap - cost >= 0 and gap - cost not in (1, 2, 4)
+
+  while True:
+    gap, chosen = capacity, []
+    for word in stream:
+      if not fits(gap, len(word) + 1):
+        pool[len(word) + 1].append(word)
+        break
+      chosen.append(word)
+      gap -= len(word) + 1
+      if not gap:
+        break
+    while gap:
+      cost = max((c for c, pooled in pool.items() if pooled and fits(gap, c)),
+                 default=0)
+      if cost:
+        chosen.append(pool[cost].pop())
+        gap -= cost
+        continue
+      word = next(stream, None)
+      if word is None:  # the last window cannot be filled: dropped
+        return out
+      pool[len(word) + 1].append(word)
+    out += chosen
+    capacity = seq_len
+
+
 def prepare_corpus(out: str, walk: Walk, train_docs: int, val_docs: int,
-                   seed: int, seq_len: int) -> tuple[prepare.Prepared, list]:
-  """Documents drawn from `walk` (train: seed, held out: seed + 1) as
-  out/documents/{train,val}.jsonl, prepared with the char tokenizer into
-  out/data, the val file held out. Files already holding the same
-  documents are left alone, so a rerun reuses the preparation."""
-  words = {"train": walk.sample(train_docs, seed),
+                   seed: int, seq_len: int) -> tuple[prepare.Prepared, dict]:
+  """Documents drawn from `walk` (train: seed, held out: seed + 1), packed
+  into windows of `seq_len` (`pack`), as out/documents/{train,val}.jsonl,
+  prepared with the char tokenizer into out/data, the val file held out.
+  Files already holding the same documents are left alone, so a rerun
+  reuses the preparation. Returns the prepared data and the words: the
+  train words as packed (those trained on), the val words as drawn (to
+  score; packing leans its fillers short) and as packed."""
+  drawn = {"train": walk.sample(train_docs, seed),
            "val": walk.sample(val_docs, seed + 1)}
+  packed = {split: pack(texts, seq_len) for split, texts in drawn.items()}
   documents = os.path.join(out, "documents")
   os.makedirs(documents, exist_ok=True)
-  for split, texts in words.items():
+  for split, texts in packed.items():
     _write_if_changed(os.path.join(documents, f"{split}.jsonl"), "".join(
         json.dumps({"text": t}) + "\n" for t in texts))
   data = prepare.build([documents], os.path.join(out, "data"), prepare.Options(
       tokenizer="char", holdout=("val",), seq_len=seq_len))
-  return data, words
+  for split in ("train", "val"):
+    tokens = np.asarray(data.tokens(split))
+    if not np.all(tokens[seq_len::seq_len] == data.tokenizer.eot_id):
+      raise ParensError(f"{data.path}: the {split} windows do not start at "
+                        "documents (the preparation reordered them); delete "
+                        f"{out} and run again")
+  return data, {"train": packed["train"], "val": drawn["val"],
+                "val_packed": packed["val"]}
 
 
 def _write_if_changed(path: str, text: str) -> None:
@@ -273,9 +368,9 @@ def evaluate(config, workdir: str, walk: Walk, val_words: list[str],
     params = state.params
     probs = next_token_probs(model, params, tok, val_words + paths)
     texts = []
-    for first in range(0, num_samples, 500):
+    for first in range(0, num_samples, 1000):
       outs = generate(model, params, [[tok.eot_id]] * min(
-          500, num_samples - first), jax.random.fold_in(key, first),
+          1000, num_samples - first), jax.random.fold_in(key, first),
                       max_new_tokens=model.cfg.seq_len - 1, temperature=1.0,
                       stop_token=tok.eot_id)
       texts += [tok.decode(o[1:]) for o in outs]
@@ -324,24 +419,28 @@ def run(out: str, walk: Walk, train_docs: int, val_docs: int,
                                seq_len)
   train_words = set(words["train"])
   results = {"distribution": dataclasses.asdict(walk),
-             "data": {"path": data.path, "train_documents": train_docs,
-                      "val_documents": val_docs,
+             "data": {"path": data.path,
+                      "train_documents": len(words["train"]),
+                      "val_documents": len(words["val"]),
+                      "val_documents_packed": len(words["val_packed"]),
                       "train_tokens": data.meta["train_tokens"],
                       "val_tokens": data.meta["val_tokens"],
-                      "distinct_train_documents": len(train_words)},
+                      "distinct_train_documents": len(train_words),
+                      "prepare_s": time.perf_counter() - clock},
              "targets": TARGETS, "models": {}}
-  tokens_per_document = data.meta["train_tokens"] / train_docs
+  tokens_per_document = data.meta["train_tokens"] / len(words["train"])
   for name, num_layers in MODELS.items():
     config = model_config(data.path, num_layers, overrides)
     workdir = os.path.join(out, name)
     start = time.perf_counter()
     loop.train(config, workdir)
     train_s = time.perf_counter() - start
+    start = time.perf_counter()
     scores = evaluate(config, workdir, walk, words["val"], train_words,
                       num_samples, seed)
     t = config.train
     scores.update(
-        train_s=train_s,
+        train_s=train_s, score_s=time.perf_counter() - start,
         sequences_seen=scores["step"] * t.batch_size * config.model.seq_len
         / tokens_per_document,
         config_overrides={"model.num_layers": num_layers, **overrides})
@@ -410,11 +509,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--steps", type=int, default=0,
                       help="training steps of each model (default: "
                       "configs/parens.py's)")
-  parser.add_argument("--train-docs", type=int, default=400_000,
+  parser.add_argument("--train-docs", type=int, default=100_000,
                       help="training documents (default %(default)s)")
   parser.add_argument("--val-docs", type=int, default=2000,
                       help="held-out documents (default %(default)s)")
-  parser.add_argument("--samples", type=int, default=2000,
+  parser.add_argument("--samples", type=int, default=1000,
                       help="sampled documents per model (default "
                       "%(default)s)")
   parser.add_argument("--max-depth", type=int, default=Walk.max_depth,

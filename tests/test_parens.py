@@ -1,8 +1,12 @@
 """research.parens: the walk yields only balanced words, drawn as
-documented; the metrics give known numbers on hand-made tables (and 0 for
-the walk itself, a perfect model); a tiny run of the whole command writes
-results.json with the documented keys; bad input stops with one line."""
+documented (word and depth probabilities); packing puts every window's start
+on a document, so every training target is legal; the metrics give known
+numbers on hand-made tables (and 0 for the walk itself, a perfect model); a
+tiny run of the whole command lowers the illegal mass well below an
+untrained model's and writes results.json with the documented keys; bad
+input stops with one line."""
 
+import collections
 import json
 import math
 import os
@@ -11,7 +15,7 @@ import numpy as np
 import pytest
 
 from research import parens
-from research.parens import END, Walk
+from research.parens import CLOSE, END, OPEN, Walk
 
 
 def _within(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
@@ -39,6 +43,67 @@ def test_the_walk_draws_words_with_the_documented_probabilities():
     assert _within(words.count(word), n, prob), word
     assert math.isclose(math.exp(walk.log_prob(word)), prob)
   assert _within(sum(w.startswith("((") for w in words), n, p)
+
+
+def test_the_walk_draws_depths_as_a_biased_random_walk():
+  # Without the length cap, each excursion from depth 0 climbs to depth k
+  # with the gambler's-ruin probability h_k = (r - 1) / (r^k - 1), r =
+  # (1 - p) / p; a word has a geometric number of excursions (ends with q
+  # at depth 0), so P(max depth >= k) = 1 - q (1 - h) / (1 - (1 - q)(1 - h)).
+  walk, n = Walk(max_depth=6, max_len=4000), 30_000
+  words = walk.sample(n, seed=5)
+  deepest = np.array([parens.prefix_depths(w).max() for w in words])
+  p, q = walk.open_prob, walk.end_prob
+  r = (1 - p) / p
+  for k in range(1, 7):
+    h = (r - 1) / (r ** k - 1)
+    expected = 1 - q * (1 - h) / (1 - (1 - q) * (1 - h))
+    assert _within(int((deepest >= k).sum()), n, expected), k
+  assert deepest.max() == 6  # the cap holds
+
+
+def test_packing_starts_every_window_at_a_document():
+  seq_len, words = 48, Walk(max_depth=4, max_len=24).sample(4000, seed=6)
+  packed = parens.pack(words, seq_len)
+  unused = collections.Counter(words)
+  unused.subtract(packed)  # each word used at most once, nearly all used
+  assert min(unused.values()) >= 0 and sum(unused.values()) < 0.1 * len(words)
+  stream = "".join(w + END for w in packed)
+  assert set(stream[seq_len::seq_len]) == {END}
+  # Every target of every window is legal given what the window shows
+  # (window 0 opens inside its first word, the others with the end).
+  openers = []
+  for start in range(0, len(stream) - seq_len, seq_len):
+    window = stream[start:start + seq_len + 1]
+    openers.append(window[start > 0:].split(END)[0])
+    word = None if start == 0 else ""
+    for token, target in zip(window, window[1:]):
+      if token == END:
+        word = ""
+      elif word is not None:
+        word += token
+      if word is not None:
+        legal = parens.legal_next(word)[-1]
+        assert legal[(OPEN + CLOSE + END).index(target)], (start, window)
+  # The words that open windows, which scoring and sampling reproduce, are
+  # drawn as the walk draws them: not longer (as words put aside would
+  # be) nor shorter (as fillers are).
+  lengths = np.array([len(w) for w in words])
+  sigma = lengths.std() / math.sqrt(len(openers))
+  assert abs(np.mean([len(w) for w in openers]) - lengths.mean()) < 4 * sigma
+
+
+def test_packing_puts_aside_a_word_that_does_not_fit():
+  # Costs (length + 1) are odd and >= 3, so no word fills a gap of 1, 2
+  # or 4. Window 0 holds 13 tokens: "()" (3) and "(())" (5) fit; "((()))"
+  # (7) does not and is put aside; of the next words "()" would leave 2
+  # and is put aside too, "()()" fills the gap. Window 1 opens with the
+  # next word in order, "(()())", not with a word put aside; the last,
+  # unfillable window is dropped.
+  words = ["()", "(())", "((()))", "()", "()()", "(()())", "(())", "()"]
+  packed = parens.pack(words, 12)
+  assert packed == ["()", "(())", "()()", "(()())", "(())"]
+  assert "".join(w + END for w in packed)[12::12] == END * 2
 
 
 def test_the_walk_itself_puts_no_mass_on_illegal_tokens():
@@ -108,21 +173,36 @@ def test_sample_scores_by_hand():
   assert scores["unbalanced_examples"] == ["(()" + END, "(())"]
 
 
-TINY = ["--steps", "3", "--train-docs", "300", "--val-docs", "20",
+STEPS = 60
+TINY = ["--steps", str(STEPS), "--train-docs", "3000", "--val-docs", "100",
         "--samples", "6", "--max-depth", "2", "--max-len", "8",
         "--set", "model.d_model=32", "--set", "model.seq_len=32",
-        "--set", "train.batch_size=4", "--set", "eval.batch_size=4",
-        "--set", "perf.peak_flops=1e12"]
+        "--set", "train.batch_size=8", "--set", "train.learning_rate=1e-2",
+        "--set", "eval.batch_size=8", "--set", "perf.peak_flops=1e12"]
 MODEL_KEYS = {
     "workdir", "step", "num_layers", "params", "illegal_mass",
     "illegal_mass_worst", "illegal_mass_by_state", "nats_per_token",
     "ideal_nats_per_token", "samples", "balanced_fraction",
     "within_limits_fraction", "novel_fraction", "unbalanced_examples",
     "greedy_correct_up_to_depth", "greedy_correct_depths", "greedy",
-    "train_s", "sequences_seen", "config_overrides", "meets_targets"}
+    "train_s", "score_s", "sequences_seen", "config_overrides",
+    "meets_targets"}
 
 
-def test_a_tiny_run_writes_the_documented_results(tmp_path, capsys):
+def _untrained_illegal_mass(workdir: str, config, words: list[str]) -> float:
+  """The illegal mass of the run's model at its initialization."""
+  from trainer import loop
+  from trainer import state as state_lib
+  run = loop.build(config, workdir, splits=())
+  with run.context():
+    state = state_lib.init_state(run.model, run.tx, run.shardings, 0)
+    probs = parens.next_token_probs(run.model, state.params, run.tokenizer,
+                                    words)
+  return parens.heldout_scores(Walk(), words, probs)["illegal_mass"]
+
+
+def test_a_tiny_run_learns_and_writes_the_documented_results(tmp_path,
+                                                              capsys):
   out = str(tmp_path / "parens")
   assert parens.main(["--out", out, *TINY]) == 0
   with open(os.path.join(out, "results.json")) as f:
@@ -131,14 +211,24 @@ def test_a_tiny_run_writes_the_documented_results(tmp_path, capsys):
       "distribution", "data", "targets", "models", "plot", "wall_s",
       "load_average_before", "load_average_after", "cpus"}
   assert set(results["models"]) == {"one_block", "two_blocks"}
+  with open(os.path.join(out, "documents", "val.jsonl")) as f:
+    val_words = [json.loads(line)["text"] for line in f]
   for name, layers in (("one_block", 1), ("two_blocks", 2)):
     m = results["models"][name]
     assert set(m) == MODEL_KEYS
-    assert (m["num_layers"], m["step"], m["samples"]) == (layers, 3, 6)
+    assert (m["num_layers"], m["step"], m["samples"]) == (layers, STEPS, 6)
     assert 0 <= m["illegal_mass"] <= m["illegal_mass_worst"] <= 1
     assert [g["depth"] for g in m["greedy"]] == list(range(1, 9))
     with open(os.path.join(m["workdir"], "config.json")) as f:
       assert json.load(f)["model"]["num_layers"] == layers
+    # Training moved mass off the illegal tokens: an untrained model puts
+    # about a third of each position's mass on each token.
+    untrained = _untrained_illegal_mass(
+        m["workdir"], parens.model_config(
+            results["data"]["path"], layers, m["config_overrides"]),
+        val_words)
+    assert untrained > 0.25
+    assert m["illegal_mass"] < untrained / 10, (name, m["illegal_mass"])
   assert os.path.getsize(results["plot"]) > 0
   assert "two_blocks" in capsys.readouterr().out
 
