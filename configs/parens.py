@@ -29,7 +29,8 @@ def get_config():
                  vocab_multiple=1)  # 3 ids: "(", ")" and end-of-text
   c.data.source = "runs/parens/data"
   c.train.update(steps=600, batch_size=16, learning_rate=1e-2,
-                 warmup_steps=40, weight_decay=0.0, log_every_steps=50)
+                 warmup_steps=40, schedule="cosine", min_lr_ratio=0.1,
+                 weight_decay=0.0, log_every_steps=50)
   c.eval.update(every_steps=300, max_batches=4)
   c.checkpoint.update(every_steps=300, keep=2)
   # train.py's sample: a prompt cannot spell the end token, so "(" opens it
