@@ -30,7 +30,6 @@ Bad input stops either with one line `error: ...` and exit status 2.
 """
 
 import argparse
-import json
 import math
 import os
 import resource
@@ -38,6 +37,8 @@ import sys
 import time
 
 import numpy as np
+
+from research.scaling import write_json
 
 SLOPE_LIMIT = 0.1  # the largest log-log slope muP's coordinates may have
 PARAMETRIZATIONS = ("standard", "mup")
@@ -258,7 +259,7 @@ def _coord_check_command(args) -> int:
   except ConfigError as e:
     raise MupError(str(e)) from None
   os.makedirs(args.out, exist_ok=True)
-  _write_json(os.path.join(args.out, "coord_check.json"), result)
+  write_json(os.path.join(args.out, "coord_check.json"), result)
   plot_coord_check(result, os.path.join(args.out, "coord_check.png"))
   print(coord_check_table(result))
   print(f"muP: largest slope {result['mup_max_slope']:+.3f} "
@@ -409,7 +410,7 @@ def _transfer_command(args) -> int:
                                           children.ru_stime, 1)
   out = args.out or root
   os.makedirs(out, exist_ok=True)
-  _write_json(os.path.join(out, "transfer.json"), summary)
+  write_json(os.path.join(out, "transfer.json"), summary)
   table = transfer_table(summary)
   with open(os.path.join(out, "transfer.md"), "w") as f:
     f.write(table + "\n")
@@ -432,15 +433,6 @@ def _transfer_command(args) -> int:
 
 
 # ------------------------------------------------------------------ the CLI
-
-def _write_json(path: str, obj) -> None:
-  """Written whole or not at all: a reader never sees half a file."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.write("\n")
-  os.replace(tmp, path)
-
 
 def _ints(text: str) -> list:
   try:
