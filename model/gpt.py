@@ -196,7 +196,8 @@ class Attention(nn.Module):
                mask_Bx1xLxS=None):
     """With a `cache`, the tokens' keys and values go into its slots for
     `layer` and the tokens attend to its slots under `mask_Bx1xLxS`; returns
-    the output and the cache."""
+    the output and the cache. Without one, `mask_Bx1xLxS` (if given)
+    narrows causal attention further (packed sequences' segments)."""
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
     H, K = cfg.num_heads, cfg.head_dim
@@ -222,10 +223,10 @@ class Attention(nn.Module):
           cache.v_ZxBxSxHxK[layer], mask_Bx1xLxS, deterministic)
     elif cfg.attention == "einsum":
       out_BxLxHxK = self._einsum_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
-                                           deterministic)
+                                           deterministic, mask_Bx1xLxS)
     else:
       out_BxLxHxK = jax.nn.dot_product_attention(
-          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True,
+          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_Bx1xLxS, is_causal=True,
           implementation=cfg.attention)
     out_BxLxHxK = nn.with_logical_constraint(
         out_BxLxHxK, ("batch", "length", "heads", "head_dim"))
@@ -238,8 +239,10 @@ class Attention(nn.Module):
       y_NxD += param("out_bias", (D,), ("embed",), zeros)
     return y_NxD.reshape(B, L, D), cache
 
-  def _einsum_attention(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, deterministic):
-    """Causal softmax attention, in `cfg.attention_chunks` blocks of queries.
+  def _einsum_attention(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, deterministic,
+                        mask_Bx1xLxL=None):
+    """Causal softmax attention, in `cfg.attention_chunks` blocks of queries
+    (and within `mask_Bx1xLxL` if given).
 
     Block [lo, hi) scores only keys [0, hi): the keys after it are masked for
     all its queries, so skipping them is exact and saves part of the masked
@@ -251,9 +254,11 @@ class Attention(nn.Module):
     bounds = [L * i // chunks for i in range(chunks + 1)]
     out = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-      causal_QxT = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]
+      mask = causal_QxT = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]
+      if mask_Bx1xLxL is not None:
+        mask = causal_QxT & mask_Bx1xLxL[:, :, lo:hi, :hi]
       out.append(self._attend(q_BxLxHxK[:, lo:hi], k_BxLxHxK[:, :hi],
-                              v_BxLxHxK[:, :hi], causal_QxT, deterministic))
+                              v_BxLxHxK[:, :hi], mask, deterministic))
     return jnp.concatenate(out, axis=1)
 
   def _attend(self, q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, mask, deterministic):
@@ -322,12 +327,17 @@ class GPT(nn.Module):
 
   With a `cache`, the tokens (at positions `pos_BxL`, -1 for padding) attend
   to it as well, and the call returns (logits, the cache with them added).
+
+  Without one, `segment_ids` [B, L] keeps several sequences packed in a row
+  apart: a token attends only to earlier tokens of its own segment; give
+  `pos_BxL` (positions restarting at 0 with each segment) too, and each
+  sequence's logits are those it would have alone.
   """
   cfg: GPTConfig
 
   @nn.compact
   def __call__(self, tokens_BxL, deterministic: bool = True,
-               cache: KVCache | None = None, pos_BxL=None):
+               cache: KVCache | None = None, pos_BxL=None, segment_ids=None):
     cfg = self.cfg
     L = tokens_BxL.shape[1]
     embed = nn.Embed(
@@ -346,7 +356,7 @@ class GPT(nn.Module):
           (cfg.seq_len, cfg.d_model), cfg.param_dtype)
     else:
       positions_SxD = sinusoidal_positions(cfg.seq_len, cfg.d_model)
-    if cache is None:
+    if pos_BxL is None:
       x_BxLxD = x_BxLxD + positions_SxD[:L].astype(cfg.dtype)
     else:
       x_BxLxD = x_BxLxD + jnp.take(positions_SxD, jnp.maximum(pos_BxL, 0),
@@ -363,6 +373,9 @@ class GPT(nn.Module):
       cache = cache.claim(pos_BxL)
       mask_Bx1xLxS = cache.mask(pos_BxL)
       layers = jnp.arange(cfg.num_layers)
+    elif segment_ids is not None:
+      mask_Bx1xLxS = (segment_ids[:, None, :, None] ==
+                      segment_ids[:, None, None, :])
     if cfg.scan_layers:
       (x_BxLxD, cache), _ = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True,
