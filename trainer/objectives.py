@@ -118,6 +118,16 @@ def sequence_logps(logits_BxLxV, tokens_BxL1, weights_BxL1):
   return jnp.sum(token_logp_BxL * weights_BxL, axis=-1), logp_BxLxV
 
 
+def dpo_from_logps(logp_Bx2, ref_logp_Bx2, beta):
+  """DPO's formula on the summed log-probabilities of each pair's chosen
+  (column 0) and rejected (column 1) response under the policy and the
+  reference: per pair the loss -log sigmoid(margin), the rewards
+  beta * (logp - ref_logp) and their margin, chosen minus rejected."""
+  rewards_Bx2 = beta * (logp_Bx2 - ref_logp_Bx2)
+  margin_B = rewards_Bx2[:, 0] - rewards_Bx2[:, 1]
+  return -jax.nn.log_sigmoid(margin_B), rewards_Bx2, margin_B
+
+
 def dpo_terms(model, params, ref_params, batch, beta, rng=None,
               dropout=False):
   """Per pair: the loss, the chosen and rejected rewards (beta times the
@@ -130,15 +140,14 @@ def dpo_terms(model, params, ref_params, batch, beta, rng=None,
                                         flat["weights"])
   ref_logp_2B, ref_logp_2BxLxV = sequence_logps(ref_logits, flat["tokens"],
                                                 flat["weights"])
-  ratio_Bx2 = (logp_2B - ref_logp_2B).reshape(-1, 2)
-  rewards_Bx2 = beta * ratio_Bx2
-  margin_B = rewards_Bx2[:, 0] - rewards_Bx2[:, 1]
+  loss_B, rewards_Bx2, margin_B = dpo_from_logps(
+      logp_2B.reshape(-1, 2), ref_logp_2B.reshape(-1, 2), beta)
   # KL(policy || reference) of the next-token distributions at the target
   # positions, summed over each sequence's targets.
   weights_2BxL = flat["weights"][:, 1:].astype(jnp.float32)
   kl_2BxL = jnp.sum(jnp.exp(logp_2BxLxV) * (logp_2BxLxV - ref_logp_2BxLxV),
                     axis=-1)
-  return {"loss_B": -jax.nn.log_sigmoid(margin_B),
+  return {"loss_B": loss_B,
           "chosen_B": rewards_Bx2[:, 0], "rejected_B": rewards_Bx2[:, 1],
           "margin_B": margin_B,
           "kl_2B": jnp.sum(kl_2BxL * weights_2BxL, axis=-1),
