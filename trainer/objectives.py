@@ -186,7 +186,8 @@ def summarize(objective: str, sums: dict) -> dict:
   """The eval record of an objective's summed eval values. eval_loss is the
   objective's loss (for dpo, its preference loss), which keep_best uses."""
   if not isinstance(sums, dict):  # next-token and sft: a vector
-    sums = dict(zip(("nats", "tokens", "bytes"), map(float, sums)))
+    sums = dict(zip(("nats", "tokens", "bytes"), sums))
+  sums = {k: float(v) for k, v in sums.items()}
   if objective == "dpo":
     n = max(sums["pairs"], 1.0)
     return {"eval_loss": sums["loss"] / n,
