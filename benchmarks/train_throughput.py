@@ -4,18 +4,27 @@
   python -m benchmarks.train_throughput --shape=6x384   # 6 layers x 384 x 6 heads, batch 16 x 256
   python -m benchmarks.train_throughput --shape=6x384 --torch   # + PyTorch reference, side by side
   python -m benchmarks.train_throughput --versus model.attention_chunks=1   # + a variant, side by side
+  python -m benchmarks.train_throughput --versus main   # + the code of a git revision, side by side
 
 Steps run on random tokens (the input pipeline is measured in training logs as
 data_wait_ms). MFU counts model.flops_per_token() (6N + attention, PaLM's
 convention) against the median FLOP/s of a large float32 matmul measured on
 this machine, so it reads as "fraction of what XLA's matmul reaches here".
 Rounds alternate between frameworks so that machine noise hits both alike.
+A git revision given to --versus is extracted (git archive) into a
+temporary directory and timed there, in a process of its own that runs its
+rounds when this one tells it to, so the rounds still alternate.
 """
 
 import argparse
 import json
+import os
 import resource
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import flax.linen as nn
@@ -73,6 +82,58 @@ def _override(config, items) -> None:
         value == "True" if isinstance(old, bool) else value)
 
 
+# Run in a revision's tree: its own jax_runner, driven over stdin/stdout.
+_DRIVER = """
+import json, sys
+sys.path.insert(0, ".")
+from benchmarks import train_throughput as tt
+from configs import default
+args = json.loads(sys.argv[1])
+config = default.get_config()
+overrides = dict(tt.SHAPES[args["shape"]])
+if "batch_size" in overrides:
+  config.train.batch_size = overrides.pop("batch_size")
+config.model.update(overrides)
+tt._override(config, args["set"])
+_, compile_s, run = tt.jax_runner(config, args["vocab"])
+print("ready", compile_s, flush=True)
+for line in sys.stdin:
+  print(run(int(line)), flush=True)
+"""
+
+
+def revision_runner(revision: str, args):
+  """run(steps) -> seconds of the default train step as `revision`'s code
+  has it, the same shape and overrides (--set)."""
+  tree = tempfile.mkdtemp(prefix="throughput-")
+  archive = subprocess.run(["git", "archive", revision], capture_output=True,
+                           cwd=os.path.dirname(os.path.dirname(
+                               os.path.abspath(__file__))))
+  if archive.returncode:
+    raise SystemExit(f"--versus {revision}: not a git revision here "
+                     f"({archive.stderr.decode().strip()})")
+  subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _DRIVER, json.dumps(
+          {"shape": args.shape, "set": args.set, "vocab": args.vocab})],
+      cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  ready = proc.stdout.readline()
+  if not ready.startswith("ready"):
+    raise SystemExit(f"--versus {revision}: its benchmark did not start")
+
+  def run(steps):
+    proc.stdin.write(f"{steps}\n")
+    proc.stdin.flush()
+    return float(proc.stdout.readline())
+
+  def close():
+    proc.stdin.close()
+    proc.wait()
+    shutil.rmtree(tree, ignore_errors=True)
+
+  return run, close
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawTextHelpFormatter)
@@ -85,7 +146,9 @@ def main():
                  help="config overrides, e.g. model.scan_layers=True")
   p.add_argument("--versus", nargs="*", default=[],
                  help="also time the config with these further overrides "
-                 "(reported as jax_versus_*), in alternating rounds")
+                 "(reported as jax_versus_*), in alternating rounds; or a "
+                 "git revision (e.g. main): the same config with that "
+                 "revision's code")
   args = p.parse_args()
 
   config = default.get_config()
@@ -97,7 +160,11 @@ def main():
 
   cfg, compile_s, run = jax_runner(config, args.vocab)
   runners = {"jax": run}
-  if args.versus:
+  closers = []
+  if len(args.versus) == 1 and "=" not in args.versus[0]:
+    runners["jax_versus"], close = revision_runner(args.versus[0], args)
+    closers.append(close)
+  elif args.versus:
     versus = config.copy_and_resolve_references()
     _override(versus, args.versus)
     runners["jax_versus"] = jax_runner(versus, args.vocab)[2]
@@ -108,6 +175,8 @@ def main():
   for _ in range(args.rounds):
     for name, r in runners.items():
       times[name].append(r(args.steps) / args.steps)
+  for close in closers:
+    close()
 
   tokens = config.train.batch_size * cfg.seq_len
   peak = metrics.measure_matmul_flops(n=2048, repeats=5)
@@ -124,6 +193,7 @@ def main():
     result[f"{name}_tokens_per_sec"] = round(tokens / step)
     result[f"{name}_mfu"] = round(cfg.flops_per_token() * tokens / step / peak, 3)
   if args.versus:
+    result["versus"] = " ".join(args.versus)
     result["jax_over_versus"] = round(
         result["jax_tokens_per_sec"] / result["jax_versus_tokens_per_sec"], 3)
   if args.torch:

@@ -70,6 +70,22 @@ class WindowSource:
     return f"{len(self):,} windows"
 
 
+def source_for(config, data, split: str, pad_id: int, vocab_size: int = 0):
+  """The items of a split that a run's batches are made of, by its
+  train.objective: text windows (next-token; `data` a prepare.Prepared),
+  packed examples (sft) or preference pairs (dpo; `data` an
+  examples.Prepared). `pad_id` pads examples (the EOT id)."""
+  objective, seq_len = config.train.objective, config.model.seq_len
+  if objective == "next-token":
+    return WindowSource(data.tokens(split), seq_len, split, vocab_size)
+  seqs = data.sequences(split)
+  if objective == "dpo":
+    return PairSource(seqs, seq_len, split, vocab_size, pad_id=pad_id)
+  return PackedSource(seqs, seq_len, split, vocab_size, pad_id=pad_id,
+                      seed=config.train.seed if split == "train" else None,
+                      pack=config.data.pack, loss_on=config.train.sft_loss_on)
+
+
 def check_size(source, batch_size: int) -> None:
   if len(source) < batch_size:
     raise DataError(

@@ -16,7 +16,7 @@ from conftest import (metrics_records, random_params, run_train_py,
 from data import examples, loader, tokenizers
 from model import GPT
 from test_sft import TINY, write_jsonl
-from trainer import objectives
+from trainer import audit, objectives
 
 L = 16
 
@@ -279,6 +279,7 @@ def test_train_py_dpo_from_an_sft_run_resumes_exactly(runs):
           "mfu", "data_wait_ms"):
         assert value == before[key(r)][name], (r["step"], name)
 
+  assert audit.main([workdir, "--recompute"]) == 0  # replays included
   result = run_train_py(f"--workdir={workdir}", "--mode=eval", "--json")
   _ok(result)
   scored = json.loads(result.stdout.strip().splitlines()[-1])

@@ -14,7 +14,7 @@ from conftest import (metrics_records, random_params, run_train_py,
 from data import examples, loader, prepare, tokenizers
 from data.corpus import DataError
 from model import GPT
-from trainer import config as config_lib, objectives
+from trainer import audit, config as config_lib, objectives
 from trainer.errors import ConfigError
 
 F, T = False, True
@@ -369,6 +369,8 @@ def test_train_py_sft_checkpoints_and_resumes_exactly(sft_files):
                  "eval_loss"):
       if name in r:
         assert r[name] == before[key(r)][name], (r["step"], name)
+  # The data-order audit recomputes every packed batch from the config.
+  assert audit.main([workdir, "--recompute"]) == 0
   # The eval mode scores the response tokens of the held-out examples.
   result = run_train_py(f"--workdir={workdir}", "--mode=eval", "--json")
   _ok(result)

@@ -112,21 +112,8 @@ def check_workdir(workdir: str) -> None:
 
 
 def _source(config, data, split: str, model_cfg, tokenizer):
-  """The items of a split that batches are made of: text windows
-  (next-token), packed examples (sft) or preference pairs (dpo)."""
-  objective = config.train.objective
-  if objective == "next-token":
-    return loader.WindowSource(data.tokens(split), model_cfg.seq_len, split,
-                               model_cfg.vocab_size)
-  seqs = data.sequences(split)
-  if objective == "dpo":
-    return loader.PairSource(seqs, model_cfg.seq_len, split,
-                             model_cfg.vocab_size, pad_id=tokenizer.eot_id)
-  return loader.PackedSource(
-      seqs, model_cfg.seq_len, split, model_cfg.vocab_size,
-      pad_id=tokenizer.eot_id,
-      seed=config.train.seed if split == "train" else None,
-      pack=config.data.pack, loss_on=config.train.sft_loss_on)
+  return loader.source_for(config, data, split, tokenizer.eot_id,
+                           model_cfg.vocab_size)
 
 
 def _prepare(config, tokenizer):
