@@ -4,7 +4,8 @@
   python -m benchmarks.sft_arithmetic --only response
 
 Every sum a + b of two numbers below 10^digits (10,000 for 2 digits) is an
-example {"prompt": "a+b=", "response": "<a+b>"}; 1,000 of them, drawn at
+example {"prompt": "a+b=", "response": "<a+b>"}, the numbers zero-padded to
+a fixed width ("07+45=", "052"; --plain: "7+45=", "52"); 1,000 of them, drawn at
 random, are held out (val.jsonl, data.holdout=('val',)) and never trained
 on. Two runs of train.py with train.objective=sft, identical but for
 train.sft_loss_on: "response" (the loss on the answer digits and the
@@ -26,13 +27,24 @@ import time
 from benchmarks import posttrain
 
 
-def make_data(root: str, digits: int, held_out: int, seed: int):
+def texts(digits: int, padded: bool):
+  """(prompt of a, b; answer of a, b): "7+45=", "52", or zero-padded to a
+  fixed width, "07+45=", "052"."""
+  if not padded:
+    return (lambda a, b: f"{a}+{b}="), (lambda a, b: str(a + b))
+  return ((lambda a, b: f"{a:0{digits}d}+{b:0{digits}d}="),
+          (lambda a, b: f"{a + b:0{digits + 1}d}"))
+
+
+def make_data(root: str, digits: int, held_out: int, seed: int,
+              padded: bool):
   """train.jsonl and val.jsonl under root/data; the held-out (a, b)."""
   top = 10 ** digits
   pairs = [(a, b) for a in range(top) for b in range(top)]
   random.Random(seed).shuffle(pairs)
   val, train = pairs[:held_out], pairs[held_out:]
-  example = lambda a, b: {"prompt": f"{a}+{b}=", "response": str(a + b)}
+  prompt, answer = texts(digits, padded)
+  example = lambda a, b: {"prompt": prompt(a, b), "response": answer(a, b)}
   posttrain.write_jsonl(os.path.join(root, "data", "train.jsonl"),
                         [example(a, b) for a, b in train])
   posttrain.write_jsonl(os.path.join(root, "data", "val.jsonl"),
@@ -53,14 +65,16 @@ def overrides(root: str, args, loss_on: str) -> dict:
       "eval.every_steps": args.every, "eval.max_batches": 4,
       "checkpoint.every_steps": args.every, "checkpoint.keep": 1000,
       "checkpoint.keep_best": False,
-      "sample.prompt": "12+34=", "sample.max_new_tokens": 5,
+      "sample.prompt": texts(args.digits, not args.plain)[0](12, 34),
+      "sample.max_new_tokens": args.digits + 3,
   }
 
 
-def exact_match(completer, params, val) -> float:
-  prompts = [f"{a}+{b}=" for a, b in val]
-  answers = completer.complete(params, prompts, max_new_tokens=6)
-  return sum(got == str(a + b) for got, (a, b) in zip(answers, val)) / len(val)
+def exact_match(completer, params, val, digits: int, padded: bool) -> float:
+  prompt, answer = texts(digits, padded)
+  made = completer.complete(params, [prompt(a, b) for a, b in val],
+                            max_new_tokens=digits + 3)
+  return sum(got == answer(a, b) for got, (a, b) in zip(made, val)) / len(val)
 
 
 def main():
@@ -69,6 +83,9 @@ def main():
   p.add_argument("--out", default="runs/bench/sft_arithmetic")
   p.add_argument("--only", choices=("response", "all"))
   p.add_argument("--digits", type=int, default=2)
+  p.add_argument("--plain", action="store_true",
+                 help="numbers as written (7+45=52), not zero-padded to a "
+                 "fixed width (07+45=052)")
   p.add_argument("--held-out", type=int, default=1000)
   p.add_argument("--steps", type=int, default=1500)
   p.add_argument("--every", type=int, default=250)
@@ -79,9 +96,11 @@ def main():
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
   root = os.path.abspath(args.out)
-  val = make_data(root, args.digits, args.held_out, args.seed)
+  padded = not args.plain
+  val = make_data(root, args.digits, args.held_out, args.seed, padded)
   log = os.path.join(root, "train.log")
-  results = {"digits": args.digits, "held_out": len(val), "runs": {}}
+  results = {"digits": args.digits, "zero_padded": padded,
+             "held_out": len(val), "runs": {}}
   for loss_on in ([args.only] if args.only else ["response", "all"]):
     workdir = os.path.join(root, f"loss_on_{loss_on}")
     if os.path.exists(workdir):
@@ -91,7 +110,8 @@ def main():
     with posttrain.Completer(workdir) as completer:
       t = time.perf_counter()
       for step in completer.steps():
-        curve[step] = exact_match(completer, completer.params(step), val)
+        curve[step] = exact_match(completer, completer.params(step), val,
+                                  args.digits, padded)
       scoring = time.perf_counter() - t
     recs = posttrain.records(workdir)
     first = [r for r in recs if "first_step_time_s" in r][0]
