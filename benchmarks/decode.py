@@ -1,9 +1,9 @@
 """Decoding speed: the cached sampler against the uncached reference.
 
-  python -m benchmarks.decode                    # default model, batch 1 and 8
+  python -m benchmarks.decode                    # 4 x 128 model, batch 1 and 8
   python -m benchmarks.decode --batch 8 --rounds 9
 
-The model of configs/default.py with random weights (vocab 85) continues a
+The model of configs/shakespeare_4x128.py with random weights (vocab 85) continues a
 random prompt of --prompt tokens by --new tokens (temperature 0.8). Rounds
 alternate between the two samplers, so that machine noise hits both alike;
 times are medians over rounds, after a warm-up call that compiles. Reported
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import default
+from configs import shakespeare_4x128
 from model import GPT, generate, generate_uncached
 from trainer import config as config_lib
 
@@ -57,7 +57,7 @@ def main():
   if args.new < 65:
     p.error("--new must be at least 65: the first and last 64 are timed")
 
-  cfg = config_lib.model_config(default.get_config(), args.vocab)
+  cfg = config_lib.model_config(shakespeare_4x128.get_config(), args.vocab)
   model = GPT(cfg)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros(
       (1, cfg.seq_len), jnp.int32))["params"]

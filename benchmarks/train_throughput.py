@@ -37,6 +37,7 @@ from trainer import state as state_lib
 
 SHAPES = {
     "default": {},
+    "4x128": dict(num_layers=4, d_model=128, num_heads=4),  # the old default
     "6x384": dict(num_layers=6, d_model=384, num_heads=6, seq_len=256,
                   batch_size=16),
 }

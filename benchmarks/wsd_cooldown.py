@@ -1,7 +1,7 @@
 """Many token budgets from one run: cooldown branches of a stable run against
 cosine runs trained from scratch to each budget.
 
-  python -m benchmarks.wsd_cooldown                       # default model
+  python -m benchmarks.wsd_cooldown                       # the 4 x 128 model
   python -m benchmarks.wsd_cooldown --budgets 100 200 --root /tmp/wsd
 
 A stable run (`train.schedule=constant`) trains to the last branch point and
@@ -19,7 +19,7 @@ import os
 
 from absl import flags
 
-from configs import default
+from configs import shakespeare_4x128
 from trainer import config as config_lib, loop
 
 
@@ -48,7 +48,7 @@ def main():
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()  # loop.train runs without absl's app.run
 
-  base = default.get_config()
+  base = shakespeare_4x128.get_config()
   base.sample.max_new_tokens = 100
   base.eval.every_steps = max(args.budgets)  # the final eval only
   points = branch_points(args.budgets, args.decay_fraction)

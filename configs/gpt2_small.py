@@ -24,7 +24,7 @@ def get_config():
                  seq_len=1024)
   c.data.tokenizer = "byte"
   c.train.update(steps=600_000, batch_size=512, learning_rate=6e-4,
-                 warmup_steps=2000)
+                 warmup_steps=2000, schedule="cosine")
   c.eval.update(every_steps=2000, batch_size=64, max_batches=20)
   c.checkpoint.every_steps = 2000
   return c

@@ -582,6 +582,7 @@ def write_plots(result: dict, out_dir: str) -> list[str]:
                label=f"±{HUBER_DELTA:g} (Huber delta)")
     ax.scatter(x, residual, color="C0", s=20, zorder=3, label="runs")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # no crowded labels
     ax.set(xlabel=name, ylabel="ln(observed loss) - ln(fitted loss)",
            title=f"Residuals of the L(N, D) fit vs {name.split()[-1]}")
     ax.legend(fontsize="small")

@@ -102,7 +102,7 @@ def tiny_config(corpus_dir: str = "", cache_dir: str = "", **train):
   c.model.update(dict(num_layers=2, d_model=32, num_heads=2, seq_len=16))
   c.train.update(dict(batch_size=4, steps=150, warmup_steps=10,
                       learning_rate=1e-2, weight_decay=0.0,
-                      log_every_steps=1))
+                      schedule="cosine", log_every_steps=1))
   c.train.update(train)
   c.perf.peak_flops = 1e12  # skip the CPU matmul measurement
   if corpus_dir:
@@ -143,7 +143,7 @@ def train_steps(config, batches, *, seed=0, vocab=37, grad_accum_steps=1,
 TINY_OVERRIDES = {
     "model.num_layers": 1, "model.d_model": 32, "model.num_heads": 2,
     "model.seq_len": 16, "train.batch_size": 4, "train.warmup_steps": 2,
-    "train.learning_rate": 2e-3,
+    "train.learning_rate": 2e-3, "train.schedule": "cosine",
     "train.log_every_steps": 1, "eval.every_steps": 3, "eval.batch_size": 16,
     "checkpoint.every_steps": 3, "sample.max_new_tokens": 20,
     "perf.peak_flops": 1e12, "data.holdout": ("hamlet",),
@@ -184,6 +184,21 @@ def run_train_py(*args, timeout=300, wait=True, devices=0, log=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   return subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True,
                         timeout=timeout)
+
+
+def train_py_processes(marker: str) -> dict:
+  """{pid: command-line args} of the live train.py processes whose command
+  line holds `marker` (e.g. a workdir or a sweep root)."""
+  found = {}
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        args = f.read().decode().split("\0")
+    except OSError:
+      continue
+    if "train.py" in args and any(marker in a for a in args):
+      found[int(pid)] = args
+  return found
 
 
 def metrics_records(workdir) -> list[dict]:

@@ -129,12 +129,13 @@ CROSS_CASES = [
     ("cooldown_only_in_a_branch",
      dict(cooldown__steps=5, cooldown__from_step=10, cooldown__parent="/r"),
      "cooldown.from_step=10 + cooldown.steps=5 must equal "
-     "train.steps=1200"),
+     "train.steps=3600"),
     ("cosine_steps_after_the_warmup",
      dict(train__schedule="wsd", train__cosine_steps=80),
      "train.cosine_steps=80 shapes the cosine schedule, not "
      "train.schedule='wsd'"),
-    ("cosine_steps_after_the_warmup", dict(train__cosine_steps=50),
+    ("cosine_steps_after_the_warmup",
+     dict(train__schedule="cosine", train__cosine_steps=50),
      "train.cosine_steps=50 must exceed train.warmup_steps=50"),
     ("one_mesh_axis_free", dict(mesh__fsdp=-1),
      "mesh.data and mesh.fsdp are both -1"),
@@ -189,12 +190,15 @@ def test_sample_settings_against_the_tokenizer():
 def test_a_saved_config_from_before_a_field_keeps_its_behaviour(tmp_path):
   """load_saved gives a field missing from a run's config.json its default,
   or the value that keeps what the run computed where the default would
-  not (model.vocab_multiple: 1, no padding); a saved value stays."""
+  not (model.vocab_multiple: 1, no padding; train.schedule: cosine, the
+  only schedule before wsd became the default); a saved value stays."""
   tree = default.get_config().to_dict()
   del tree["model"]["vocab_multiple"], tree["eval"]["max_batches"]
+  del tree["train"]["schedule"]
   (tmp_path / "config.json").write_text(json.dumps(tree))
   saved = config_lib.load_saved(str(tmp_path))
   assert saved.model.vocab_multiple == 1 and saved.eval.max_batches == 8
+  assert saved.train.schedule == "cosine"
   config_lib.validate(saved)
   config_lib.save(default.get_config(), str(tmp_path))
   assert config_lib.load_saved(str(tmp_path)).model.vocab_multiple == 128

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import (REPO, TINY_FLAGS, last_logged_step, metrics_records,
-                      run_train_py)
+                      run_train_py, train_py_processes)
 from launch import local
 from trainer import audit
 
@@ -371,20 +371,11 @@ def test_processes_holding_the_same_rows(corpus_dir, tmp_path, monkeypatch,
 
 
 def _pids_of(marker: str) -> dict:
-  """{process_id: pid} of the train.py processes whose command line holds
-  `marker`."""
-  found = {}
-  for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-      with open(f"/proc/{pid}/cmdline", "rb") as f:
-        args = f.read().decode().split("\0")
-    except OSError:
-      continue
-    if "train.py" in args and any(marker in a for a in args):
-      ids = [a.split("=")[1] for a in args if a.startswith("--process_id=")]
-      if ids:
-        found[int(ids[0])] = int(pid)
-  return found
+  """{process_id: pid} of the train.py processes of a multi-process run
+  whose command line holds `marker`."""
+  return {int(a.split("=")[1]): pid
+          for pid, args in train_py_processes(marker).items()
+          for a in args if a.startswith("--process_id=")}
 
 
 def test_sigterm_to_one_process_stops_all_at_one_step(corpus_dir, tmp_path):

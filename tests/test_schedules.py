@@ -18,7 +18,7 @@ from trainer.errors import ConfigError
 def _config(**train):
   c = default.get_config()
   c.train.update(dict(steps=100, warmup_steps=10, learning_rate=1.0,
-                      min_lr_ratio=0.1))
+                      min_lr_ratio=0.1, schedule="cosine"))
   c.train.update(train)
   return c
 

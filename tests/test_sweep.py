@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY_OVERRIDES, last_logged_step
+from conftest import (REPO, TINY_OVERRIDES, last_logged_step,
+                      train_py_processes)
 from launch import sweep
 
 TIMEOUT_S = 240  # for any one wait: far beyond a healthy sweep
@@ -70,22 +71,8 @@ def _wait_for(condition, what: str, timeout=TIMEOUT_S):
     time.sleep(0.05)
 
 
-def _train_pids(root) -> list:
-  """train.py processes working under `root`."""
-  pids = []
-  for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-      with open(f"/proc/{pid}/cmdline", "rb") as f:
-        args = f.read().decode().split("\0")
-    except OSError:
-      continue
-    if "train.py" in args and any(str(root) in a for a in args):
-      pids.append(int(pid))
-  return pids
-
-
 def _kill_leftovers(root) -> list:
-  pids = _train_pids(root)
+  pids = list(train_py_processes(str(root)))
   for pid in pids:
     os.kill(pid, signal.SIGKILL)
   return pids
@@ -589,7 +576,7 @@ def test_killed_sweep_restarts_where_it_stopped(tmp_path, corpus_dir,
               "done run beside a halfway one")
     proc.kill()
     proc.wait()
-    _wait_for(lambda: not _train_pids(roots["killed"]),
+    _wait_for(lambda: not train_py_processes(str(roots["killed"])),
               "exit of the orphaned train.py processes")
   finally:
     proc.kill()

@@ -425,7 +425,7 @@ def save(config, workdir: str) -> None:
 
 # Fields whose default changes what a run written before them computes, and
 # the value that keeps it: what load_saved gives a config.json without them.
-BEFORE_FIELD = {"model.vocab_multiple": 1}
+BEFORE_FIELD = {"model.vocab_multiple": 1, "train.schedule": "cosine"}
 
 
 def load_saved(workdir: str) -> ml_collections.ConfigDict:
