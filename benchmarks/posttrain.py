@@ -82,3 +82,32 @@ class Completer:
           new = new[:new.index(self.tokenizer.eot_id)]
         out.append(self.tokenizer.decode(new) + ("" if ended else "..."))
     return out
+
+  def sampled_kl(self, params, ref_params, prompts: list[str],
+                 max_new_tokens: int, seed: int = 0) -> dict:
+    """KL(policy || reference) on the policy's own responses: responses y
+    sampled at temperature 1 from `params`, the mean over prompts of
+    log pi(y | x) - log pi_ref(y | x) (y's tokens, its end-of-text
+    included), per response and per response token."""
+    import jax
+    import numpy as np
+    from model import generate
+    from trainer import objectives
+    ids = [self.tokenizer.encode(p) for p in prompts]
+    made = generate(self.run.model, params, ids, jax.random.key(seed),
+                    max_new_tokens=max_new_tokens, temperature=1.0,
+                    stop_token=self.tokenizer.eot_id)
+    window = self.run.model.cfg.seq_len + 1
+    tokens = np.full((len(ids), window), self.tokenizer.eot_id, np.int32)
+    weights = np.zeros((len(ids), window), np.int32)
+    for i, (prompt, row) in enumerate(zip(ids, made)):
+      row = np.asarray(row)[:window]
+      tokens[i, :len(row)] = row
+      weights[i, len(prompt):len(row)] = 1
+    batch = {"tokens": tokens, "weights": weights}
+    logp = jax.jit(lambda p: objectives.sequence_logps(
+        objectives.apply(self.run.model, p, batch), tokens, weights)[0])
+    ratio = np.asarray(logp(params)) - np.asarray(logp(ref_params))
+    return {"kl_sequence": float(ratio.mean()),
+            "kl_per_token": float(ratio.sum() / weights.sum()),
+            "response_tokens": float(weights.sum() / len(ids))}

@@ -61,6 +61,7 @@ def overrides(root: str, args, loss_on: str) -> dict:
       "model.num_heads": args.width // 32, "model.seq_len": 32,
       "train.batch_size": args.batch, "train.steps": args.steps,
       "train.learning_rate": args.lr, "train.warmup_steps": 50,
+      "train.schedule": "cosine",
       "train.log_every_steps": 50,
       "eval.every_steps": args.every, "eval.max_batches": 4,
       "checkpoint.every_steps": args.every, "checkpoint.keep": 1000,
@@ -87,12 +88,12 @@ def main():
                  help="numbers as written (7+45=52), not zero-padded to a "
                  "fixed width (07+45=052)")
   p.add_argument("--held-out", type=int, default=1000)
-  p.add_argument("--steps", type=int, default=1500)
-  p.add_argument("--every", type=int, default=250)
+  p.add_argument("--steps", type=int, default=800)
+  p.add_argument("--every", type=int, default=200)
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--width", type=int, default=128)
   p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--lr", type=float, default=3e-3)
+  p.add_argument("--lr", type=float, default=5e-3)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
   root = os.path.abspath(args.out)

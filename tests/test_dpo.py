@@ -120,7 +120,8 @@ def test_loss_is_ln2_at_step_0():
       model, p, b, None, p, 0.1))(params, _batch(source))
   assert float(loss) == pytest.approx(math.log(2), abs=1e-7)
   for name in ("reward_chosen", "reward_rejected", "reward_margin",
-               "reward_accuracy", "kl_ref", "kl_ref_sequence"):
+               "reward_accuracy", "kl_ref", "kl_ref_chosen",
+               "kl_ref_rejected"):
     assert float(metrics[name]) == 0, name
 
 
@@ -155,7 +156,9 @@ def test_loss_and_metrics_match_numpy_from_the_logits():
               "reward_margin": (chosen - rejected).mean(),
               "reward_accuracy": (chosen > rejected).mean(),
               "kl_ref": (kl * weights).sum() / weights.sum(),
-              "kl_ref_sequence": (kl * weights).sum(1).mean()}
+              "kl_ref_chosen": (kl * weights)[0::2].sum() / weights[0::2].sum(),
+              "kl_ref_rejected": (kl * weights)[1::2].sum()
+                                 / weights[1::2].sum()}
   for name, value in expected.items():
     assert float(metrics[name]) == pytest.approx(value, rel=1e-5, abs=1e-6), name
   # The gradient reaches the policy only.
@@ -180,8 +183,9 @@ def test_eval_sums_agree_with_the_loss():
   assert record["eval_loss"] == pytest.approx(float(loss), rel=1e-5)
   assert record["eval_reward_accuracy"] == pytest.approx(
       float(metrics["reward_accuracy"]))
-  assert record["eval_kl_ref"] == pytest.approx(float(metrics["kl_ref"]),
-                                                rel=1e-5)
+  for name in ("kl_ref", "kl_ref_chosen", "kl_ref_rejected"):
+    assert record[f"eval_{name}"] == pytest.approx(float(metrics[name]),
+                                                   rel=1e-5)
 
 
 # ---------------------------------------------------------------- train.py
@@ -255,7 +259,8 @@ def test_train_py_dpo_from_an_sft_run_resumes_exactly(runs):
   assert train[0]["kl_ref"] == 0 and train[0]["reward_margin"] == 0
   assert train[-1]["kl_ref"] > 0 and train[-1]["tokens_seen"] == 6 * 4 * 2 * 32
   for name in ("reward_chosen", "reward_rejected", "reward_margin",
-               "reward_accuracy", "kl_ref", "kl_ref_sequence"):
+               "reward_accuracy", "kl_ref", "kl_ref_chosen",
+               "kl_ref_rejected"):
     assert all(name in r for r in train), name
   evals = [r for r in first if "eval_loss" in r]
   assert [r["step"] for r in evals] == [3, 6]

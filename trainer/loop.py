@@ -235,8 +235,10 @@ def evaluate_params(run: Run, params, max_batches: int,
   perplexity and bits per byte of the target tokens (next-token: every
   token; sft: the response tokens); for dpo the preference loss, rewards,
   reward accuracy and KL to `ref_params` (objectives.summarize)."""
-  source = run.sources.get("val") or _source(
-      run.config, run.data, "val", run.model.cfg, run.tokenizer)
+  source = run.sources.get("val")
+  if source is None:
+    source = _source(run.config, run.data, "val", run.model.cfg,
+                     run.tokenizer)
   token_bytes = run.tokenizer.token_bytes()
   batch_sharding = sharding.batch_sharding(run.mesh)
   data_parallel = run.mesh.shape["data"] * run.mesh.shape["fsdp"]

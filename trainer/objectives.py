@@ -160,10 +160,17 @@ def dpo_loss(model, params, batch, rng, ref_params, beta, dropout=False):
              "reward_rejected": t["rejected_B"].mean(),
              "reward_margin": t["margin_B"].mean(),
              "reward_accuracy": (t["margin_B"] > 0).astype(jnp.float32).mean(),
-             # per target token, and per sequence
-             "kl_ref": t["kl_2B"].sum() / jnp.maximum(t["targets_2B"].sum(), 1),
-             "kl_ref_sequence": t["kl_2B"].mean()}
+             **kl_per_token(t["kl_2B"], t["targets_2B"])}
   return t["loss_B"].mean(), metrics
+
+
+def kl_per_token(kl_2B, targets_2B) -> dict:
+  """The KL to the reference per target token: over both responses of the
+  pairs, the chosen ones, the rejected ones."""
+  per = lambda kl, n: kl.sum() / jnp.maximum(n.sum(), 1.0)
+  return {"kl_ref": per(kl_2B, targets_2B),
+          "kl_ref_chosen": per(kl_2B[0::2], targets_2B[0::2]),
+          "kl_ref_rejected": per(kl_2B[1::2], targets_2B[1::2])}
 
 
 def dpo_eval(model, params, batch, mask_B, ref_params, beta):
@@ -176,8 +183,10 @@ def dpo_eval(model, params, batch, mask_B, ref_params, beta):
           "rejected": jnp.sum(t["rejected_B"] * m),
           "margin": jnp.sum(t["margin_B"] * m),
           "correct": jnp.sum((t["margin_B"] > 0) * m),
-          "kl": jnp.sum(t["kl_2B"] * m2),
-          "targets": jnp.sum(t["targets_2B"] * m2)}
+          "kl_chosen": jnp.sum(t["kl_2B"][0::2] * m),
+          "kl_rejected": jnp.sum(t["kl_2B"][1::2] * m),
+          "targets_chosen": jnp.sum(t["targets_2B"][0::2] * m),
+          "targets_rejected": jnp.sum(t["targets_2B"][1::2] * m)}
 
 
 # ---------------------------------------------------------------- records
@@ -195,8 +204,12 @@ def summarize(objective: str, sums: dict) -> dict:
             "eval_reward_rejected": sums["rejected"] / n,
             "eval_reward_margin": sums["margin"] / n,
             "eval_reward_accuracy": sums["correct"] / n,
-            "eval_kl_ref": sums["kl"] / max(sums["targets"], 1.0),
-            "eval_kl_ref_sequence": sums["kl"] / (2 * n),
+            "eval_kl_ref": (sums["kl_chosen"] + sums["kl_rejected"]) / max(
+                sums["targets_chosen"] + sums["targets_rejected"], 1.0),
+            "eval_kl_ref_chosen": sums["kl_chosen"] / max(
+                sums["targets_chosen"], 1.0),
+            "eval_kl_ref_rejected": sums["kl_rejected"] / max(
+                sums["targets_rejected"], 1.0),
             "eval_pairs": int(sums["pairs"])}
   loss = sums["nats"] / max(sums["tokens"], 1.0)
   return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
