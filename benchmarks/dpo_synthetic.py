@@ -80,7 +80,7 @@ def main():
   p.add_argument("--out", default="runs/bench/dpo_synthetic")
   p.add_argument("--train", type=int, default=6000)
   p.add_argument("--held-out", type=int, default=500)
-  p.add_argument("--sft-steps", type=int, default=600)
+  p.add_argument("--sft-steps", type=int, default=1000)
   p.add_argument("--dpo-steps", type=int, default=100)
   p.add_argument("--every", type=int, default=25,
                  help="dpo: eval and keep a checkpoint every this many steps")

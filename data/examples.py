@@ -225,7 +225,8 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
   if missing:
     raise DataError(f"holdout {tuple(holdout)} must name files of the "
                     f"examples (unknown: {missing}); choose from: "
-                    f"{', '.join(names[:30])}")
+                    f"{', '.join(names[:30])}, or hold out examples by a "
+                    "hash with an empty holdout (--config.data.holdout='()')")
   if holdout and set(names) <= set(holdout):
     raise DataError("the holdout holds out every file; leave some for "
                     "training")
@@ -248,8 +249,8 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
           ids, mask = encode(seq, tokenizer)
         except ValueError as e:  # a character outside a char vocabulary
           raise DataError(
-              f"{path}:{number}: {e} ({tokenizers.describe(tokenizer)}); "
-              "remove it, or prepare with a byte or BPE tokenizer") from None
+              f"{path}:{number}: {e} ({tokenizers.describe(tokenizer)}, "
+              "the model's); remove or replace it") from None
         tokens.append(ids.astype(dtype))
         targets.append(mask.astype(np.uint8))
         starts.append(starts[-1] + len(ids))

@@ -158,7 +158,8 @@ def test_a_character_outside_the_vocabulary_is_one_line(tmp_path):
     examples.build([path], str(tmp_path / "out"), "sft", tok)
   assert str(e.value).startswith(
       f"{path}:2: character 'é' is not in the vocabulary of this character "
-      "tokenizer (char tokenizer of 13 ids)")
+      "tokenizer (char tokenizer of 13 ids, the model's); remove or replace "
+      "it")
 
 
 def test_prepare_command_with_a_models_tokenizer(tmp_path, capsys):
