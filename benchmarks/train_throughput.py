@@ -13,7 +13,8 @@ this machine, so it reads as "fraction of what XLA's matmul reaches here".
 Rounds alternate between frameworks so that machine noise hits both alike.
 A git revision given to --versus is extracted (git archive) into a
 temporary directory and timed there, in a process of its own that runs its
-rounds when this one tells it to, so the rounds still alternate.
+rounds when this one tells it to, beside a second such process running
+this working tree's code, so that both are timed alike (versus_revision).
 """
 
 import argparse
@@ -103,17 +104,21 @@ for line in sys.stdin:
 """
 
 
-def revision_runner(revision: str, args):
-  """run(steps) -> seconds of the default train step as `revision`'s code
-  has it, the same shape and overrides (--set)."""
-  tree = tempfile.mkdtemp(prefix="throughput-")
-  archive = subprocess.run(["git", "archive", revision], capture_output=True,
-                           cwd=os.path.dirname(os.path.dirname(
-                               os.path.abspath(__file__))))
-  if archive.returncode:
-    raise SystemExit(f"--versus {revision}: not a git revision here "
-                     f"({archive.stderr.decode().strip()})")
-  subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
+def revision_runner(revision: str | None, args):
+  """(run(steps) -> seconds, close(), compile seconds) of the train step
+  as `revision`'s code has it (None: this working tree's), the same shape
+  and overrides (--set), in a process of its own."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  tree = repo
+  if revision is not None:
+    tree = tempfile.mkdtemp(prefix="throughput-")
+    archive = subprocess.run(["git", "archive", revision], capture_output=True,
+                             cwd=repo)
+    if archive.returncode:
+      raise SystemExit(f"--versus {revision}: not a git revision here "
+                       f"({archive.stderr.decode().strip()})")
+    subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout,
+                   check=True)
   proc = subprocess.Popen(
       [sys.executable, "-c", _DRIVER, json.dumps(
           {"shape": args.shape, "set": args.set, "vocab": args.vocab})],
@@ -121,6 +126,7 @@ def revision_runner(revision: str, args):
   ready = proc.stdout.readline()
   if not ready.startswith("ready"):
     raise SystemExit(f"--versus {revision}: its benchmark did not start")
+  compile_s = float(ready.split()[1])
 
   def run(steps):
     proc.stdin.write(f"{steps}\n")
@@ -130,9 +136,32 @@ def revision_runner(revision: str, args):
   def close():
     proc.stdin.close()
     proc.wait()
-    shutil.rmtree(tree, ignore_errors=True)
+    if tree != repo:
+      shutil.rmtree(tree, ignore_errors=True)
 
-  return run, close
+  return run, close, compile_s
+
+
+def versus_revision(revision: str, args):
+  """Step times of this working tree's code ("jax") and `revision`'s
+  ("jax_versus"), each in a process of its own, in alternating rounds. The
+  process started first ran 5-10% faster here whatever its code (--versus
+  HEAD), so the rounds are split into two halves that start the two in
+  either order, and each half alternates which goes first in a round."""
+  times = {"jax": [], "jax_versus": []}
+  compile_s = None
+  for half, order in enumerate(((None, revision), (revision, None))):
+    procs = {}
+    for rev in order:
+      name = "jax" if rev is None else "jax_versus"
+      procs[name] = revision_runner(rev, args)
+      compile_s = compile_s or procs[name][2]
+    for i in range((args.rounds + 1 - half) // 2):
+      for name in list(procs)[::-1 if i % 2 else 1]:
+        times[name].append(procs[name][0](args.steps) / args.steps)
+    for _, close, _ in procs.values():
+      close()
+  return times, compile_s
 
 
 def main():
@@ -159,25 +188,26 @@ def main():
   config.model.update(overrides)
   _override(config, args.set)
 
-  cfg, compile_s, run = jax_runner(config, args.vocab)
-  runners = {"jax": run}
-  closers = []
-  if len(args.versus) == 1 and "=" not in args.versus[0]:
-    runners["jax_versus"], close = revision_runner(args.versus[0], args)
-    closers.append(close)
-  elif args.versus:
-    versus = config.copy_and_resolve_references()
-    _override(versus, args.versus)
-    runners["jax_versus"] = jax_runner(versus, args.vocab)[2]
-  if args.torch:
-    from benchmarks import torch_gpt
-    runners["torch"] = torch_gpt.runner(cfg, config.train.batch_size)
-  times = {name: [] for name in runners}
-  for _ in range(args.rounds):
-    for name, r in runners.items():
-      times[name].append(r(args.steps) / args.steps)
-  for close in closers:
-    close()
+  revision = (args.versus[0] if len(args.versus) == 1 and
+              "=" not in args.versus[0] else None)
+  if revision:
+    cfg = loop.model_and_optimizer(config, args.vocab, sharding.make_mesh(
+        config.mesh))[0].cfg
+    times, compile_s = versus_revision(revision, args)
+  else:
+    cfg, compile_s, run = jax_runner(config, args.vocab)
+    runners = {"jax": run}
+    if args.versus:
+      versus = config.copy_and_resolve_references()
+      _override(versus, args.versus)
+      runners["jax_versus"] = jax_runner(versus, args.vocab)[2]
+    if args.torch:
+      from benchmarks import torch_gpt
+      runners["torch"] = torch_gpt.runner(cfg, config.train.batch_size)
+    times = {name: [] for name in runners}
+    for _ in range(args.rounds):
+      for name, r in runners.items():
+        times[name].append(r(args.steps) / args.steps)
 
   tokens = config.train.batch_size * cfg.seq_len
   peak = metrics.measure_matmul_flops(n=2048, repeats=5)
