@@ -98,7 +98,23 @@ if "batch_size" in overrides:
 config.model.update(overrides)
 tt._override(config, args["set"])
 _, compile_s, run = tt.jax_runner(config, args["vocab"])
-print("ready", compile_s, flush=True)
+import hashlib, re
+import flax.linen as nn, jax, numpy as np
+from trainer import loop, sharding, state as state_lib
+mesh = sharding.make_mesh(config.mesh)
+model, tx, rules, shardings = loop.model_and_optimizer(config, args["vocab"],
+                                                       mesh)
+shape = (config.train.batch_size, config.model.seq_len + 1)
+with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  step = state_lib.make_train_step(model, tx, shardings, grad_accum_steps=1,
+                                   seed=0)
+  text = step.lower(state_lib.abstract_state(model, tx, shardings),
+                    jax.ShapeDtypeStruct(shape, np.int32, sharding=(
+                        sharding.batch_sharding(mesh)))).compile().as_text()
+ops = re.findall(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(.+?)\s+([\w-]+)\(", text,
+                 re.M)
+print("ready", compile_s, hashlib.sha256(repr(ops).encode()).hexdigest()[:16],
+      len(ops), flush=True)
 for line in sys.stdin:
   print(run(int(line)), flush=True)
 """
@@ -126,7 +142,8 @@ def revision_runner(revision: str | None, args):
   ready = proc.stdout.readline()
   if not ready.startswith("ready"):
     raise SystemExit(f"--versus {revision}: its benchmark did not start")
-  compile_s = float(ready.split()[1])
+  _, compile_s, hlo, instructions = ready.split()
+  compile_s = float(compile_s)
 
   def run(steps):
     proc.stdin.write(f"{steps}\n")
@@ -139,6 +156,7 @@ def revision_runner(revision: str | None, args):
     if tree != repo:
       shutil.rmtree(tree, ignore_errors=True)
 
+  run.compiled_step = f"{hlo} ({instructions} instructions)"
   return run, close, compile_s
 
 
@@ -147,21 +165,23 @@ def versus_revision(revision: str, args):
   ("jax_versus"), each in a process of its own, in alternating rounds. The
   process started first ran 5-10% faster here whatever its code (--versus
   HEAD), so the rounds are split into two halves that start the two in
-  either order, and each half alternates which goes first in a round."""
+  either order, and each half alternates which goes first in a round. Each
+  side also reports a hash of its compiled step's instructions."""
   times = {"jax": [], "jax_versus": []}
-  compile_s = None
+  compile_s, compiled = None, {}
   for half, order in enumerate(((None, revision), (revision, None))):
     procs = {}
     for rev in order:
       name = "jax" if rev is None else "jax_versus"
       procs[name] = revision_runner(rev, args)
       compile_s = compile_s or procs[name][2]
+      compiled[name] = procs[name][0].compiled_step
     for i in range((args.rounds + 1 - half) // 2):
       for name in list(procs)[::-1 if i % 2 else 1]:
         times[name].append(procs[name][0](args.steps) / args.steps)
     for _, close, _ in procs.values():
       close()
-  return times, compile_s
+  return times, compile_s, compiled
 
 
 def main():
@@ -193,7 +213,7 @@ def main():
   if revision:
     cfg = loop.model_and_optimizer(config, args.vocab, sharding.make_mesh(
         config.mesh))[0].cfg
-    times, compile_s = versus_revision(revision, args)
+    times, compile_s, compiled = versus_revision(revision, args)
   else:
     cfg, compile_s, run = jax_runner(config, args.vocab)
     runners = {"jax": run}
@@ -223,6 +243,11 @@ def main():
     result[f"{name}_step_ms"] = round(1e3 * step, 1)
     result[f"{name}_tokens_per_sec"] = round(tokens / step)
     result[f"{name}_mfu"] = round(cfg.flops_per_token() * tokens / step / peak, 3)
+  if revision:
+    # A hash of the compiled step's instructions (shapes and opcodes, in
+    # order): equal hashes, the same program.
+    result["compiled_step"] = compiled["jax"]
+    result["compiled_step_versus"] = compiled["jax_versus"]
   if args.versus:
     result["versus"] = " ".join(args.versus)
     result["jax_over_versus"] = round(
