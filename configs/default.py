@@ -31,7 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
       num_heads=3,
       d_ff=0,              # 0: 4 * d_model
       seq_len=128,
-      position="learned",  # or "sinusoidal"
+      position="learned",  # or "sinusoidal", "rope" (rotary, half-split)
+      rope_base=10000.0,   # position="rope": base of the rotary frequencies
       tie_embeddings=True,
       use_bias=True,
       dropout=0.0,
@@ -41,6 +42,11 @@ def get_config() -> ml_collections.ConfigDict:
       param_dtype="float32",
       attention="einsum",  # "einsum" | "xla" | "cudnn" (GPU, bf16)
       attention_chunks=2,  # einsum attention in query blocks that skip masked keys
+      attention_pattern="dense",  # "dense" | "local" layers, comma-separated,
+                                  # cycled over the layers; GPT-3: "dense,local"
+      local_window=256,    # a local layer's query sees its key and 255 before
+      parametrization="standard",  # or "mup" (README, muP)
+      mup_base_width=96,   # muP: the d_model where it equals "standard"
   ))
 
   c.data = ml_collections.ConfigDict(dict(

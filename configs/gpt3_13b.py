@@ -4,14 +4,14 @@ The paper prints d_model 5140, which its 40 heads of d_head 128 do not make
 (40 x 128 = 5120; 5140 / 40 = 128.5). gpt3_small's recipe at 1024 x 2048
 tokens (2M) a step and a peak rate of 1e-4: 143,052 steps, warmup 179,
 cosine to step 123,978. gpt3_xl's scanned layers, full remat and FSDP.
-Attention: dense in every layer (GPT-3 alternates dense and banded: see
-gpt3_small.py).
+Attention: dense and banded (window 256) layers alternating, as in
+gpt3_small.py.
 
 Params:   12,853,386,240 (12585.6M non-embedding); the paper says 13.0B
           (with d_model 5140 it would be 12.94B).
-FLOPs:    per token 6N = 75.5 G; 82.1 G as logged (+ output layer 1.54 G,
-          attention 5.03 G).
-Memory:   32.0 GiB per device at 8 sequences each on 128 devices (CPU
+FLOPs:    per token 6N = 75.5 G; 79.9 G as logged (+ output layer 1.54 G,
+          attention 2.83 G).
+Memory:   36.3 GiB per device at 8 sequences each on 128 devices (CPU
           plan: python -m launch.memory --config=configs/gpt3_13b.py
           --devices=128)
 

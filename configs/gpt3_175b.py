@@ -3,8 +3,8 @@
 gpt3_small's recipe at a peak rate of 0.6e-4 and the paper's 3.2M tokens a
 step as 1536 x 2048 = 3.1M (1563 would not split over the devices): 95,368
 steps, warmup 119, cosine to step 82,652. gpt3_xl's scanned layers and full
-remat. Attention: dense in every layer (GPT-3 alternates dense and banded:
-see gpt3_small.py).
+remat. Attention: dense and banded (window 256) layers alternating, as in
+gpt3_small.py.
 
 Laid out for 1024 devices: tensor parallelism over 8 (a node's GPUs), FSDP
 over the rest, and 4 microbatches a step, so that each device holds 3
@@ -16,10 +16,10 @@ Eval and a checkpoint (2.1 TB of state) every 500 steps: about an hour at
 
 Params:   174,604,259,328 (174,604,836,864 as padded to 50304 ids;
           173,961.5M non-embedding); the paper says 175.0B.
-FLOPs:    per token 6N = 1044 G; 1076 G as logged (+ output layer 3.7 G,
-          attention 29.0 G). 300B tokens: 3.23e23 FLOPs as logged; the
+FLOPs:    per token 6N = 1044 G; 1064 G as logged (+ output layer 3.7 G,
+          attention 16.3 G). 300B tokens: 3.19e23 FLOPs as logged; the
           paper's 3.14e23 is 6 x all parameters x tokens.
-Memory:   35.3 GiB per device on 1024 devices (the plan, its arithmetic
+Memory:   24.7 GiB per device on 1024 devices (the plan, its arithmetic
           and other layouts: launch/README.md, GPT-3 175B on 1024 devices):
           python -m launch.memory --config=configs/gpt3_175b.py --devices=1024
 

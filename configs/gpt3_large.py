@@ -2,15 +2,15 @@
 
 gpt3_small's recipe at 256 x 2048 tokens (0.5M) a step and a peak rate of
 2.5e-4: 572,205 steps, warmup 715, cosine to step 495,911. gpt3_medium's
-scanned layers, with full remat from here on. Attention: dense in every
-layer (GPT-3 alternates dense and banded: see gpt3_small.py).
+scanned layers, with full remat from here on. Attention: dense and banded
+(window 256) layers alternating, as in gpt3_small.py.
 
 Params:   760,300,032 (680.0M non-embedding).
-FLOPs:    per token 6N = 4.08 G; 5.45 G as logged (+ output layer 0.46 G,
-          attention 0.91 G).
-Memory:   20.3 GiB per device at 8 sequences each on 32 devices,
+FLOPs:    per token 6N = 4.08 G; 5.05 G as logged (+ output layer 0.46 G,
+          attention 0.51 G).
+Memory:   22.1 GiB per device at 8 sequences each on 32 devices,
           data-parallel (CPU plan: python -m launch.memory
-          --config=configs/gpt3_large.py --devices=32); 38.3 GiB with
+          --config=configs/gpt3_large.py --devices=32); 41.3 GiB with
           remat="dots"
 
 Command:  python train.py --config=configs/gpt3_large.py

@@ -10,17 +10,24 @@ step, here 256 x 2048 = 524,288 (0.5M): 572,205 steps (300B, rounded up),
 warmup 715, cosine to step 495,911. Overriding train.batch_size keeps these
 steps: override train.steps, warmup_steps and cosine_steps with it.
 
-Attention: dense in every layer. GPT-3 alternates dense and locally banded
-layers; that pattern belongs in every gpt3_*.py config once the model has
-it (model.attention_pattern and model.local_window).
+Attention: GPT-3's layers alternate dense and locally banded attention
+(model.attention_pattern="dense,local", a dense layer first; every gpt3_*.py
+config takes it from here). The paper gives no band width: we take 256
+(model.local_window), that of GPT-Neo, EleutherAI's open replication of
+GPT-3, whose layers alternate "global" and "local" the same way. That is an
+eighth of the context: a local layer's attention counts an eighth of a dense
+one's FLOPs as logged (it computes 2 x 256 scores per query, in blocks), and
+generation caches only its last 256 keys. The pattern adds no parameters.
+
 gpt2_small's data (byte-level Shakespeare; see there for GPT-2 token ids),
 eval and checkpoints.
 
 Params:   125,226,240 (85.1M non-embedding).
-FLOPs:    per token 6N = 0.51 G (N: non-embedding parameters); 0.97 G as
+FLOPs:    per token 6N = 0.51 G (N: non-embedding parameters); 0.87 G as
           logged (flops_per_token: + the output layer 0.23 G + attention,
-          12 x layers x d_model x context, 0.23 G).
-Memory:   46.8 GiB per device at 8 sequences each on 32 devices,
+          12 x d_model x each layer's context or window, 0.13 G; 0.23 G
+          with dense layers only).
+Memory:   41.1 GiB per device at 8 sequences each on 32 devices,
           data-parallel, unrolled layers without remat (CPU plan:
           python -m launch.memory --config=configs/gpt3_small.py --devices=32)
 
@@ -48,5 +55,6 @@ def sized(c, num_layers, d_model, num_heads, batch_size, learning_rate):
 
 def get_config():
   c = gpt2_small.get_config()
-  c.model.seq_len = 2048
+  c.model.update(seq_len=2048, attention_pattern="dense,local",
+                 local_window=256)
   return sized(c, 12, 768, 12, batch_size=256, learning_rate=6e-4)

@@ -3,20 +3,20 @@
 The GPT-3 paper lists 24 heads for XL, but 24 does not divide 2048; 16 heads
 of 128 is what Pythia-1.4B uses. gpt3_small's recipe at 512 x 2048 tokens
 (1M) a step and a peak rate of 2e-4: 286,103 steps, warmup 358, cosine to
-step 247,955. Attention: dense in every layer (GPT-3 alternates dense and
-banded: see gpt3_small.py). The state sharded over all devices (FSDP).
+step 247,955. Attention: dense and banded (window 256) layers alternating,
+as in gpt3_small.py. The state sharded over all devices (FSDP).
 
 Full remat over scanned layers: at 8 sequences per device launch/memory.py
-plans 11 GiB of temporaries per device, 35 GiB with remat="dots", 191 GiB
+plans 12.5 GiB of temporaries per device, 38 GiB with remat="dots", 172 GiB
 with none. With unrolled layers the CPU compiler's plan does not shrink with
-remat (147 GiB either way). Tensor parallelism splits the vocabulary too:
+remat (127 GiB either way). Tensor parallelism splits the vocabulary too:
 model.vocab_multiple (128) pads its 50257 ids to 50304, which mesh.tensor
 = 2, 4, 8 ... 128 divide.
 
 Params:   1,315,723,264 (1208.6M non-embedding); the paper says 1.3B.
-FLOPs:    per token 6N = 7.25 G; 9.08 G as logged (+ output layer 0.62 G,
-          attention 1.21 G).
-Memory:   10.6 GiB per device at 8 sequences each on 64 devices (CPU
+FLOPs:    per token 6N = 7.25 G; 8.55 G as logged (+ output layer 0.62 G,
+          attention 0.68 G).
+Memory:   12.8 GiB per device at 8 sequences each on 64 devices (CPU
           plan: python -m launch.memory --config=configs/gpt3_xl.py
           --devices=64; other layouts in launch/README.md)
 

@@ -6,7 +6,9 @@ T the query and key positions of an attention block. Every parameter and
 the main activations carry logical axis names; `trainer.sharding` maps them
 to mesh axes.
 
-Cached generation calls the same modules with a `KVCache` (Z layers, S cache
+Attention layers follow `attention_pattern`: "dense" ones see the whole
+context, "local" ones (GPT-3's banded layers) the last `local_window` keys.
+Cached generation calls the same modules with a `KVCache` (Z layers, W cache
 slots): only attention's key/value source differs from training.
 """
 
@@ -17,13 +19,16 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-POSITIONS = ("learned", "sinusoidal")
+POSITIONS = ("learned", "sinusoidal", "rope")
+LAYER_KINDS = ("dense", "local")
+PARAMETRIZATIONS = ("standard", "mup")
 ATTENTIONS = ("einsum", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 # Every logical axis name the arrays below carry: mesh.rules maps these.
@@ -43,6 +48,7 @@ class GPTConfig:
   seq_len: int
   d_ff: int = 0  # 0 means 4 * d_model
   position: str = "learned"  # one of POSITIONS
+  rope_base: float = 10000.0  # position="rope": base of the frequencies
   tie_embeddings: bool = True
   use_bias: bool = True
   dropout: float = 0.0
@@ -52,16 +58,43 @@ class GPTConfig:
   param_dtype: str = "float32"
   attention: str = "einsum"  # one of ATTENTIONS
   attention_chunks: int = 2  # query blocks of the einsum attention
+  # Layer kinds, comma-separated, repeated over the layers in order:
+  # "dense,local" alternates them, starting with a dense layer.
+  attention_pattern: str = "dense"
+  local_window: int = 256  # keys a local layer's query sees, its own included
   vocab_multiple: int = 1  # pad the vocabulary to a multiple of this
+  parametrization: str = "standard"  # one of PARAMETRIZATIONS
+  mup_base_width: int = 96  # muP: the d_model at which it equals standard
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
       raise ValueError(
           f"model.d_model={self.d_model} is not divisible by "
           f"model.num_heads={self.num_heads}; pick heads that divide it")
+    if not set(self.pattern) <= set(LAYER_KINDS):
+      raise ValueError(
+          f"model.attention_pattern={self.attention_pattern!r} must list "
+          f"layer kinds separated by commas, each one of {list(LAYER_KINDS)}"
+          " (e.g. 'dense,local')")
+    if self.scan_layers and self.num_layers % len(self.pattern):
+      raise ValueError(
+          f"model.num_layers={self.num_layers} must be a multiple of the "
+          f"{len(self.pattern)} layers of model.attention_pattern="
+          f"{self.attention_pattern!r} with model.scan_layers=True (it scans "
+          "over repeats of the pattern)")
+    if self.position == "rope" and self.head_dim % 2:
+      raise ValueError(
+          f"model.position='rope' rotates pairs of dimensions: head_dim = "
+          f"d_model / num_heads = {self.head_dim} must be even")
     if self.vocab_multiple < 1:
       raise ValueError(f"model.vocab_multiple={self.vocab_multiple} must be "
                        ">= 1 (1: no padding)")
+    if self.parametrization == "mup" and (
+        self.mup_base_width < 1 or self.mup_base_width % self.num_heads):
+      raise ValueError(
+          f"model.mup_base_width={self.mup_base_width} must be a positive "
+          f"multiple of model.num_heads={self.num_heads}: muP's base model "
+          "is this one at d_model = mup_base_width, with the same heads")
 
   @property
   def head_dim(self) -> int:
@@ -70,6 +103,68 @@ class GPTConfig:
   @property
   def mlp_dim(self) -> int:
     return self.d_ff or 4 * self.d_model
+
+  # muP (Tensor Programs V): the model at d_model = mup_base_width is the
+  # standard one, bit for bit; wider (or narrower) ones scale as below, and
+  # trainer.optim scales the hidden weights' Adam updates by 1 / width_mult.
+  @property
+  def width_mult(self) -> float:
+    """d_model / mup_base_width under muP; 1 under the standard
+    parametrization."""
+    if self.parametrization == "mup":
+      return self.d_model / self.mup_base_width
+    return 1.0
+
+  @property
+  def hidden_init_scale(self) -> float:
+    """Multiplies the init std of the hidden (width x width) weights: their
+    variance goes as 1 / fan_in under muP."""
+    return math.sqrt(1 / self.width_mult)
+
+  @property
+  def attention_mult(self) -> float:
+    """Multiplies the queries, on top of attention's 1 / sqrt(head_dim):
+    sqrt(base head_dim / head_dim) under muP, so that q.k is divided by
+    head_dim (times sqrt(the base model's head_dim): 1 / sqrt(head_dim) at
+    the base width)."""
+    return math.sqrt(1 / self.width_mult)
+
+  @property
+  def attention_scale(self) -> float:
+    """What q.k is multiplied by in all: 1 / sqrt(head_dim) (standard); muP's
+    sqrt(base head_dim) / head_dim."""
+    return 1.0 / math.sqrt(self.head_dim) * self.attention_mult
+
+  @property
+  def output_mult(self) -> float:
+    """Multiplies the readout's input (the tied embedding or lm_head): muP's
+    1 / width_mult keeps the logits' updates independent of the width."""
+    return 1 / self.width_mult
+
+  @property
+  def pattern(self) -> tuple[str, ...]:
+    return tuple(kind.strip() for kind in self.attention_pattern.split(","))
+
+  @property
+  def layer_kinds(self) -> tuple[str, ...]:
+    """Each layer's kind: the pattern repeated over the layers."""
+    return tuple(self.pattern[i % len(self.pattern)]
+                 for i in range(self.num_layers))
+
+  def window(self, kind: str) -> int:
+    """Keys a query of a `kind` layer sees: its own and the window - 1
+    before it. A dense layer's is the context, so that a sequence longer
+    than that (sampling with rotary positions) keeps each layer within the
+    context it was trained on."""
+    if kind == "dense":
+      return self.seq_len
+    return min(self.local_window, self.seq_len)
+
+  @property
+  def cache_rolls(self) -> bool:
+    """Whether a cached key stays valid once older tokens leave the window:
+    true of rotary positions (relative), not of absolute ones."""
+    return self.position == "rope"
 
   @property
   def padded_vocab_size(self) -> int:
@@ -105,66 +200,151 @@ class GPTConfig:
     vocabulary, the model's FLOPs (MFU does not rise by padding), or with
     `padded` over the padded one, which the step computes. The second term
     is the attention score and value matmuls (PaLM's convention, counted
-    over the full, unmasked context).
+    over the full, unmasked context; a local layer's over its window
+    instead of seq_len).
     """
     v = self.padded_vocab_size if padded else self.vocab_size
     n = self.num_params(embeddings=False) + self.d_model * v
-    return 6 * n + 12 * self.num_layers * self.d_model * self.seq_len
+    return 6 * n + 12 * self.d_model * sum(map(self.window, self.layer_kinds))
 
 
 CACHE_AXES = ("layers", "batch", "length", "heads", "head_dim")
 
 
 @flax.struct.dataclass
-class KVCache:
-  """The keys and values of every layer for the tokens seen so far.
+class KVRing:
+  """The keys and values of the layers at place j of a pattern of P kinds
+  (layers j, j + P, j + 2P...) for the last W columns of the batch, W their
+  kind's window: column c in slot c % W. pos_BxW: each slot's position (-1:
+  free, or left padding)."""
+  k_ZxBxWxHxK: jax.Array
+  v_ZxBxWxHxK: jax.Array
+  pos_BxW: jax.Array
 
-  A step claims the next slots, the same in every row, for its tokens and
-  their positions (`claim`); each layer then writes its keys and values
-  there and attends to all slots (`write`). Attention masks by the slots'
-  positions alone (-1: free, or left padding), so a cache that fills slots
-  in another order (a rolling one) or a layer that sees only a band of them
-  changes `claim` or `mask`, nothing else. Sharded like training: the batch
-  over the data axes, the heads over tensor.
+  @classmethod
+  def empty(cls, cfg: GPTConfig, place: int, batch: int) -> "KVRing":
+    layers = len(range(place, cfg.num_layers, len(cfg.pattern)))
+    W = cfg.window(cfg.pattern[place])
+    shape = (layers, batch, W, cfg.num_heads, cfg.head_dim)
+    zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, cfg.dtype),
+                                               CACHE_AXES)
+    pos_BxW = nn.with_logical_constraint(
+        jnp.full((batch, W), -1, jnp.int32), ("batch", "length"))
+    return cls(zeros(), zeros(), pos_BxW)
+
+  def _slots(self, first, L: int):
+    """The slots of the last min(L, W) of columns [first, first + L): the
+    ring keeps no more, and the step attends to its own keys directly."""
+    W = self.pos_BxW.shape[1]
+    M = min(L, W)
+    return (first + L - M + jnp.arange(M)) % W, L - M
+
+  def claim(self, pos_BxL, first, fresh: bool):
+    """Columns [first, first + L) for tokens at positions pos_BxL, and which
+    keys those attend to (mask_Bx1xLxT, over the keys `update` returns):
+    those at their position and the W - 1 before it."""
+    L, W = pos_BxL.shape[1], self.pos_BxW.shape[1]
+    slots_M, skip = self._slots(first, L)
+    pos_BxW = nn.with_logical_constraint(
+        self.pos_BxW.at[:, slots_M].set(pos_BxL[:, skip:]),
+        ("batch", "length"))
+    if L == 1:
+      key_pos_BxT = pos_BxW
+    elif fresh:
+      key_pos_BxT = pos_BxL
+    else:
+      key_pos_BxT = jnp.concatenate([self.pos_BxW, pos_BxL], axis=1)
+    key_pos_Bx1x1xT = key_pos_BxT[:, None, None, :]
+    query_pos_Bx1xLx1 = pos_BxL[:, None, :, None]
+    mask_Bx1xLxT = ((key_pos_Bx1x1xT >= 0) &
+                    (key_pos_Bx1x1xT <= query_pos_Bx1xLx1) &
+                    (key_pos_Bx1x1xT > query_pos_Bx1xLx1 - W))
+    return self.replace(pos_BxW=pos_BxW), mask_Bx1xLxT
+
+  def update(self, layer, k_BxLxHxK, v_BxLxHxK, first, fresh: bool):
+    """The ring with layer `layer`'s keys and values of columns [first,
+    first + L) written, and the keys and values those attend to.
+
+    One token (decoding) writes its slot first and reads the ring, which
+    then holds its whole band: XLA writes the slot in place. A longer step
+    may overwrite keys its first tokens need, and its slots may wrap around:
+    it attends to its own keys, after those of the ring before its write
+    unless the cache is `fresh` (a prefill), and scatters its last W. (Per
+    decoding step, a scatter cost ~8% of cached decoding's speed, a read
+    before the write ~7%; the ring's keys in a prefill 1.5x its time.)"""
+    L = k_BxLxHxK.shape[1]
+    slots_M, skip = self._slots(first, L)
+
+    def update(ring_ZxBxWxHxK, new_BxLxHxK):
+      new_BxLxHxK = new_BxLxHxK.astype(ring_ZxBxWxHxK.dtype)
+      constrain = lambda x: nn.with_logical_constraint(x, CACHE_AXES)
+      if L == 1:
+        ring_ZxBxWxHxK = constrain(jax.lax.dynamic_update_slice(
+            ring_ZxBxWxHxK, new_BxLxHxK[None], (layer, 0, slots_M[0], 0, 0)))
+        return ring_ZxBxWxHxK, ring_ZxBxWxHxK[layer]
+      seen_BxTxHxK = new_BxLxHxK if fresh else jnp.concatenate(
+          [ring_ZxBxWxHxK[layer], new_BxLxHxK], axis=1)
+      # (layer, slots) index the ring apart: the update is [M, B, H, K].
+      return constrain(ring_ZxBxWxHxK.at[layer, :, slots_M].set(
+          jnp.swapaxes(new_BxLxHxK[:, skip:], 0, 1))), seen_BxTxHxK
+
+    k_ZxBxWxHxK, k_BxTxHxK = update(self.k_ZxBxWxHxK, k_BxLxHxK)
+    v_ZxBxWxHxK, v_BxTxHxK = update(self.v_ZxBxWxHxK, v_BxLxHxK)
+    return (self.replace(k_ZxBxWxHxK=k_ZxBxWxHxK, v_ZxBxWxHxK=v_ZxBxWxHxK),
+            k_BxTxHxK, v_BxTxHxK)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """The keys and values of every layer for the last tokens seen.
+
+  A step claims the next L columns, the same in every row, for its tokens
+  and their positions (`claim`); each layer then attends to its ring's keys
+  and the step's own, and writes the step's into its ring (`update`).
+  Attention masks by positions alone (-1: free, or left padding), so a ring
+  keeps only its layers' window (seq_len slots for a dense layer,
+  local_window for a local one) and rolls over once the columns outgrow
+  it. Sharded like training: the batch over the data axes, the heads over
+  tensor.
   """
-  k_ZxBxSxHxK: jax.Array
-  v_ZxBxSxHxK: jax.Array
-  pos_BxS: jax.Array
-  length: jax.Array  # slots claimed
+  rings: tuple[KVRing, ...]  # one per place in the attention pattern
+  length: jax.Array  # columns claimed
+  # Static: no step has written the cache yet, so a step reads no ring.
+  fresh: bool = flax.struct.field(pytree_node=False, default=True)
 
   @classmethod
   def empty(cls, cfg: GPTConfig, batch: int) -> "KVCache":
-    shape = (cfg.num_layers, batch, cfg.seq_len, cfg.num_heads, cfg.head_dim)
-    zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, cfg.dtype),
-                                               CACHE_AXES)
-    pos_BxS = nn.with_logical_constraint(
-        jnp.full((batch, cfg.seq_len), -1, jnp.int32), ("batch", "length"))
-    return cls(zeros(), zeros(), pos_BxS, jnp.zeros((), jnp.int32))
+    return cls(tuple(KVRing.empty(cfg, place, batch)
+                     for place in range(len(cfg.pattern))),
+               jnp.zeros((), jnp.int32))
 
-  def claim(self, pos_BxL) -> "KVCache":
-    """The next L slots (they must be free) for tokens at positions pos_BxL."""
-    return self.replace(
-        pos_BxS=jax.lax.dynamic_update_slice(self.pos_BxS, pos_BxL,
-                                             (0, self.length)),
-        length=self.length + pos_BxL.shape[1])
+  def claim(self, pos_BxL):
+    """The next L columns for tokens at positions pos_BxL (-1: padding), and
+    per ring the mask of the keys they attend to (`KVRing.claim`)."""
+    claimed = [ring.claim(pos_BxL, self.length, self.fresh)
+               for ring in self.rings]
+    return (self.replace(rings=tuple(ring for ring, _ in claimed),
+                         length=self.length + pos_BxL.shape[1]),
+            tuple(mask for _, mask in claimed))
 
-  def mask(self, pos_BxL):
-    """Which slots the tokens at positions pos_BxL (claimed) attend to: those
-    at their position or before; none for padding (-1)."""
-    key_pos_Bx1x1xS = self.pos_BxS[:, None, None, :]
-    return (key_pos_Bx1x1xS >= 0) & (key_pos_Bx1x1xS <=
-                                     pos_BxL[:, None, :, None])
+  def update(self, place: int, layer, k_BxLxHxK, v_BxLxHxK):
+    """Ring `place`'s layer `layer` updated with the keys and values of the
+    columns claimed last, and the keys and values those attend to
+    (`KVRing.update`)."""
+    first = self.length - k_BxLxHxK.shape[1]
+    ring, k_BxTxHxK, v_BxTxHxK = self.rings[place].update(
+        layer, k_BxLxHxK, v_BxLxHxK, first, self.fresh)
+    rings = self.rings[:place] + (ring,) + self.rings[place + 1:]
+    return self.replace(rings=rings), k_BxTxHxK, v_BxTxHxK
 
-  def write(self, layer, k_BxLxHxK, v_BxLxHxK) -> "KVCache":
-    """Layer `layer`'s keys and values of the tokens in the slots claimed
-    last. Attention reads them back from the cache, after this write: a read
-    before it would keep the old cache alive and cost XLA a copy of it."""
-    at = (layer, 0, self.length - k_BxLxHxK.shape[1], 0, 0)
-    write = lambda old, new: nn.with_logical_constraint(
-        jax.lax.dynamic_update_slice(old, new[None].astype(old.dtype), at),
-        CACHE_AXES)
-    return self.replace(k_ZxBxSxHxK=write(self.k_ZxBxSxHxK, k_BxLxHxK),
-                        v_ZxBxSxHxK=write(self.v_ZxBxSxHxK, v_BxLxHxK))
+  def written(self) -> "KVCache":
+    """The cache once a step has written it (GPT's call returns this)."""
+    return self.replace(fresh=False)
+
+  def next_pos(self):
+    """pos_Bx1: each row's position after its newest token (which every
+    ring holds)."""
+    return jnp.max(self.rings[0].pos_BxW, axis=1, keepdims=True) + 1
 
 
 def _dense_init(scale: float = 1.0):
@@ -180,6 +360,93 @@ def sinusoidal_positions(seq_len: int, d_model: int) -> jax.Array:
   return pe_LD.at[:, 1::2].set(jnp.cos(pos_L1 * freq[: d_model // 2]))
 
 
+def rotary(x_BxLxHxK, pos_BxL, base: float):
+  """Rotary positions (Su et al. 2021) in the half-split form of GPT-NeoX
+  and LLaMA: dimension i < K/2 and dimension i + K/2 form a pair, rotated by
+  the angle pos * base^(-2i/K). The dot product of a rotated query and key
+  then depends on their positions through the difference alone."""
+  K = x_BxLxHxK.shape[-1]
+  freq_K2 = base ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)
+  angle_BxLx1xK2 = pos_BxL[:, :, None, None].astype(jnp.float32) * freq_K2
+  cos_BxLx1xK2, sin_BxLx1xK2 = jnp.cos(angle_BxLx1xK2), jnp.sin(angle_BxLx1xK2)
+  x1_BxLxHxK2, x2_BxLxHxK2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, -1)
+  return jnp.concatenate(
+      [x1_BxLxHxK2 * cos_BxLx1xK2 - x2_BxLxHxK2 * sin_BxLx1xK2,
+       x2_BxLxHxK2 * cos_BxLx1xK2 + x1_BxLxHxK2 * sin_BxLx1xK2],
+      axis=-1).astype(x_BxLxHxK.dtype)
+
+
+def attend(q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, mask, dropout=lambda p: p):
+  """Softmax attention of scaled queries; `mask` broadcasts to [B, H, Q, T];
+  `dropout` applies to the probabilities. B may be several dimensions."""
+  att_BxHxQxT = jnp.einsum("...qhk,...thk->...hqt", q_BxQxHxK, k_BxTxHxK)
+  att_BxHxQxT = jnp.where(mask, att_BxHxQxT.astype(jnp.float32),
+                          jnp.finfo(jnp.float32).min)
+  probs_BxHxQxT = jax.nn.softmax(att_BxHxQxT, axis=-1).astype(v_BxTxHxK.dtype)
+  return jnp.einsum("...hqt,...thk->...qhk", dropout(probs_BxHxQxT),
+                    v_BxTxHxK)
+
+
+def causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, chunks: int,
+                     dropout=lambda p: p, mask_Bx1xLxL=None):
+  """Causal softmax attention, in `chunks` blocks of queries (and within
+  `mask_Bx1xLxL` if given).
+
+  Block [lo, hi) scores only keys [0, hi): the keys after it are masked for
+  all its queries, so skipping them is exact and saves part of the masked
+  upper triangle (a quarter of the score and value matmuls with 2 blocks).
+  """
+  L = q_BxLxHxK.shape[1]
+  q_BxLxHxK = q_BxLxHxK * (1.0 / math.sqrt(q_BxLxHxK.shape[-1]))
+  chunks = min(chunks, L)
+  bounds = [L * i // chunks for i in range(chunks + 1)]
+  out = []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    mask = causal_QxT = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]
+    if mask_Bx1xLxL is not None:
+      mask = causal_QxT & mask_Bx1xLxL[:, :, lo:hi, :hi]
+    out.append(attend(q_BxLxHxK[:, lo:hi], k_BxLxHxK[:, :hi],
+                      v_BxLxHxK[:, :hi], mask, dropout))
+  return jnp.concatenate(out, axis=1)
+
+
+def band_mask(L: int, window: int) -> np.ndarray:
+  """[L, L]: query i sees keys i - window + 1 to i."""
+  query_Lx1, key_1xL = np.arange(L)[:, None], np.arange(L)[None]
+  return (key_1xL <= query_Lx1) & (key_1xL > query_Lx1 - window)
+
+
+def banded_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, window: int,
+                     dropout=lambda p: p):
+  """Causal attention in which a query sees its own key and the window - 1
+  before it, computed in blocks: query block i (positions [i W, i W + W),
+  W = window) scores key blocks i - 1 and i alone, the two that hold its
+  queries' bands. 2 L W scores instead of L^2; L padded to a multiple of W.
+  """
+  B, L, H, K = q_BxLxHxK.shape
+  W, G = window, -(-L // window)  # G blocks
+  pad = lambda x, before: jnp.pad(
+      x, ((0, 0), (before, G * W - L), (0, 0), (0, 0)))
+  q_BxGxWxHxK = pad(q_BxLxHxK, 0).reshape(B, G, W, H, K) * (1.0 /
+                                                            math.sqrt(K))
+
+  def pairs(x_BxLxHxK):
+    """Key block i - 1 then key block i, for each i (a zero block before 0)."""
+    blocks_BxGxWxHxK = pad(x_BxLxHxK, W).reshape(B, G + 1, W, H, K)
+    return jnp.concatenate([blocks_BxGxWxHxK[:, :-1], blocks_BxGxWxHxK[:, 1:]],
+                           axis=2)
+
+  query_pos_Gx1xWx1 = np.arange(G * W).reshape(G, 1, W, 1)
+  key_pos_Gx1x1x2W = ((np.arange(G) - 1) * W)[:, None, None, None] + np.arange(
+      2 * W)
+  band_Gx1xWx2W = ((key_pos_Gx1x1x2W >= 0) &
+                   (key_pos_Gx1x1x2W <= query_pos_Gx1xWx1) &
+                   (key_pos_Gx1x1x2W > query_pos_Gx1xWx1 - W))
+  out_BxGxWxHxK = attend(q_BxGxWxHxK, pairs(k_BxLxHxK), pairs(v_BxLxHxK),
+                         band_Gx1xWx2W, dropout)
+  return out_BxGxWxHxK.reshape(B, G * W, H, K)[:, :L]
+
+
 def _layer_norm(cfg: GPTConfig, name: str | None = None) -> nn.LayerNorm:
   return nn.LayerNorm(
       epsilon=1e-5, use_bias=cfg.use_bias, dtype=cfg.dtype,
@@ -189,15 +456,18 @@ def _layer_norm(cfg: GPTConfig, name: str | None = None) -> nn.LayerNorm:
 
 
 class Attention(nn.Module):
+  """The attention of a layer at place `place` of the attention pattern."""
   cfg: GPTConfig
+  place: int = 0
 
   @nn.compact
-  def __call__(self, x_BxLxD, deterministic: bool, cache=None, layer=None,
-               mask_Bx1xLxS=None):
-    """With a `cache`, the tokens' keys and values go into its slots for
-    `layer` and the tokens attend to its slots under `mask_Bx1xLxS`; returns
-    the output and the cache. Without one, `mask_Bx1xLxS` (if given)
-    narrows causal attention further (packed sequences' segments)."""
+  def __call__(self, x_BxLxD, deterministic: bool, pos_BxL, cache=None,
+               layer=None, mask_Bx1xLxT=None):
+    """Tokens at positions pos_BxL. With a `cache`, they also attend to the
+    keys and values of their ring's layer `layer` under `mask_Bx1xLxT`, and
+    theirs go into it; returns the output and the cache. Without one,
+    `mask_Bx1xLxT` (if given: packed sequences' segments) narrows the causal
+    (or banded) mask further."""
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
     H, K = cfg.num_heads, cfg.head_dim
@@ -206,7 +476,8 @@ class Attention(nn.Module):
         cfg.param_dtype).astype(cfg.dtype)
     zeros = nn.initializers.zeros
     w_Dx3xHxK = param("qkv_kernel", (D, 3, H, K),
-                      ("embed", None, "heads", "head_dim"), _dense_init())
+                      ("embed", None, "heads", "head_dim"),
+                      _dense_init(cfg.hidden_init_scale))
     # Projections contract over flattened tokens (N = B * L): one contracting
     # dimension in the weight gradients, which XLA:CPU runs much faster.
     qkv_Nx3xHxK = jnp.einsum("nd,dshk->nshk", x_BxLxD.reshape(B * L, D),
@@ -216,61 +487,46 @@ class Attention(nn.Module):
                            zeros)
     qkv_BxLx3xHxK = qkv_Nx3xHxK.reshape(B, L, 3, H, K)
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+    if cfg.position == "rope":
+      q_BxLxHxK = rotary(q_BxLxHxK, pos_BxL, cfg.rope_base)
+      k_BxLxHxK = rotary(k_BxLxHxK, pos_BxL, cfg.rope_base)
+    # muP: q.k / head_dim, from this and every path's 1 / sqrt(head_dim).
+    if cfg.attention_mult != 1:
+      q_BxLxHxK = q_BxLxHxK * cfg.attention_mult
+    dropout = lambda probs: nn.Dropout(cfg.dropout)(probs, deterministic)
+    window = cfg.window(cfg.pattern[self.place])
     if cache is not None:
-      cache = cache.write(layer, k_BxLxHxK, v_BxLxHxK)
-      out_BxLxHxK = self._attend(
-          q_BxLxHxK * (1.0 / math.sqrt(K)), cache.k_ZxBxSxHxK[layer],
-          cache.v_ZxBxSxHxK[layer], mask_Bx1xLxS, deterministic)
-    elif cfg.attention == "einsum":
-      out_BxLxHxK = self._einsum_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
-                                           deterministic, mask_Bx1xLxS)
+      cache, k_BxTxHxK, v_BxTxHxK = cache.update(self.place, layer, k_BxLxHxK,
+                                                 v_BxLxHxK)
+      out_BxLxHxK = attend(q_BxLxHxK * (1.0 / math.sqrt(K)), k_BxTxHxK,
+                           v_BxTxHxK, mask_Bx1xLxT, dropout)
+    elif cfg.attention == "einsum" and L <= window:
+      out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
+                                     cfg.attention_chunks, dropout,
+                                     mask_Bx1xLxT)
+    elif cfg.attention == "einsum" and mask_Bx1xLxT is None:
+      out_BxLxHxK = banded_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, window,
+                                     dropout)
+    elif cfg.attention == "einsum":  # banded within segments: every score
+      out_BxLxHxK = attend(q_BxLxHxK * (1.0 / math.sqrt(K)), k_BxLxHxK,
+                           v_BxLxHxK, mask_Bx1xLxT & band_mask(L, window),
+                           dropout)
     else:
       out_BxLxHxK = jax.nn.dot_product_attention(
-          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_Bx1xLxS, is_causal=True,
+          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_Bx1xLxT, is_causal=True,
+          local_window_size=(window - 1, 0) if L > window else None,
           implementation=cfg.attention)
     out_BxLxHxK = nn.with_logical_constraint(
         out_BxLxHxK, ("batch", "length", "heads", "head_dim"))
     # GPT-2 scales the residual projections by 1/sqrt(2 * layers) at init.
     w_HxKxD = param("out_kernel", (H, K, D), ("heads", "head_dim", "embed"),
-                    _dense_init(1 / math.sqrt(2 * cfg.num_layers)))
+                    _dense_init(cfg.hidden_init_scale /
+                                math.sqrt(2 * cfg.num_layers)))
     y_NxD = jnp.einsum("nhk,hkd->nd", out_BxLxHxK.reshape(B * L, H, K),
                        w_HxKxD)
     if cfg.use_bias:
       y_NxD += param("out_bias", (D,), ("embed",), zeros)
     return y_NxD.reshape(B, L, D), cache
-
-  def _einsum_attention(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, deterministic,
-                        mask_Bx1xLxL=None):
-    """Causal softmax attention, in `cfg.attention_chunks` blocks of queries
-    (and within `mask_Bx1xLxL` if given).
-
-    Block [lo, hi) scores only keys [0, hi): the keys after it are masked for
-    all its queries, so skipping them is exact and saves part of the masked
-    upper triangle (a quarter of the score and value matmuls with 2 blocks).
-    """
-    L = q_BxLxHxK.shape[1]
-    q_BxLxHxK = q_BxLxHxK * (1.0 / math.sqrt(q_BxLxHxK.shape[-1]))
-    chunks = min(self.cfg.attention_chunks, L)
-    bounds = [L * i // chunks for i in range(chunks + 1)]
-    out = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-      mask = causal_QxT = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]
-      if mask_Bx1xLxL is not None:
-        mask = causal_QxT & mask_Bx1xLxL[:, :, lo:hi, :hi]
-      out.append(self._attend(q_BxLxHxK[:, lo:hi], k_BxLxHxK[:, :hi],
-                              v_BxLxHxK[:, :hi], mask, deterministic))
-    return jnp.concatenate(out, axis=1)
-
-  def _attend(self, q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, mask, deterministic):
-    """Softmax attention of scaled queries; `mask` broadcasts to
-    [B, H, Q, T]."""
-    att_BxHxQxT = jnp.einsum("bqhk,bthk->bhqt", q_BxQxHxK, k_BxTxHxK)
-    att_BxHxQxT = jnp.where(mask, att_BxHxQxT.astype(jnp.float32),
-                            jnp.finfo(jnp.float32).min)
-    probs_BxHxQxT = jax.nn.softmax(att_BxHxQxT, axis=-1).astype(
-        v_BxTxHxK.dtype)
-    probs_BxHxQxT = nn.Dropout(self.cfg.dropout)(probs_BxHxQxT, deterministic)
-    return jnp.einsum("bhqt,bthk->bqhk", probs_BxHxQxT, v_BxTxHxK)
 
 
 class MLP(nn.Module):
@@ -286,38 +542,70 @@ class MLP(nn.Module):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
     B, L, D = x_BxLxD.shape
     # On flattened tokens, as in Attention: one contracting dimension.
-    h_NxF = dense(cfg.mlp_dim, ("embed", "mlp"), _dense_init())(
+    h_NxF = dense(cfg.mlp_dim, ("embed", "mlp"),
+                  _dense_init(cfg.hidden_init_scale))(
         x_BxLxD.reshape(B * L, D))
     h_BxLxF = nn.with_logical_constraint(h_NxF.reshape(B, L, -1),
                                          ("batch", "length", "mlp"))
     h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)  # GPT-2's tanh GELU
-    y_NxD = dense(D, ("mlp", "embed"),
-                  _dense_init(1 / math.sqrt(2 * cfg.num_layers)))(
+    y_NxD = dense(D, ("mlp", "embed"), _dense_init(
+        cfg.hidden_init_scale / math.sqrt(2 * cfg.num_layers)))(
                       h_BxLxF.reshape(B * L, -1))
     return y_NxD.reshape(B, L, D)
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)),
+  at place `place` of the attention pattern.
 
-  Carries (x, cache): with a KVCache, attention writes and reads its slots
-  for `layer` (one cache through all layers, so that XLA updates it in
-  place)."""
+  Carries (x, cache): with a KVCache, attention updates its ring's layer
+  `layer` (one cache through all layers, so that XLA updates it in place);
+  `masks` holds each ring's."""
   cfg: GPTConfig
+  place: int = 0
 
   @nn.compact
-  def __call__(self, carry, deterministic: bool, layer=None,
-               mask_Bx1xLxS=None):
+  def __call__(self, carry, deterministic: bool, layer=None, masks=None,
+               pos_BxL=None):
     x_BxLxD, cache = carry
     drop = nn.Dropout(self.cfg.dropout)
-    y_BxLxD, cache = Attention(self.cfg)(
-        _layer_norm(self.cfg)(x_BxLxD), deterministic, cache, layer,
-        mask_Bx1xLxS)
+    y_BxLxD, cache = Attention(self.cfg, self.place)(
+        _layer_norm(self.cfg)(x_BxLxD), deterministic, pos_BxL, cache, layer,
+        None if masks is None else masks[self.place])
     x_BxLxD = x_BxLxD + drop(y_BxLxD, deterministic)
     x_BxLxD = x_BxLxD + drop(MLP(self.cfg)(_layer_norm(self.cfg)(x_BxLxD)),
                              deterministic)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     return (x_BxLxD, cache), None
+
+
+class Pattern(nn.Module):
+  """One repeat of the attention pattern, a block per place: what
+  scan_layers scans over when the pattern has several places, so that each
+  place keeps its kind, its parameters stacked over the repeats. Called like
+  Block; `layer` is the repeat, each place's layer in its ring.
+
+  Remat applies to the whole repeat, not to each block in it: the scan then
+  saves one input per repeat. (GPT-3 XL, "dense,local", full remat: 12.8 GiB
+  per device in launch.memory's plan, against 14.2 with each block
+  rematerialized, the same recomputation.)"""
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, carry, deterministic: bool, layer=None, masks=None,
+               pos_BxL=None):
+    for place in range(len(self.cfg.pattern)):
+      carry, _ = Block(self.cfg, place, name=f"block_{place}")(
+          carry, deterministic, layer, masks, pos_BxL)
+    return carry, None
+
+
+def _remat(cfg: GPTConfig, module):
+  """Block or Pattern, rematerialized as cfg.remat says."""
+  if cfg.remat == "none":
+    return module
+  return nn.remat(module, policy=REMAT_POLICIES[cfg.remat],
+                  static_argnums=(2,))
 
 
 class GPT(nn.Module):
@@ -327,11 +615,13 @@ class GPT(nn.Module):
 
   With a `cache`, the tokens (at positions `pos_BxL`, -1 for padding) attend
   to it as well, and the call returns (logits, the cache with them added).
-
-  Without one, `segment_ids` [B, L] keeps several sequences packed in a row
-  apart: a token attends only to earlier tokens of its own segment; give
-  `pos_BxL` (positions restarting at 0 with each segment) too, and each
-  sequence's logits are those it would have alone.
+  Without one, the tokens are at positions 0..L-1, or `pos_BxL` if given;
+  L may exceed seq_len only with rotary positions, each layer still
+  attending to its window (sampling past the context: model.sampling).
+  `segment_ids` [B, L] keeps several sequences packed in a row apart: a
+  token attends only to earlier tokens of its own segment; with `pos_BxL`
+  restarting at 0 with each segment, each sequence's logits are those it
+  would have alone (packed fine-tuning examples, trainer.objectives).
   """
   cfg: GPTConfig
 
@@ -350,47 +640,55 @@ class GPT(nn.Module):
     # embed, and moving that to the batch sharding costs a full copy.
     table_VxD = nn.with_logical_constraint(embed.embedding, ("vocab", None))
     x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(cfg.dtype)
-    if cfg.position == "learned":
-      positions_SxD = self.param(
-          "wpe", nn.with_logical_partitioning(_dense_init(0.5), (None, "embed")),
-          (cfg.seq_len, cfg.d_model), cfg.param_dtype)
-    else:
-      positions_SxD = sinusoidal_positions(cfg.seq_len, cfg.d_model)
-    if pos_BxL is None:
-      x_BxLxD = x_BxLxD + positions_SxD[:L].astype(cfg.dtype)
-    else:
-      x_BxLxD = x_BxLxD + jnp.take(positions_SxD, jnp.maximum(pos_BxL, 0),
-                                   axis=0).astype(cfg.dtype)
+    packed_positions = cache is None and pos_BxL is not None
+    if cache is None and pos_BxL is None:
+      pos_BxL = jnp.arange(L)[None]
+    if cfg.position != "rope":  # rotary positions apply in attention
+      if cfg.position == "learned":
+        positions_SxD = self.param(
+            "wpe", nn.with_logical_partitioning(_dense_init(0.5),
+                                                (None, "embed")),
+            (cfg.seq_len, cfg.d_model), cfg.param_dtype)
+      else:
+        positions_SxD = sinusoidal_positions(cfg.seq_len, cfg.d_model)
+      if cache is None and not packed_positions:
+        x_BxLxD = x_BxLxD + positions_SxD[:L].astype(cfg.dtype)
+      else:
+        x_BxLxD = x_BxLxD + jnp.take(positions_SxD, jnp.maximum(pos_BxL, 0),
+                                     axis=0).astype(cfg.dtype)
     x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
 
-    block = Block
-    if cfg.remat != "none":
-      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat],
-                       static_argnums=(2,))
-    layers = mask_Bx1xLxS = None
+    places = len(cfg.pattern)
+    repeats = masks = None
     if cache is not None:
-      cache = cache.claim(pos_BxL)
-      mask_Bx1xLxS = cache.mask(pos_BxL)
-      layers = jnp.arange(cfg.num_layers)
+      cache, masks = cache.claim(pos_BxL)
+      repeats = jnp.arange(cfg.num_layers // places)
     elif segment_ids is not None:
-      mask_Bx1xLxS = (segment_ids[:, None, :, None] ==
-                      segment_ids[:, None, None, :])
+      same_segment_Bx1xLxL = (segment_ids[:, None, :, None] ==
+                              segment_ids[:, None, None, :])
+      masks = (same_segment_Bx1xLxL,) * places
     if cfg.scan_layers:
+      # A pattern of one kind scans its blocks; a longer one, its repeats.
       (x_BxLxD, cache), _ = nn.scan(
-          block, variable_axes={"params": 0}, split_rngs={"params": True,
-                                                          "dropout": True},
-          in_axes=(nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
+          _remat(cfg, Block if places == 1 else Pattern),
+          variable_axes={"params": 0}, split_rngs={"params": True,
+                                                   "dropout": True},
+          in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast),
+          length=cfg.num_layers // places,
           metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, name="blocks")((x_BxLxD, cache), deterministic, layers,
-                            mask_Bx1xLxS)
+      )(cfg, name="blocks")((x_BxLxD, cache), deterministic, repeats, masks,
+                            pos_BxL)
     else:
       for i in range(cfg.num_layers):
-        (x_BxLxD, cache), _ = block(cfg, name=f"block_{i}")(
-            (x_BxLxD, cache), deterministic, None if cache is None else i,
-            mask_Bx1xLxS)
+        layer = None if cache is None else i // places  # in its ring
+        (x_BxLxD, cache), _ = _remat(cfg, Block)(cfg, i % places,
+                                                 name=f"block_{i}")(
+            (x_BxLxD, cache), deterministic, layer, masks, pos_BxL)
 
     x_BxLxD = _layer_norm(cfg, name="ln_f")(x_BxLxD)
+    if cfg.output_mult != 1:  # muP away from its base width
+      x_BxLxD = x_BxLxD * cfg.output_mult
     if cfg.tie_embeddings:
       logits_BxLxV = embed.attend(x_BxLxD)
     else:
@@ -409,7 +707,7 @@ class GPT(nn.Module):
                                jnp.finfo(jnp.float32).min)
     if cache is None:
       return logits_BxLxV
-    return logits_BxLxV, cache
+    return logits_BxLxV, cache.written()
 
 
 # The parameters with a vocabulary axis, by path, and that axis.

@@ -287,10 +287,16 @@ def import_gpt2(hf_dir: str, workdir: str, scan_layers: bool = False):
 def _check_gpt2_layout(model) -> None:
   """Refuses what GPT2LMHeadModel cannot hold, naming the field."""
   for field, gpt2 in (("position", "learned"), ("use_bias", True),
-                      ("tie_embeddings", True)):
+                      ("tie_embeddings", True), ("attention_pattern", "dense")):
     if model[field] != gpt2:
       raise ConfigError(f"model.{field}={model[field]!r}: GPT-2's layout "
                         f"holds model.{field}={gpt2!r} only")
+  if (model.parametrization == "mup" and
+      model.d_model != model.mup_base_width):
+    raise ConfigError(
+        f"model.parametrization='mup' at d_model={model.d_model}, not its "
+        f"base width {model.mup_base_width}: GPT-2's layout has no output "
+        "multiplier or 1/head_dim attention scale")
 
 
 def _vocab_size(workdir: str, config, embedding_shape: tuple) -> int:

@@ -16,9 +16,17 @@ when the cache is full it restarts on the last half of the context, which is
 prefilled again, and the new tokens decode into the freed slots. With seq_len
 S that is one prefill of ceil(S / 2) tokens every S - ceil(S / 2) + 1 new
 tokens (64 tokens every 65 at S = 128), and each token then sees the last
-ceil(S / 2) to S tokens. Rotary positions would not go stale: their cache
-could roll instead (claim slot `pos % S`, and the window start `n - S`), a
-change to `KVCache.claim` and `window_start` alone.
+ceil(S / 2) to S tokens.
+
+Rotary positions are relative: a cached key stays valid, so the cache rolls
+instead (each layer's ring keeps its last S keys, a local layer its band),
+with no prefill again. Every token, at every layer, then attends to the S
+keys up to its own of that layer: the forward of the whole sequence with
+each layer's attention cut to the context, which the uncached reference
+runs. A token's prediction can so depend on tokens up to layers * (S - 1)
+before it, through the keys of earlier tokens, as in sliding-window models
+(Mistral's rolling buffer); the logits stay those of a model attending to S
+keys per layer, the length it was trained on.
 """
 
 import functools
@@ -51,7 +59,7 @@ def sample_next(logits_BxV, rng, temperature: float, top_k: int = 0,
   return jax.random.categorical(rng, logits_BxV, axis=-1)
 
 
-def window_start(n: int, seq_len: int) -> int:
+def window_start(n: int, seq_len: int, rolls: bool = False) -> int:
   """The context policy: column n of the batch (prompts right-aligned, so
   that every row makes its column n in the same step) is predicted from
   columns [window_start(n), n), less any left padding.
@@ -60,9 +68,11 @@ def window_start(n: int, seq_len: int) -> int:
   last ceil(seq_len / 2) and grows back to seq_len before the next restart.
   A prompt alone, or among prompts of its length, sees exactly that; a
   shorter one restarts with the batch, so past the context its window
-  depends on the longest prompt. Both samplers follow this function.
+  depends on the longest prompt. A cache that `rolls` (GPTConfig.cache_rolls)
+  never restarts: the window holds every column, each layer attending to
+  the last seq_len. Both samplers follow this function.
   """
-  if n <= seq_len:
+  if rolls or n <= seq_len:
     return 0
   keep = (seq_len + 1) // 2
   return n - keep - (n - seq_len - 1) % (seq_len - keep + 1)
@@ -107,10 +117,10 @@ def _jitted_steps(model, sampling: tuple, rules: tuple):
 
   def decode(params, cache, tokens_B, rng, n):
     """The cache with one more token per row, and the token after it."""
-    pos_Bx1 = jnp.max(cache.pos_BxS, axis=1, keepdims=True) + 1
     with nn.logical_axis_rules(rules):
       logits_Bx1xV, cache = model.apply(
-          {"params": params}, tokens_B[:, None], cache=cache, pos_BxL=pos_Bx1)
+          {"params": params}, tokens_B[:, None], cache=cache,
+          pos_BxL=cache.next_pos())
     return sample_next(logits_Bx1xV[:, -1], jax.random.fold_in(rng, n),
                        *sampling), cache
 
@@ -137,6 +147,8 @@ def generate(model, params, prompts, rng, *, max_new_tokens: int,
   buf_BxN, pad_B = _left_pad(prompts, max_new_tokens)
   B, N = buf_BxN.shape
   P, S = N - max_new_tokens, model.cfg.seq_len
+  policy = functools.partial(window_start, seq_len=S,
+                             rolls=model.cfg.cache_rolls)
   prefill, decode = _jitted_steps(model, (temperature, top_k, top_p),
                                   _axis_rules())
 
@@ -146,13 +158,13 @@ def generate(model, params, prompts, rng, *, max_new_tokens: int,
     return prefill(params, tokens_BxL, np.maximum(pos_BxL, -1), rng, n)
 
   end_B = np.full(B, N)  # one past each row's last column
-  window = window_start(P, S)
+  window = policy(P)
   if N > P:
     pending_B, cache = restart(P, window, buf_BxN[:, window:P])
   for n in range(P, N):
     # pending_B (still on the device) is column n; dispatch column n + 1.
     if n + 1 < N:
-      window, last_window = window_start(n + 1, S), window
+      window, last_window = policy(n + 1), window
       if window == last_window:
         next_B, cache = decode(params, cache, pending_B, rng, n + 1)
       else:
@@ -174,26 +186,26 @@ def generate(model, params, prompts, rng, *, max_new_tokens: int,
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "rules",
-                                             "first"))
+                                             "first", "C"))
 def _uncached(params, buf_BxN, pad_B, window_N, rng, *, model, sampling,
-              rules, first):
-  """Fills columns [first, N) of the buffer, one full forward per column."""
-  S = model.cfg.seq_len
-  # S columns of room on the right, so that no slice is shifted to fit.
-  buf_BxN = jnp.pad(buf_BxN, ((0, 0), (0, S)))
+              rules, first, C):
+  """Fills columns [first, N) of the buffer, one full forward of C columns
+  (from the window's start, any later ones unseen: causal) per column."""
+  # C columns of room on the right, so that no slice is shifted to fit.
+  buf_BxN = jnp.pad(buf_BxN, ((0, 0), (0, C)))
 
   def step(n, buf_BxN):
     begin_B = jnp.maximum(window_N[n], pad_B)
-    ctx_BxS = jax.vmap(lambda row, b: jax.lax.dynamic_slice(row, (b,), (S,)))(
+    ctx_BxC = jax.vmap(lambda row, b: jax.lax.dynamic_slice(row, (b,), (C,)))(
         buf_BxN, begin_B)
     with nn.logical_axis_rules(rules):
-      logits_BxSxV = model.apply({"params": params}, ctx_BxS)
+      logits_BxCxV = model.apply({"params": params}, ctx_BxC)
     logits_BxV = jnp.take_along_axis(
-        logits_BxSxV, (n - 1 - begin_B)[:, None, None], axis=1)[:, 0]
+        logits_BxCxV, (n - 1 - begin_B)[:, None, None], axis=1)[:, 0]
     next_B = sample_next(logits_BxV, jax.random.fold_in(rng, n), *sampling)
     return buf_BxN.at[:, n].set(next_B)
 
-  return jax.lax.fori_loop(first, buf_BxN.shape[1] - S, step, buf_BxN)[:, :-S]
+  return jax.lax.fori_loop(first, buf_BxN.shape[1] - C, step, buf_BxN)[:, :-C]
 
 
 def generate_uncached(model, params, prompts, rng, *, max_new_tokens: int,
@@ -201,12 +213,14 @@ def generate_uncached(model, params, prompts, rng, *, max_new_tokens: int,
                       top_p: float = 1.0) -> list[np.ndarray]:
   """The reference for `generate` (tests and benchmarks): each token runs
   the plain forward over its whole window, as chosen by `window_start`, with
-  the same per-token random keys, in one jitted loop; no stops."""
+  the same per-token random keys, in one jitted loop; no stops. A window
+  that never restarts (rotary positions) is the whole row: each forward
+  then runs over all the columns."""
   buf_BxN, pad_B = _left_pad(prompts, max_new_tokens)
-  N = buf_BxN.shape[1]
-  window_N = np.array([window_start(n, model.cfg.seq_len) for n in range(N)])
+  N, S, rolls = buf_BxN.shape[1], model.cfg.seq_len, model.cfg.cache_rolls
+  window_N = np.array([window_start(n, S, rolls) for n in range(N)])
   out_BxN = np.asarray(_uncached(
       params, buf_BxN, pad_B, window_N, rng, model=model,
       sampling=(temperature, top_k, top_p), rules=_axis_rules(),
-      first=N - max_new_tokens))
+      first=N - max_new_tokens, C=N if rolls else S))
   return [row[pad:] for row, pad in zip(out_BxN, pad_B)]

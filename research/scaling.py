@@ -710,7 +710,7 @@ def plan_table(p: dict) -> str:
 # ------------------------------------------------------------------ the CLI
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
   """Written whole or not at all: a reader never sees half a file."""
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
@@ -728,7 +728,7 @@ def _fit_command(args) -> None:
   try:
     os.makedirs(out, exist_ok=True)
     paths = write_plots(result, out)
-    _write_json(os.path.join(out, "fit.json"), result)
+    write_json(os.path.join(out, "fit.json"), result)
   except OSError as e:
     raise ScalingError(f"cannot write to {out}: {e.strerror}") from e
   print(fit_summary(result))
@@ -750,7 +750,7 @@ def _plan_command(args) -> None:
   print(plan_table(p))
   if args.out:
     try:
-      _write_json(args.out, p)
+      write_json(args.out, p)
     except OSError as e:
       raise ScalingError(f"cannot write {args.out}: {e.strerror}") from e
     print(f"wrote {args.out}")
@@ -817,7 +817,7 @@ def study(spec: str, root: str, parallel: int, minutes: float,
   out = os.path.join(root, "fit")
   os.makedirs(out, exist_ok=True)
   paths = write_plots(result, out)
-  _write_json(os.path.join(out, "fit.json"), result)
+  write_json(os.path.join(out, "fit.json"), result)
   print(fit_summary(result))
   print(f"wrote {os.path.join(out, 'fit.json')} and "
         + ", ".join(os.path.basename(p) for p in paths))
@@ -837,7 +837,7 @@ def study(spec: str, root: str, parallel: int, minutes: float,
   print(f"\nthe same time in FLOPs, at the {largest['flops_per_sec'] / 1e9:.1f}"
         f" GFLOP/s the largest size ran at: {compute['flops']:.3g}")
   print(plan_table(compute))
-  _write_json(os.path.join(root, "recommendation.json"),
+  write_json(os.path.join(root, "recommendation.json"),
               {"minutes": minutes, "by_time": options, "by_flops": compute})
   print(f"\nrecommended for {minutes:g} minutes here: {options[0]['shape']} "
         f"(predicted held-out loss {options[0]['loss']:.4f})")

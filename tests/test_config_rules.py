@@ -149,6 +149,18 @@ CROSS_CASES = [
      "mesh.rules entry ('batch',) must be"),
     ("model_is_consistent", dict(model__d_model=30, model__num_heads=4),
      "model.d_model=30 is not divisible by model.num_heads=4"),
+    ("model_is_consistent", dict(model__attention_pattern="dense,glob"),
+     "model.attention_pattern='dense,glob' must list layer kinds separated "
+     "by commas, each one of ['dense', 'local']"),
+    ("model_is_consistent",
+     dict(model__attention_pattern="dense,local", model__scan_layers=True,
+          model__num_layers=3),
+     "model.num_layers=3 must be a multiple of the 2 layers of "
+     "model.attention_pattern='dense,local' with model.scan_layers=True"),
+    ("model_is_consistent",
+     dict(model__position="rope", model__d_model=36, model__num_heads=4),
+     "model.position='rope' rotates pairs of dimensions: head_dim = d_model "
+     "/ num_heads = 9 must be even"),
     ("model_is_consistent", dict(model__attention="cudnn"),
      "model.attention='cudnn' needs model.dtype='bfloat16' or 'float16'"),
     ("top_k_within_vocabulary", dict(model__vocab_size=50, sample__top_k=51),
@@ -159,6 +171,14 @@ CROSS_CASES = [
     ("objective_fields_for_their_objective",
      dict(train__objective="dpo", data__pack=False),
      "data.pack=False applies to train.objective='sft', not 'dpo'"),
+    ("mup_scales_every_width",
+     dict(model__parametrization="mup", model__d_ff=100),
+     "model.parametrization='mup' scales the MLP with d_model: set "
+     "model.d_ff=0 (4 * d_model), not 100"),
+    ("model_is_consistent",
+     dict(model__parametrization="mup", model__mup_base_width=64),
+     "model.mup_base_width=64 must be a positive multiple of "
+     "model.num_heads=3"),
 ]
 
 

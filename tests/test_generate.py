@@ -1,6 +1,8 @@
 """Cached generation: logits equal to the full forward's, greedy tokens equal
 to the uncached reference sampler's (past the context window, on one device
-and on a 4-device mesh), the context policy, stops, and seeded sampling."""
+and on a 4-device mesh), for dense and local layers and for rotary positions
+(whose cache rolls past the context), the context policy, stops, and seeded
+sampling."""
 
 import json
 import os
@@ -26,11 +28,12 @@ def _prompts(lengths=LENGTHS, seed=0):
   return [rng.integers(0, 37, n).astype(np.int32) for n in lengths]
 
 
-def _sampler(**overrides):
+def _sampler(std=0.3, **overrides):
   cfg = tiny_model_config(**overrides)
   # Larger weights than at init, so that greedy decoding does not settle
-  # into repeating one token.
-  return GPT(cfg), random_params(cfg, seed=1, std=0.3)
+  # into repeating one token (with local layers or rotary positions, it
+  # does within 100 tokens at 0.3, not at 0.5).
+  return GPT(cfg), random_params(cfg, seed=1, std=std)
 
 
 def _assert_rows_equal(got, want):
@@ -39,12 +42,16 @@ def _assert_rows_equal(got, want):
     np.testing.assert_array_equal(a, b, err_msg=f"row {row}")
 
 
+LOCAL = dict(attention_pattern="dense,local", local_window=5)
 VARIANTS = {
     "loop": {},
     "scan": dict(scan_layers=True),
     "sinusoidal-untied-nobias-remat": dict(
         position="sinusoidal", tie_embeddings=False, use_bias=False,
         remat="full"),
+    "dense-local": LOCAL,
+    "local-dense-scan-rope": dict(LOCAL, attention_pattern="local,dense",
+                                  scan_layers=True, position="rope"),
 }
 
 
@@ -53,7 +60,8 @@ def test_cached_logits_match_full_forward(overrides):
   """Left-padded prompts of different lengths prefilled in one pass, then
   their true next tokens fed one per step: at every position the logits
   are those of the full forward over the row alone (measured: <= 6.4e-6
-  apart, for logits up to 5.6)."""
+  apart, for logits up to 5.6). Local layers' rings of 5 slots roll over
+  meanwhile."""
   model, params = _sampler(**overrides)
   tokens = np.random.default_rng(1).integers(0, 37, (4, S)).astype(np.int32)
   full = np.asarray(jax.jit(model.apply)({"params": params}, tokens))
@@ -79,20 +87,58 @@ def test_cached_logits_match_full_forward(overrides):
   assert int(cache.length) == S
 
 
+def test_rolling_cache_matches_full_forward_past_the_context():
+  """Rotary positions, 3 contexts and more of tokens: a prefill longer than
+  the context, then one token per step, the rings rolling over. At every
+  position the logits are those of the full forward over all the tokens,
+  each layer attending to its last 16 keys (dense) or 5 (local)."""
+  cfg = tiny_model_config(position="rope", **LOCAL)
+  model, params = GPT(cfg), random_params(cfg, seed=1, std=0.3)
+  N, P = 3 * S + 5, S + 4
+  tokens = np.random.default_rng(2).integers(0, 37, (2, N)).astype(np.int32)
+  full = np.asarray(jax.jit(model.apply)({"params": params}, tokens))
+  step = jax.jit(lambda tokens, pos, cache: model.apply(
+      {"params": params}, tokens, cache=cache, pos_BxL=pos))
+  logits, cache = step(tokens[:, :P], np.tile(np.arange(P), (2, 1)),
+                       KVCache.empty(cfg, 2))
+  np.testing.assert_allclose(logits, full[:, :P], rtol=0, atol=1e-5)
+  for t in range(P, N):
+    logits, cache = step(tokens[:, t:t + 1], np.full((2, 1), t), cache)
+    np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=0, atol=1e-5,
+                               err_msg=f"position {t}")
+  # The full forward's logits past the context differ from those of the
+  # last context alone: the cache holds more than a window's tokens.
+  last = np.asarray(jax.jit(model.apply)({"params": params},
+                                         tokens[:, N - S:]))
+  assert np.abs(last[:, -1] - full[:, -1]).max() > 1e-3
+
+
 def test_context_policy():
   """Up to the context the window holds everything; past it, it restarts on
-  the last half and grows back to the context before the next restart."""
+  the last half and grows back to the context before the next restart. A
+  rolling cache's never restarts."""
   assert [window_start(n, 8) for n in range(9)] == [0] * 9
   seen = [n - window_start(n, 8) for n in range(9, 30)]
   assert seen == [4, 5, 6, 7, 8] * 4 + [4]
   assert [n - window_start(n, 1) for n in range(1, 5)] == [1, 1, 1, 1]
   assert [n - window_start(n, 5) for n in range(6, 13)] == [3, 4, 5] * 2 + [3]
+  assert [window_start(n, 8, rolls=True) for n in range(30)] == [0] * 30
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(scan_layers=True)],
-                         ids=["loop", "scan"])
+GREEDY = {
+    "loop": {},
+    "scan": dict(scan_layers=True),
+    "dense-local": dict(LOCAL, std=0.5),
+    "rope-dense-local-scan": dict(LOCAL, position="rope", scan_layers=True,
+                                  std=0.5),
+}
+
+
+@pytest.mark.parametrize("overrides", GREEDY.values(), ids=GREEDY.keys())
 def test_greedy_matches_uncached_reference(overrides):
-  """512 new tokens, 32 times the context: every restart of the window."""
+  """512 new tokens, 32 times the context: every restart of the window, or
+  with rotary positions, a cache that rolls (the reference runs the whole
+  row each time)."""
   model, params = _sampler(**overrides)
   kwargs = dict(max_new_tokens=NEW, temperature=0.0)
   cached = generate(model, params, _prompts(), jax.random.key(0), **kwargs)
@@ -105,10 +151,12 @@ def test_greedy_matches_uncached_reference(overrides):
   _assert_rows_equal(cached, reference)
 
 
-def test_seeded_sampling_matches_reference():
+@pytest.mark.parametrize("overrides", [{}, dict(LOCAL, position="rope")],
+                         ids=["learned", "rope-dense-local"])
+def test_seeded_sampling_matches_reference(overrides):
   """Temperature, top-k and top-p as `sample_next` applies them, with the
   reference's per-token keys: the same draws; another seed differs."""
-  model, params = _sampler()
+  model, params = _sampler(**overrides)
   kwargs = dict(max_new_tokens=40, temperature=1.0, top_k=5, top_p=0.9)
   cached = generate(model, params, _prompts(), jax.random.key(3), **kwargs)
   _assert_rows_equal(cached, generate_uncached(
@@ -217,6 +265,9 @@ def test_padded_ids_are_never_sampled():
 
 MESH = dict(data=2, fsdp=1, tensor=2)
 PADDING = dict(vocab_multiple=8)  # 37 ids padded to 40, split over tensor
+MESH_MODELS = {"dense": PADDING,
+               "rope-dense-local": dict(PADDING, **LOCAL, position="rope",
+                                        std=0.5)}
 REPORT = "report.json"
 
 
@@ -233,27 +284,30 @@ def _run_on_mesh(out_dir: str) -> None:
     config.mesh.update(MESH)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:4])
     rules = sharding.logical_rules(config.mesh)
-    model, params = _sampler(**PADDING)
-    kwargs = dict(max_new_tokens=NEW, temperature=0.0)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      boxed = jax.eval_shape(model.init, jax.random.key(0),
-                             jnp.zeros((1, S), jnp.int32))
-      params = jax.device_put(params, nn.logical_to_mesh_sharding(
-          nn.get_partition_spec(boxed), mesh, rules)["params"])
-      prompts = _prompts()
-      cached = generate(model, params, prompts, jax.random.key(0), **kwargs)
-      reference = generate_uncached(model, params, prompts,
-                                    jax.random.key(0), **kwargs)
-      _, cache = jax.jit(lambda params, tokens: model.apply(
-          {"params": params}, tokens, pos_BxL=jnp.zeros_like(tokens),
-          cache=KVCache.empty(model.cfg, 4)))(params, np.zeros((4, 1),
-                                                               np.int32))
-    table = params["Embed_0"]["embedding"]
-    report = {"cached": [r.tolist() for r in cached],
-              "reference": [r.tolist() for r in reference],
-              "cache_shard": cache.k_ZxBxSxHxK.sharding.shard_shape(
-                  cache.k_ZxBxSxHxK.shape),
-              "table_shard": table.sharding.shard_shape(table.shape)}
+    report = {}
+    for name, overrides in MESH_MODELS.items():
+      model, params = _sampler(**overrides)
+      kwargs = dict(max_new_tokens=NEW, temperature=0.0)
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(model.init, jax.random.key(0),
+                               jnp.zeros((1, S), jnp.int32))
+        params = jax.device_put(params, nn.logical_to_mesh_sharding(
+            nn.get_partition_spec(boxed), mesh, rules)["params"])
+        prompts = _prompts()
+        cached = generate(model, params, prompts, jax.random.key(0), **kwargs)
+        reference = generate_uncached(model, params, prompts,
+                                      jax.random.key(0), **kwargs)
+        _, cache = jax.jit(lambda params, tokens: model.apply(
+            {"params": params}, tokens, pos_BxL=jnp.zeros_like(tokens),
+            cache=KVCache.empty(model.cfg, 4)))(params, np.zeros((4, 1),
+                                                                 np.int32))
+      table = params["Embed_0"]["embedding"]
+      report[name] = {
+          "cached": [r.tolist() for r in cached],
+          "reference": [r.tolist() for r in reference],
+          "cache_shards": [ring.k_ZxBxWxHxK.sharding.shard_shape(
+              ring.k_ZxBxWxHxK.shape) for ring in cache.rings],
+          "table_shard": table.sharding.shard_shape(table.shape)}
   with open(os.path.join(out_dir, REPORT), "w") as f:
     json.dump(report, f)
 
@@ -268,14 +322,19 @@ def test_greedy_on_a_4_device_mesh_matches_one_device(tmp_path):
   if "skip" in report:
     pytest.skip(report["skip"])
   # [layers, batch, length, heads, head_dim]: batch over data, heads over
-  # tensor.
-  assert report["cache_shard"] == [2, 2, S, 1, 16]
-  assert report["table_shard"] == [20, 32]  # the padded vocabulary's half
-  model, params = _sampler(**PADDING)
-  one_device = generate_uncached(model, params, _prompts(), jax.random.key(0),
-                                 max_new_tokens=NEW, temperature=0.0)
-  _assert_rows_equal(report["cached"], one_device)
-  _assert_rows_equal(report["reference"], one_device)
+  # tensor; a local layer's ring holds its window.
+  assert report["dense"]["cache_shards"] == [[2, 2, S, 1, 16]]
+  assert report["rope-dense-local"]["cache_shards"] == [[1, 2, S, 1, 16],
+                                                        [1, 2, 5, 1, 16]]
+  for name, overrides in MESH_MODELS.items():
+    # The padded vocabulary's half.
+    assert report[name]["table_shard"] == [20, 32], name
+    model, params = _sampler(**overrides)
+    one_device = generate_uncached(model, params, _prompts(),
+                                   jax.random.key(0), max_new_tokens=NEW,
+                                   temperature=0.0)
+    _assert_rows_equal(report[name]["cached"], one_device)
+    _assert_rows_equal(report[name]["reference"], one_device)
 
 
 if __name__ == "__main__":

@@ -356,11 +356,17 @@ def test_a_workdir_with_checkpoints_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("field, value, message", [
     ("position", "sinusoidal", "model.position='sinusoidal': GPT-2's layout "
      "holds model.position='learned' only"),
+    ("position", "rope", "model.position='rope': GPT-2's layout holds "
+     "model.position='learned' only"),
     ("use_bias", False, "model.use_bias=False: GPT-2's layout holds "
      "model.use_bias=True only"),
     ("tie_embeddings", False, "model.tie_embeddings=False: GPT-2's layout "
-     "holds model.tie_embeddings=True only")],
-                         ids=["position", "use_bias", "tie_embeddings"])
+     "holds model.tie_embeddings=True only"),
+    ("attention_pattern", "dense,local", "model.attention_pattern="
+     "'dense,local': GPT-2's layout holds model.attention_pattern='dense' "
+     "only")],
+                         ids=["position", "rope", "use_bias",
+                              "tie_embeddings", "attention_pattern"])
 def test_export_refuses_what_gpt2_cannot_hold(field, value, message, tmp_path,
                                               capsys):
   workdir = str(tmp_path / "run")

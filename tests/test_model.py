@@ -1,5 +1,6 @@
-"""The GPT module: shapes, causality, initial loss, parameter counts, and that
-a tiny model can memorize one batch."""
+"""The GPT module: shapes, causality, banded (local) attention against a
+masked dense reference, rotary positions, initial loss, parameter counts,
+and that a tiny model can memorize one batch."""
 
 import importlib.util
 import math
@@ -13,6 +14,7 @@ import pytest
 from conftest import (REPO, param_shapes, random_params, tiny_config,
                       tiny_model_config, train_steps)
 from model import GPT, GPTConfig, KVCache, resize_vocab
+from model import gpt
 from trainer import config as config_lib
 from trainer import state as state_lib
 
@@ -39,6 +41,11 @@ VARIANTS = {
     "remat-full": dict(remat="full"),
     "remat-full-scan-untied-nobias": dict(remat="full", scan_layers=True,
                                           tie_embeddings=False, use_bias=False),
+    "rope": dict(position="rope"),
+    "dense-local": dict(attention_pattern="dense,local", local_window=5),
+    "dense-local-scan-remat": dict(attention_pattern="dense,local",
+                                   local_window=5, scan_layers=True,
+                                   remat="full"),
 }
 
 
@@ -51,7 +58,12 @@ def test_logits_shape_and_dtype(overrides):
   assert logits.shape == (B, L, cfg.vocab_size)
   assert logits.dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(logits)))
-  if overrides.get("scan_layers"):
+  if overrides.get("scan_layers") and len(cfg.pattern) > 1:
+    # One repeat of the pattern scanned: a block per place, stacked.
+    assert set(params["blocks"]) == {"block_0", "block_1"}
+    assert params["blocks"]["block_1"]["Attention_0"]["qkv_kernel"].shape == (
+        1, 32, 3, 2, 16)
+  elif overrides.get("scan_layers"):
     assert "blocks" in params and "block_0" not in params
     assert params["blocks"]["Attention_0"]["qkv_kernel"].shape == (2, 32, 3, 2,
                                                                    16)
@@ -91,8 +103,12 @@ def test_sinusoidal_positions_values():
 @pytest.mark.parametrize("overrides", [{}, dict(attention="xla"),
                                        dict(attention_chunks=3),
                                        dict(position="sinusoidal",
-                                            scan_layers=True)],
-                         ids=["einsum", "xla", "chunks3", "sinusoidal-scan"])
+                                            scan_layers=True),
+                                       dict(position="rope"),
+                                       dict(attention_pattern="dense,local",
+                                            local_window=3)],
+                         ids=["einsum", "xla", "chunks3", "sinusoidal-scan",
+                              "rope", "dense-local"])
 def test_causality(overrides):
   cfg = tiny_model_config(**overrides)
   model, params = _init(cfg)
@@ -123,6 +139,174 @@ def test_attention_chunks_are_exact(length):
                                err_msg=f"attention_chunks={chunks}")
 
 
+# ------------------------------------------------------- banded attention
+
+
+def _masked_dense_reference(q, k, v, window):
+  """Softmax attention over all keys, masked to each query's band (numpy,
+  float64): the definition banded_attention computes in blocks."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  L = q.shape[1]
+  att = np.einsum("bqhk,bthk->bhqt", q, k) / math.sqrt(q.shape[-1])
+  query, key = np.arange(L)[:, None], np.arange(L)[None, :]
+  att = np.where((key <= query) & (key > query - window), att, -np.inf)
+  probs = np.exp(att - att.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("bhqt,bthk->bqhk", probs, v)
+
+
+def _qkv(seed, length):
+  """Random queries, keys and values [2, length, 3 heads, 8]."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return [jax.random.normal(key, (2, length, 3, 8)) for key in keys]
+
+
+@pytest.mark.parametrize("length, window", [(16, 4), (19, 4), (12, 5),
+                                            (7, 7), (5, 8), (64, 1)])
+def test_banded_attention_equals_masked_dense(length, window):
+  """Blocks of `window` queries against their own and the previous key
+  block: the masked dense product's output, for lengths that are and are
+  not multiples of the window, and windows as long as the input."""
+  q, k, v = _qkv(0, length)
+  out = jax.jit(gpt.banded_attention, static_argnums=3)(q, k, v, window)
+  np.testing.assert_allclose(out, _masked_dense_reference(q, k, v, window),
+                             rtol=0, atol=1e-6)
+
+
+def test_keys_outside_the_band_get_zero_gradient():
+  """The gradient of one query's output reaches exactly the keys and values
+  of its band (its own and the window - 1 before it): exactly 0 elsewhere,
+  in its own key block and the previous one too."""
+  L, W = 24, 5
+  q, k, v = _qkv(1, L)
+  for query in (0, 3, 4, 5, 13, 23):
+    grad_k, grad_v = jax.grad(
+        lambda k, v: gpt.banded_attention(q, k, v, W)[:, query].sum(),
+        argnums=(0, 1))(k, v)
+    band = np.zeros(L, bool)
+    band[max(0, query - W + 1):query + 1] = True
+    per_key = lambda grad: np.abs(np.asarray(grad)).max(axis=(0, 2, 3))
+    for grad in (grad_k, grad_v):
+      assert (per_key(grad)[~band] == 0).all(), (query, per_key(grad))
+    assert (per_key(grad_v)[band] > 0).all()
+    # A lone key's score moves no probability: its gradient is 0 too.
+    assert (per_key(grad_k)[band] > 0).all() == (band.sum() > 1)
+
+
+def _apply(cfg, params, tokens):
+  return np.asarray(jax.jit(GPT(cfg).apply)({"params": params}, tokens))
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["layers", "scan"])
+def test_local_layers_see_only_their_band(scan):
+  """Two local layers of window 4: a token reaches the logits of the 3
+  tokens after it through one layer, 6 through both, and none beyond; a
+  dense layer in the pattern passes it on to every later token."""
+  tokens = _tokens(6)
+  changed = tokens.at[:, 3].set((tokens[:, 3] + 1) % 37)
+  for pattern, reach in (("local", 3 + 6), ("dense,local", L - 1)):
+    cfg = tiny_model_config(attention_pattern=pattern, local_window=4,
+                            scan_layers=scan)
+    params = random_params(cfg, seed=7, std=0.3)
+    diff = np.abs(_apply(cfg, params, changed) -
+                  _apply(cfg, params, tokens)).max(axis=(0, 2))
+    assert (diff[:3] == 0).all() and (diff[3:reach + 1] > 1e-5).all(), diff
+    assert (diff[reach + 1:] <= 1e-6).all(), (pattern, diff)
+
+
+def _to_scan(params, places: int):
+  """Unrolled layers' params (block_0, block_1...) in the scanned layout of
+  a pattern of `places`: blocks/block_j stacks blocks j, j + places..."""
+  blocks = sorted((k for k in params if k.startswith("block_")),
+                  key=lambda k: int(k.split("_")[1]))
+  scanned = {f"block_{j}": jax.tree.map(
+      lambda *x: np.stack(x), *[params[b] for b in blocks[j::places]])
+             for j in range(places)}
+  rest = {k: v for k, v in params.items() if k not in blocks}
+  return {**rest, "blocks": scanned}
+
+
+@pytest.mark.parametrize("attention", ["einsum", "xla"])
+def test_alternating_pattern_scanned_equals_unrolled(attention):
+  """4 layers of "dense,local": scanned over the 2 repeats of the pattern,
+  with the same weights, the logits of the unrolled layers; XLA's attention
+  (its local_window_size) gives those of the einsum one's blocks."""
+  fields = dict(num_layers=4, attention_pattern="dense,local",
+                local_window=5, attention=attention)
+  cfg = tiny_model_config(**fields)
+  params = random_params(cfg, seed=8, std=0.3)
+  tokens = _tokens(9)
+  unrolled = _apply(cfg, params, tokens)
+  scanned = _apply(tiny_model_config(scan_layers=True, **fields),
+                   _to_scan(params, 2), tokens)
+  np.testing.assert_allclose(scanned, unrolled, rtol=0, atol=2e-5)
+  if attention == "xla":
+    np.testing.assert_allclose(
+        unrolled, _apply(tiny_model_config(**{**fields, "attention":
+                                               "einsum"}), params, tokens),
+        rtol=0, atol=2e-5)
+
+
+def test_attention_pattern_cycles_over_the_layers():
+  cfg = tiny_model_config(num_layers=5, attention_pattern="dense, local,local",
+                          local_window=4)
+  assert cfg.layer_kinds == ("dense", "local", "local", "dense", "local")
+  assert [cfg.window(kind) for kind in cfg.layer_kinds] == [16, 4, 4, 16, 4]
+  assert tiny_model_config(local_window=99).window("local") == 16
+  # Attention FLOPs count each layer's window (PaLM's unmasked convention).
+  dense = tiny_model_config(num_layers=5)
+  assert (dense.flops_per_token() - cfg.flops_per_token() ==
+          12 * 32 * 3 * (16 - 4))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(attention_pattern="dense,sparse"), "model.attention_pattern="
+     "'dense,sparse' must list layer kinds separated by commas"),
+    (dict(attention_pattern="dense,local", num_layers=3, scan_layers=True),
+     "model.num_layers=3 must be a multiple of the 2 layers"),
+    (dict(position="rope", d_model=30, num_heads=2),
+     "model.position='rope' rotates pairs of dimensions: head_dim = d_model "
+     "/ num_heads = 15 must be even")])
+def test_config_refuses_what_the_layers_cannot_be(fields, message):
+  with pytest.raises(ValueError, match=message):
+    tiny_model_config(**fields)
+
+
+# --------------------------------------------------------- rotary positions
+
+
+def test_rope_scores_depend_on_position_differences_alone():
+  """Shifting every position by the same offset leaves the scores of
+  rotated queries and keys unchanged (to float round-off); position 0 is
+  no rotation, and other differences change the scores."""
+  q, k, _ = _qkv(10, 12)
+  pos = jnp.array([[0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144]] * 2)
+  scores = lambda shift: jnp.einsum(
+      "bqhk,bthk->bhqt", gpt.rotary(q, pos + shift, 10000.0),
+      gpt.rotary(k, pos + shift, 10000.0))
+  for shift in (1, 37, 500):
+    np.testing.assert_allclose(scores(shift), scores(0), rtol=0, atol=2e-5)
+  np.testing.assert_allclose(gpt.rotary(q, 0 * pos, 10000.0), q, atol=0)
+  assert np.abs(scores(0) - jnp.einsum("bqhk,bthk->bhqt", q, k)).max() > 0.1
+
+
+def test_rope_model_is_shift_invariant():
+  """The whole model at positions shifted by 100 (through the cache's
+  positions): the same logits, to float round-off."""
+  cfg = tiny_model_config(position="rope", attention_pattern="dense,local",
+                          local_window=5)
+  params = random_params(cfg, seed=11, std=0.3)
+  tokens = _tokens(12)
+  step = jax.jit(lambda pos: GPT(cfg).apply(
+      {"params": params}, tokens, cache=KVCache.empty(cfg, B),
+      pos_BxL=pos)[0])
+  pos = jnp.tile(jnp.arange(L), (B, 1))
+  logits = step(pos)
+  np.testing.assert_allclose(logits, _apply(cfg, params, tokens), rtol=0,
+                             atol=1e-5)
+  np.testing.assert_allclose(step(pos + 100), logits, rtol=0, atol=2e-5)
+
+
 def test_initial_loss_is_log_vocab():
   cfg = tiny_model_config(vocab_size=65)
   model = GPT(cfg)
@@ -149,6 +333,8 @@ PARAM_VARIANTS = {
     "scan-no-bias-sinusoidal-dff": dict(scan_layers=True, use_bias=False,
                                         position="sinusoidal", d_ff=48),
     "3-layers-4-heads": dict(num_layers=3, num_heads=4, seq_len=24),
+    "rope": dict(position="rope"),
+    "scan-dense-local": dict(scan_layers=True, attention_pattern="dense,local"),
 }
 
 

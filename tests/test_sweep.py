@@ -148,7 +148,7 @@ def test_random_draws_are_seeded_and_in_bounds(tmp_path):
         {"random": {"n": 200, "seed": seed, "fields": {
             "train.learning_rate": ["log_uniform", 1e-4, 1e-2],
             "train.b2": ["uniform", 0.9, 0.99],
-            "model.d_model": ["choice", [64, 128]]}}}]}, f"random{seed}")
+            "model.d_model": ["choice", [48, 96]]}}}]}, f"random{seed}")
     return [r.swept for r in sweep.load(spec, "root").runs]
 
   first = draws(3)
@@ -157,7 +157,7 @@ def test_random_draws_are_seeded_and_in_bounds(tmp_path):
   lrs = [d["train.learning_rate"] for d in first]
   assert all(1e-4 <= lr <= 1e-2 for lr in lrs)
   assert all(0.9 <= d["train.b2"] <= 0.99 for d in first)
-  assert {d["model.d_model"] for d in first} == {64, 128}
+  assert {d["model.d_model"] for d in first} == {48, 96}
   # Uniform in log space: half below the geometric middle (1e-3); uniform
   # in linear space would put 9% there.
   assert 0.4 < sum(lr < 1e-3 for lr in lrs) / len(lrs) < 0.6
@@ -206,7 +206,7 @@ def test_the_queue_starts_the_costliest_ready_tasks_first(tmp_path,
   """The wider run (listed last) first, then the narrow one, and its
   branches after the runs (not ready until their run's checkpoint)."""
   spec = _spec(tmp_path, {**WSD, "axes": [{"grid": {
-      "model.d_model": [64, 256]}}], "cooldowns": [0.8]})
+      "model.d_model": [48, 192]}}], "cooldowns": [0.8]})
   loaded = sweep.load(spec, str(tmp_path / "root"))
   narrow, narrow_branch, wide, wide_branch = loaded.tasks
   assert wide.cost > narrow.cost > narrow_branch.cost > 0
@@ -235,9 +235,10 @@ BAD_SPECS = {
     "set twice": ({**BASE, "axes": [{"grid": {"train.steps": [10, 20]}}]},
                   "train.steps is set by overrides and by axis 0"),
     "bad run config": ({**BASE, "axes": [
-        {"grid": {"model.num_heads": [4, 3]}}]},
-        "run 1 (num_heads=3): model.d_model=128 is not divisible"),
-    "cooldowns without wsd": ({**BASE, "cooldowns": [0.5]},
+        {"grid": {"model.num_heads": [3, 5]}}]},
+        "run 1 (num_heads=5): model.d_model=96 is not divisible"),
+    "cooldowns without wsd": ({**BASE, "overrides": {
+        "train.steps": 100, "train.schedule": "cosine"}, "cooldowns": [0.5]},
                               "train.schedule='wsd'"),
     "cooldown in the warmup": ({**WSD, "cooldowns": [0.05]},
                                "cooldowns/4+1: cooldown.from_step=4 is "

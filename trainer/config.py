@@ -110,6 +110,7 @@ RULES = {
     "model.d_ff": Rule(int, 0, means="0: 4 * d_model"),
     "model.seq_len": COUNT,
     "model.position": one_of(*gpt.POSITIONS),
+    "model.rope_base": Rule(float, 1, low_open=True),
     "model.tie_embeddings": FLAG,
     "model.use_bias": FLAG,
     "model.dropout": Rule(float, 0, 1, high_open=True),
@@ -119,6 +120,14 @@ RULES = {
     "model.param_dtype": one_of(*gpt.DTYPES),
     "model.attention": one_of(*gpt.ATTENTIONS),
     "model.attention_chunks": COUNT,
+    # Its kinds and its length against scan_layers: model_is_consistent.
+    "model.attention_pattern": Rule(
+        str, nonempty=True, means="layer kinds, comma-separated, e.g. "
+        "'dense,local'"),
+    "model.local_window": COUNT,
+    "model.parametrization": one_of(*gpt.PARAMETRIZATIONS),
+    "model.mup_base_width": Rule(int, 1, means="muP's base d_model; a "
+                                 "multiple of model.num_heads"),
     "data.source": TEXT,
     "data.tokenizer": one_of(*prepare.KINDS),
     "data.holdout": Rule(tuple, items=Rule(str, nonempty=True)),
@@ -270,8 +279,9 @@ def mesh_rules_name_known_axes(config) -> None:
 
 
 def model_is_consistent(config) -> None:
-  """GPTConfig's own checks (heads that divide d_model), and the attention
-  implementation against the compute dtype."""
+  """GPTConfig's own checks (heads that divide d_model, the attention
+  pattern's kinds and its length under scan_layers, rope's even head_dim),
+  and the attention implementation against the compute dtype."""
   model_config(config, vocab_size=max(config.model.vocab_size, 1))
   m = config.model
   if m.attention == "cudnn" and m.dtype == "float32":
@@ -301,11 +311,23 @@ def objective_fields_for_their_objective(config) -> None:
                         f"{usual!r}")
 
 
+def mup_scales_every_width(config) -> None:
+  """muP scales every hidden width with d_model (its learning rates and
+  inits by d_model / mup_base_width): the MLP's too, so d_ff must follow
+  d_model."""
+  m = config.model
+  if m.parametrization == "mup" and m.d_ff:
+    raise ConfigError(f"model.parametrization='mup' scales the MLP with "
+                      f"d_model: set model.d_ff=0 (4 * d_model), not "
+                      f"{m.d_ff}")
+
+
 CROSS_CHECKS = (batch_splits_into_microbatches, keep_steps_inside_the_run,
                 cooldown_only_in_a_branch, cosine_steps_after_the_warmup,
                 objective_fields_for_their_objective,
                 one_mesh_axis_free, mesh_rules_name_known_axes,
-                model_is_consistent, top_k_within_vocabulary)
+                model_is_consistent, mup_scales_every_width,
+                top_k_within_vocabulary)
 
 
 def check_with_tokenizer(config, tokenizer) -> None:

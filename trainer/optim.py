@@ -1,5 +1,15 @@
 """AdamW with the GPT-3 recipe: b1 0.9, b2 0.95, eps 1e-8, weight decay on
-matrices only, global-norm clipping; and the learning-rate schedules.
+matrices only, global-norm clipping; under muP, per-layer learning rates;
+and the learning-rate schedules.
+
+muP (model.parametrization="mup", Tensor Programs V, Table 3): Adam's step
+of each hidden ("matrix-like": two dimensions that grow with the width)
+weight is multiplied by mup_base_width / d_model, its learning rate going as
+1 / fan_in; embeddings, biases, norms and the readout keep the global rate
+(the readout's 1 / width is the model's output multiplier). The multiplier
+comes before weight decay, so every weight decays by learning_rate *
+weight_decay per step at any width (the mup package's default for AdamW):
+the decay's timescale does not change with the width.
 
 Every schedule is linear warmup, then a constant phase, then a decay of some
 shape to `min_lr_ratio` of the peak:
@@ -13,11 +23,15 @@ shape to `min_lr_ratio` of the peak:
   phase up to `cooldown.from_step`, then a decay over `cooldown.steps`.
 """
 
+import dataclasses
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from model import GPT, GPTConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
 # Decay shapes: progress p in [0, 1] -> fraction of the way still to go.
@@ -71,15 +85,65 @@ def lr_schedule(config) -> optax.Schedule:
   return schedule
 
 
+def matrix_like(cfg: GPTConfig):
+  """A tree of bools like the params: which have two dimensions that grow
+  with the width. Found as the mup package finds them, from the parameter
+  shapes of the model at its d_model and at twice that (the same heads):
+  the attention and MLP kernels, not the embeddings, biases, norms or
+  lm_head."""
+  def shapes(d_model: int):
+    wider = dataclasses.replace(cfg, d_model=d_model,
+                                parametrization="standard")
+    tokens = jax.ShapeDtypeStruct((1, cfg.seq_len), jnp.int32)
+    return nn.unbox(jax.eval_shape(GPT(wider).init, jax.random.key(0),
+                                   tokens))["params"]
+
+  grows = lambda a, b: sum(x != y for x, y in zip(a.shape, b.shape))
+  return jax.tree.map(lambda a, b: grows(a, b) >= 2, shapes(cfg.d_model),
+                      shapes(2 * cfg.d_model))
+
+
+def mup_lr_multipliers(cfg: GPTConfig):
+  """Each parameter's learning-rate multiplier, as a tree like the params:
+  1 / width_mult for the hidden weights, 1 for the rest; None under the
+  standard parametrization."""
+  if cfg.parametrization != "mup":
+    return None
+  return jax.tree.map(lambda hidden: 1 / cfg.width_mult if hidden else 1.0,
+                      matrix_like(cfg))
+
+
+def scale_by_multipliers(multipliers) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by its entry in `multipliers` (a
+  tree like the params of Python floats; 1 leaves it as it is)."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, m: u if m == 1 else u * m, updates,
+                        multipliers), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                      update)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
   """With train.skip_nonfinite_updates = N > 0, an update whose gradients
-  are not finite is skipped, up to N in a row (optax.apply_if_finite)."""
+  are not finite is skipped, up to N in a row (optax.apply_if_finite).
+  AdamW is optax.adamw's chain (Adam, weight decay, learning rate), with
+  muP's per-parameter multipliers after Adam; the standard
+  parametrization's chain is optax.adamw's, its state the same."""
   t = config.train
   decay_matrices = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  multipliers = None
+  if config.model.parametrization == "mup":  # shapes only: any vocabulary
+    multipliers = mup_lr_multipliers(
+        GPTConfig(**{**config.model, "vocab_size": 1}))
   tx = optax.chain(
       optax.clip_by_global_norm(t.grad_clip),
-      optax.adamw(lr_schedule(config), b1=t.b1, b2=t.b2, eps=t.eps,
-                  weight_decay=t.weight_decay, mask=decay_matrices))
+      optax.chain(
+          optax.scale_by_adam(b1=t.b1, b2=t.b2, eps=t.eps),
+          *([scale_by_multipliers(multipliers)] if multipliers else []),
+          optax.add_decayed_weights(t.weight_decay, decay_matrices),
+          optax.scale_by_learning_rate(lr_schedule(config))))
   if t.skip_nonfinite_updates > 0:
     tx = optax.apply_if_finite(tx, t.skip_nonfinite_updates)
   return tx
