@@ -6,13 +6,15 @@ import json
 import math
 import os
 import shutil
+import signal
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import (metrics_records, random_params, run_train_py,
-                      tiny_model_config)
+from conftest import (last_logged_step, metrics_records, random_params,
+                      run_train_py, tiny_model_config)
 from data import examples, loader, tokenizers
 from model import GPT
 from test_sft import TINY, write_jsonl
@@ -313,3 +315,29 @@ def test_train_py_dpo_sharded_equals_one_device(runs):
     losses.append([(r["loss"], r["kl_ref"]) for r in
                    metrics_records(workdir) if "loss" in r])
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5, atol=1e-7)
+
+
+def test_train_py_dpo_sigterm_saves_and_resumes_as_if_never_stopped(runs):
+  """SIGTERM mid-run: the current step is saved, exit 75; the same command
+  resumes (its reference read back) and logs the losses and KL of a run
+  that never stopped, bitwise."""
+  root, base = runs
+  flags = (*dpo_flags(root, base), "--config.train.steps=12",
+           "--config.checkpoint.every_steps=100", "--config.eval.every_steps=100")
+  whole = str(root / "whole")
+  _ok(run_train_py(*flags, f"--workdir={whole}"))
+  workdir, log = str(root / "stopped"), str(root / "stopped.log")
+  proc = run_train_py(*flags, f"--workdir={workdir}", wait=False, log=log)
+  deadline = time.time() + 300
+  while proc.poll() is None and last_logged_step(workdir) < 3 and (
+      time.time() < deadline):
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=300) == 75, open(log).read()[-3000:]
+  stopped = sorted(int(s) for s in os.listdir(os.path.join(workdir,
+                                                           "checkpoints")))
+  assert len(stopped) == 1 and 3 <= stopped[0] < 12
+  _ok(run_train_py(*flags, f"--workdir={workdir}"))
+  series = lambda w: [(r["step"], r["loss"], r["kl_ref"], r["reward_margin"])
+                      for r in metrics_records(w) if "loss" in r]
+  assert series(workdir) == series(whole)
