@@ -1,6 +1,6 @@
 """DPO demonstration: a synthetic preference for sorting up, not down.
 
-  python -m benchmarks.dpo_synthetic          # ~10 minutes here
+  python -m benchmarks.dpo_synthetic          # 2 minutes on a quiet machine here
 
 A prompt is a string of 4 to 7 random digits and ">" ("4918>"); a response
 lists its digits sorted, ascending ("1489") or descending ("9841"). Two runs
