@@ -210,10 +210,11 @@ _SHAPES = {"sft": '{"prompt", "response"} or {"messages": [{"role", '
 # ---------------------------------------------------------------- building
 
 def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
-          val_fraction: float = 0.01) -> Prepared:
+          val_fraction: float = 0.01, vocab_size: int = 8192) -> Prepared:
   """Prepares the examples of `inputs` (files, directories, globs of
   .jsonl[.gz]) into `output`. `tokenizer`: a tokenizer object, or the kind
-  of one to fit to the examples ("char", "byte", "bpe"). Refused with a
+  of one to fit to the examples ("char", "byte", "bpe" of `vocab_size`
+  ids). Refused with a
   DataError: a bad line (file:line), text the tokenizer cannot spell
   (file:line), an empty split."""
   if fmt not in FORMATS:
@@ -233,7 +234,7 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
   options = prepare.Options(tokenizer="char", holdout=tuple(holdout),
                             val_fraction=val_fraction)
   if isinstance(tokenizer, str):
-    tokenizer = _fit(tokenizer, files, fmt)
+    tokenizer = _fit(tokenizer, files, fmt, vocab_size)
   os.makedirs(output, exist_ok=True)
   dtype = shards.dtype_for(tokenizer.vocab_size)
   parts = {s: ([], [], [0]) for s in SPLITS}
@@ -292,7 +293,7 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
   return load(output)
 
 
-def _fit(kind: str, files: list[str], fmt: str):
+def _fit(kind: str, files: list[str], fmt: str, vocab_size: int):
   if kind == "byte":
     return tokenizers.ByteTokenizer()
   if kind not in ("char", "bpe"):
@@ -304,7 +305,11 @@ def _fit(kind: str, files: list[str], fmt: str):
             for seq in seqs)
   if kind == "char":
     return tokenizers.CharTokenizer.fit(sample)
-  return tokenizers.BPETokenizer.train(sample, prepare.Options.vocab_size)
+  if vocab_size < 257:
+    raise DataError(f"vocabulary size {vocab_size} is too small: a "
+                    "byte-level BPE needs at least 257 ids (256 bytes and "
+                    "end-of-text); raise --vocab-size")
+  return tokenizers.BPETokenizer.train(sample, vocab_size)
 
 
 def load(path: str) -> Prepared:

@@ -608,12 +608,9 @@ def _prepare_examples(args) -> int:
                    load(args.tokenizer_from).tokenizer)
     elif args.tokenizer == "gpt2":
       tokenizer = _gpt2(args.tokenizer_files)
-    elif args.tokenizer == "bpe":
-      raise DataError("--format sft|dpo fits a char or byte tokenizer; for "
-                      "a BPE give --tokenizer-from (a run or a corpus "
-                      "prepared with one) or --tokenizer gpt2")
     prepared = examples.build(args.input, args.output, args.format, tokenizer,
-                              tuple(args.holdout), args.val_fraction)
+                              tuple(args.holdout), args.val_fraction,
+                              args.vocab_size)
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -190,6 +190,26 @@ def test_eval_sums_agree_with_the_loss():
                                                    rel=1e-5)
 
 
+def test_prepare_command_fits_a_bpe_to_pairs(tmp_path, capsys):
+  from data import prepare
+  pairs = [{"prompt": f"Q{i}: which? ", "chosen": "the right one",
+            "rejected": "the wrong one"} for i in range(40)]
+  path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+  assert prepare.main(["--format", "dpo", "--input", path, "--output",
+                       str(tmp_path / "out"), "--tokenizer", "bpe",
+                       "--vocab-size", "300", "--val-fraction", "0.25"]) == 0
+  out = capsys.readouterr().out
+  data = examples.load(str(tmp_path / "out"))
+  assert data.tokenizer.kind == "bpe" and data.tokenizer.vocab_size <= 300
+  meta = data.meta
+  assert meta["train_examples"] + meta["val_examples"] == 40, out
+  seqs = data.sequences("train")
+  assert len(seqs) == 2 * meta["train_examples"]
+  chosen, mask = seqs.get(0)
+  assert data.tokenizer.decode(chosen[mask]) == (
+      "the right one" + tokenizers.EOT)
+
+
 # ---------------------------------------------------------------- train.py
 
 def _ok(result):
