@@ -4,18 +4,28 @@
   python -m benchmarks.train_throughput --shape=6x384   # 6 layers x 384 x 6 heads, batch 16 x 256
   python -m benchmarks.train_throughput --shape=6x384 --torch   # + PyTorch reference, side by side
   python -m benchmarks.train_throughput --versus model.attention_chunks=1   # + a variant, side by side
+  python -m benchmarks.train_throughput --versus main   # + the code of a git revision, side by side
 
 Steps run on random tokens (the input pipeline is measured in training logs as
 data_wait_ms). MFU counts model.flops_per_token() (6N + attention, PaLM's
 convention) against the median FLOP/s of a large float32 matmul measured on
 this machine, so it reads as "fraction of what XLA's matmul reaches here".
 Rounds alternate between frameworks so that machine noise hits both alike.
+A git revision given to --versus is extracted (git archive) into a
+temporary directory and timed there, in a process of its own that runs its
+rounds when this one tells it to, beside a second such process running
+this working tree's code, so that both are timed alike (versus_revision).
 """
 
 import argparse
 import json
+import os
 import resource
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import flax.linen as nn
@@ -74,6 +84,106 @@ def _override(config, items) -> None:
         value == "True" if isinstance(old, bool) else value)
 
 
+# Run in a revision's tree: its own jax_runner, driven over stdin/stdout.
+_DRIVER = """
+import json, sys
+sys.path.insert(0, ".")
+from benchmarks import train_throughput as tt
+from configs import default
+args = json.loads(sys.argv[1])
+config = default.get_config()
+overrides = dict(tt.SHAPES[args["shape"]])
+if "batch_size" in overrides:
+  config.train.batch_size = overrides.pop("batch_size")
+config.model.update(overrides)
+tt._override(config, args["set"])
+_, compile_s, run = tt.jax_runner(config, args["vocab"])
+import hashlib, re
+import flax.linen as nn, jax, numpy as np
+from trainer import loop, sharding, state as state_lib
+mesh = sharding.make_mesh(config.mesh)
+model, tx, rules, shardings = loop.model_and_optimizer(config, args["vocab"],
+                                                       mesh)
+shape = (config.train.batch_size, config.model.seq_len + 1)
+with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  step = state_lib.make_train_step(model, tx, shardings, grad_accum_steps=1,
+                                   seed=0)
+  text = step.lower(state_lib.abstract_state(model, tx, shardings),
+                    jax.ShapeDtypeStruct(shape, np.int32, sharding=(
+                        sharding.batch_sharding(mesh)))).compile().as_text()
+ops = re.findall(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(.+?)\s+([\w-]+)\(", text,
+                 re.M)
+print("ready", compile_s, hashlib.sha256(repr(ops).encode()).hexdigest()[:16],
+      len(ops), flush=True)
+for line in sys.stdin:
+  print(run(int(line)), flush=True)
+"""
+
+
+def revision_runner(revision: str | None, args):
+  """(run(steps) -> seconds, close(), compile seconds) of the train step
+  as `revision`'s code has it (None: this working tree's), the same shape
+  and overrides (--set), in a process of its own."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  tree = repo
+  if revision is not None:
+    tree = tempfile.mkdtemp(prefix="throughput-")
+    archive = subprocess.run(["git", "archive", revision], capture_output=True,
+                             cwd=repo)
+    if archive.returncode:
+      raise SystemExit(f"--versus {revision}: not a git revision here "
+                       f"({archive.stderr.decode().strip()})")
+    subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout,
+                   check=True)
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _DRIVER, json.dumps(
+          {"shape": args.shape, "set": args.set, "vocab": args.vocab})],
+      cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  ready = proc.stdout.readline()
+  if not ready.startswith("ready"):
+    raise SystemExit(f"--versus {revision}: its benchmark did not start")
+  _, compile_s, hlo, instructions = ready.split()
+  compile_s = float(compile_s)
+
+  def run(steps):
+    proc.stdin.write(f"{steps}\n")
+    proc.stdin.flush()
+    return float(proc.stdout.readline())
+
+  def close():
+    proc.stdin.close()
+    proc.wait()
+    if tree != repo:
+      shutil.rmtree(tree, ignore_errors=True)
+
+  run.compiled_step = f"{hlo} ({instructions} instructions)"
+  return run, close, compile_s
+
+
+def versus_revision(revision: str, args):
+  """Step times of this working tree's code ("jax") and `revision`'s
+  ("jax_versus"), each in a process of its own, in alternating rounds. The
+  process started first ran 5-10% faster here whatever its code (--versus
+  HEAD), so the rounds are split into two halves that start the two in
+  either order, and each half alternates which goes first in a round. Each
+  side also reports a hash of its compiled step's instructions."""
+  times = {"jax": [], "jax_versus": []}
+  compile_s, compiled = None, {}
+  for half, order in enumerate(((None, revision), (revision, None))):
+    procs = {}
+    for rev in order:
+      name = "jax" if rev is None else "jax_versus"
+      procs[name] = revision_runner(rev, args)
+      compile_s = compile_s or procs[name][2]
+      compiled[name] = procs[name][0].compiled_step
+    for i in range((args.rounds + 1 - half) // 2):
+      for name in list(procs)[::-1 if i % 2 else 1]:
+        times[name].append(procs[name][0](args.steps) / args.steps)
+    for _, close, _ in procs.values():
+      close()
+  return times, compile_s, compiled
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawTextHelpFormatter)
@@ -86,7 +196,9 @@ def main():
                  help="config overrides, e.g. model.scan_layers=True")
   p.add_argument("--versus", nargs="*", default=[],
                  help="also time the config with these further overrides "
-                 "(reported as jax_versus_*), in alternating rounds")
+                 "(reported as jax_versus_*), in alternating rounds; or a "
+                 "git revision (e.g. main): the same config with that "
+                 "revision's code")
   args = p.parse_args()
 
   config = default.get_config()
@@ -96,19 +208,26 @@ def main():
   config.model.update(overrides)
   _override(config, args.set)
 
-  cfg, compile_s, run = jax_runner(config, args.vocab)
-  runners = {"jax": run}
-  if args.versus:
-    versus = config.copy_and_resolve_references()
-    _override(versus, args.versus)
-    runners["jax_versus"] = jax_runner(versus, args.vocab)[2]
-  if args.torch:
-    from benchmarks import torch_gpt
-    runners["torch"] = torch_gpt.runner(cfg, config.train.batch_size)
-  times = {name: [] for name in runners}
-  for _ in range(args.rounds):
-    for name, r in runners.items():
-      times[name].append(r(args.steps) / args.steps)
+  revision = (args.versus[0] if len(args.versus) == 1 and
+              "=" not in args.versus[0] else None)
+  if revision:
+    cfg = loop.model_and_optimizer(config, args.vocab, sharding.make_mesh(
+        config.mesh))[0].cfg
+    times, compile_s, compiled = versus_revision(revision, args)
+  else:
+    cfg, compile_s, run = jax_runner(config, args.vocab)
+    runners = {"jax": run}
+    if args.versus:
+      versus = config.copy_and_resolve_references()
+      _override(versus, args.versus)
+      runners["jax_versus"] = jax_runner(versus, args.vocab)[2]
+    if args.torch:
+      from benchmarks import torch_gpt
+      runners["torch"] = torch_gpt.runner(cfg, config.train.batch_size)
+    times = {name: [] for name in runners}
+    for _ in range(args.rounds):
+      for name, r in runners.items():
+        times[name].append(r(args.steps) / args.steps)
 
   tokens = config.train.batch_size * cfg.seq_len
   peak = metrics.measure_matmul_flops(n=2048, repeats=5)
@@ -124,7 +243,13 @@ def main():
     result[f"{name}_step_ms"] = round(1e3 * step, 1)
     result[f"{name}_tokens_per_sec"] = round(tokens / step)
     result[f"{name}_mfu"] = round(cfg.flops_per_token() * tokens / step / peak, 3)
+  if revision:
+    # A hash of the compiled step's instructions (shapes and opcodes, in
+    # order): equal hashes, the same program.
+    result["compiled_step"] = compiled["jax"]
+    result["compiled_step_versus"] = compiled["jax_versus"]
   if args.versus:
+    result["versus"] = " ".join(args.versus)
     result["jax_over_versus"] = round(
         result["jax_tokens_per_sec"] / result["jax_versus_tokens_per_sec"], 3)
   if args.torch:

@@ -58,9 +58,14 @@ def get_config() -> ml_collections.ConfigDict:
       cache_dir="",          # "": $GPT_JAX_CACHE or ~/.cache/gpt_jax
       num_workers=0,         # grain worker processes
       fingerprint=True,      # log a hash of each step's batch: data_order.jsonl
+      pack=True,             # sft: pack several examples into a window (False: one each)
   ))
 
   c.train = ml_collections.ConfigDict(dict(
+      objective="next-token",  # "next-token" (text) | "sft" | "dpo" (JSONL examples:
+                               # data.source is their file, directory or glob; README)
+      sft_loss_on="response",  # sft: "response" tokens (and their EOT) | "all" tokens
+      dpo_beta=0.1,            # dpo: the strength of the tie to the reference
       steps=3600,
       batch_size=32,         # global, in sequences
       grad_accum_steps=1,

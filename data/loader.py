@@ -64,13 +64,177 @@ class WindowSource:
   def __repr__(self) -> str:  # short: it names the split, not its tokens
     return f"WindowSource({self.name}, seq_len={self.seq_len})"
 
+  unit = "windows"
 
-def check_size(source: WindowSource, batch_size: int) -> None:
+  def describe(self) -> str:
+    return f"{len(self):,} windows"
+
+
+def source_for(config, data, split: str, pad_id: int, vocab_size: int = 0):
+  """The items of a split that a run's batches are made of, by its
+  train.objective: text windows (next-token; `data` a prepare.Prepared),
+  packed examples (sft) or preference pairs (dpo; `data` an
+  examples.Prepared). `pad_id` pads examples (the EOT id)."""
+  objective, seq_len = config.train.objective, config.model.seq_len
+  if objective == "next-token":
+    return WindowSource(data.tokens(split), seq_len, split, vocab_size)
+  seqs = data.sequences(split)
+  if objective == "dpo":
+    return PairSource(seqs, seq_len, split, vocab_size, pad_id=pad_id)
+  return PackedSource(seqs, seq_len, split, vocab_size, pad_id=pad_id,
+                      seed=config.train.seed if split == "train" else None,
+                      pack=config.data.pack, loss_on=config.train.sft_loss_on)
+
+
+def check_size(source, batch_size: int) -> None:
   if len(source) < batch_size:
     raise DataError(
-        f"the {source.name} split has {len(source)} windows of "
+        f"the {source.name} split has {len(source)} {source.unit} of "
         f"{source.seq_len + 1} tokens, fewer than one batch of {batch_size}; "
         "use more text or a smaller batch size / model.seq_len")
+
+
+class PackedSource:
+  """Whole token sequences (post-training examples, data.examples) packed
+  into windows of seq_len + 1 tokens, for SFT. An item is a dict of
+  [seq_len + 1] int32 arrays: `tokens` (padded with `pad_id`), `segments`
+  (1, 2, ... for the sequences of the window in order, 0 for padding),
+  `positions` (restarting at 0 with each sequence) and `weights` (1 where
+  the token is a loss target: a response token or the EOT closing one, or
+  with loss_on="all" every token but a sequence's first). Inputs are the
+  first seq_len of each, targets the tokens shifted by one, as for text.
+
+  Packing is next-fit in a fixed order (the sequences shuffled by `seed`;
+  None: as stored): a window takes sequences until the next one does not
+  fit; with `pack` False, one sequence per window. A sequence longer than a
+  window is cut to its first seq_len + 1 tokens (counted in `truncated`;
+  its closing EOT is lost); one left without a target is dropped (counted
+  in `dropped`)."""
+  unit = "windows"
+
+  def __init__(self, seqs, seq_len: int, name: str, vocab_size: int = 0, *,
+               pad_id: int = 0, seed: int | None = None, pack: bool = True,
+               loss_on: str = "response"):
+    self.seqs, self.seq_len, self.name = seqs, seq_len, name
+    self.vocab_size, self.pad_id, self.loss_on = vocab_size, pad_id, loss_on
+    window = seq_len + 1
+    lengths = seqs.lengths()
+    self.kept = np.minimum(lengths, window)
+    self.truncated = int((lengths > window).sum())
+    if loss_on == "all":
+      usable = self.kept >= 2
+    else:
+      cumulative = np.concatenate([[0], np.cumsum(seqs.targets, dtype=np.int64)])
+      usable = (cumulative[seqs.starts[:-1] + self.kept] -
+                cumulative[seqs.starts[:-1]]) > 0
+    self.dropped = int((~usable).sum())
+    order = np.arange(len(seqs)) if seed is None else (
+        np.random.default_rng(seed).permutation(len(seqs)))
+    self.order = order[usable[order]]
+    bounds, fill = [0], 0
+    for k, length in enumerate(self.kept[self.order].tolist()):
+      if fill and (fill + length > window or not pack):
+        bounds.append(k)
+        fill = 0
+      fill += length
+    if len(self.order):
+      bounds.append(len(self.order))
+    self.bounds = np.array(bounds, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.bounds) - 1
+
+  def __getitem__(self, i: int) -> dict:
+    window = self.seq_len + 1
+    out = {"tokens": np.full(window, self.pad_id, np.int32),
+           "segments": np.zeros(window, np.int32),
+           "positions": np.zeros(window, np.int32),
+           "weights": np.zeros(window, np.int32)}
+    pos = 0
+    for segment, s in enumerate(self.order[self.bounds[i]:self.bounds[i + 1]],
+                                1):
+      tokens, targets = self.seqs.get(s)
+      n = int(self.kept[s])
+      span = slice(pos, pos + n)
+      out["tokens"][span] = tokens[:n]
+      out["segments"][span] = segment
+      out["positions"][span] = np.arange(n)
+      out["weights"][span] = targets[:n] if self.loss_on != "all" else 1
+      out["weights"][pos] = 0  # nothing predicts a sequence's first token
+      pos += n
+    return out
+
+  def check_all_ids(self) -> None:
+    _check_sequence_ids(self.seqs, self.name, self.vocab_size)
+
+  def describe(self) -> str:
+    used = int(self.kept[self.order].sum())
+    return (f"{len(self.order):,} sequences in {len(self):,} windows "
+            f"({used / max(1, len(self) * (self.seq_len + 1)):.0%} filled), "
+            f"{self.truncated:,} truncated to the window, {self.dropped:,} "
+            "dropped (no target left)")
+
+  def __repr__(self) -> str:
+    return f"PackedSource({self.name}, seq_len={self.seq_len})"
+
+
+class PairSource:
+  """Preference pairs (data.examples, format dpo: chosen and rejected
+  sequences stored alternately), one pair per item: a dict of [2, seq_len +
+  1] int32 arrays, `tokens` (row 0 the chosen sequence, row 1 the rejected
+  one, each from position 0, padded with `pad_id`) and `weights` (1 on the
+  response tokens and the closing EOT). A sequence longer than a window is
+  cut to its first seq_len + 1 tokens (the pair counted in `truncated`); a
+  pair where either side is left without a target is dropped (`dropped`)."""
+  unit = "pairs"
+
+  def __init__(self, seqs, seq_len: int, name: str, vocab_size: int = 0, *,
+               pad_id: int = 0):
+    self.seqs, self.seq_len, self.name = seqs, seq_len, name
+    self.vocab_size, self.pad_id = vocab_size, pad_id
+    window = seq_len + 1
+    lengths = seqs.lengths()
+    self.kept = np.minimum(lengths, window)
+    cumulative = np.concatenate([[0], np.cumsum(seqs.targets, dtype=np.int64)])
+    targets = (cumulative[seqs.starts[:-1] + self.kept] -
+               cumulative[seqs.starts[:-1]])
+    self.truncated = int((lengths > window).reshape(-1, 2).any(1).sum())
+    usable = (targets > 0).reshape(-1, 2).all(1)
+    self.dropped = int((~usable).sum())
+    self.pairs = np.flatnonzero(usable)
+
+  def __len__(self) -> int:
+    return len(self.pairs)
+
+  def __getitem__(self, i: int) -> dict:
+    window = self.seq_len + 1
+    out = {"tokens": np.full((2, window), self.pad_id, np.int32),
+           "weights": np.zeros((2, window), np.int32)}
+    for row in range(2):
+      s = 2 * int(self.pairs[i]) + row
+      tokens, targets = self.seqs.get(s)
+      n = int(self.kept[s])
+      out["tokens"][row, :n] = tokens[:n]
+      out["weights"][row, :n] = targets[:n]
+    return out
+
+  def check_all_ids(self) -> None:
+    _check_sequence_ids(self.seqs, self.name, self.vocab_size)
+
+  def describe(self) -> str:
+    return (f"{len(self):,} pairs, {self.truncated:,} truncated to the "
+            f"window, {self.dropped:,} dropped (no target left)")
+
+  def __repr__(self) -> str:
+    return f"PairSource({self.name}, seq_len={self.seq_len})"
+
+
+def _check_sequence_ids(seqs, name: str, vocab_size: int) -> None:
+  if vocab_size and seqs.tokens.max(initial=0) >= vocab_size:
+    raise DataError(
+        f"the {name} split holds token id {seqs.tokens.max()}, outside the "
+        f"model's vocabulary of {vocab_size}; the examples do not match the "
+        "model's tokenizer: prepare them again")
 
 
 def window_ids(num_windows: int, global_batch: int,
@@ -86,10 +250,28 @@ def epoch_of(step: int, global_batch: int, num_windows: int) -> int:
   return (step - 1) * global_batch // num_windows
 
 
-def fingerprint(tokens: np.ndarray) -> str:
-  """A short hash of a batch's token ids (blake2b of their int32 bytes)."""
-  data = np.ascontiguousarray(tokens, dtype="<i4").tobytes()
-  return hashlib.blake2b(data, digest_size=8).hexdigest()
+def fingerprint(batch) -> str:
+  """A short hash of a batch (blake2b of its int32 bytes; a dict's arrays
+  in the order of their names)."""
+  arrays = [batch[k] for k in sorted(batch)] if isinstance(batch, dict) else [
+      batch]
+  h = hashlib.blake2b(digest_size=8)
+  for array in arrays:
+    h.update(np.ascontiguousarray(array, dtype="<i4").tobytes())
+  return h.hexdigest()
+
+
+def stack(items: list):
+  """Items of a source (arrays, or dicts of arrays) as one batch."""
+  if isinstance(items[0], dict):
+    return {k: np.stack([item[k] for item in items]) for k in items[0]}
+  return np.stack(items)
+
+
+def rows_of(batch, rows: slice):
+  if isinstance(batch, dict):
+    return {k: v[rows] for k, v in batch.items()}
+  return batch[rows]
 
 
 def train_iterator(source: WindowSource, global_batch: int, seed: int,
@@ -101,9 +283,9 @@ def train_iterator(source: WindowSource, global_batch: int, seed: int,
   full for it) with `fingerprints`, else None."""
   def load(ids):
     if not fingerprints:
-      return np.stack([source[i] for i in ids[rows]]), None
-    tokens = np.stack([source[i] for i in ids])
-    return tokens[rows], fingerprint(tokens)
+      return stack([source[i] for i in ids[rows]]), None
+    batch = stack([source[i] for i in ids])
+    return rows_of(batch, rows), fingerprint(batch)
 
   ds = window_ids(len(source), global_batch, seed)[start_step:].map(load)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2,
@@ -123,15 +305,19 @@ def train_iterator(source: WindowSource, global_batch: int, seed: int,
   return iter(ds)
 
 
-def eval_batches(source: WindowSource, batch_size: int, max_batches: int = 0):
-  """Every window once, in order, as (tokens [b, L+1], mask [b]); the last
-  batch is padded with masked-out windows so nothing is dropped."""
+def eval_batches(source, batch_size: int, max_batches: int = 0):
+  """Every item once, in order, as (batch, mask [b]): tokens [b, L+1] (or
+  a dict of arrays with b rows, as the source's items); the last batch is
+  padded with masked-out items (zeros) so nothing is dropped."""
   n = len(source)
   starts = range(0, n, batch_size)
   if max_batches > 0:
     starts = starts[:max_batches]
   for s in starts:
     count = min(batch_size, n - s)
-    tokens = np.zeros((batch_size, source.seq_len + 1), np.int32)
-    tokens[:count] = np.stack([source[i] for i in range(s, s + count)])
-    yield tokens, np.arange(batch_size) < count
+    items = stack([source[i] for i in range(s, s + count)])
+    pad = lambda x: np.concatenate(
+        [x, np.zeros((batch_size - count, *x.shape[1:]), x.dtype)])
+    batch = ({k: pad(v) for k, v in items.items()} if isinstance(items, dict)
+             else pad(items))
+    yield batch, np.arange(batch_size) < count

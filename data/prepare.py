@@ -564,7 +564,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="processes (0: this one)")
   p.add_argument("--bpe-sample-mb", type=float, default=1024,
                  help="bpe: train on about this much text")
+  from data import examples  # it builds on this module
+  p.add_argument("--format", choices=("text", *examples.FORMATS),
+                 default="text",
+                 help="text: documents for next-token training; sft, dpo: "
+                 "JSONL examples for train.objective=sft or dpo (data/"
+                 "examples.py: the record formats and chat template)")
+  p.add_argument("--tokenizer-from", default="",
+                 help="sft, dpo: use the tokenizer of this run's workdir (or "
+                 "prepared directory) instead of fitting --tokenizer")
   args = p.parse_args(argv)
+  if args.format != "text":
+    return _prepare_examples(args)
   options = Options(
       tokenizer=args.tokenizer, vocab_size=args.vocab_size,
       tokenizer_files=args.tokenizer_files, text_field=args.text_field,
@@ -583,6 +594,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{m['train_tokens']:,} train + {m['val_tokens']:,} val tokens "
         f"({m['train_bytes']:,} + {m['val_bytes']:,} bytes), "
         f"{m['tokenizer']['kind']} vocabulary {m['vocab_size']:,}")
+  return 0
+
+
+def _prepare_examples(args) -> int:
+  """--format sft|dpo: JSONL examples into token arrays with a loss mask."""
+  from data import examples
+  try:
+    tokenizer = args.tokenizer
+    if args.tokenizer_from:
+      tokenizer = (tokenizers.load_dir(os.path.join(args.tokenizer_from,
+                                                    "tokenizer")) or
+                   load(args.tokenizer_from).tokenizer)
+    elif args.tokenizer == "gpt2":
+      tokenizer = _gpt2(args.tokenizer_files)
+    prepared = examples.build(args.input, args.output, args.format, tokenizer,
+                              tuple(args.holdout), args.val_fraction,
+                              args.vocab_size)
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  m = prepared.meta
+  print(f"{prepared.path}: {m['files']:,} files, {m['train_examples']:,} + "
+        f"{m['val_examples']:,} examples, {m['train_tokens']:,} train + "
+        f"{m['val_tokens']:,} val tokens ({m['train_target_tokens']:,} + "
+        f"{m['val_target_tokens']:,} targets), {m['tokenizer']['kind']} "
+        f"vocabulary {m['vocab_size']:,}")
   return 0
 
 

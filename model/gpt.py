@@ -388,8 +388,9 @@ def attend(q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, mask, dropout=lambda p: p):
 
 
 def causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, chunks: int,
-                     dropout=lambda p: p):
-  """Causal softmax attention, in `chunks` blocks of queries.
+                     dropout=lambda p: p, mask_Bx1xLxL=None):
+  """Causal softmax attention, in `chunks` blocks of queries (and within
+  `mask_Bx1xLxL` if given).
 
   Block [lo, hi) scores only keys [0, hi): the keys after it are masked for
   all its queries, so skipping them is exact and saves part of the masked
@@ -401,10 +402,18 @@ def causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, chunks: int,
   bounds = [L * i // chunks for i in range(chunks + 1)]
   out = []
   for lo, hi in zip(bounds[:-1], bounds[1:]):
-    causal_QxT = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]
+    mask = causal_QxT = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]
+    if mask_Bx1xLxL is not None:
+      mask = causal_QxT & mask_Bx1xLxL[:, :, lo:hi, :hi]
     out.append(attend(q_BxLxHxK[:, lo:hi], k_BxLxHxK[:, :hi],
-                      v_BxLxHxK[:, :hi], causal_QxT, dropout))
+                      v_BxLxHxK[:, :hi], mask, dropout))
   return jnp.concatenate(out, axis=1)
+
+
+def band_mask(L: int, window: int) -> np.ndarray:
+  """[L, L]: query i sees keys i - window + 1 to i."""
+  query_Lx1, key_1xL = np.arange(L)[:, None], np.arange(L)[None]
+  return (key_1xL <= query_Lx1) & (key_1xL > query_Lx1 - window)
 
 
 def banded_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, window: int,
@@ -456,7 +465,9 @@ class Attention(nn.Module):
                layer=None, mask_Bx1xLxT=None):
     """Tokens at positions pos_BxL. With a `cache`, they also attend to the
     keys and values of their ring's layer `layer` under `mask_Bx1xLxT`, and
-    theirs go into it; returns the output and the cache."""
+    theirs go into it; returns the output and the cache. Without one,
+    `mask_Bx1xLxT` (if given: packed sequences' segments) narrows the causal
+    (or banded) mask further."""
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
     H, K = cfg.num_heads, cfg.head_dim
@@ -491,13 +502,18 @@ class Attention(nn.Module):
                            v_BxTxHxK, mask_Bx1xLxT, dropout)
     elif cfg.attention == "einsum" and L <= window:
       out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
-                                     cfg.attention_chunks, dropout)
-    elif cfg.attention == "einsum":
+                                     cfg.attention_chunks, dropout,
+                                     mask_Bx1xLxT)
+    elif cfg.attention == "einsum" and mask_Bx1xLxT is None:
       out_BxLxHxK = banded_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, window,
                                      dropout)
+    elif cfg.attention == "einsum":  # banded within segments: every score
+      out_BxLxHxK = attend(q_BxLxHxK * (1.0 / math.sqrt(K)), k_BxLxHxK,
+                           v_BxLxHxK, mask_Bx1xLxT & band_mask(L, window),
+                           dropout)
     else:
       out_BxLxHxK = jax.nn.dot_product_attention(
-          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True,
+          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_Bx1xLxT, is_causal=True,
           local_window_size=(window - 1, 0) if L > window else None,
           implementation=cfg.attention)
     out_BxLxHxK = nn.with_logical_constraint(
@@ -599,15 +615,19 @@ class GPT(nn.Module):
 
   With a `cache`, the tokens (at positions `pos_BxL`, -1 for padding) attend
   to it as well, and the call returns (logits, the cache with them added).
-  Without one, the tokens are at positions 0..L-1; L may exceed seq_len only
-  with rotary positions, each layer still attending to its window (sampling
-  past the context: model.sampling).
+  Without one, the tokens are at positions 0..L-1, or `pos_BxL` if given;
+  L may exceed seq_len only with rotary positions, each layer still
+  attending to its window (sampling past the context: model.sampling).
+  `segment_ids` [B, L] keeps several sequences packed in a row apart: a
+  token attends only to earlier tokens of its own segment; with `pos_BxL`
+  restarting at 0 with each segment, each sequence's logits are those it
+  would have alone (packed fine-tuning examples, trainer.objectives).
   """
   cfg: GPTConfig
 
   @nn.compact
   def __call__(self, tokens_BxL, deterministic: bool = True,
-               cache: KVCache | None = None, pos_BxL=None):
+               cache: KVCache | None = None, pos_BxL=None, segment_ids=None):
     cfg = self.cfg
     L = tokens_BxL.shape[1]
     embed = nn.Embed(
@@ -620,7 +640,8 @@ class GPT(nn.Module):
     # embed, and moving that to the batch sharding costs a full copy.
     table_VxD = nn.with_logical_constraint(embed.embedding, ("vocab", None))
     x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(cfg.dtype)
-    if cache is None:
+    packed_positions = cache is None and pos_BxL is not None
+    if cache is None and pos_BxL is None:
       pos_BxL = jnp.arange(L)[None]
     if cfg.position != "rope":  # rotary positions apply in attention
       if cfg.position == "learned":
@@ -630,7 +651,7 @@ class GPT(nn.Module):
             (cfg.seq_len, cfg.d_model), cfg.param_dtype)
       else:
         positions_SxD = sinusoidal_positions(cfg.seq_len, cfg.d_model)
-      if cache is None:
+      if cache is None and not packed_positions:
         x_BxLxD = x_BxLxD + positions_SxD[:L].astype(cfg.dtype)
       else:
         x_BxLxD = x_BxLxD + jnp.take(positions_SxD, jnp.maximum(pos_BxL, 0),
@@ -643,6 +664,10 @@ class GPT(nn.Module):
     if cache is not None:
       cache, masks = cache.claim(pos_BxL)
       repeats = jnp.arange(cfg.num_layers // places)
+    elif segment_ids is not None:
+      same_segment_Bx1xLxL = (segment_ids[:, None, :, None] ==
+                              segment_ids[:, None, None, :])
+      masks = (same_segment_Bx1xLxL,) * places
     if cfg.scan_layers:
       # A pattern of one kind scans its blocks; a longer one, its repeats.
       (x_BxLxD, cache), _ = nn.scan(

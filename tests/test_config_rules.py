@@ -165,6 +165,12 @@ CROSS_CASES = [
      "model.attention='cudnn' needs model.dtype='bfloat16' or 'float16'"),
     ("top_k_within_vocabulary", dict(model__vocab_size=50, sample__top_k=51),
      "sample.top_k=51 exceeds the vocabulary of 50"),
+    ("objective_fields_for_their_objective", dict(train__dpo_beta=0.5),
+     "train.dpo_beta=0.5 applies to train.objective='dpo', not "
+     "'next-token'; leave it at 0.1"),
+    ("objective_fields_for_their_objective",
+     dict(train__objective="dpo", data__pack=False),
+     "data.pack=False applies to train.objective='sft', not 'dpo'"),
     ("mup_scales_every_width",
      dict(model__parametrization="mup", model__d_ff=100),
      "model.parametrization='mup' scales the MLP with d_model: set "

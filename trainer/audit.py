@@ -32,9 +32,7 @@ import json
 import os
 import sys
 
-import numpy as np
-
-from data import loader, prepare
+from data import examples, loader, prepare, tokenizers
 from data.corpus import DataError
 from trainer import config as config_lib
 from trainer.errors import ConfigError
@@ -171,17 +169,23 @@ def recompute(run: DataOrder) -> list[str]:
   """Recorded fingerprints and epochs that differ from those of the batches
   the run's config and data give."""
   c = run.config
-  data = prepare.prepare(c.data.source, c.data.tokenizer,
-                         tuple(c.data.holdout), c.data.cache_dir,
-                         c.data.val_fraction)
-  source = loader.WindowSource(data.tokens("train"), c.model.seq_len, "train")
+  if c.train.objective == "next-token":
+    data = prepare.prepare(c.data.source, c.data.tokenizer,
+                           tuple(c.data.holdout), c.data.cache_dir,
+                           c.data.val_fraction)
+  else:  # examples, with the run's tokenizer
+    data = examples.prepare_source(
+        c.data.source, c.train.objective, tokenizers.load_dir(
+            os.path.join(run.workdir, "tokenizer")) or c.data.tokenizer,
+        tuple(c.data.holdout), c.data.cache_dir, c.data.val_fraction)
+  source = loader.source_for(c, data, "train", data.tokenizer.eot_id)
   batch = c.train.batch_size
   ids = loader.window_ids(len(source), batch, c.train.seed)
   findings = []
   for step, record in sorted(run.first.items()):
     if step < 1:
       continue
-    want = loader.fingerprint(np.stack([source[i] for i in ids[step - 1]]))
+    want = loader.fingerprint(loader.stack([source[i] for i in ids[step - 1]]))
     epoch = loader.epoch_of(step, batch, len(source))
     if (record.fingerprint, record.epoch) != (want, epoch):
       findings.append(

@@ -19,7 +19,7 @@ import ml_collections
 from configs import default
 from data import prepare
 from model import GPTConfig, gpt
-from trainer import optim, sharding
+from trainer import objectives, optim, sharding
 from trainer.errors import ConfigError
 
 
@@ -135,6 +135,10 @@ RULES = {
     "data.cache_dir": Rule(str, means="'': $GPT_JAX_CACHE or ~/.cache/gpt_jax"),
     "data.num_workers": Rule(int, 0, means="0: none, this process"),
     "data.fingerprint": FLAG,
+    "data.pack": FLAG,
+    "train.objective": one_of(*objectives.OBJECTIVES),
+    "train.sft_loss_on": one_of("response", "all"),
+    "train.dpo_beta": Rule(float, 0, low_open=True),
     "train.steps": COUNT,
     "train.batch_size": COUNT,
     "train.grad_accum_steps": COUNT,
@@ -293,6 +297,20 @@ def top_k_within_vocabulary(config, vocab_size: int = 0) -> None:
                       f"vocabulary of {vocab}; lower it (0: no top-k filter)")
 
 
+def objective_fields_for_their_objective(config) -> None:
+  """train.sft_loss_on and data.pack shape sft batches, train.dpo_beta the
+  dpo loss; set for another objective they would do nothing."""
+  t, default_config = config.train, default.get_config()
+  for field, objective in (("train.sft_loss_on", "sft"), ("data.pack", "sft"),
+                           ("train.dpo_beta", "dpo")):
+    section, name = field.split(".")
+    value, usual = config[section][name], default_config[section][name]
+    if t.objective != objective and value != usual:
+      raise ConfigError(f"{field}={value!r} applies to train.objective="
+                        f"{objective!r}, not {t.objective!r}; leave it at "
+                        f"{usual!r}")
+
+
 def mup_scales_every_width(config) -> None:
   """muP scales every hidden width with d_model (its learning rates and
   inits by d_model / mup_base_width): the MLP's too, so d_ff must follow
@@ -306,6 +324,7 @@ def mup_scales_every_width(config) -> None:
 
 CROSS_CHECKS = (batch_splits_into_microbatches, keep_steps_inside_the_run,
                 cooldown_only_in_a_branch, cosine_steps_after_the_warmup,
+                objective_fields_for_their_objective,
                 one_mesh_axis_free, mesh_rules_name_known_axes,
                 model_is_consistent, mup_scales_every_width,
                 top_k_within_vocabulary)

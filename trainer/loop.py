@@ -8,19 +8,23 @@ import functools
 import json
 import math
 import os
+import shutil
 import signal
 import tempfile
 import time
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from data import loader, prepare, tokenizers
+from jax.experimental import multihost_utils
+
+from data import examples, loader, prepare, tokenizers
 from model import GPT, generate, resize_vocab
 from trainer import audit, checkpoint, config as config_lib, metrics, optim
-from trainer import sharding
+from trainer import objectives, sharding
 from trainer import state as state_lib
 from trainer.errors import ConfigError, Diverged, Preempted
 
@@ -30,7 +34,8 @@ class Run:
   """Everything built from a config before the first step."""
   config: object
   workdir: str
-  data: prepare.Prepared | None  # None: a mode that reads no corpus
+  # None: a mode that reads no corpus; examples.Prepared for sft and dpo
+  data: prepare.Prepared | examples.Prepared | None
   tokenizer: object
   model: GPT
   tx: object
@@ -39,6 +44,11 @@ class Run:
   shardings: state_lib.TrainState
   checkpointer: checkpoint.Checkpointer
   eval_step: object
+  sources: dict = dataclasses.field(default_factory=dict)  # split -> items
+
+  @property
+  def objective(self) -> str:
+    return self.config.train.objective
 
   def context(self):
     """Mesh and logical-axis rules, active whenever a step is traced; on exit,
@@ -101,9 +111,26 @@ def check_workdir(workdir: str) -> None:
                       f"{e.strerror}); choose another path") from None
 
 
-def _windows(data: prepare.Prepared, split: str, model_cfg):
-  return loader.WindowSource(data.tokens(split), model_cfg.seq_len, split,
-                             model_cfg.vocab_size)
+def _source(config, data, split: str, model_cfg, tokenizer):
+  return loader.source_for(config, data, split, tokenizer.eot_id,
+                           model_cfg.vocab_size)
+
+
+def _prepare(config, tokenizer):
+  """The data of config.data for the run's objective. sft and dpo examples
+  in raw JSONL are tokenized with `tokenizer` (the workdir's), else
+  checkpoint.init_from's, else one of data.tokenizer's kind fitted to
+  them."""
+  d = config.data
+  if config.train.objective == "next-token":
+    return prepare.prepare(d.source, d.tokenizer, tuple(d.holdout),
+                           d.cache_dir, d.val_fraction)
+  if tokenizer is None and config.checkpoint.init_from:
+    tokenizer = tokenizers.load_dir(
+        os.path.join(config.checkpoint.init_from, TOKENIZER))
+  return examples.prepare_source(d.source, config.train.objective,
+                                 tokenizer or d.tokenizer, tuple(d.holdout),
+                                 d.cache_dir, d.val_fraction)
 
 
 def build(config, workdir: str, splits=("train", "val")) -> Run:
@@ -125,25 +152,27 @@ def build(config, workdir: str, splits=("train", "val")) -> Run:
   tokenizer = tokenizers.load_dir(os.path.join(workdir, TOKENIZER))
   data = None
   if splits or tokenizer is None:
-    data = prepare.prepare(config.data.source, config.data.tokenizer,
-                           tuple(config.data.holdout), config.data.cache_dir,
-                           config.data.val_fraction)
+    data = _prepare(config, tokenizer)
     tokenizer = tokenizer or data.tokenizer
     _check_same_tokenizer(tokenizer, workdir, data.tokenizer, data.path)
   config_lib.check_with_tokenizer(config, tokenizer)
   model, tx, rules, shardings = model_and_optimizer(
       config, tokenizer.vocab_size, mesh)
+  sources = {}
   for split in splits:
-    windows = _windows(data, split, model.cfg)
-    loader.check_size(windows, config.train.batch_size if split == "train"
+    source = sources[split] = _source(config, data, split, model.cfg,
+                                      tokenizer)
+    loader.check_size(source, config.train.batch_size if split == "train"
                       else 1)
-    windows.check_all_ids()
+    source.check_all_ids()
   return Run(config, workdir, data, tokenizer, model, tx, mesh, rules,
              shardings,
              checkpoint.Checkpointer(workdir, config.checkpoint.keep,
                                      config.checkpoint.keep_best,
                                      keep_steps=config.checkpoint.keep_steps),
-             state_lib.make_eval_step(model))
+             state_lib.make_eval_step(model, config.train.objective,
+                                      config.train.dpo_beta),
+             sources)
 
 
 TOKENIZER = "tokenizer"  # <workdir>/tokenizer/: the model's, saved by train
@@ -171,6 +200,15 @@ def _describe(run: Run, rows: slice) -> str:
   """The model, mesh and data of a run, for the console and TensorBoard;
   `rows`: the rows of each batch that this process loads."""
   cfg, t = run.model.cfg, run.config.train
+  row = (f"{cfg.seq_len} tokens" if run.objective != "dpo" else
+         f"2 x {cfg.seq_len} tokens (a chosen and a rejected sequence)")
+  if run.objective == "next-token":
+    data = (f"{run.data.meta['train_tokens']:,} train / "
+            f"{run.data.meta['val_tokens']:,} val tokens")
+  else:
+    data = f"{run.objective} examples; " + "; ".join(
+        f"{split}: {source.describe()}" for split, source in
+        run.sources.items())
   data_parallel = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
   vocab, padded = f"vocab {cfg.vocab_size}", ""
   if cfg.padded_vocab_size != cfg.vocab_size:
@@ -184,31 +222,46 @@ def _describe(run: Run, rows: slice) -> str:
       f"{cfg.flops_per_token() / 1e6:.1f} MFLOPs/token",
       f"mesh: {dict(run.mesh.shape)} over {jax.device_count()} "
       f"{jax.devices()[0].platform} devices in {jax.process_count()} "
-      f"process(es); batch {t.batch_size} x {cfg.seq_len} tokens, "
+      f"process(es); batch {t.batch_size} x {row}, "
       f"{t.batch_size // data_parallel} sequences per device "
       f"({jax.local_device_count()} devices and "
       f"{rows.stop - rows.start} sequences per process)",
-      f"data: {run.data.path} ({run.data.meta['train_tokens']:,} train / "
-      f"{run.data.meta['val_tokens']:,} val tokens)"))
+      f"data: {run.data.path} ({data})"))
 
 
-def evaluate_params(run: Run, params, max_batches: int) -> dict:
-  """Mean loss, perplexity and bits per byte over the validation split."""
-  source = _windows(run.data, "val", run.model.cfg)
+def evaluate_params(run: Run, params, max_batches: int,
+                    ref_params=None) -> dict:
+  """The objective's eval record over the validation split: mean loss,
+  perplexity and bits per byte of the target tokens (next-token: every
+  token; sft: the response tokens); for dpo the preference loss, rewards,
+  reward accuracy and KL to `ref_params` (objectives.summarize)."""
+  source = run.sources.get("val")
+  if source is None:
+    source = _source(run.config, run.data, "val", run.model.cfg,
+                     run.tokenizer)
   token_bytes = run.tokenizer.token_bytes()
   batch_sharding = sharding.batch_sharding(run.mesh)
   data_parallel = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
   batch_size = math.ceil(run.config.eval.batch_size / data_parallel) * data_parallel
+  extra = (ref_params,) if run.objective == "dpo" else ()
   total = None
-  for tokens, mask in loader.eval_batches(source, batch_size, max_batches):
-    sums = run.eval_step(params, jax.device_put(tokens, batch_sharding),
-                     jax.device_put(mask, batch_sharding), token_bytes)
-    total = sums if total is None else total + sums
-  nats, count, num_bytes = (float(x) for x in jax.device_get(total))
-  loss = nats / count
-  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
-          "eval_bits_per_byte": nats / num_bytes / math.log(2),
-          "eval_tokens": int(count)}
+  for batch, mask in loader.eval_batches(source, batch_size, max_batches):
+    sums = run.eval_step(params, jax.device_put(batch, batch_sharding),
+                         jax.device_put(mask, batch_sharding), token_bytes,
+                         *extra)
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  return objectives.summarize(run.objective, jax.device_get(total))
+
+
+def eval_line(record: dict) -> str:
+  """An eval record for the console."""
+  if "eval_reward_accuracy" in record:
+    return (f"eval loss {record['eval_loss']:.4f}, reward accuracy "
+            f"{record['eval_reward_accuracy']:.3f}, margin "
+            f"{record['eval_reward_margin']:.4f}, KL to the reference "
+            f"{record['eval_kl_ref']:.4f} per token")
+  return (f"eval loss {record['eval_loss']:.4f}, "
+          f"{record['eval_bits_per_byte']:.4f} bits/byte")
 
 
 def sample_text(run: Run, params, index: int = 0, stream=None) -> str:
@@ -261,7 +314,8 @@ def train(config, workdir: str) -> dict:
            "nothing written. To train it further, raise "
            "--config.train.steps; to use it, --mode=eval or --mode=sample")
       return {}
-    if start is not None:
+    start_resumed = start is not None
+    if start_resumed:
       log(f"resuming from {run.checkpointer.directory} at step {start}")
     else:
       start, state = _first_state(run)
@@ -269,8 +323,10 @@ def train(config, workdir: str) -> dict:
       config_lib.save(config, workdir)
       metrics.write_run_summary(workdir, run.model.cfg, t)
       tokenizers.save_dir(run.tokenizer, os.path.join(workdir, TOKENIZER))
+    ref_params = (_reference(run, state, resumed=start_resumed)
+                  if run.objective == "dpo" else None)
     # The data continue at the step the state is at (data.loader).
-    source = _windows(run.data, "train", run.model.cfg)
+    source = run.sources["train"]
     fingerprints = config.data.fingerprint and jax.process_index() == 0
     train_iter = loader.train_iterator(
         source, t.batch_size, t.seed, start, rows, config.data.num_workers,
@@ -281,13 +337,15 @@ def train(config, workdir: str) -> dict:
     stack.callback(data_order.close)
     train_step = state_lib.make_train_step(
         run.model, run.tx, run.shardings, grad_accum_steps=t.grad_accum_steps,
-        seed=t.seed)
+        seed=t.seed, objective=t.objective, dpo_beta=t.dpo_beta)
+    extra = (ref_params,) if ref_params is not None else ()
     writer = metrics.MetricsWriter(workdir, resume_step=start)
     stack.callback(writer.close)
     writer.text("run", description, start)
     stop = _stop_on_sigterm(stack)
     schedule = optim.lr_schedule(config)
-    tokens_per_step = t.batch_size * run.model.cfg.seq_len
+    tokens_per_step = t.batch_size * objectives.tokens_per_row(
+        t.objective, run.model.cfg.seq_len)
     flops_per_step = run.model.cfg.flops_per_token() * tokens_per_step
     peak = metrics.peak_flops_per_device(config.perf.peak_flops) * jax.device_count()
 
@@ -323,6 +381,8 @@ def train(config, workdir: str) -> dict:
                   "tokens_seen": done_step * tokens_per_step}
         if "skipped_updates" in done:
           record["skipped_updates"] = int(done["skipped_updates"])
+        record.update({k: float(v) for k, v in done.items()
+                       if k not in _LOGGED_APART})  # the objective's own
         if first:
           record["first_step_time_s"] = elapsed
         elif window["steps"]:
@@ -345,10 +405,11 @@ def train(config, workdir: str) -> dict:
     last_eval = {}
     for step in range(start, t.steps):
       t0 = time.perf_counter()
-      tokens, fingerprint = next(train_iter)
-      batch = sharding.to_global(tokens, batch_sharding, batch_shape)
+      local, fingerprint = next(train_iter)
+      batch = jax.tree.map(lambda x: sharding.to_global(
+          x, batch_sharding, (t.batch_size, *x.shape[1:])), local)
       window["data_wait"] += time.perf_counter() - t0
-      state, step_metrics = train_step(state, batch)
+      state, step_metrics = train_step(state, batch, *extra)
       data_order.write(step + 1, fingerprint)
       if pending is not None:
         log_step(*pending)
@@ -364,10 +425,10 @@ def train(config, workdir: str) -> dict:
         pending = None
       if do_eval:
         last_eval = evaluate_params(
-            run, state.params, 0 if final else config.eval.max_batches)
+            run, state.params, 0 if final else config.eval.max_batches,
+            ref_params)
         writer.write(done_step, last_eval)
-        log(f"step {done_step}: eval loss {last_eval['eval_loss']:.4f}, "
-             f"{last_eval['eval_bits_per_byte']:.4f} bits/byte")
+        log(f"step {done_step}: {eval_line(last_eval)}")
       if do_save:
         run.checkpointer.save(
             done_step, state,
@@ -393,6 +454,9 @@ def train(config, workdir: str) -> dict:
       writer.text("sample", text, t.steps)
   log(f"--- sample (temperature {config.sample.temperature}) ---\n{text}")
   return last_eval
+
+
+_LOGGED_APART = ("loss", "grad_norm", "skipped_updates", "nonfinite_streak")
 
 
 def run_info(config, step: int, **extra) -> dict:
@@ -508,3 +572,49 @@ def _init_from(run: Run, state, workdir: str):
     params = jax.jit(resize, out_shardings=run.shardings.params)(params)
   log(f"starting from the parameters of {source.directory}/{step}")
   return state.replace(params=params)
+
+
+REFERENCE = "reference"  # <workdir>/reference/: a dpo run's frozen params
+
+
+def _reference(run: Run, state, resumed: bool):
+  """The frozen params a dpo run measures its policy against: its starting
+  params (checkpoint.init_from's, or the fresh initialization; a cooldown
+  branch: its parent's reference), sharded like the params. A run saves
+  them once, before its first step, as a params-only checkpoint under
+  <workdir>/reference/ (readable like an export), and a resumed run reads
+  them from there, so that a resume does not depend on init_from staying
+  as it was."""
+  directory = os.path.join(run.workdir, REFERENCE)
+  if resumed:
+    return load_reference(run, run.workdir)
+  if run.config.cooldown.steps > 0:
+    params = load_reference(run, run.config.cooldown.parent)
+  else:  # a copy: the state's own buffers are donated to the first step
+    params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                     out_shardings=run.shardings.params)(state.params)
+  if jax.process_index() == 0 and os.path.exists(directory):
+    shutil.rmtree(directory)  # of a start that saved no checkpoint
+  multihost_utils.sync_global_devices("dpo reference cleared")
+  saver = checkpoint.Checkpointer(directory, keep=1)
+  saver.save_params(0, params, run_info(run.config, 0))
+  saver.close()  # committed before the first step
+  return params
+
+
+def load_reference(run: Run, workdir: str):
+  """The dpo reference params saved in `workdir` (its reference/)."""
+  source = checkpoint.Checkpointer(os.path.join(workdir, REFERENCE), keep=1,
+                                   read_only=True)
+  try:
+    if 0 not in source.steps():
+      raise ConfigError(
+          f"the dpo reference params of {workdir} are missing (no "
+          f"{source.directory}/0); a dpo run saves them before its first "
+          "step: restore them from a copy, or start the run afresh in a new "
+          "--workdir")
+    return run.restore_checkpoint(
+        source, 0, "restore it from a copy, or start the run afresh in a "
+        "new --workdir", params_only=True).params
+  finally:
+    source.close()

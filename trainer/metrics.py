@@ -62,7 +62,9 @@ def write_run_summary(workdir: str, model_cfg, train_cfg) -> None:
              "params_non_embedding": non_embedding,
              "flops_per_token": model_cfg.flops_per_token(),
              "flops_per_token_6n": 6 * non_embedding,
-             "tokens_per_step": train_cfg.batch_size * model_cfg.seq_len,
+             # dpo: a chosen and a rejected sequence per row
+             "tokens_per_step": train_cfg.batch_size * model_cfg.seq_len * (
+                 2 if train_cfg.get("objective") == "dpo" else 1),
              "vocab_size": model_cfg.vocab_size,
              "vocab_size_padded": model_cfg.padded_vocab_size,
              "steps": train_cfg.steps}

@@ -13,7 +13,7 @@ from data import tokenizers
 from trainer import checkpoint, config as config_lib, metrics
 from trainer.errors import ConfigError
 from trainer.loop import (TOKENIZER, build, check_workdir, evaluate_params,
-                          log, run_info, sample_text)
+                          load_reference, log, run_info, sample_text)
 
 
 def _newest_params(run):
@@ -27,11 +27,13 @@ def _newest_params(run):
 def evaluate(config, workdir: str) -> dict:
   """The newest params scored on the whole validation split of
   config.data.source: the run's own, or any corpus prepared with the
-  model's tokenizer."""
+  model's tokenizer. A dpo run is scored against its reference params
+  (<workdir>/reference)."""
   run = build(config, workdir, splits=("val",))
   with run.context():
     step, params = _newest_params(run)
-    return {"step": step, **evaluate_params(run, params, max_batches=0),
+    ref = load_reference(run, workdir) if run.objective == "dpo" else None
+    return {"step": step, **evaluate_params(run, params, 0, ref),
             "data": run.data.path, "workdir": workdir}
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from trainer import objectives
 from trainer import sharding as sharding_lib
 
 
@@ -62,73 +63,109 @@ def compiler_options() -> dict[str, str] | None:
   return {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-def cross_entropy(logits_BxLxV, targets_BxL):
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxLxV.astype(jnp.float32), targets_BxL)
+cross_entropy = objectives.cross_entropy
 
 
 def make_train_step(model, tx, shardings, *, grad_accum_steps: int,
-                    seed: int):
+                    seed: int, objective: str = "next-token",
+                    dpo_beta: float = 0.1):
   """The jitted update, with the state (sharded as `shardings`, from
   `state_shardings`) and the batch shardings declared in and out; gradients
   of `grad_accum_steps` microbatches are averaged before one optimizer
-  step."""
+  step. The loss is `objective`'s (trainer.objectives); for dpo the step
+  takes the frozen reference params as a third argument,
+  train_step(state, batch, ref_params), sharded like the params."""
   dropout = model.cfg.dropout > 0
 
-  def loss_fn(params, tokens_BxL1, rng):
-    logits_BxLxV = model.apply(
-        {"params": params}, tokens_BxL1[:, :-1], deterministic=not dropout,
-        rngs={"dropout": rng} if dropout else None)
-    return cross_entropy(logits_BxLxV, tokens_BxL1[:, 1:]).mean()
+  if objective == "next-token":
+    def loss_fn(params, batch, rng, ref_params, denominator):
+      return objectives.next_token_loss(model, params, batch, rng, dropout)
+  elif objective == "sft":
+    def loss_fn(params, batch, rng, ref_params, denominator):
+      return objectives.sft_loss(model, params, batch, rng, denominator,
+                                 dropout)
+  elif objective == "dpo":
+    def loss_fn(params, batch, rng, ref_params, denominator):
+      return objectives.dpo_loss(model, params, batch, rng, ref_params,
+                                 dpo_beta, dropout)
+  else:
+    raise ValueError(f"unknown objective {objective!r}")
 
-  grad_fn = jax.value_and_grad(loss_fn)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def train_step(state: TrainState, tokens_BxL1):
+  def train_step(state: TrainState, batch, ref_params=None):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    # sft: each microbatch's summed loss over the global batch's targets,
+    # so that the average over microbatches is the global batch's loss.
+    denominator = (objectives.sft_denominator(batch) / grad_accum_steps
+                   if objective == "sft" else None)
     if grad_accum_steps == 1:
-      loss, grads = grad_fn(state.params, tokens_BxL1, rng)
+      (loss, aux), grads = grad_fn(state.params, batch, rng, ref_params,
+                                   denominator)
     else:
-      B = tokens_BxL1.shape[0]
       # Row i of microbatch j is row i * accum + j: each device's rows stay local.
-      micro_AxBxL1 = tokens_BxL1.reshape(B // grad_accum_steps,
-                                         grad_accum_steps, -1).swapaxes(0, 1)
+      micro = jax.tree.map(
+          lambda x: x.reshape(x.shape[0] // grad_accum_steps,
+                              grad_accum_steps, *x.shape[1:]).swapaxes(0, 1),
+          batch)
 
       def accumulate(carry, xs):
-        tokens, i = xs
-        loss, grads = grad_fn(state.params, tokens, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+        part, i = xs
+        out = grad_fn(state.params, part, jax.random.fold_in(rng, i),
+                      ref_params, denominator)
+        return jax.tree.map(jnp.add, carry, out), None
 
-      zeros = (jnp.zeros((), jnp.float32),
-               jax.tree.map(jnp.zeros_like, state.params))
-      (loss, grads), _ = jax.lax.scan(
-          accumulate, zeros, (micro_AxBxL1, jnp.arange(grad_accum_steps)))
-      loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
+      zeros = jax.tree.map(
+          jnp.zeros_like,
+          jax.eval_shape(grad_fn, state.params, jax.tree.map(
+              lambda x: x[0], micro), rng, ref_params, denominator))
+      ((loss, aux), grads), _ = jax.lax.scan(
+          accumulate, zeros, (micro, jnp.arange(grad_accum_steps)))
+      loss, aux, grads = jax.tree.map(lambda x: x / grad_accum_steps,
+                                      (loss, aux, grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1,
                            params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+    if objective == "sft":
+      metrics["target_tokens"] = jnp.sum(objectives.sft_targets(batch)[1])
     if isinstance(opt_state, optax.ApplyIfFiniteState):
       metrics.update(skipped_updates=opt_state.total_notfinite,
                      nonfinite_streak=opt_state.notfinite_count)
     return new_state, metrics
 
   mesh = jax.tree.leaves(shardings)[0].mesh
-  return jax.jit(train_step, donate_argnums=(0,),
-                 in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+  in_shardings = (shardings, sharding_lib.batch_sharding(mesh))
+  if objective == "dpo":
+    in_shardings += (shardings.params,)
+  return jax.jit(train_step, donate_argnums=(0,), in_shardings=in_shardings,
                  out_shardings=(shardings, NamedSharding(mesh, P())),
                  compiler_options=compiler_options())
 
 
-def make_eval_step(model):
-  """Sums over a batch: (nats, target tokens, target UTF-8 bytes)."""
-
-  def eval_step(params, tokens_BxL1, mask_B, token_bytes_V):
-    logits_BxLxV = model.apply({"params": params}, tokens_BxL1[:, :-1])
-    targets_BxL = tokens_BxL1[:, 1:]
-    weight_BxL = jnp.broadcast_to(mask_B[:, None], targets_BxL.shape)
-    nats = jnp.sum(cross_entropy(logits_BxLxV, targets_BxL) * weight_BxL)
-    num_bytes = jnp.sum(token_bytes_V[targets_BxL] * weight_BxL)
-    return jnp.stack([nats, jnp.sum(weight_BxL), num_bytes.astype(jnp.float32)])
+def make_eval_step(model, objective: str = "next-token",
+                   dpo_beta: float = 0.1):
+  """Sums over the rows a mask keeps: eval_step(params, batch, mask_B,
+  token_bytes_V) -> [nats, target tokens, target bytes] for next-token and
+  sft; for dpo with the reference params last, a dict of sums
+  (objectives.dpo_eval). objectives.summarize makes either an eval
+  record."""
+  if objective == "dpo":
+    def eval_step(params, batch, mask_B, token_bytes_V, ref_params):
+      return objectives.dpo_eval(model, params, batch, mask_B, ref_params,
+                                 dpo_beta)
+  elif objective == "sft":
+    def eval_step(params, batch, mask_B, token_bytes_V):
+      return _stacked(objectives.sft_eval(model, params, batch, mask_B,
+                                          token_bytes_V))
+  else:
+    def eval_step(params, batch, mask_B, token_bytes_V):
+      return _stacked(objectives.next_token_eval(model, params, batch, mask_B,
+                                                 token_bytes_V))
 
   return jax.jit(eval_step, compiler_options=compiler_options())
+
+
+def _stacked(sums: dict):
+  return jnp.stack([sums["nats"], sums["tokens"], sums["bytes"]])

@@ -1,0 +1,223 @@
+"""Training objectives as small pure functions of (params, batch): the one
+train step (trainer.state) takes its loss from `train.objective`.
+
+  next-token  tokens [B, L+1]: mean cross-entropy of every next token.
+  sft         a dict of [B, L+1] arrays (data.loader.PackedSource): tokens,
+              segments, positions, weights; cross-entropy of the weighted
+              (response) tokens, summed and divided by their count in the
+              whole global batch, so that packing, padding and gradient
+              accumulation leave it unchanged.
+  dpo         a dict of [B, 2, L+1] arrays (data.loader.PairSource): tokens
+              and weights, row 0 chosen, row 1 rejected; Direct Preference
+              Optimization (Rafailov et al. 2023) against frozen reference
+              params:
+                loss = -log sigmoid(beta * ((c - c_ref) - (r - r_ref)))
+              with c, r the summed log-probabilities of the chosen and the
+              rejected response tokens (their closing EOT included).
+
+Each loss function returns (loss, metrics), metrics being means over the
+batch; each eval function returns sums over the rows a mask keeps, which
+`summarize` turns into the eval record.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+OBJECTIVES = ("next-token", "sft", "dpo")
+
+
+def cross_entropy(logits_BxLxV, targets_BxL):
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxLxV.astype(jnp.float32), targets_BxL)
+
+
+def apply(model, params, batch, rng=None, dropout=False):
+  """Logits of the inputs (each row's first L tokens); an sft batch's rows
+  hold several sequences kept apart by their segments and positions."""
+  kwargs = {}
+  if isinstance(batch, dict) and "segments" in batch:
+    kwargs = dict(segment_ids=batch["segments"][:, :-1],
+                  pos_BxL=batch["positions"][:, :-1])
+  tokens_BxL1 = batch["tokens"] if isinstance(batch, dict) else batch
+  return model.apply({"params": params}, tokens_BxL1[:, :-1],
+                     deterministic=not dropout,
+                     rngs={"dropout": rng} if dropout else None, **kwargs)
+
+
+# ---------------------------------------------------------------- next-token
+
+def next_token_loss(model, params, tokens_BxL1, rng, dropout=False):
+  logits_BxLxV = apply(model, params, tokens_BxL1, rng, dropout)
+  return cross_entropy(logits_BxLxV, tokens_BxL1[:, 1:]).mean(), {}
+
+
+def next_token_eval(model, params, tokens_BxL1, mask_B, token_bytes_V):
+  """Sums over the rows of mask_B: nats, target tokens, target bytes."""
+  logits_BxLxV = apply(model, params, tokens_BxL1)
+  targets_BxL = tokens_BxL1[:, 1:]
+  weight_BxL = jnp.broadcast_to(mask_B[:, None], targets_BxL.shape)
+  return _token_sums(logits_BxLxV, targets_BxL, weight_BxL, token_bytes_V)
+
+
+def _token_sums(logits_BxLxV, targets_BxL, weight_BxL, token_bytes_V):
+  weight_BxL = weight_BxL.astype(jnp.float32)
+  nats = jnp.sum(cross_entropy(logits_BxLxV, targets_BxL) * weight_BxL)
+  num_bytes = jnp.sum(token_bytes_V[targets_BxL] * weight_BxL)
+  return {"nats": nats, "tokens": jnp.sum(weight_BxL),
+          "bytes": num_bytes.astype(jnp.float32)}
+
+
+# ---------------------------------------------------------------- sft
+
+def sft_targets(batch):
+  """(targets [B, L], weights [B, L] float32) of an sft batch."""
+  return batch["tokens"][:, 1:], batch["weights"][:, 1:].astype(jnp.float32)
+
+
+def sft_denominator(batch):
+  """The count the summed loss is divided by: the weighted targets of the
+  whole (global) batch, at least 1."""
+  return jnp.maximum(jnp.sum(sft_targets(batch)[1]), 1.0)
+
+
+def sft_loss(model, params, batch, rng, denominator, dropout=False):
+  """Summed cross-entropy of the weighted targets over `denominator`."""
+  logits_BxLxV = apply(model, params, batch, rng, dropout)
+  targets_BxL, weights_BxL = sft_targets(batch)
+  nats = jnp.sum(cross_entropy(logits_BxLxV, targets_BxL) * weights_BxL)
+  return nats / denominator, {}
+
+
+def sft_eval(model, params, batch, mask_B, token_bytes_V):
+  """Sums over the rows of mask_B: nats, target tokens, target bytes."""
+  logits_BxLxV = apply(model, params, batch)
+  targets_BxL, weights_BxL = sft_targets(batch)
+  return _token_sums(logits_BxLxV, targets_BxL,
+                     weights_BxL * mask_B[:, None], token_bytes_V)
+
+
+# ---------------------------------------------------------------- dpo
+
+def _flat_pairs(batch):
+  """A dpo batch's [B, 2, L+1] arrays as [2B, L+1] (rows 2i chosen, 2i + 1
+  rejected)."""
+  return {k: v.reshape(-1, v.shape[-1]) for k, v in batch.items()}
+
+
+def sequence_logps(logits_BxLxV, tokens_BxL1, weights_BxL1):
+  """Per row: the summed log-probability of the weighted targets, and the
+  token log-probabilities of the whole distribution (for the KL)."""
+  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+  targets_BxL = tokens_BxL1[:, 1:]
+  weights_BxL = weights_BxL1[:, 1:].astype(jnp.float32)
+  token_logp_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None],
+                                       axis=-1)[..., 0]
+  return jnp.sum(token_logp_BxL * weights_BxL, axis=-1), logp_BxLxV
+
+
+def dpo_from_logps(logp_Bx2, ref_logp_Bx2, beta):
+  """DPO's formula on the summed log-probabilities of each pair's chosen
+  (column 0) and rejected (column 1) response under the policy and the
+  reference: per pair the loss -log sigmoid(margin), the rewards
+  beta * (logp - ref_logp) and their margin, chosen minus rejected."""
+  rewards_Bx2 = beta * (logp_Bx2 - ref_logp_Bx2)
+  margin_B = rewards_Bx2[:, 0] - rewards_Bx2[:, 1]
+  return -jax.nn.log_sigmoid(margin_B), rewards_Bx2, margin_B
+
+
+def dpo_terms(model, params, ref_params, batch, beta, rng=None,
+              dropout=False):
+  """Per pair: the loss, the chosen and rejected rewards (beta times the
+  log-ratio to the reference) and per sequence the KL to the reference
+  summed over its target tokens; with the target counts."""
+  flat = _flat_pairs(batch)
+  logits = apply(model, params, flat, rng, dropout)
+  ref_logits = jax.lax.stop_gradient(apply(model, ref_params, flat))
+  logp_2B, logp_2BxLxV = sequence_logps(logits, flat["tokens"],
+                                        flat["weights"])
+  ref_logp_2B, ref_logp_2BxLxV = sequence_logps(ref_logits, flat["tokens"],
+                                                flat["weights"])
+  loss_B, rewards_Bx2, margin_B = dpo_from_logps(
+      logp_2B.reshape(-1, 2), ref_logp_2B.reshape(-1, 2), beta)
+  # KL(policy || reference) of the next-token distributions at the target
+  # positions, summed over each sequence's targets.
+  weights_2BxL = flat["weights"][:, 1:].astype(jnp.float32)
+  kl_2BxL = jnp.sum(jnp.exp(logp_2BxLxV) * (logp_2BxLxV - ref_logp_2BxLxV),
+                    axis=-1)
+  return {"loss_B": loss_B,
+          "chosen_B": rewards_Bx2[:, 0], "rejected_B": rewards_Bx2[:, 1],
+          "margin_B": margin_B,
+          "kl_2B": jnp.sum(kl_2BxL * weights_2BxL, axis=-1),
+          "targets_2B": jnp.sum(weights_2BxL, axis=-1)}
+
+
+def dpo_loss(model, params, batch, rng, ref_params, beta, dropout=False):
+  t = dpo_terms(model, params, ref_params, batch, beta, rng, dropout)
+  metrics = {"reward_chosen": t["chosen_B"].mean(),
+             "reward_rejected": t["rejected_B"].mean(),
+             "reward_margin": t["margin_B"].mean(),
+             "reward_accuracy": (t["margin_B"] > 0).astype(jnp.float32).mean(),
+             **kl_per_token(t["kl_2B"], t["targets_2B"])}
+  return t["loss_B"].mean(), metrics
+
+
+def kl_per_token(kl_2B, targets_2B) -> dict:
+  """The KL to the reference per target token: over both responses of the
+  pairs, the chosen ones, the rejected ones."""
+  per = lambda kl, n: kl.sum() / jnp.maximum(n.sum(), 1.0)
+  return {"kl_ref": per(kl_2B, targets_2B),
+          "kl_ref_chosen": per(kl_2B[0::2], targets_2B[0::2]),
+          "kl_ref_rejected": per(kl_2B[1::2], targets_2B[1::2])}
+
+
+def dpo_eval(model, params, batch, mask_B, ref_params, beta):
+  """Sums over the pairs of mask_B."""
+  t = dpo_terms(model, params, ref_params, batch, beta)
+  m = mask_B.astype(jnp.float32)
+  m2 = jnp.repeat(m, 2)
+  return {"pairs": m.sum(), "loss": jnp.sum(t["loss_B"] * m),
+          "chosen": jnp.sum(t["chosen_B"] * m),
+          "rejected": jnp.sum(t["rejected_B"] * m),
+          "margin": jnp.sum(t["margin_B"] * m),
+          "correct": jnp.sum((t["margin_B"] > 0) * m),
+          "kl_chosen": jnp.sum(t["kl_2B"][0::2] * m),
+          "kl_rejected": jnp.sum(t["kl_2B"][1::2] * m),
+          "targets_chosen": jnp.sum(t["targets_2B"][0::2] * m),
+          "targets_rejected": jnp.sum(t["targets_2B"][1::2] * m)}
+
+
+# ---------------------------------------------------------------- records
+
+def summarize(objective: str, sums: dict) -> dict:
+  """The eval record of an objective's summed eval values. eval_loss is the
+  objective's loss (for dpo, its preference loss), which keep_best uses."""
+  if not isinstance(sums, dict):  # next-token and sft: a vector
+    sums = dict(zip(("nats", "tokens", "bytes"), sums))
+  sums = {k: float(v) for k, v in sums.items()}
+  if objective == "dpo":
+    n = max(sums["pairs"], 1.0)
+    return {"eval_loss": sums["loss"] / n,
+            "eval_reward_chosen": sums["chosen"] / n,
+            "eval_reward_rejected": sums["rejected"] / n,
+            "eval_reward_margin": sums["margin"] / n,
+            "eval_reward_accuracy": sums["correct"] / n,
+            "eval_kl_ref": (sums["kl_chosen"] + sums["kl_rejected"]) / max(
+                sums["targets_chosen"] + sums["targets_rejected"], 1.0),
+            "eval_kl_ref_chosen": sums["kl_chosen"] / max(
+                sums["targets_chosen"], 1.0),
+            "eval_kl_ref_rejected": sums["kl_rejected"] / max(
+                sums["targets_rejected"], 1.0),
+            "eval_pairs": int(sums["pairs"])}
+  loss = sums["nats"] / max(sums["tokens"], 1.0)
+  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
+          "eval_bits_per_byte": sums["nats"] / max(sums["bytes"], 1.0)
+                                / math.log(2),
+          "eval_tokens": int(sums["tokens"])}
+
+
+def tokens_per_row(objective: str, seq_len: int) -> int:
+  """Input tokens a batch row feeds the model (padding included)."""
+  return 2 * seq_len if objective == "dpo" else seq_len
