@@ -5,11 +5,15 @@
   python -m benchmarks.train_throughput --shape=6x384 --torch   # + PyTorch reference, side by side
   python -m benchmarks.train_throughput --versus model.attention_chunks=1   # + a variant, side by side
   python -m benchmarks.train_throughput --versus main   # + the code of a git revision, side by side
+  python -m benchmarks.train_throughput --config=configs/gpt2_small.py --vocab=50257 \
+      --set train.batch_size=32 model.dtype=bfloat16 model.attention=cudnn   # a GPU
 
 Steps run on random tokens (the input pipeline is measured in training logs as
 data_wait_ms). MFU counts model.flops_per_token() (6N + attention, PaLM's
-convention) against the median FLOP/s of a large float32 matmul measured on
-this machine, so it reads as "fraction of what XLA's matmul reaches here".
+convention) against the accelerator's datasheet peak (dense bf16) where
+trainer.metrics knows the device, else against the median FLOP/s of a large
+float32 matmul measured on this machine, so that on a CPU it reads as
+"fraction of what XLA's matmul reaches here".
 Rounds alternate between frameworks so that machine noise hits both alike.
 A git revision given to --versus is extracted (git archive) into a
 temporary directory and timed there, in a process of its own that runs its
@@ -18,6 +22,7 @@ this working tree's code, so that both are timed alike (versus_revision).
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -32,7 +37,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from configs import default
 from trainer import loop, metrics, sharding
 from trainer import state as state_lib
 
@@ -84,14 +88,17 @@ def _override(config, items) -> None:
         value == "True" if isinstance(old, bool) else value)
 
 
-# Run in a revision's tree: its own jax_runner, driven over stdin/stdout.
+# Run in a revision's tree: its own jax_runner, driven over stdin/stdout
+# (loading the config by hand: older revisions lack _load_config).
 _DRIVER = """
-import json, sys
+import importlib.util, json, sys
 sys.path.insert(0, ".")
 from benchmarks import train_throughput as tt
-from configs import default
 args = json.loads(sys.argv[1])
-config = default.get_config()
+spec = importlib.util.spec_from_file_location("config", args["config"])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+config = module.get_config()
 overrides = dict(tt.SHAPES[args["shape"]])
 if "batch_size" in overrides:
   config.train.batch_size = overrides.pop("batch_size")
@@ -137,7 +144,8 @@ def revision_runner(revision: str | None, args):
                    check=True)
   proc = subprocess.Popen(
       [sys.executable, "-c", _DRIVER, json.dumps(
-          {"shape": args.shape, "set": args.set, "vocab": args.vocab})],
+          {"config": args.config, "shape": args.shape, "set": args.set,
+           "vocab": args.vocab})],
       cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
   ready = proc.stdout.readline()
   if not ready.startswith("ready"):
@@ -184,9 +192,18 @@ def versus_revision(revision: str, args):
   return times, compile_s, compiled
 
 
+def _load_config(path: str):
+  spec = importlib.util.spec_from_file_location("benchmarked_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--config", default="configs/default.py",
+                 help="a config file (its get_config())")
   p.add_argument("--shape", choices=sorted(SHAPES), default="default")
   p.add_argument("--steps", type=int, default=10, help="steps per round")
   p.add_argument("--rounds", type=int, default=3)
@@ -201,7 +218,7 @@ def main():
                  "revision's code")
   args = p.parse_args()
 
-  config = default.get_config()
+  config = _load_config(args.config)
   overrides = dict(SHAPES[args.shape])
   if "batch_size" in overrides:
     config.train.batch_size = overrides.pop("batch_size")
@@ -230,12 +247,17 @@ def main():
         times[name].append(r(args.steps) / args.steps)
 
   tokens = config.train.batch_size * cfg.seq_len
-  peak = metrics.measure_matmul_flops(n=2048, repeats=5)
+  kind = jax.devices()[0].device_kind
+  peak = metrics.known_peak_flops(kind) or metrics.measure_matmul_flops(
+      n=2048, repeats=5)
   result = {"shape": f"{cfg.num_layers}x{cfg.d_model}x{cfg.num_heads}",
             "batch": f"{config.train.batch_size}x{cfg.seq_len}",
-            "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+            "devices": f"{jax.device_count()} x {kind}",
+            "dtype": cfg.dtype, "attention": cfg.attention,
             "compile_s": round(compile_s, 2),
-            "matmul_peak_gflops": round(peak / 1e9, 1),
+            "peak_gflops": round(peak / 1e9, 1),
+            "peak_from": ("datasheet, dense bf16" if metrics.known_peak_flops(kind)
+                          else "measured float32 matmul"),
             "peak_rss_mib": round(resource.getrusage(
                 resource.RUSAGE_SELF).ru_maxrss / 1024)}
   for name, ts in times.items():

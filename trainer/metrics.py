@@ -32,12 +32,17 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
   return 2 * n**3 / float(np.median(times))
 
 
+def known_peak_flops(device_kind: str) -> float | None:
+  """A known accelerator's datasheet peak (dense bf16 FLOP/s), else None."""
+  return _PEAK_FLOPS.get(device_kind)
+
+
 def peak_flops_per_device(configured: float = 0.0) -> float:
   """The configured peak, else a known accelerator's, else measured (CPU)."""
   if configured > 0:
     return configured
-  kind = jax.devices()[0].device_kind
-  return _PEAK_FLOPS.get(kind) or measure_matmul_flops()
+  return (known_peak_flops(jax.devices()[0].device_kind)
+          or measure_matmul_flops())
 
 
 _PERF_KEYS = ("tokens_per_sec", "tokens_per_sec_per_device", "step_time_ms",
