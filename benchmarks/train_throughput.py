@@ -90,7 +90,7 @@ def _override(config, items) -> None:
 
 # Run in a revision's tree: its own jax_runner, driven over stdin/stdout
 # (loading the config by hand: older revisions lack _load_config).
-_DRIVER = """
+_DRIVER = r"""
 import importlib.util, json, sys
 sys.path.insert(0, ".")
 from benchmarks import train_throughput as tt
@@ -225,6 +225,7 @@ def main():
   config.model.update(overrides)
   _override(config, args.set)
 
+  per_step = {}  # runner -> (tokens, FLOPs per token), where not the config's
   revision = (args.versus[0] if len(args.versus) == 1 and
               "=" not in args.versus[0] else None)
   if revision:
@@ -237,7 +238,10 @@ def main():
     if args.versus:
       versus = config.copy_and_resolve_references()
       _override(versus, args.versus)
-      runners["jax_versus"] = jax_runner(versus, args.vocab)[2]
+      versus_cfg, _, runners["jax_versus"] = jax_runner(versus, args.vocab)
+      # The variant may change the batch or the model: its own tokens/FLOPs.
+      per_step["jax_versus"] = (versus.train.batch_size * versus_cfg.seq_len,
+                                versus_cfg.flops_per_token())
     if args.torch:
       from benchmarks import torch_gpt
       runners["torch"] = torch_gpt.runner(cfg, config.train.batch_size)
@@ -262,9 +266,10 @@ def main():
                 resource.RUSAGE_SELF).ru_maxrss / 1024)}
   for name, ts in times.items():
     step = statistics.median(ts)
+    n, flops = per_step.get(name, (tokens, cfg.flops_per_token()))
     result[f"{name}_step_ms"] = round(1e3 * step, 1)
-    result[f"{name}_tokens_per_sec"] = round(tokens / step)
-    result[f"{name}_mfu"] = round(cfg.flops_per_token() * tokens / step / peak, 3)
+    result[f"{name}_tokens_per_sec"] = round(n / step)
+    result[f"{name}_mfu"] = round(flops * n / step / peak, 3)
   if revision:
     # A hash of the compiled step's instructions (shapes and opcodes, in
     # order): equal hashes, the same program.
