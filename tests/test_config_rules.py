@@ -171,6 +171,9 @@ CROSS_CASES = [
     ("objective_fields_for_their_objective",
      dict(train__objective="dpo", data__pack=False),
      "data.pack=False applies to train.objective='sft', not 'dpo'"),
+    ("dpo_without_dropout", dict(train__objective="dpo", model__dropout=0.1),
+     "train.objective='dpo' scores the policy and its reference alike, "
+     "without dropout: set model.dropout=0, not 0.1"),
     ("mup_scales_every_width",
      dict(model__parametrization="mup", model__d_ff=100),
      "model.parametrization='mup' scales the MLP with d_model: set "

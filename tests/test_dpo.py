@@ -190,6 +190,36 @@ def test_eval_sums_agree_with_the_loss():
                                                    rel=1e-5)
 
 
+def test_grad_accumulation_leaves_the_metrics_unchanged():
+  """A step's metrics are the global batch's however it is split into
+  microbatches: the per-token KL too, although the microbatches' responses
+  differ in length (each microbatch divides its KL sums by the whole batch's
+  target counts)."""
+  import flax.linen as nn
+  from conftest import tiny_config
+  from trainer import loop, sharding
+  from trainer import state as state_lib
+  _, source = _pairs(seed=3, n=8)
+  batch = _batch(source)
+  config = tiny_config(objective="dpo", batch_size=8)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  model, tx, rules, shardings = loop.model_and_optimizer(config, 37, mesh)
+  ref = random_params(model.cfg, seed=5, std=0.3)
+  logged = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    for accum in (1, 2, 4):
+      state = state_lib.init_state(model, tx, shardings, seed=0)
+      step = state_lib.make_train_step(model, tx, shardings,
+                                       grad_accum_steps=accum, seed=0,
+                                       objective="dpo", dpo_beta=0.1)
+      logged.append(jax.device_get(step(state, batch, ref)[1]))
+  assert logged[0]["kl_ref"] > 0.01
+  for metrics in logged[1:]:
+    for name, value in logged[0].items():
+      assert float(metrics[name]) == pytest.approx(float(value), rel=1e-5,
+                                                   abs=1e-7), name
+
+
 def test_prepare_command_fits_a_bpe_to_pairs(tmp_path, capsys):
   from data import prepare
   pairs = [{"prompt": f"Q{i}: which? ", "chosen": "the right one",

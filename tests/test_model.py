@@ -16,7 +16,7 @@ from conftest import (REPO, param_shapes, random_params, tiny_config,
 from model import GPT, GPTConfig, KVCache, resize_vocab
 from model import gpt
 from trainer import config as config_lib
-from trainer import state as state_lib
+from trainer import objectives
 
 B, L = 4, 16
 
@@ -317,7 +317,7 @@ def test_initial_loss_is_log_vocab():
     return model.apply(model.init(key, tokens[:1, :-1]), tokens[:, :-1])
 
   logits = init_and_apply(jax.random.key(3))
-  loss = float(state_lib.cross_entropy(logits, tokens[:, 1:]).mean())
+  loss = float(objectives.cross_entropy(logits, tokens[:, 1:]).mean())
   assert abs(loss - math.log(65)) < 0.1, loss
 
 
@@ -387,7 +387,7 @@ def test_padded_ids_get_no_probability_and_no_gradient(tied):
 
   def loss(model, params):
     logits = model.apply({"params": params}, tokens[:, :-1])
-    return state_lib.cross_entropy(logits, tokens[:, 1:]).mean(), logits
+    return objectives.cross_entropy(logits, tokens[:, 1:]).mean(), logits
 
   grad = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True),
                  static_argnums=0)

@@ -311,6 +311,16 @@ def objective_fields_for_their_objective(config) -> None:
                         f"{usual!r}")
 
 
+def dpo_without_dropout(config) -> None:
+  """DPO compares the policy's log-probabilities with its reference's: with
+  dropout in the policy's pass alone the two would differ at step 0 (the
+  loss no longer ln 2) and the rewards would carry the dropout's noise."""
+  if config.train.objective == "dpo" and config.model.dropout > 0:
+    raise ConfigError(f"train.objective='dpo' scores the policy and its "
+                      f"reference alike, without dropout: set "
+                      f"model.dropout=0, not {config.model.dropout}")
+
+
 def mup_scales_every_width(config) -> None:
   """muP scales every hidden width with d_model (its learning rates and
   inits by d_model / mup_base_width): the MLP's too, so d_ff must follow
@@ -324,7 +334,7 @@ def mup_scales_every_width(config) -> None:
 
 CROSS_CHECKS = (batch_splits_into_microbatches, keep_steps_inside_the_run,
                 cooldown_only_in_a_branch, cosine_steps_after_the_warmup,
-                objective_fields_for_their_objective,
+                objective_fields_for_their_objective, dpo_without_dropout,
                 one_mesh_axis_free, mesh_rules_name_known_axes,
                 model_is_consistent, mup_scales_every_width,
                 top_k_within_vocabulary)

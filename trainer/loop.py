@@ -16,7 +16,6 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import tqdm
 
 from jax.experimental import multihost_utils
@@ -343,86 +342,29 @@ def train(config, workdir: str) -> dict:
     stack.callback(writer.close)
     writer.text("run", description, start)
     stop = _stop_on_sigterm(stack)
-    schedule = optim.lr_schedule(config)
     tokens_per_step = t.batch_size * objectives.tokens_per_row(
         t.objective, run.model.cfg.seq_len)
-    flops_per_step = run.model.cfg.flops_per_token() * tokens_per_step
-    peak = metrics.peak_flops_per_device(config.perf.peak_flops) * jax.device_count()
+    logger = StepLogger(run, writer, start, tokens_per_step)
+    stack.callback(logger.bar.close)  # before any error message
 
-    bar = tqdm.tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True,
-                    disable=jax.process_index() != 0)
-    stack.callback(bar.close)  # before any error message
-    window = {"start": time.perf_counter(), "steps": 0, "data_wait": 0.0}
-
-    def log_step(done_step, done):
-      """Logs a finished step's metrics (normally fetched one step late);
-      stops the run at a non-finite loss or gradient, unless its update was
-      skipped (train.skip_nonfinite_updates)."""
-      done = jax.device_get(done)
-      finite = all(map(math.isfinite, (done["loss"], done["grad_norm"])))
-      if not finite and (done.get("nonfinite_streak", math.inf) >
-                         t.skip_nonfinite_updates):
-        last = run.checkpointer.latest_step()
-        raise Diverged(
-            f"step {done_step}: loss {done['loss']}, gradient norm "
-            f"{done['grad_norm']}; nothing from this step on was saved, the "
-            "last good checkpoint is "
-            f"{f'{run.checkpointer.directory}/{last}' if last else 'none'}; "
-            "lower train.learning_rate or raise train.warmup_steps")
-      # Timed from one fetched step to the next: the next step is already
-      # running while this one is written, so that time counts for it.
-      now = time.perf_counter()
-      elapsed = now - window["start"]
-      first = done_step == start + 1  # its time includes compilation
-      window["steps"] += 0 if first else 1
-      if first or done_step % t.log_every_steps == 0 or done_step == t.steps:
-        record = {"loss": done["loss"], "grad_norm": done["grad_norm"],
-                  "learning_rate": float(schedule(done_step - 1)),
-                  "tokens_seen": done_step * tokens_per_step}
-        if "skipped_updates" in done:
-          record["skipped_updates"] = int(done["skipped_updates"])
-        record.update({k: float(v) for k, v in done.items()
-                       if k not in _LOGGED_APART})  # the objective's own
-        if first:
-          record["first_step_time_s"] = elapsed
-        elif window["steps"]:
-          step_time = elapsed / window["steps"]
-          record.update({
-              "tokens_per_sec": tokens_per_step / step_time,
-              "tokens_per_sec_per_device":
-                  tokens_per_step / step_time / jax.device_count(),
-              "step_time_ms": 1e3 * step_time,
-              "data_wait_ms": 1e3 * window["data_wait"] / window["steps"],
-              "mfu": flops_per_step / step_time / peak})
-          bar.set_postfix(loss=f"{record['loss']:.3f}",
-                          tok_s=f"{record['tokens_per_sec']:,.0f}",
-                          refresh=False)
-        writer.write(done_step, record)
-        window.update(start=now, steps=0, data_wait=0.0)
-      bar.update(done_step - bar.n)
-
-    pending = None  # (step, metrics still on device)
     last_eval = {}
     for step in range(start, t.steps):
       t0 = time.perf_counter()
       local, fingerprint = next(train_iter)
       batch = jax.tree.map(lambda x: sharding.to_global(
           x, batch_sharding, (t.batch_size, *x.shape[1:])), local)
-      window["data_wait"] += time.perf_counter() - t0
+      logger.data_wait += time.perf_counter() - t0
       state, step_metrics = train_step(state, batch, *extra)
-      data_order.write(step + 1, fingerprint)
-      if pending is not None:
-        log_step(*pending)
       done_step = step + 1
-      pending = (done_step, step_metrics)
+      data_order.write(done_step, fingerprint)
+      logger.finished(done_step, step_metrics)
       final = done_step == t.steps
       preempted = stop() or run.checkpointer.reached_preemption(done_step)
       do_eval = done_step % config.eval.every_steps == 0 or final
       do_save = (done_step % config.checkpoint.every_steps == 0 or final or
                  preempted or done_step in config.checkpoint.keep_steps)
       if do_eval or do_save:  # these wait for the step anyway
-        log_step(*pending)
-        pending = None
+        logger.flush()
       if do_eval:
         last_eval = evaluate_params(
             run, state.params, 0 if final else config.eval.max_batches,
@@ -442,8 +384,8 @@ def train(config, workdir: str) -> dict:
             f"{run.checkpointer.directory}/{done_step}; the same command "
             "resumes the run")
       if do_eval or do_save:  # keep them out of the step time
-        window.update(start=time.perf_counter(), steps=0, data_wait=0.0)
-    bar.close()
+        logger.restart_window()
+    logger.bar.close()
     run.checkpointer.close()  # the final checkpoint is committed before sampling
 
     text = sample_text(run, state.params)
@@ -454,6 +396,87 @@ def train(config, workdir: str) -> dict:
       writer.text("sample", text, t.steps)
   log(f"--- sample (temperature {config.sample.temperature}) ---\n{text}")
   return last_eval
+
+
+class StepLogger:
+  """Writes finished steps' metrics (metrics.jsonl, TensorBoard, the progress
+  bar). A step's metrics are fetched one step late, while the next step
+  already runs, and timed from one fetched step to the next. A non-finite
+  loss or gradient stops the run, unless its update was skipped
+  (train.skip_nonfinite_updates)."""
+
+  def __init__(self, run, writer, start: int, tokens_per_step: int):
+    config, self.t = run.config, run.config.train
+    self.run, self.writer, self.start = run, writer, start
+    self.schedule = optim.lr_schedule(config)
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_step = run.model.cfg.flops_per_token() * tokens_per_step
+    self.peak = (metrics.peak_flops_per_device(config.perf.peak_flops) *
+                 jax.device_count())
+    self.bar = tqdm.tqdm(total=self.t.steps, initial=start, unit="step",
+                         dynamic_ncols=True,
+                         disable=jax.process_index() != 0)
+    self.pending = None  # (step, its metrics still on the device)
+    self.restart_window()
+
+  def restart_window(self, now: float | None = None) -> None:
+    """Times the steps from `now` on (evals and saves stay out of it)."""
+    self.window_start = time.perf_counter() if now is None else now
+    self.window_steps = 0
+    self.data_wait = 0.0  # seconds waited for batches in this window
+
+  def finished(self, step: int, step_metrics) -> None:
+    """Logs the step before `step`, whose metrics are ready by now."""
+    self.flush()
+    self.pending = (step, step_metrics)
+
+  def flush(self) -> None:
+    if self.pending is not None:
+      self._log(*self.pending)
+      self.pending = None
+
+  def _log(self, step: int, done) -> None:
+    t = self.t
+    done = jax.device_get(done)
+    finite = all(map(math.isfinite, (done["loss"], done["grad_norm"])))
+    if not finite and (done.get("nonfinite_streak", math.inf) >
+                       t.skip_nonfinite_updates):
+      last = self.run.checkpointer.latest_step()
+      raise Diverged(
+          f"step {step}: loss {done['loss']}, gradient norm "
+          f"{done['grad_norm']}; nothing from this step on was saved, the "
+          "last good checkpoint is "
+          f"{f'{self.run.checkpointer.directory}/{last}' if last else 'none'}"
+          "; lower train.learning_rate or raise train.warmup_steps")
+    now = time.perf_counter()
+    elapsed = now - self.window_start
+    first = step == self.start + 1  # its time includes compilation
+    self.window_steps += 0 if first else 1
+    if first or step % t.log_every_steps == 0 or step == t.steps:
+      record = {"loss": done["loss"], "grad_norm": done["grad_norm"],
+                "learning_rate": float(self.schedule(step - 1)),
+                "tokens_seen": step * self.tokens_per_step}
+      if "skipped_updates" in done:
+        record["skipped_updates"] = int(done["skipped_updates"])
+      record.update({k: float(v) for k, v in done.items()
+                     if k not in _LOGGED_APART})  # the objective's own
+      if first:
+        record["first_step_time_s"] = elapsed
+      elif self.window_steps:
+        step_time = elapsed / self.window_steps
+        record.update({
+            "tokens_per_sec": self.tokens_per_step / step_time,
+            "tokens_per_sec_per_device":
+                self.tokens_per_step / step_time / jax.device_count(),
+            "step_time_ms": 1e3 * step_time,
+            "data_wait_ms": 1e3 * self.data_wait / self.window_steps,
+            "mfu": self.flops_per_step / step_time / self.peak})
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}",
+                             tok_s=f"{record['tokens_per_sec']:,.0f}",
+                             refresh=False)
+      self.writer.write(step, record)
+      self.restart_window(now)
+    self.bar.update(step - self.bar.n)
 
 
 _LOGGED_APART = ("loss", "grad_norm", "skipped_updates", "nonfinite_streak")

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from trainer import objectives
+
 # Dense peak FLOP/s per device (bf16 for accelerators), by jax device_kind.
 _PEAK_FLOPS = {
     "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12,
@@ -67,9 +69,10 @@ def write_run_summary(workdir: str, model_cfg, train_cfg) -> None:
              "params_non_embedding": non_embedding,
              "flops_per_token": model_cfg.flops_per_token(),
              "flops_per_token_6n": 6 * non_embedding,
-             # dpo: a chosen and a rejected sequence per row
-             "tokens_per_step": train_cfg.batch_size * model_cfg.seq_len * (
-                 2 if train_cfg.get("objective") == "dpo" else 1),
+             "tokens_per_step": train_cfg.batch_size *
+                                objectives.tokens_per_row(
+                                    train_cfg.get("objective", "next-token"),
+                                    model_cfg.seq_len),
              "vocab_size": model_cfg.vocab_size,
              "vocab_size_padded": model_cfg.padded_vocab_size,
              "steps": train_cfg.steps}

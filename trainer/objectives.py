@@ -128,13 +128,13 @@ def dpo_from_logps(logp_Bx2, ref_logp_Bx2, beta):
   return -jax.nn.log_sigmoid(margin_B), rewards_Bx2, margin_B
 
 
-def dpo_terms(model, params, ref_params, batch, beta, rng=None,
-              dropout=False):
+def dpo_terms(model, params, batch, rng, ref_params, beta, dropout=False):
   """Per pair: the loss, the chosen and rejected rewards (beta times the
   log-ratio to the reference) and per sequence the KL to the reference
   summed over its target tokens; with the target counts."""
   flat = _flat_pairs(batch)
   logits = apply(model, params, flat, rng, dropout)
+  # Defensive: only the policy's params are differentiated anyway.
   ref_logits = jax.lax.stop_gradient(apply(model, ref_params, flat))
   logp_2B, logp_2BxLxV = sequence_logps(logits, flat["tokens"],
                                         flat["weights"])
@@ -154,30 +154,44 @@ def dpo_terms(model, params, ref_params, batch, beta, rng=None,
           "targets_2B": jnp.sum(weights_2BxL, axis=-1)}
 
 
-def dpo_loss(model, params, batch, rng, ref_params, beta, dropout=False):
-  t = dpo_terms(model, params, ref_params, batch, beta, rng, dropout)
+def response_targets(batch) -> dict:
+  """The target tokens of a dpo batch's chosen and rejected responses, each
+  count at least 1: what the KL sums are divided by."""
+  weights_Bx2xL = batch["weights"][..., 1:].astype(jnp.float32)
+  return {side: jnp.maximum(jnp.sum(weights_Bx2xL[:, i]), 1.0)
+          for i, side in enumerate(("chosen", "rejected"))}
+
+
+def dpo_loss(model, params, batch, rng, ref_params, beta, targets=None,
+             dropout=False):
+  """The mean loss over the pairs, and the metrics. The KL sums are divided
+  by `targets` (response_targets of the whole global batch, split over the
+  microbatches of gradient accumulation; by default this batch's)."""
+  t = dpo_terms(model, params, batch, rng, ref_params, beta, dropout)
+  targets = response_targets(batch) if targets is None else targets
   metrics = {"reward_chosen": t["chosen_B"].mean(),
              "reward_rejected": t["rejected_B"].mean(),
              "reward_margin": t["margin_B"].mean(),
              "reward_accuracy": (t["margin_B"] > 0).astype(jnp.float32).mean(),
-             **kl_per_token(t["kl_2B"], t["targets_2B"])}
+             **kl_per_token(t["kl_2B"][0::2].sum(), t["kl_2B"][1::2].sum(),
+                            targets["chosen"], targets["rejected"])}
   return t["loss_B"].mean(), metrics
 
 
-def kl_per_token(kl_2B, targets_2B) -> dict:
-  """The KL to the reference per target token: over both responses of the
-  pairs, the chosen ones, the rejected ones."""
-  per = lambda kl, n: kl.sum() / jnp.maximum(n.sum(), 1.0)
-  return {"kl_ref": per(kl_2B, targets_2B),
-          "kl_ref_chosen": per(kl_2B[0::2], targets_2B[0::2]),
-          "kl_ref_rejected": per(kl_2B[1::2], targets_2B[1::2])}
+def kl_per_token(kl_chosen, kl_rejected, targets_chosen, targets_rejected):
+  """The KL to the reference per target token, from its sums over the chosen
+  and the rejected responses and their target counts (each at least 1):
+  over both, the chosen ones, the rejected ones."""
+  return {"kl_ref": (kl_chosen + kl_rejected) / (targets_chosen +
+                                                 targets_rejected),
+          "kl_ref_chosen": kl_chosen / targets_chosen,
+          "kl_ref_rejected": kl_rejected / targets_rejected}
 
 
 def dpo_eval(model, params, batch, mask_B, ref_params, beta):
   """Sums over the pairs of mask_B."""
-  t = dpo_terms(model, params, ref_params, batch, beta)
+  t = dpo_terms(model, params, batch, None, ref_params, beta)
   m = mask_B.astype(jnp.float32)
-  m2 = jnp.repeat(m, 2)
   return {"pairs": m.sum(), "loss": jnp.sum(t["loss_B"] * m),
           "chosen": jnp.sum(t["chosen_B"] * m),
           "rejected": jnp.sum(t["rejected_B"] * m),
@@ -204,12 +218,10 @@ def summarize(objective: str, sums: dict) -> dict:
             "eval_reward_rejected": sums["rejected"] / n,
             "eval_reward_margin": sums["margin"] / n,
             "eval_reward_accuracy": sums["correct"] / n,
-            "eval_kl_ref": (sums["kl_chosen"] + sums["kl_rejected"]) / max(
-                sums["targets_chosen"] + sums["targets_rejected"], 1.0),
-            "eval_kl_ref_chosen": sums["kl_chosen"] / max(
-                sums["targets_chosen"], 1.0),
-            "eval_kl_ref_rejected": sums["kl_rejected"] / max(
-                sums["targets_rejected"], 1.0),
+            **{f"eval_{k}": float(v) for k, v in kl_per_token(
+                sums["kl_chosen"], sums["kl_rejected"],
+                max(sums["targets_chosen"], 1.0),
+                max(sums["targets_rejected"], 1.0)).items()},
             "eval_pairs": int(sums["pairs"])}
   loss = sums["nats"] / max(sums["tokens"], 1.0)
   return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),

@@ -63,9 +63,6 @@ def compiler_options() -> dict[str, str] | None:
   return {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-cross_entropy = objectives.cross_entropy
-
-
 def make_train_step(model, tx, shardings, *, grad_accum_steps: int,
                     seed: int, objective: str = "next-token",
                     dpo_beta: float = 0.1):
@@ -87,7 +84,7 @@ def make_train_step(model, tx, shardings, *, grad_accum_steps: int,
   elif objective == "dpo":
     def loss_fn(params, batch, rng, ref_params, denominator):
       return objectives.dpo_loss(model, params, batch, rng, ref_params,
-                                 dpo_beta, dropout)
+                                 dpo_beta, denominator, dropout)
   else:
     raise ValueError(f"unknown objective {objective!r}")
 
@@ -95,10 +92,13 @@ def make_train_step(model, tx, shardings, *, grad_accum_steps: int,
 
   def train_step(state: TrainState, batch, ref_params=None):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    # sft: each microbatch's summed loss over the global batch's targets,
-    # so that the average over microbatches is the global batch's loss.
-    denominator = (objectives.sft_denominator(batch) / grad_accum_steps
-                   if objective == "sft" else None)
+    # Each microbatch's sums (sft: the loss, dpo: the KL metrics) over the
+    # global batch's target counts, so that the average over microbatches
+    # is the global batch's value.
+    counts = {"sft": objectives.sft_denominator,
+              "dpo": objectives.response_targets}.get(objective)
+    denominator = (None if counts is None else
+                   jax.tree.map(lambda n: n / grad_accum_steps, counts(batch)))
     if grad_accum_steps == 1:
       (loss, aux), grads = grad_fn(state.params, batch, rng, ref_params,
                                    denominator)
