@@ -77,6 +77,11 @@ class Sequences:
     a, b = int(self.starts[i]), int(self.starts[i + 1])
     return self.tokens[a:b], self.targets[a:b]
 
+  def targets_in_first(self, kept: np.ndarray) -> np.ndarray:
+    """Per sequence, its targets among its first kept[i] tokens."""
+    cumulative = np.concatenate([[0], np.cumsum(self.targets, dtype=np.int64)])
+    return cumulative[self.starts[:-1] + kept] - cumulative[self.starts[:-1]]
+
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
@@ -231,8 +236,6 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
   if holdout and set(names) <= set(holdout):
     raise DataError("the holdout holds out every file; leave some for "
                     "training")
-  options = prepare.Options(tokenizer="char", holdout=tuple(holdout),
-                            val_fraction=val_fraction)
   if isinstance(tokenizer, str):
     tokenizer = _fit(tokenizer, files, fmt, vocab_size)
   os.makedirs(output, exist_ok=True)
@@ -243,7 +246,7 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
   for path in files:
     name = corpus.name(path)
     for number, canonical, seqs in read(path, fmt):
-      split = prepare._split(name, canonical, options)
+      split = prepare.split_of(name, canonical, holdout, val_fraction)
       tokens, targets, starts = parts[split]
       for seq in seqs:
         try:
@@ -289,7 +292,7 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
                              "sha256": sha}
     for key, value in counts[split].items():
       meta[f"{split}_{key}"] = value
-  prepare._write_json(os.path.join(output, prepare.META), meta)
+  prepare.write_json(os.path.join(output, prepare.META), meta)
   return load(output)
 
 
@@ -313,7 +316,7 @@ def _fit(kind: str, files: list[str], fmt: str, vocab_size: int):
 
 
 def load(path: str) -> Prepared:
-  meta = prepare._read_json(os.path.join(path, prepare.META))
+  meta = prepare.read_json(os.path.join(path, prepare.META))
   if meta is None or meta.get("version") != VERSION or "format" not in meta:
     raise DataError(f"{path} holds no finished preparation of examples; run "
                     "python -m data.prepare --format sft|dpo again")
@@ -336,7 +339,7 @@ def is_prepared(path: str) -> bool:
   if not os.path.isfile(meta):
     return False
   try:
-    return "format" in (prepare._read_json(meta) or {})
+    return "format" in (prepare.read_json(meta) or {})
   except ValueError:
     return False
 
@@ -365,16 +368,16 @@ def prepare_source(source: str, fmt: str, tokenizer, holdout=(),
                     f"train.objective={fmt!r} point it at JSONL {fmt} "
                     f"examples or a directory prepared from them")
   files = corpus.find_files([source])
-  identity = [prepare._identity(corpus.Piece(f)) for f in files]
+  identity = [prepare.file_identity(corpus.Piece(f)) for f in files]
   spec = (tokenizers.fingerprint(tokenizer) if not isinstance(tokenizer, str)
           else tokenizer)
-  key = prepare._digest(VERSION, fmt, identity, spec, list(holdout),
+  key = prepare.digest(VERSION, fmt, identity, spec, list(holdout),
                         val_fraction)[:16]
   label = re.sub(r"[^\w.-]", "_", corpus.name(source.rstrip("/")))
   cache_dir = cache_dir or corpus.default_cache_dir()
   output = os.path.join(cache_dir, "examples", f"{label}-{fmt}-{key}")
   os.makedirs(output, exist_ok=True)
-  with prepare._locked(output):  # one process prepares, others wait
+  with prepare.locked(output):  # one process prepares, others wait
     if is_prepared(output):
       return load(output)
     return build([source], output, fmt, tokenizer, holdout, val_fraction)

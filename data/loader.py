@@ -124,9 +124,7 @@ class PackedSource:
     if loss_on == "all":
       usable = self.kept >= 2
     else:
-      cumulative = np.concatenate([[0], np.cumsum(seqs.targets, dtype=np.int64)])
-      usable = (cumulative[seqs.starts[:-1] + self.kept] -
-                cumulative[seqs.starts[:-1]]) > 0
+      usable = seqs.targets_in_first(self.kept) > 0
     self.dropped = int((~usable).sum())
     order = np.arange(len(seqs)) if seed is None else (
         np.random.default_rng(seed).permutation(len(seqs)))
@@ -195,11 +193,8 @@ class PairSource:
     window = seq_len + 1
     lengths = seqs.lengths()
     self.kept = np.minimum(lengths, window)
-    cumulative = np.concatenate([[0], np.cumsum(seqs.targets, dtype=np.int64)])
-    targets = (cumulative[seqs.starts[:-1] + self.kept] -
-               cumulative[seqs.starts[:-1]])
     self.truncated = int((lengths > window).reshape(-1, 2).any(1).sum())
-    usable = (targets > 0).reshape(-1, 2).all(1)
+    usable = (seqs.targets_in_first(self.kept) > 0).reshape(-1, 2).all(1)
     self.dropped = int((~usable).sum())
     self.pairs = np.flatnonzero(usable)
 

@@ -125,7 +125,7 @@ def _read_meta(path: str) -> dict | None:
   a line saying to prepare the directory again, which rewrites it."""
   file = os.path.join(path, META)
   try:
-    meta = _read_json(file)
+    meta = read_json(file)
     if meta is None:
       return None
     if meta.get("version") != VERSION:
@@ -172,7 +172,7 @@ def prepare(source: str, tokenizer: str, holdout: tuple[str, ...],
   files = corpus.find_files(inputs)
   options = Options(tokenizer=tokenizer, holdout=tuple(holdout),
                     val_fraction=val_fraction)
-  key = _digest([_identity(corpus.Piece(f)) for f in files],
+  key = digest([file_identity(corpus.Piece(f)) for f in files],
                 dataclasses.asdict(options))[:16]
   label = re.sub(r"[^\w.-]", "_", corpus.name(source.rstrip("/")))
   return build(inputs, os.path.join(cache_dir, "prepared",
@@ -187,7 +187,7 @@ def build(inputs: Sequence[str], output: str, options: Options) -> Prepared:
   created = not os.path.exists(output)
   os.makedirs(os.path.join(output, SHARDS), exist_ok=True)
   try:
-    with _locked(output):
+    with locked(output):
       return _build(inputs, files, output, options)
   except BaseException:
     if created and not any(f.endswith(".json")
@@ -216,8 +216,8 @@ def _build(inputs, files, output, options) -> Prepared:
   settings = [VERSION, tokenizers.fingerprint(tok), options.text_field,
               options.utf8, options.holdout or options.val_fraction,
               options.shard_tokens]
-  tasks = [dataclasses.replace(t, key=_digest(settings, [
-      _identity(p) for p in t.pieces])[:24]) for t in tasks]
+  tasks = [dataclasses.replace(t, key=digest(settings, [
+      file_identity(p) for p in t.pieces])[:24]) for t in tasks]
   records = {t.key: r for t in tasks if (r := _record(output, t.key))}
   pending = [t for t in tasks if t.key not in records]
   bar = tqdm.tqdm(total=sum(t.bytes for t in pending), unit="B",
@@ -240,7 +240,7 @@ def _build(inputs, files, output, options) -> Prepared:
           f"one sequence of {need} (seq_len + 1); use more text, a larger "
           "validation fraction or holdout, or a smaller --seq-len")
   if meta != old:
-    _write_json(os.path.join(output, META), meta)
+    write_json(os.path.join(output, META), meta)
   _collect_garbage(output, {t.key for t in tasks})
   return load(output)
 
@@ -354,20 +354,23 @@ def _plan(files: list[str], task_bytes: int) -> list[Task]:
   return tasks
 
 
-def _identity(piece: corpus.Piece) -> list:
+def file_identity(piece: corpus.Piece) -> list:
   stat = os.stat(piece.path)
   return [piece.path, piece.start, piece.end, stat.st_size, stat.st_mtime_ns]
 
 
-def _digest(*parts) -> str:
+def digest(*parts) -> str:
   return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-def _split(name: str, data: bytes, options: Options) -> str:
-  if options.holdout:
-    return "val" if name in options.holdout else "train"
+def split_of(name: str, data: bytes, holdout: Sequence[str],
+             val_fraction: float) -> str:
+  """A document's split: by its file's name if there is a holdout, else by
+  a hash of its bytes."""
+  if holdout:
+    return "val" if name in holdout else "train"
   h = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
-  return "val" if h < options.val_fraction * 2**64 else "train"
+  return "val" if h < val_fraction * 2**64 else "train"
 
 
 # ---------------------------------------------------------------- tasks
@@ -407,7 +410,7 @@ class _Worker:
           empty += 1
           continue
         data = text.encode("utf-8")
-        split = _split(name, data, o)
+        split = split_of(name, data, o.holdout, o.val_fraction)
         names = splits[split]["names"]
         if o.holdout and names[-1:] != [name]:
           names.append(name)
@@ -421,7 +424,7 @@ class _Worker:
       splits[split]["shards"] = writers[split].close()
     record = {"key": task.key, "input_bytes": task.bytes,
               "empty_documents": empty, "splits": splits}
-    _write_json(prefix + ".json", record)
+    write_json(prefix + ".json", record)
     return record
 
 
@@ -463,7 +466,7 @@ def _runner(output: str, tokenizer, options: Options):
 
 def _record(output: str, key: str) -> dict | None:
   """A finished task's record, if its shards are all there."""
-  record = _read_json(os.path.join(output, SHARDS, key + ".json"))
+  record = read_json(os.path.join(output, SHARDS, key + ".json"))
   if record is None:
     return None
   for split in record["splits"].values():
@@ -506,21 +509,21 @@ def _collect_garbage(output: str, keys: set[str]) -> None:
 
 
 @contextlib.contextmanager
-def _locked(output: str):
+def locked(output: str):
   """One preparation of a directory at a time (others wait)."""
   with open(os.path.join(output, LOCK), "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
     yield
 
 
-def _read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
   if not os.path.exists(path):
     return None
   with open(path) as f:
     return json.load(f)
 
 
-def _write_json(path: str, value: dict) -> None:
+def write_json(path: str, value: dict) -> None:
   """Atomically: a reader sees the old file or the whole new one."""
   with open(path + ".tmp", "w") as f:
     json.dump(value, f, indent=1)
