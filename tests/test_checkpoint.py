@@ -4,6 +4,7 @@ One real 12-step run (in this process) whose evals get worse as its
 learning rate grows, so the best eval is an old step; the damage tests
 change copies of its checkpoints."""
 
+import asyncio
 import glob
 import hashlib
 import json
@@ -79,6 +80,27 @@ def _damage(step_dir, how: str) -> None:
     for path in _data_files(step_dir):
       with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
+
+
+def test_close_waits_for_the_removal_of_unfinished_saves(tmp_path,
+                                                         monkeypatch):
+  """The manager removes an interrupted save's temporary directory in a
+  thread of its own; close() waits for it (made slow here), so that a
+  process exiting right after (a refused resume) leaves no thread to fail
+  at interpreter shutdown with a traceback after its one-line error."""
+  from orbax.checkpoint._src.path import temporary_paths
+  cleanup = temporary_paths.cleanup_temporary_paths
+
+  async def slow_cleanup(*args, **kwargs):
+    await asyncio.sleep(1.0)
+    return await cleanup(*args, **kwargs)
+
+  monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths",
+                      slow_cleanup)
+  unfinished = tmp_path / "checkpoints" / "10.orbax-checkpoint-tmp-1"
+  unfinished.mkdir(parents=True)
+  checkpoint.Checkpointer(str(tmp_path), keep=2).close()
+  assert not unfinished.exists()
 
 
 def test_newest_best_and_kept_steps_remain(run_dir):
