@@ -577,8 +577,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="sft, dpo: use the tokenizer of this run's workdir (or "
                  "prepared directory) instead of fitting --tokenizer")
   args = p.parse_args(argv)
-  if args.format != "text":
-    return _prepare_examples(args)
+  try:
+    summary = (_prepare_text(args) if args.format == "text" else
+               _prepare_examples(args))
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(summary)
+  return 0
+
+
+def _prepare_text(args) -> str:
+  """--format text: documents into token shards; returns a summary line."""
   options = Options(
       tokenizer=args.tokenizer, vocab_size=args.vocab_size,
       tokenizer_files=args.tokenizer_files, text_field=args.text_field,
@@ -586,44 +596,35 @@ def main(argv: Sequence[str] | None = None) -> int:
       holdout=tuple(args.holdout), seq_len=args.seq_len,
       workers=args.workers, progress=sys.stderr.isatty(),
       bpe_sample_bytes=int(args.bpe_sample_mb * 2**20))
-  try:
-    prepared = build(args.input, args.output, options)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  prepared = build(args.input, args.output, options)
   m = prepared.meta
-  print(f"{prepared.path}: {m['files']:,} files, "
-        f"{m['train_documents']:,} + {m['val_documents']:,} documents, "
-        f"{m['train_tokens']:,} train + {m['val_tokens']:,} val tokens "
-        f"({m['train_bytes']:,} + {m['val_bytes']:,} bytes), "
-        f"{m['tokenizer']['kind']} vocabulary {m['vocab_size']:,}")
-  return 0
+  return (f"{prepared.path}: {m['files']:,} files, "
+          f"{m['train_documents']:,} + {m['val_documents']:,} documents, "
+          f"{m['train_tokens']:,} train + {m['val_tokens']:,} val tokens "
+          f"({m['train_bytes']:,} + {m['val_bytes']:,} bytes), "
+          f"{m['tokenizer']['kind']} vocabulary {m['vocab_size']:,}")
 
 
-def _prepare_examples(args) -> int:
-  """--format sft|dpo: JSONL examples into token arrays with a loss mask."""
+def _prepare_examples(args) -> str:
+  """--format sft|dpo: JSONL examples into token arrays with a loss mask;
+  returns a summary line."""
   from data import examples
-  try:
-    tokenizer = args.tokenizer
-    if args.tokenizer_from:
-      tokenizer = (tokenizers.load_dir(os.path.join(args.tokenizer_from,
-                                                    "tokenizer")) or
-                   load(args.tokenizer_from).tokenizer)
-    elif args.tokenizer == "gpt2":
-      tokenizer = _gpt2(args.tokenizer_files)
-    prepared = examples.build(args.input, args.output, args.format, tokenizer,
-                              tuple(args.holdout), args.val_fraction,
-                              args.vocab_size)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  tokenizer = args.tokenizer
+  if args.tokenizer_from:
+    tokenizer = (tokenizers.load_dir(os.path.join(args.tokenizer_from,
+                                                  "tokenizer")) or
+                 load(args.tokenizer_from).tokenizer)
+  elif args.tokenizer == "gpt2":
+    tokenizer = _gpt2(args.tokenizer_files)
+  prepared = examples.build(args.input, args.output, args.format, tokenizer,
+                            tuple(args.holdout), args.val_fraction,
+                            args.vocab_size)
   m = prepared.meta
-  print(f"{prepared.path}: {m['files']:,} files, {m['train_examples']:,} + "
-        f"{m['val_examples']:,} examples, {m['train_tokens']:,} train + "
-        f"{m['val_tokens']:,} val tokens ({m['train_target_tokens']:,} + "
-        f"{m['val_target_tokens']:,} targets), {m['tokenizer']['kind']} "
-        f"vocabulary {m['vocab_size']:,}")
-  return 0
+  return (f"{prepared.path}: {m['files']:,} files, {m['train_examples']:,} "
+          f"+ {m['val_examples']:,} examples, {m['train_tokens']:,} train + "
+          f"{m['val_tokens']:,} val tokens ({m['train_target_tokens']:,} + "
+          f"{m['val_target_tokens']:,} targets), {m['tokenizer']['kind']} "
+          f"vocabulary {m['vocab_size']:,}")
 
 
 if __name__ == "__main__":
