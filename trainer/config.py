@@ -17,7 +17,7 @@ import os
 import ml_collections
 
 from configs import default
-from data import prepare
+from data import loader, prepare
 from model import GPTConfig, gpt
 from trainer import objectives, optim, sharding
 from trainer.errors import ConfigError
@@ -136,6 +136,7 @@ RULES = {
     "data.num_workers": Rule(int, 0, means="0: none, this process"),
     "data.fingerprint": FLAG,
     "data.pack": FLAG,
+    "data.order_version": Rule(int, choices=loader.ORDER_VERSIONS),
     "train.objective": one_of(*objectives.OBJECTIVES),
     "train.sft_loss_on": one_of("response", "all"),
     "train.dpo_beta": Rule(float, 0, low_open=True),
@@ -457,7 +458,8 @@ def save(config, workdir: str) -> None:
 
 # Fields whose default changes what a run written before them computes, and
 # the value that keeps it: what load_saved gives a config.json without them.
-BEFORE_FIELD = {"model.vocab_multiple": 1, "train.schedule": "cosine"}
+BEFORE_FIELD = {"model.vocab_multiple": 1, "train.schedule": "cosine",
+                "data.order_version": 1}
 
 
 def load_saved(workdir: str) -> ml_collections.ConfigDict:

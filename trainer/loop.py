@@ -230,10 +230,12 @@ def _describe(run: Run, rows: slice) -> str:
 
 def evaluate_params(run: Run, params, max_batches: int,
                     ref_params=None) -> dict:
-  """The objective's eval record over the validation split: mean loss,
+  """The objective's eval record over the validation split (all of it, or
+  the fixed subset of `max_batches` batches, loader.eval_ids): mean loss,
   perplexity and bits per byte of the target tokens (next-token: every
   token; sft: the response tokens); for dpo the preference loss, rewards,
-  reward accuracy and KL to `ref_params` (objectives.summarize)."""
+  reward accuracy and KL to `ref_params` (objectives.summarize); and how
+  many of the split's items (windows or pairs) it scored."""
   source = run.sources.get("val")
   if source is None:
     source = _source(run.config, run.data, "val", run.model.cfg,
@@ -249,7 +251,10 @@ def evaluate_params(run: Run, params, max_batches: int,
                          jax.device_put(mask, batch_sharding), token_bytes,
                          *extra)
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-  return objectives.summarize(run.objective, jax.device_get(total))
+  return {**objectives.summarize(run.objective, jax.device_get(total)),
+          "eval_items": len(loader.eval_ids(len(source), batch_size,
+                                            max_batches)),
+          "eval_split_items": len(source)}
 
 
 def eval_line(record: dict) -> str:
@@ -329,7 +334,7 @@ def train(config, workdir: str) -> dict:
     fingerprints = config.data.fingerprint and jax.process_index() == 0
     train_iter = loader.train_iterator(
         source, t.batch_size, t.seed, start, rows, config.data.num_workers,
-        fingerprints)
+        fingerprints, config.data.order_version)
     stack.callback(train_iter.close)
     data_order = audit.DataOrderLog(workdir, t.batch_size, len(source),
                                     fingerprints)
@@ -366,9 +371,8 @@ def train(config, workdir: str) -> dict:
       if do_eval or do_save:  # these wait for the step anyway
         logger.flush()
       if do_eval:
-        last_eval = evaluate_params(
-            run, state.params, 0 if final else config.eval.max_batches,
-            ref_params)
+        last_eval = evaluate_params(run, state.params,
+                                    config.eval.max_batches, ref_params)
         writer.write(done_step, last_eval)
         log(f"step {done_step}: {eval_line(last_eval)}")
       if do_save:

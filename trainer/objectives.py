@@ -128,14 +128,24 @@ def dpo_from_logps(logp_Bx2, ref_logp_Bx2, beta):
   return -jax.nn.log_sigmoid(margin_B), rewards_Bx2, margin_B
 
 
-def dpo_terms(model, params, batch, rng, ref_params, beta, dropout=False):
+def policy_and_reference_logits(model, params, ref_params, batch):
+  """Both models' logits from one program: the forward pass vmapped over
+  the two param trees stacked, so that equal params give bitwise equal
+  logits (at step 0 the rewards and the KL are exactly 0) whatever the
+  compiler does. DPO runs without dropout (config.dpo_without_dropout)."""
+  both = jax.tree.map(lambda p, r: jnp.stack([p, jax.lax.stop_gradient(r)]),
+                      params, ref_params)
+  logits_2x = jax.vmap(lambda p: apply(model, p, batch))(both)
+  return logits_2x[0], logits_2x[1]
+
+
+def dpo_terms(model, params, batch, ref_params, beta):
   """Per pair: the loss, the chosen and rejected rewards (beta times the
   log-ratio to the reference) and per sequence the KL to the reference
   summed over its target tokens; with the target counts."""
   flat = _flat_pairs(batch)
-  logits = apply(model, params, flat, rng, dropout)
-  # Defensive: only the policy's params are differentiated anyway.
-  ref_logits = jax.lax.stop_gradient(apply(model, ref_params, flat))
+  logits, ref_logits = policy_and_reference_logits(model, params, ref_params,
+                                                   flat)
   logp_2B, logp_2BxLxV = sequence_logps(logits, flat["tokens"],
                                         flat["weights"])
   ref_logp_2B, ref_logp_2BxLxV = sequence_logps(ref_logits, flat["tokens"],
@@ -162,12 +172,11 @@ def response_targets(batch) -> dict:
           for i, side in enumerate(("chosen", "rejected"))}
 
 
-def dpo_loss(model, params, batch, rng, ref_params, beta, targets=None,
-             dropout=False):
+def dpo_loss(model, params, batch, ref_params, beta, targets=None):
   """The mean loss over the pairs, and the metrics. The KL sums are divided
   by `targets` (response_targets of the whole global batch, split over the
   microbatches of gradient accumulation; by default this batch's)."""
-  t = dpo_terms(model, params, batch, rng, ref_params, beta, dropout)
+  t = dpo_terms(model, params, batch, ref_params, beta)
   targets = response_targets(batch) if targets is None else targets
   metrics = {"reward_chosen": t["chosen_B"].mean(),
              "reward_rejected": t["rejected_B"].mean(),
@@ -190,7 +199,7 @@ def kl_per_token(kl_chosen, kl_rejected, targets_chosen, targets_rejected):
 
 def dpo_eval(model, params, batch, mask_B, ref_params, beta):
   """Sums over the pairs of mask_B."""
-  t = dpo_terms(model, params, batch, None, ref_params, beta)
+  t = dpo_terms(model, params, batch, ref_params, beta)
   m = mask_B.astype(jnp.float32)
   return {"pairs": m.sum(), "loss": jnp.sum(t["loss_B"] * m),
           "chosen": jnp.sum(t["chosen_B"] * m),
