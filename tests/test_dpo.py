@@ -10,6 +10,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -118,8 +119,9 @@ def test_loss_is_ln2_at_step_0():
   _, source = _pairs()
   cfg = tiny_model_config(seq_len=L)
   model, params = GPT(cfg), random_params(cfg, seed=1, std=0.2)
-  # The reference a copy, another argument: not simplified away by the
-  # compiler, exactly 0 all the same (one program computes both).
+  # The reference a copy, another argument: its forward pass is not merged
+  # with the policy's by the compiler, and the values are exactly 0 all the
+  # same (the policy's log-probabilities stand for the equal reference's).
   reference = jax.tree.map(np.array, params)
   loss, metrics = jax.jit(lambda p, r, b: objectives.dpo_loss(
       model, p, b, r, 0.1))(params, reference, _batch(source))
@@ -128,6 +130,23 @@ def test_loss_is_ln2_at_step_0():
                "reward_accuracy", "kl_ref", "kl_ref_chosen",
                "kl_ref_rejected"):
     assert float(metrics[name]) == 0, name
+  # The gradient is DPO's at a zero margin: -beta / 2 times that of the
+  # chosen minus the rejected log-probability, mean over the pairs.
+  batch = _batch(source)
+  grads = jax.jit(jax.grad(lambda p, r: objectives.dpo_loss(
+      model, p, batch, r, 0.1)[0]))(params, reference)
+
+  def margin(p):
+    flat = {k: v.reshape(-1, L + 1) for k, v in batch.items()}
+    logp_2B, _ = objectives.sequence_logps(
+        objectives.apply(model, p, flat), flat["tokens"], flat["weights"])
+    return -0.05 * jnp.mean(logp_2B[0::2] - logp_2B[1::2])
+
+  want = jax.jit(jax.grad(margin))(params)
+  assert sum(float(np.abs(g).sum()) for g in jax.tree.leaves(want)) > 0
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4,
+                                                       atol=1e-7),
+               grads, want)
 
 
 def test_loss_and_metrics_match_numpy_from_the_logits():

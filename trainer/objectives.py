@@ -128,15 +128,16 @@ def dpo_from_logps(logp_Bx2, ref_logp_Bx2, beta):
   return -jax.nn.log_sigmoid(margin_B), rewards_Bx2, margin_B
 
 
-def policy_and_reference_logits(model, params, ref_params, batch):
-  """Both models' logits from one program: the forward pass vmapped over
-  the two param trees stacked, so that equal params give bitwise equal
-  logits (at step 0 the rewards and the KL are exactly 0) whatever the
-  compiler does. DPO runs without dropout (config.dpo_without_dropout)."""
-  both = jax.tree.map(lambda p, r: jnp.stack([p, jax.lax.stop_gradient(r)]),
-                      params, ref_params)
-  logits_2x = jax.vmap(lambda p: apply(model, p, batch))(both)
-  return logits_2x[0], logits_2x[1]
+def _reference_logps(params, ref_params, logps, ref_logps):
+  """The reference's log-probabilities, or the policy's (without their
+  gradient) where the two param trees are equal, as at a run's first step:
+  its rewards and KL are then exactly 0, not the round-off between two
+  compiled forward passes (one under the gradient) of the same weights."""
+  same = jnp.all(jnp.stack([jnp.array_equal(p, r) for p, r in zip(
+      jax.tree.leaves(params), jax.tree.leaves(ref_params))]))
+  return jax.tree.map(
+      lambda lp, ref: jnp.where(same, jax.lax.stop_gradient(lp), ref),
+      logps, ref_logps)
 
 
 def dpo_terms(model, params, batch, ref_params, beta):
@@ -144,12 +145,13 @@ def dpo_terms(model, params, batch, ref_params, beta):
   log-ratio to the reference) and per sequence the KL to the reference
   summed over its target tokens; with the target counts."""
   flat = _flat_pairs(batch)
-  logits, ref_logits = policy_and_reference_logits(model, params, ref_params,
-                                                   flat)
+  logits = apply(model, params, flat)
+  ref_logits = jax.lax.stop_gradient(apply(model, ref_params, flat))
   logp_2B, logp_2BxLxV = sequence_logps(logits, flat["tokens"],
                                         flat["weights"])
-  ref_logp_2B, ref_logp_2BxLxV = sequence_logps(ref_logits, flat["tokens"],
-                                                flat["weights"])
+  ref_logp_2B, ref_logp_2BxLxV = _reference_logps(
+      params, ref_params, (logp_2B, logp_2BxLxV),
+      sequence_logps(ref_logits, flat["tokens"], flat["weights"]))
   loss_B, rewards_Bx2, margin_B = dpo_from_logps(
       logp_2B.reshape(-1, 2), ref_logp_2B.reshape(-1, 2), beta)
   # KL(policy || reference) of the next-token distributions at the target
