@@ -243,7 +243,11 @@ def main():
       per_step["jax_versus"] = (versus.train.batch_size * versus_cfg.seq_len,
                                 versus_cfg.flops_per_token())
     if args.torch:
-      from benchmarks import torch_gpt
+      try:
+        from benchmarks import torch_gpt
+      except ImportError:
+        sys.exit("error: --torch needs PyTorch (pip install torch); it is "
+                 "not a project dependency")
       runners["torch"] = torch_gpt.runner(cfg, config.train.batch_size)
     times = {name: [] for name in runners}
     for _ in range(args.rounds):
