@@ -257,13 +257,15 @@ def test_sigterm_while_it_starts_exits_75_having_written_nothing(
   assert file_snapshot(workdir) == files
 
 
-def _sigterm_at(fn, call: int):
-  """fn, sending this process SIGTERM as its `call`-th call starts."""
+def _before_call(fn, call: int, action=lambda: os.kill(os.getpid(),
+                                                        signal.SIGTERM)):
+  """fn, doing `action` (by default: sending this process SIGTERM) as its
+  `call`-th call starts."""
   calls = []
   def wrapper(*args, **kwargs):
     calls.append(1)
     if len(calls) == call:
-      os.kill(os.getpid(), signal.SIGTERM)
+      action()
     return fn(*args, **kwargs)
   return wrapper
 
@@ -276,8 +278,8 @@ def test_sigterm_during_the_restore(corpus_dir, data_cache, tmp_path,
   files = file_snapshot(workdir)
   config.train.steps = 6
   monkeypatch.setattr(checkpoint.Checkpointer, "restore_latest_valid",
-                      _sigterm_at(checkpoint.Checkpointer.restore_latest_valid,
-                                  1))
+                      _before_call(
+                          checkpoint.Checkpointer.restore_latest_valid, 1))
   with pytest.raises(Preempted, match="^stopped by SIGTERM before the first "
                      "step, nothing written;"):
     loop.train(config, workdir)
@@ -294,7 +296,7 @@ def test_sigterm_during_the_last_step(corpus_dir, data_cache, tmp_path,
   loop.train(config, ref)
   real = state_lib.make_train_step
   monkeypatch.setattr(state_lib, "make_train_step",
-                      lambda *a, **k: _sigterm_at(real(*a, **k), 6))
+                      lambda *a, **k: _before_call(real(*a, **k), 6))
   with pytest.raises(Preempted) as e:
     loop.train(config, workdir)
   assert str(e.value) == (
@@ -314,3 +316,30 @@ def test_sigterm_during_the_last_step(corpus_dir, data_cache, tmp_path,
   assert loop.train(config, workdir) == {}  # complete: nothing written
   assert file_snapshot(workdir) == files
 
+
+
+def test_a_run_whose_lock_was_taken_over_stops_without_saving(
+    corpus_dir, data_cache, tmp_path, monkeypatch):
+  """Its heartbeat judged stale elsewhere (a hung file system, a stopped
+  process), the lock taken over: the run stops at the next step, saves
+  nothing more, and leaves the new holder's lock alone."""
+  config = tiny_run_config(corpus_dir, data_cache, steps=6)
+  workdir = str(tmp_path / "run")
+  monkeypatch.setattr(workdir_lock, "HEARTBEAT_S", 0.01)
+  holder = {}
+  def take_over():
+    holder.update(_write_lock(workdir, pid=1, host="node7"))
+    time.sleep(0.5)  # heartbeats find it lost
+  real = state_lib.make_train_step
+  monkeypatch.setattr(state_lib, "make_train_step",
+                      lambda *a, **k: _before_call(real(*a, **k), 5,
+                                                   take_over))
+  with pytest.raises(WorkdirInUse) as e:
+    loop.train(config, workdir)
+  assert str(e.value) == (
+      f"pid 1 on host node7 took over the lock of {workdir}, not renewed by "
+      f"this run for {workdir_lock.STALE_S} s; stopped after step 5 without "
+      "saving it")
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+  with open(_lock_path(workdir)) as f:
+    assert json.load(f) == holder

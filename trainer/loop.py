@@ -385,10 +385,8 @@ def _train(run: Run, stop, lock) -> dict:
       logger.finished(done_step, step_metrics)
       final = done_step == t.steps
       if lock is not None and lock.lost is not None:
-        raise WorkdirInUse(
-            f"{workdir_lock.in_use(workdir, lock.lost)}: it took this run's "
-            f"lock over, which was not renewed for {workdir_lock.STALE_S} s; "
-            f"stopped after step {done_step} without saving it")
+        raise WorkdirInUse(f"{lock.taken_over()}; stopped after step "
+                           f"{done_step} without saving it")
       preempted = stop() or run.checkpointer.reached_preemption(done_step)
       do_eval = done_step % config.eval.every_steps == 0 or final
       do_save = (done_step % config.checkpoint.every_steps == 0 or final or

@@ -205,6 +205,13 @@ class WorkdirLock(LockFile):
       except OSError:  # a full or unreachable disk: the next beat retries
         pass
 
+  def taken_over(self) -> str:
+    """What happened, once `lost`."""
+    return (f"pid {self.lost.get('pid', '?')} on host "
+            f"{self.lost.get('host', '?')} took over the lock of "
+            f"{os.path.dirname(self.path)}, not renewed by this run for "
+            f"{STALE_S} s")
+
   def release(self) -> None:
     self._done.set()
     self._thread.join()
