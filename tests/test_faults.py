@@ -106,6 +106,10 @@ def test_heartbeat_renews_and_a_lost_lock_stays_the_new_holders(
     time.sleep(0.01)
   with open(_lock_path(workdir)) as f:
     assert json.load(f)["heartbeat"] > first
+  os.unlink(_lock_path(workdir))  # by hand: claimed again
+  while not os.path.exists(_lock_path(workdir)) and time.time() < deadline:
+    time.sleep(0.01)
+  assert lock.ours() and lock.lost is None
   # Taken over (this process looked dead to another host).
   other = _write_lock(workdir, pid=1, host="node7")
   while lock.lost is None and time.time() < deadline:

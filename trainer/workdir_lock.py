@@ -199,9 +199,13 @@ class WorkdirLock(LockFile):
   def _beat(self) -> None:
     while not self._done.wait(HEARTBEAT_S):
       try:
-        if not self.renew():
-          self.lost = read_json(self.path) or {}
-          return
+        if self.renew():
+          continue
+        found = read_json(self.path)
+        if found is None and _create(self.path, self.owner):
+          continue  # deleted by hand: claimed again
+        self.lost = found or {}
+        return
       except OSError:  # a full or unreachable disk: the next beat retries
         pass
 
