@@ -209,7 +209,7 @@ def test_two_runs_on_one_workdir_then_the_holder_killed(corpus_dir, tmp_path):
     match = IN_USE.fullmatch(line)
     assert match and match.groups()[:3] == (workdir, str(first.pid),
                                             workdir_lock.HOST), line
-    assert int(match.group(5)) <= workdir_lock.HEARTBEAT_S + 1, line
+    assert int(match.group(5)) <= 3 * workdir_lock.HEARTBEAT_S, line
     assert "resuming" not in second.stdout + second.stderr
   finally:
     first.kill()
@@ -225,14 +225,15 @@ def test_two_runs_on_one_workdir_then_the_holder_killed(corpus_dir, tmp_path):
               if d.isdigit()) + 3
   flags.append(f"--config.train.steps={steps}")
 
-  third = run_train_py(*flags, wait=False, log=log)
+  third_log = str(tmp_path / "third.log")
+  third = run_train_py(*flags, wait=False, log=third_log)
   while (third.poll() is None and time.time() < deadline and
          (workdir_lock.read_json(_lock_path(workdir)) or {}).get("pid") !=
          third.pid):
     time.sleep(0.002)
   third.send_signal(signal.SIGTERM)
-  assert third.wait(timeout=TIMEOUT) == 75, open(log).read()[-3000:]
-  assert open(log).read().strip().splitlines()[-1] == (
+  assert third.wait(timeout=TIMEOUT) == 75, open(third_log).read()[-3000:]
+  assert open(third_log).read().strip().splitlines()[-1] == (
       "preempted: stopped by SIGTERM before the first step, nothing written; "
       "the same command starts or resumes the run")
   assert snapshot() == files  # and the lock released
@@ -243,7 +244,8 @@ def test_two_runs_on_one_workdir_then_the_holder_killed(corpus_dir, tmp_path):
   assert not os.path.exists(_lock_path(workdir))
   train_steps = [r["step"] for r in metrics_records(workdir) if "loss" in r]
   assert train_steps == list(range(1, steps + 1))
-  for out in (open(log).read(), resumed.stderr, second.stderr):
+  for out in (open(log).read(), open(third_log).read(), resumed.stderr,
+              second.stderr):
     assert "Unable to find the step" not in out
 
 
