@@ -47,7 +47,7 @@ def _write_lock(workdir, pid, host=workdir_lock.HOST, age_s=0.0,
   UTC, its heartbeat age_s old."""
   lock = {"host": host, "pid": pid, "pid_start": pid_start,
           "started": 1796620203.0, "heartbeat": time.time() - age_s}
-  with open(os.path.join(workdir, workdir_lock.LOCK), "w") as f:
+  with open(_lock_path(workdir), "w") as f:
     json.dump(lock, f)
   return lock
 
