@@ -68,7 +68,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -79,17 +78,18 @@ from absl import flags
 from ml_collections import config_flags
 
 from launch.local import REPO, exit_status
+from trainer import workdir_lock
+from trainer.workdir_lock import HEARTBEAT_S, HOST, STALE_S
+from trainer.workdir_lock import read_json as _read_json
+from trainer.workdir_lock import write_json as _write_json
 
 LOCK = "sweep.lock"
 STATE = "sweep_state.json"
 LOG = "sweep.log"
-HEARTBEAT_S = 5      # how often an owner refreshes its locks
-STALE_S = 120        # a lock not refreshed for this long is stale
 REDRAW_S = 2         # the live table on a terminal
 SUMMARY_S = 60       # the summary line otherwise
 PREEMPTED = 75       # train.py saved and stopped; the same command resumes
 DETERMINISTIC = {2: "bad input", 3: "diverged"}  # retrying cannot help
-HOST = socket.gethostname()
 
 
 class SpecError(Exception):
@@ -461,132 +461,28 @@ def _run_name(swept: dict, labels: dict, base: str, values: dict) -> str:
 
 # --- what a workdir holds: lock, state, metrics ------------------------------
 
-def _read_json(path: str) -> dict | None:
-  """None if the file is absent; {} if it cannot be read as JSON."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    return None
-  except (OSError, ValueError):
-    return {}
-
-
-def _write_json(path: str, data) -> None:
-  """Atomically: a reader sees the old file or the new one, never a part."""
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1)
-  os.replace(tmp, path)
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # another user's
-    pass
-  try:  # Linux: a zombie has exited (its parent has not yet reaped it)
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-  except OSError:
-    return True
-
-
-class Lock:
+class Lock(workdir_lock.LockFile):
   """A sweep process's claim on a workdir: <workdir>/sweep.lock, JSON naming
   the owner (host, sweep_pid, child_pid, started) and a heartbeat (unix
   time) that the owner renews every HEARTBEAT_S. It is stale when its host is
   this one and neither pid is alive, or when its heartbeat is older than
   STALE_S (the only test for other hosts' locks)."""
 
-  _OWNER = ("host", "sweep_pid", "started")
-
-  def __init__(self, path: str, owner: dict):
-    self.path, self.owner = path, owner
+  PIDS = ("sweep_pid", "child_pid")
+  IDENTITY = ("host", "sweep_pid", "started")
 
   @classmethod
   def acquire(cls, workdir: str):
     """(lock or None, the lock found there, if any): None while a live
-    owner holds it. A stale lock is first moved aside (see _move_aside)."""
-    path = os.path.join(workdir, LOCK)
-    found = _read_json(path)
-    if found is not None and (not _stale(found, path) or
-                              not _move_aside(path, found)):
-      return None, found
+    owner holds it."""
     now = time.time()
-    owner = {"host": HOST, "sweep_pid": os.getpid(), "child_pid": None,
-             "started": now, "heartbeat": now}
-    return (cls(path, owner) if _create(path, owner) else None), found
-
-  def ours(self) -> bool:
-    found = _read_json(self.path) or {}
-    return all(found.get(k) == self.owner[k] for k in self._OWNER)
-
-  def renew(self, child_pid: int) -> bool:
-    """A new heartbeat; False if the lock was taken over meanwhile (this
-    process looked dead, e.g. stopped for longer than STALE_S)."""
-    if not self.ours():
-      return False
-    self.owner.update(child_pid=child_pid, heartbeat=time.time())
-    _write_json(self.path, self.owner)
-    return True
-
-  def release(self) -> None:
-    if self.ours():
-      os.unlink(self.path)
-
-
-def _create(path: str, owner: dict) -> bool:
-  """Creates the lock whole (a hard link to a written file), or returns
-  False if it exists."""
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(owner, f, indent=1)
-  try:
-    os.link(tmp, path)
-    return True
-  except FileExistsError:
-    return False
-  finally:
-    os.unlink(tmp)
-
-
-def _move_aside(path: str, stale: dict) -> bool:
-  """Removes a stale lock: renamed aside (of several takers, one wins the
-  rename), then checked to be the lock judged stale; one renewed meanwhile
-  is put back (its owner lives)."""
-  aside = f"{path}.stale.{HOST}.{os.getpid()}"
-  try:
-    os.rename(path, aside)
-  except FileNotFoundError:  # another taker was first
-    return False
-  moved = _read_json(aside)
-  if moved != stale:
-    try:
-      os.link(aside, path)
-    except FileExistsError:  # its owner will find it lost, and stop
-      pass
-  os.unlink(aside)
-  return moved == stale
-
-
-def _stale(found: dict, path: str) -> bool:
-  try:  # an unreadable lock is as old as its file
-    heartbeat = found.get("heartbeat") or os.path.getmtime(path)
-  except OSError:  # released meanwhile
-    return False
-  if found.get("host") == HOST:  # the pids say: a suspended owner is alive
-    pids = [found.get(k) for k in ("sweep_pid", "child_pid") if found.get(k)]
-    return not any(map(_alive, pids))
-  return time.time() - heartbeat > STALE_S
+    return cls.take(os.path.join(workdir, LOCK), {
+        "host": HOST, "sweep_pid": os.getpid(), "child_pid": None,
+        "started": now, "heartbeat": now})
 
 
 def _held(workdir: str) -> bool:
-  path = os.path.join(workdir, LOCK)
-  found = _read_json(path)
-  return found is not None and not _stale(found, path)
+  return Lock.holder(os.path.join(workdir, LOCK)) is not None
 
 
 def _state(workdir: str) -> dict:
@@ -807,7 +703,7 @@ class Attempt:
 
   def renew(self) -> bool:
     """Heartbeat and state; False if the lock was lost."""
-    if not self.lock.renew(self.proc.pid):
+    if not self.lock.renew(child_pid=self.proc.pid):
       return False
     self.save("running")
     return True
