@@ -47,10 +47,9 @@ another name (runs were once named by their base's path and overrides) is
 named with the `mv` that keeps its training.
 
 IsoFLOP designs: "budgets": [C1, C2, ...] (FLOPs) trains every run of the
-axes once per budget, its train.steps = round(C / FLOPs per step), as
-run.json counts FLOPs (README, "FLOPs"; the config must give
-model.vocab_size, which the output layer's count needs); the budget is the
-last swept value and results.csv's `budget` column (a branch's: its
+axes once per budget, its train.steps = round(C / FLOPs per step), FLOPs
+as run.json counts them (6 N D, README "FLOPs"); the budget is the last
+swept value and results.csv's `budget` column (a branch's: its
 fraction of it), from which research.scaling groups IsoFLOP profiles.
 
 Cooldown branches (train.schedule="wsd"): for a run of T steps and
@@ -216,7 +215,7 @@ def _expand(spec, spec_path: str, root: str) -> Sweep:
     flops_budget = swept.pop(BUDGET, None)
     values, config = _canonical(base, {**overrides, **swept}, where)
     if flops_budget:
-      steps = _budget_steps(config, flops_budget, where)
+      steps = _budget_steps(config, flops_budget)
       values, config = _canonical(base, {**values, "train.steps": steps},
                                   where)
     digest = config_digest(config)
@@ -258,11 +257,11 @@ def _expand(spec, spec_path: str, root: str) -> Sweep:
 
 
 def _step_flops(config) -> float:
-  """A train step's FLOPs as run.json counts them (the vocabulary, unknown
-  before the data is read, counted as 256 where the config leaves it to the
-  tokenizer)."""
+  """A train step's FLOPs as run.json counts them (6 N per token, N the
+  non-embedding parameters: the vocabulary, unknown before the data is
+  read, does not count)."""
   from trainer import config as config_lib, metrics, objectives
-  model = config_lib.model_config(config, config.model.vocab_size or 256)
+  model = config_lib.model_config(config, 1)
   objective = config.train.objective
   return (metrics.flops_per_token(model, objective) *
           config.train.batch_size *
@@ -278,13 +277,8 @@ def _flops_budgets(budgets) -> list:
   return [float(c) for c in budgets]
 
 
-def _budget_steps(config, flops: float, where: str) -> int:
-  """The steps that spend `flops` (at least 1); the FLOPs per token need the
-  vocabulary, so the config must give it."""
-  if not config.model.vocab_size:
-    raise SpecError(f"{where}: budgets need model.vocab_size (the "
-                    "tokenizer's vocabulary size) in the spec: the output "
-                    "layer's FLOPs depend on it")
+def _budget_steps(config, flops: float) -> int:
+  """The steps that spend `flops` (at least 1)."""
   return max(1, round(flops / _step_flops(config)))
 
 

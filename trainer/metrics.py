@@ -61,9 +61,9 @@ def _tensorboard_tag(key: str) -> str:
 
 def flops_per_token(model_cfg, objective: str) -> float:
   """Training FLOPs per input token, the one count of MFU, run.json, sweeps
-  and scaling fits: model.GPTConfig.flops_per_token() (6 N + the output
-  layer + attention), and for dpo a third more, the frozen reference
-  model's forward pass over the same tokens."""
+  and scaling fits: model.GPTConfig.flops_per_token(), 6 N, and for dpo
+  2 N more, the frozen reference model's forward pass over the same
+  tokens."""
   flops = model_cfg.flops_per_token()
   return flops * 4 / 3 if objective == "dpo" else flops
 
