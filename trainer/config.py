@@ -405,10 +405,12 @@ def for_mode(saved, given, overrides: dict, mode: str, workdir: str
   return config
 
 
-# What a resumed run may change: its length, and how it is evaluated,
-# checkpointed, sampled and placed on this machine. Anything else would
-# continue it as another run than the one its checkpoints hold.
-RESUMABLE = ("train.steps", "eval", "checkpoint", "sample", "mesh", "perf")
+# What a resumed run may change: its length, how it is evaluated,
+# checkpointed, sampled and placed on this machine, and where its files are
+# (a moved workdir or data cache). Anything else would continue it as
+# another run than the one its checkpoints hold.
+RESUMABLE = ("train.steps", "eval", "checkpoint", "sample", "mesh", "perf",
+             "data.cache_dir", "cooldown.workdir", "cooldown.parent")
 
 
 def check_resumable(config, workdir: str) -> None:
