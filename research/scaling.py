@@ -48,12 +48,12 @@ The fits:
 fit.json: the law's E, A, B, alpha, beta; `ci95` ({name: [low, high]});
 `bootstrap` (resamples, fitted, seed); `huber_delta`, `huber_objective`;
 `L_N` (E, A, alpha, r2, sizes); `L_C` (E, A, gamma, r2, frontier_runs);
-`isoflop` (`budgets`: flops (the designed budget), rows, parabola_ln_params, params_opt,
-tokens_opt, loss_opt, inside; `params_opt_law`, `tokens_opt_law`: exponent,
-coefficient); `extrapolation` (held_out_params, fitted_runs, law, runs with
+`isoflop` (`budgets`: flops (the designed budget), rows,
+parabola_ln_params, params_opt, tokens_opt, loss_opt, inside;
+`params_opt_law`, `tokens_opt_law`: exponent, coefficient); `extrapolation` (held_out_params, fitted_runs, law, runs with
 their predicted loss and relative_error, max_abs_relative_error, target,
 within_target); `params_convention`, `flops_convention`, `runs`, `skipped`;
-`rows`: the runs used (params, tokens, loss, flops, frontier), which
+`rows`: the runs used (params, tokens, loss, flops = 6 N D, frontier), which
 `budgets.rows` index. A part the table has too little data for is null.
 
 The plan: N_opt = G (C/6)^(beta/(alpha+beta)) with
@@ -875,8 +875,8 @@ def main(argv: list[str] | None = None) -> int:
       formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True)
   f = commands.add_parser("fit", help="fit scaling laws to a table of runs")
-  f.add_argument("table", help="CSV with params, tokens, loss [, flops, "
-                 "status]")
+  f.add_argument("table", help="CSV with params, tokens, loss [, budget, "
+                 "name, parent, status]")
   f.add_argument("--out", help="folder for fit.json and the plots "
                  "(default: the table's)")
   f.add_argument("--bootstrap", type=int, default=200,
