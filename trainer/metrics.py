@@ -86,8 +86,8 @@ def code_version() -> dict:
 def write_run_summary(workdir: str, model_cfg, train_cfg) -> None:
   """<workdir>/run.json: the sizes a sweep or scaling study reads without
   rebuilding the model (parameters, FLOPs per token, tokens per step), and
-  the code_version() that wrote it (a resumed run: the latest). The counts are the real
-  vocabulary's; `*_padded`, the padded one's (model.
+  the code_version() that wrote it (a resumed run: the latest). The counts
+  are the real vocabulary's; `*_padded`, the padded one's (model.
   GPTConfig.padded_vocab_size), as the parameters are stored."""
   objective = train_cfg.get("objective", "next-token")
   summary = {"params": model_cfg.num_params(),
