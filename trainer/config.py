@@ -406,11 +406,12 @@ def for_mode(saved, given, overrides: dict, mode: str, workdir: str
 
 
 # What a resumed run may change: its length, how it is evaluated,
-# checkpointed, sampled and placed on this machine, and where its files are
-# (a moved workdir or data cache). Anything else would continue it as
-# another run than the one its checkpoints hold.
+# checkpointed, sampled, placed on this machine and fed (data workers), and
+# where its files are (a moved workdir or data cache). Anything else would
+# continue it as another run than the one its checkpoints hold.
 RESUMABLE = ("train.steps", "eval", "checkpoint", "sample", "mesh", "perf",
-             "data.cache_dir", "cooldown.workdir", "cooldown.parent")
+             "data.num_workers", "data.cache_dir", "cooldown.workdir",
+             "cooldown.parent")
 
 
 def check_resumable(config, workdir: str) -> None:
