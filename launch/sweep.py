@@ -534,8 +534,11 @@ def strays(sweep: Sweep) -> list:
     if folder in names or not os.path.isfile(
         os.path.join(workdir, "config.json")):
       continue
-    digest = config_digest(config_lib.load_saved(workdir))
-    found.append((folder, by_digest.get(digest[:6])))
+    try:
+      digest = config_digest(config_lib.load_saved(workdir))[:6]
+    except ValueError:  # not JSON, or not a config's
+      digest = None
+    found.append((folder, by_digest.get(digest)))
   return found
 
 
