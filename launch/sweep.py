@@ -525,6 +525,7 @@ def strays(sweep: Sweep) -> list:
   one named before names hashed the config (then the run whose config it
   holds, if any, is named)."""
   from trainer import config as config_lib
+  from trainer.errors import ConfigError
   names = {t.name for t in sweep.runs}
   by_digest = {t.name.rsplit("-", 1)[-1]: t.name for t in sweep.runs}
   found = []
@@ -536,7 +537,7 @@ def strays(sweep: Sweep) -> list:
       continue
     try:
       digest = config_digest(config_lib.load_saved(workdir))[:6]
-    except ValueError:  # not JSON, or not a config's
+    except (ValueError, ConfigError):  # not JSON, or not a config's
       digest = None
     found.append((folder, by_digest.get(digest)))
   return found
