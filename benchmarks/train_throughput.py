@@ -9,8 +9,8 @@
       --set train.batch_size=32 model.dtype=bfloat16 model.attention=cudnn   # a GPU
 
 Steps run on random tokens (the input pipeline is measured in training logs as
-data_wait_ms). MFU counts model.flops_per_token() (6N + attention, PaLM's
-convention) against the accelerator's datasheet peak (dense bf16) where
+data_wait_ms). MFU counts model.flops_per_token() (6N, N the non-embedding
+parameters: the project's one convention, README "FLOPs") against the accelerator's datasheet peak (dense bf16) where
 trainer.metrics knows the device, else against the median FLOP/s of a large
 float32 matmul measured on this machine, so that on a CPU it reads as
 "fraction of what XLA's matmul reaches here".

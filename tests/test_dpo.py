@@ -336,6 +336,14 @@ def test_train_py_dpo_from_an_sft_run_resumes_exactly(runs):
                "reward_accuracy", "kl_ref", "kl_ref_chosen",
                "kl_ref_rejected"):
     assert all(name in r for r in train), name
+  # FLOPs: 6 N per token for the policy, 2 N for the reference's forward.
+  with open(os.path.join(workdir, "run.json")) as f:
+    info = json.load(f)
+  assert info["flops_per_token"] == 8 * info["params_non_embedding"]
+  timed = [r for r in train if "mfu" in r]
+  assert timed and all(r["mfu"] == pytest.approx(
+      info["flops_per_token"] * info["tokens_per_step"] * 1e3 /
+      r["step_time_ms"] / 1e12, rel=1e-9) for r in timed)
   evals = [r for r in first if "eval_loss" in r]
   assert [r["step"] for r in evals] == [3, 6]
   assert all(r["eval_pairs"] == 14 and 0 <= r["eval_reward_accuracy"] <= 1

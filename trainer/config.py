@@ -406,6 +406,46 @@ def for_mode(saved, given, overrides: dict, mode: str, workdir: str
   return config
 
 
+# What a resumed run may change: its length, how it is evaluated,
+# checkpointed, sampled, placed on this machine and fed (data workers), and
+# where its files are (a moved workdir or data cache). Anything else would
+# continue it as another run than the one its checkpoints hold.
+RESUMABLE = ("train.steps", "eval", "checkpoint", "sample", "mesh", "perf",
+             "data.num_workers", "data.cache_dir", "cooldown.workdir",
+             "cooldown.parent")
+
+
+def check_resumable(config, workdir: str) -> None:
+  """Refuses to resume the run in `workdir` with a config (as the run would
+  use it) that differs from its config.json outside RESUMABLE."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return
+  saved, given = _leaves(load_saved(workdir).to_dict()), _leaves(
+      config.to_dict())
+  changed = [f for f, value in given.items()
+             if not f.startswith(tuple(p + "." for p in RESUMABLE))
+             and f not in RESUMABLE and _plain(saved.get(f)) != _plain(value)]
+  if changed:
+    what = ", ".join(f"{f} (the run's {saved.get(f)!r}, now {given[f]!r})"
+                     for f in changed[:3])
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    raise ConfigError(
+        f"{workdir} holds a run of another config: {what}{more}; resume it "
+        f"with the run's values (see {os.path.join(workdir, 'config.json')}) "
+        "or train this config in a new --workdir")
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+  """{dotted field: value} of a nested dict."""
+  leaves = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      leaves.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      leaves[f"{prefix}{key}"] = value
+  return leaves
+
+
 def _plain(value):
   """Tuples as lists, as config.json holds them."""
   return json.loads(json.dumps(value))

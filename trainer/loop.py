@@ -219,7 +219,8 @@ def _describe(run: Run, rows: slice) -> str:
       f"heads, context {cfg.seq_len}, {vocab}: "
       f"{cfg.num_params() / 1e6:.2f}M params ({padded}"
       f"{cfg.num_params(embeddings=False) / 1e6:.2f}M non-embedding), "
-      f"{cfg.flops_per_token() / 1e6:.1f} MFLOPs/token",
+      f"{metrics.flops_per_token(cfg, run.objective) / 1e6:.1f} "
+      "MFLOPs/token",
       f"mesh: {dict(run.mesh.shape)} over {jax.device_count()} "
       f"{jax.devices()[0].platform} devices in {jax.process_count()} "
       f"process(es); batch {t.batch_size} x {row}, "
@@ -346,6 +347,7 @@ def _train(run: Run, stop, lock) -> dict:
       return {}
     start_resumed = start is not None
     if start_resumed:
+      config_lib.check_resumable(config, workdir)
       log(f"resuming from {run.checkpointer.directory} at step {start}")
     else:
       start, state = _first_state(run)
@@ -477,7 +479,8 @@ class StepLogger:
     self.run, self.writer, self.start = run, writer, start
     self.schedule = optim.lr_schedule(config)
     self.tokens_per_step = tokens_per_step
-    self.flops_per_step = run.model.cfg.flops_per_token() * tokens_per_step
+    self.flops_per_step = metrics.flops_per_token(
+        run.model.cfg, run.objective) * tokens_per_step
     self.peak = (metrics.peak_flops_per_device(config.perf.peak_flops) *
                  jax.device_count())
     self.bar = tqdm.tqdm(total=self.t.steps, initial=start, unit="step",
