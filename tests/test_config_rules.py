@@ -226,5 +226,8 @@ def test_a_saved_config_from_before_a_field_keeps_its_behaviour(tmp_path):
   assert saved.train.schedule == "cosine" and saved.data.order_version == 1
   assert default.get_config().data.order_version == 2
   config_lib.validate(saved)
+  # A resume keeps the run's epoch order, whatever the command line says.
+  kept = config_lib.as_the_run_keeps(default.get_config(), str(tmp_path))
+  assert kept.data.order_version == 1 and kept.train.schedule == "wsd"
   config_lib.save(default.get_config(), str(tmp_path))
   assert config_lib.load_saved(str(tmp_path)).model.vocab_multiple == 128

@@ -415,6 +415,23 @@ RESUMABLE = ("train.steps", "eval", "checkpoint", "sample", "mesh", "perf",
              "cooldown.parent")
 
 
+# Fields a run keeps from its config.json whatever the command line says:
+# its epoch order is the one it started with (data.loader.ORDER_VERSIONS).
+KEPT_BY_THE_RUN = ("data.order_version",)
+
+
+def as_the_run_keeps(config, workdir: str) -> ml_collections.ConfigDict:
+  """`config` with the KEPT_BY_THE_RUN fields of the run in `workdir`, if
+  one is there (a run saved before a field gets BEFORE_FIELD's value)."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return config
+  saved, config = load_saved(workdir), config.copy_and_resolve_references()
+  for field in KEPT_BY_THE_RUN:
+    section, name = field.split(".")
+    config[section][name] = saved[section][name]
+  return config
+
+
 def check_resumable(config, workdir: str) -> None:
   """Refuses to resume the run in `workdir` with a config (as the run would
   use it) that differs from its config.json outside RESUMABLE."""

@@ -317,7 +317,7 @@ def train(config, workdir: str) -> dict:
     lock = _lock_workdir(workdir)
     if lock is not None:  # last: once every file is written
       stack.callback(lock.release)
-    run = build(config, workdir)
+    run = build(config_lib.as_the_run_keeps(config, workdir), workdir)
     _check_stop(stop)
     return _train(run, stop, lock)
 
