@@ -281,7 +281,7 @@ def test_rope_scores_depend_on_position_differences_alone():
       "bqhk,bthk->bhqt", gpt.rotary(q, pos + shift, 10000.0),
       gpt.rotary(k, pos + shift, 10000.0))
   for shift in (1, 37, 500):
-    np.testing.assert_allclose(scores(shift), scores(0), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(scores(shift), scores(0), rtol=0, atol=5e-5)
   np.testing.assert_allclose(gpt.rotary(q, 0 * pos, 10000.0), q, atol=0)
   assert np.abs(scores(0) - jnp.einsum("bqhk,bthk->bhqt", q, k)).max() > 0.1
 
@@ -300,7 +300,7 @@ def test_rope_model_is_shift_invariant():
   logits = step(pos)
   np.testing.assert_allclose(logits, _apply(cfg, params, tokens), rtol=0,
                              atol=1e-5)
-  np.testing.assert_allclose(step(pos + 100), logits, rtol=0, atol=2e-5)
+  np.testing.assert_allclose(step(pos + 100), logits, rtol=0, atol=5e-5)
 
 
 def test_initial_loss_is_log_vocab():
