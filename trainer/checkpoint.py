@@ -49,6 +49,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from data import disk
 from trainer.errors import ConfigError
 
 CHECKSUMS = "checksums.sha256"
@@ -56,17 +57,29 @@ CHECKSUMS = "checksums.sha256"
 # restoring does not need it.
 _REWRITTEN_AT_COMMIT = "_CHECKPOINT_METADATA"
 HASH_THREADS = min(8, os.cpu_count() or 1)
+# Room left beside a checkpoint's estimated size: its metadata, and the
+# metrics written while it is saved.
+SPACE_MARGIN = 1 << 20
 
 
-class _DropReadOnlyNotice(std_logging.Filter):
-  """Orbax warns that the directory is read only each time a read-only
-  manager opens it: the modes that read a run open it so on purpose."""
+class _OrbaxToldHere(std_logging.Filter):
+  """Drops what Orbax logs that is told here instead: its warning, each
+  time a read-only manager opens a directory, that it is read only (the
+  modes that read a run open it so on purpose), and the errors and
+  tracebacks of a save that failed for want of space or permission, which
+  the run reports in one line (Checkpointer.explain)."""
 
   def filter(self, record) -> bool:
-    return not str(record.msg).startswith("Given directory is read only")
+    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    if str(record.msg).startswith("Given directory is read only"):
+      return False
+    error = record.exc_info[1] if record.exc_info else None
+    return (disk.write_errno(error) is None and
+            disk.write_errno(Exception(record.getMessage())) is None)
 
 
-logging.get_absl_logger().addFilter(_DropReadOnlyNotice())
+logging.get_absl_logger().addFilter(_OrbaxToldHere())
 
 
 class DamagedCheckpoint(Exception):
@@ -80,6 +93,8 @@ class Checkpointer:
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.read_only = read_only
     self._saving = None  # the step whose save is under way
+    self._needed = None  # its estimated size in bytes
+    self._failed = False  # a save failed and was told
     # Reads a step's state without Orbax's wait for every process (see
     # _restore_agreed).
     self._state_reader = ocp.PyTreeCheckpointHandler()
@@ -128,11 +143,80 @@ class Checkpointer:
     # saved is known to _record_checksums. `run` says that checksums were
     # recorded, so that a checkpoint that lost them is not taken for an old
     # one.
-    self._manager.wait_until_finished()
+    self._wait()
+    self._check_space(step, state)
     self._saving = step
-    self._manager.save(step, metrics=metrics, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state),
-        run=ocp.args.JsonSave({**run_info, "checksums": CHECKSUMS})))
+    try:
+      self._manager.save(step, metrics=metrics, args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state),
+          run=ocp.args.JsonSave({**run_info, "checksums": CHECKSUMS})))
+    except Exception as e:  # noqa: BLE001 - re-raised unless a write failed
+      raise self._save_failed(e) from None
+
+  def _check_space(self, step: int, state) -> None:
+    """Refuses a save that would not fit, before Orbax writes a byte of it
+    (a save that fills the disk fails in Orbax's threads, noisily). It needs
+    the size of the newest saved step on disk, or of the state's arrays
+    before the first, plus SPACE_MARGIN. The processes decide together:
+    Orbax's save waits for all of them."""
+    newest = [s for s in self.steps() if s != step][-1:]
+    needed = SPACE_MARGIN + (
+        _disk_usage(os.path.join(self.directory, str(newest[0])))
+        if newest else sum(x.nbytes for x in jax.tree.leaves(state)))
+    free = disk.free_bytes(self.directory)
+    enough = free >= needed
+    if jax.process_count() > 1:
+      enough = bool(np.min(multihost_utils.process_allgather(
+          np.int32(enough))))
+    self._needed = needed
+    if not enough:
+      raise disk.WriteFailed(
+          f"saving checkpoint {step} to {self.directory} failed: not enough "
+          f"space; it needs about {disk.size(needed)}, {disk.size(free)} "
+          "free there")
+
+  def _wait(self) -> None:
+    """Waits for the pending save. Its failure for want of space or
+    permission is a WriteFailed, raised once."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - re-raised unless a write failed
+      if self._failed:
+        return
+      raise self._save_failed(e) from None
+
+  def _save_failed(self, error: Exception) -> Exception:
+    """A save's failure as a WriteFailed when a write failed for want of
+    space or permission, else as it is."""
+    code = disk.write_errno(error)
+    if code is None:
+      return error
+    self._failed = True
+    return disk.WriteFailed(disk.failure(
+        f"saving checkpoint {self._saving}", self.directory, code,
+        self._needed))
+
+  def explain(self, error: BaseException | None) -> None:
+    """Raises, as one line, a write of the run that failed for want of space
+    or permission (the checkpoint's or any other: metrics, samples), naming
+    the newest step saved on disk, the one a resume starts from; does
+    nothing for other errors."""
+    code = disk.write_errno(error)
+    if not isinstance(error, disk.WriteFailed):
+      if code is None:
+        return
+      error = disk.WriteFailed(disk.failure(
+          "writing", getattr(error, "filename", None) or self.directory, code))
+    if self.read_only:
+      raise error
+    saved = ([int(d) for d in os.listdir(self.directory) if d.isdigit()]
+             if os.path.isdir(self.directory) else [])
+    last = (f"{self.directory}/{max(saved)}" if saved else
+            "none (no checkpoint was saved yet)")
+    raise disk.WriteFailed(
+        f"{error}; what was saved before is unchanged, the last good "
+        f"checkpoint is {last}; make room (or make it writable) and run the "
+        "same command to resume") from None
 
   def _record_checksums(self) -> None:
     """Orbax's background thread, on process 0, once the files of the step
@@ -330,13 +414,19 @@ class Checkpointer:
     thread of its own and does not wait for when closed: a process that
     exits at once (a refused resume) would otherwise have that thread fail
     at interpreter shutdown, a traceback after its one-line error. Safe to
-    call twice."""
-    self._manager.wait_until_finished()
-    # Orbax's own wait for that thread (orbax-checkpoint 0.12.8; a save
-    # waits for it, close does not).
-    getattr(self._manager, "_maybe_await_cleanup_tmp_directory",
-            lambda: None)()
-    self._manager.close()
+    call twice, and after a save failed."""
+    try:
+      self._wait()
+    finally:
+      # Orbax's own wait for that thread (orbax-checkpoint 0.12.8; a save
+      # waits for it, close does not).
+      getattr(self._manager, "_maybe_await_cleanup_tmp_directory",
+              lambda: None)()
+      try:
+        self._manager.close()
+      except Exception:  # noqa: BLE001 - the failed save, told by _wait
+        if not self._failed:
+          raise
 
 
 def _agree(step: int, error: Exception | None) -> np.ndarray:
@@ -373,6 +463,12 @@ def _seen_elsewhere(directory: str, step: int, verdicts: np.ndarray):
 def reason(error: Exception) -> str:
   message = str(error).strip().splitlines()
   return f"{type(error).__name__}: {message[0][:300] if message else ''}"
+
+
+def _disk_usage(path: str) -> int:
+  """Bytes that the files under `path` take on disk."""
+  return sum(os.stat(os.path.join(d, f)).st_blocks * 512
+             for d, _, files in os.walk(path) for f in files)
 
 
 def _sha256(path: str) -> str | None:

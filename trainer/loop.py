@@ -51,8 +51,11 @@ class Run:
 
   def context(self):
     """Mesh and logical-axis rules, active whenever a step is traced; on exit,
-    even by an error, pending checkpoint writes are finished."""
+    even by an error, pending checkpoint writes are finished, and a write
+    that failed for want of space or permission ends as one line
+    (Checkpointer.explain)."""
     stack = contextlib.ExitStack()
+    stack.push(lambda _, error, __: self.checkpointer.explain(error))
     stack.callback(self.checkpointer.close)
     stack.enter_context(jax.set_mesh(self.mesh))
     stack.enter_context(nn.logical_axis_rules(self.rules))
