@@ -11,6 +11,7 @@ import errno
 import functools
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import threading
@@ -44,14 +45,15 @@ def _in_namespace(script: str, tmp_path) -> str:
   """Runs a bash script in a private mount namespace, in the repository
   root; its output. Its lines `python train.py ...` report `rc=N`."""
   result = subprocess.run(["unshare", "-m", "bash", "-c", script], cwd=REPO,
-                          capture_output=True, text=True, timeout=TIMEOUT)
-  (tmp_path / "namespace.log").write_text(result.stdout + result.stderr)
-  assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-  return result.stdout + result.stderr
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=TIMEOUT)
+  (tmp_path / "namespace.log").write_text(result.stdout)
+  assert result.returncode == 0, result.stdout[-3000:]
+  return result.stdout
 
 
 def _flags(corpus_dir, cache, workdir, steps):
-  return " ".join([*(f"'{f}'" for f in TINY_FLAGS),
+  return shlex.join([*TINY_FLAGS,
                    f"--config.data.source={corpus_dir}",
                    f"--config.data.cache_dir={cache}", f"--workdir={workdir}",
                    f"--config.train.steps={steps}",
@@ -75,8 +77,9 @@ def _runs(log: str) -> list[tuple[int, list[str]]]:
 def test_a_full_disk_stops_with_one_line_and_resumes(corpus_dir, tmp_path):
   """A 1.6 MB tmpfs holds the step-10 checkpoint, not the step-20 one: the
   save is refused before Orbax writes (exit 74, the space needed and free,
-  the last good checkpoint); with that check off, Orbax's own failure ends
-  the same way; with more room the same command resumes and finishes.
+  the last good checkpoint); with that check off and the disk filled up to
+  160 KB, Orbax's own failure ends the same way; with more room the same
+  command resumes and finishes.
   Checkpoint 10 keeps the bytes it was saved with throughout."""
   mnt, cache = tmp_path / "mnt", tmp_path / "cache"
   mnt.mkdir()
@@ -92,8 +95,11 @@ def test_a_full_disk_stops_with_one_line_and_resumes(corpus_dir, tmp_path):
     mount -t tmpfs -o size=1600k tmpfs {mnt}
     python train.py {flags}; echo rc=$?
     {verify} {workdir}
+    dd if=/dev/zero of={mnt}/filler bs=4k 2> /dev/null
+    truncate -s -160k {mnt}/filler
     {unchecked} {flags}; echo rc=$?
     {verify} {workdir}
+    rm {mnt}/filler
     mount -o remount,size=8m {mnt}
     python train.py {flags}; echo rc=$?
     ls {workdir}/checkpoints
@@ -128,19 +134,19 @@ def test_read_only_workdir_is_read_and_refused_for_training(
   checkpoints/ read-only, training stops at the first save with status 74
   naming the last good checkpoint. Nothing is changed."""
   cache, workdir = tmp_path / "cache", tmp_path / "run"
-  flags = _flags(corpus_dir, cache, workdir, 10)
+  flags = functools.partial(_flags, corpus_dir, cache, workdir)
   log = _in_namespace(f"""
-    python train.py {flags}; echo rc=$?
+    python train.py {flags(10)}; echo rc=$?
     mount --bind {workdir} {workdir} && mount -o remount,ro,bind {workdir}
     python train.py --mode=eval --workdir={workdir} --json; echo rc=$?
     python train.py --mode=next --workdir={workdir} \
         --config.sample.prompt=the; echo rc=$?
-    python train.py {flags.replace('steps=10', 'steps=20')}; echo rc=$?
+    python train.py {flags(20)}; echo rc=$?
     umount {workdir}
     find {workdir} -type f | sort | xargs sha256sum > {tmp_path}/before
     mount --bind {workdir}/checkpoints {workdir}/checkpoints
     mount -o remount,ro,bind {workdir}/checkpoints
-    python train.py {flags.replace('steps=10', 'steps=30')}; echo rc=$?
+    timeout 200 python train.py {flags(30)}; echo rc=$?
     """, tmp_path)
   runs = _runs(log)
   assert [rc for rc, _ in runs] == [0, 0, 0, 2, 74]

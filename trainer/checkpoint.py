@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging as std_logging
 import os
+import tempfile
 
 import grain
 import jax
@@ -144,7 +145,7 @@ class Checkpointer:
     # recorded, so that a checkpoint that lost them is not taken for an old
     # one.
     self._wait()
-    self._check_space(step, state)
+    self._check_room(step, state)
     self._saving = step
     try:
       self._manager.save(step, metrics=metrics, args=ocp.args.Composite(
@@ -153,27 +154,39 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 - re-raised unless a write failed
       raise self._save_failed(e) from None
 
-  def _check_space(self, step: int, state) -> None:
-    """Refuses a save that would not fit, before Orbax writes a byte of it
-    (a save that fills the disk fails in Orbax's threads, noisily). It needs
-    the size of the newest saved step on disk, or of the state's arrays
-    before the first, plus SPACE_MARGIN. The processes decide together:
-    Orbax's save waits for all of them."""
+  def _check_room(self, step: int, state) -> None:
+    """Refuses a save that would not fit, or that could not be written,
+    before Orbax starts it (Orbax fails noisily in its threads, or, when it
+    cannot create the step's directory, leaves threads that keep the
+    process from exiting). It needs the size of the newest saved step on
+    disk, or of the state's arrays before the first, plus SPACE_MARGIN. The
+    processes decide together: Orbax's save waits for all of them."""
     newest = [s for s in self.steps() if s != step][-1:]
-    needed = SPACE_MARGIN + (
+    self._needed = SPACE_MARGIN + (
         _disk_usage(os.path.join(self.directory, str(newest[0])))
         if newest else sum(x.nbytes for x in jax.tree.leaves(state)))
+    problem = None
+    try:  # a file without a name: nothing is left behind
+      with tempfile.TemporaryFile(dir=self.directory):
+        pass
+    except OSError as e:
+      code = disk.write_errno(e)
+      if code is None:
+        raise
+      problem = disk.failure(f"saving checkpoint {step}", self.directory,
+                             code)
     free = disk.free_bytes(self.directory)
-    enough = free >= needed
+    if problem is None and free < self._needed:
+      problem = (f"saving checkpoint {step} to {self.directory} failed: not "
+                 f"enough space; it needs about {disk.size(self._needed)}, "
+                 f"{disk.size(free)} free there")
+    failed = problem is not None
     if jax.process_count() > 1:
-      enough = bool(np.min(multihost_utils.process_allgather(
-          np.int32(enough))))
-    self._needed = needed
-    if not enough:
-      raise disk.WriteFailed(
-          f"saving checkpoint {step} to {self.directory} failed: not enough "
-          f"space; it needs about {disk.size(needed)}, {disk.size(free)} "
-          "free there")
+      failed = bool(np.max(multihost_utils.process_allgather(
+          np.int32(failed))))
+    if failed:
+      raise disk.WriteFailed(problem or f"saving checkpoint {step} failed: "
+                             "another process of the run lacks room")
 
   def _wait(self) -> None:
     """Waits for the pending save. Its failure for want of space or
