@@ -71,7 +71,8 @@ class _OrbaxToldHere(std_logging.Filter):
   the run reports in one line (Checkpointer.explain)."""
 
   def filter(self, record) -> bool:
-    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+    if not any(f"{os.sep}{name}{os.sep}" in record.pathname
+               for name in ("orbax", "asyncio")):
       return True
     if str(record.msg).startswith("Given directory is read only"):
       return False
@@ -81,6 +82,8 @@ class _OrbaxToldHere(std_logging.Filter):
 
 
 logging.get_absl_logger().addFilter(_OrbaxToldHere())
+# Orbax's coroutines that failed so, reported by asyncio.
+std_logging.getLogger("asyncio").addFilter(_OrbaxToldHere())
 
 
 class DamagedCheckpoint(Exception):
