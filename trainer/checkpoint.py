@@ -411,6 +411,8 @@ class Checkpointer:
     if jax.process_index() == 0:
       for step in steps:
         path = os.path.join(self.directory, str(step))
+        if not os.path.isdir(path):  # seen by another process only
+          continue
         aside, n = f"{path}.damaged", 1
         while os.path.exists(aside):
           aside, n = f"{path}.damaged{n}", n + 1
