@@ -222,7 +222,8 @@ class Checkpointer:
       if code is None:
         return
       error = disk.WriteFailed(disk.failure(
-          "writing", getattr(error, "filename", None) or self.directory, code))
+          "a write", getattr(error, "filename", None) or self.directory,
+          code))
     if self.read_only:
       raise error
     saved = ([int(d) for d in os.listdir(self.directory) if d.isdigit()]
