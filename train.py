@@ -80,6 +80,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   # Imported here so that absl has parsed the flags (Grain workers need them).
   from data.corpus import DataError
+  from data.disk import WriteFailed
   from trainer import config as config_lib, distributed, loop, modes
   from trainer.errors import ConfigError, Diverged, Preempted
 
@@ -119,7 +120,7 @@ def main(argv):
   except Preempted as e:
     print(f"preempted: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
-  except (ConfigError, DataError, Diverged) as e:
+  except (ConfigError, DataError, Diverged, WriteFailed) as e:
     if _DEBUG.value:
       raise
     print(f"error: {e}", file=sys.stderr)

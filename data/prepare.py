@@ -49,7 +49,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tqdm
 
-from data import corpus, shards, tokenizers
+from data import corpus, disk, shards, tokenizers
 from data.corpus import DataError
 
 VERSION = 1
@@ -185,15 +185,38 @@ def build(inputs: Sequence[str], output: str, options: Options) -> Prepared:
   files = corpus.find_files(inputs)
   _check(options, files)
   created = not os.path.exists(output)
-  os.makedirs(os.path.join(output, SHARDS), exist_ok=True)
   try:
+    os.makedirs(os.path.join(output, SHARDS), exist_ok=True)
     with locked(output):
       return _build(inputs, files, output, options)
-  except BaseException:
-    if created and not any(f.endswith(".json")
-                           for f in os.listdir(os.path.join(output, SHARDS))):
-      shutil.rmtree(output, ignore_errors=True)  # nothing worth keeping
-    raise
+  except BaseException as e:
+    kept = _keep_or_remove(output, created)
+    code = disk.write_errno(e)
+    if code is None:
+      raise
+    raise disk.WriteFailed(disk.failure(
+        f"preparing {output}", getattr(e, "filename", None) or output, code,
+        _shards_bound(files, options)) + "; " + kept) from None
+
+
+def _shards_bound(files: list[str], options: Options) -> int:
+  """Bytes that the shards of `files` take at most: a token per input byte
+  (uncompressed), 2 or 4 bytes each."""
+  large = options.tokenizer == "bpe" and options.vocab_size > 2**16
+  return (4 if large else 2) * sum(map(os.path.getsize, files))
+
+
+def _keep_or_remove(output: str, created: bool) -> str:
+  """After a failed build: removes an output it created that holds no
+  finished task; says what became of the output."""
+  shards_dir = os.path.join(output, SHARDS)
+  if created and not (os.path.isdir(shards_dir) and any(
+      f.endswith(".json") for f in os.listdir(shards_dir))):
+    shutil.rmtree(output, ignore_errors=True)  # nothing worth keeping
+    return "nothing was kept; run the same command once there is room"
+  return (f"the finished part is kept (without {META}, so nothing takes it "
+          "for complete) and the same command continues it once there is "
+          "room")
 
 
 def _build(inputs, files, output, options) -> Prepared:
@@ -580,9 +603,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     summary = (_prepare_text(args) if args.format == "text" else
                _prepare_examples(args))
-  except DataError as e:
+  except OSError as e:  # sft / dpo examples: a write that failed
+    code = disk.write_errno(e)
+    if code is None:
+      raise
+    print("error: " + disk.failure(f"preparing {args.output}",
+                                   e.filename or args.output, code),
+          file=sys.stderr)
+    return disk.WriteFailed.exit_code
+  except (DataError, disk.WriteFailed) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return getattr(e, "exit_code", 2)
   print(summary)
   return 0
 

@@ -21,22 +21,36 @@ saved before checksums were recorded restore unverified, with a warning.
 
 A damaged checkpoint (changed, truncated or missing files) is moved aside to
 `<step>.damaged` and the previous one is used: nothing is deleted, and the
-damaged step cannot shadow the next save of that step.
+damaged step cannot shadow the next save of that step. In a run of several
+processes, each judges every step it tries as it sees it, and the step is
+taken only if all of them restored it: the verdicts are gathered, tagged
+with the step, after the checks and again after the read, so that every
+process restores the same step (or stops with the same line), and process 0
+alone renames, once all have stopped reading.
+
+Opened `read_only` (the modes that read a run), a Checkpointer writes,
+deletes and renames nothing: not the unfinished save of a trainer running
+beside it, nor a damaged step.
 """
 
 import concurrent.futures
 import glob
 import hashlib
+import json
+import logging as std_logging
 import os
+import tempfile
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from data import disk
 from trainer.errors import ConfigError
 
 CHECKSUMS = "checksums.sha256"
@@ -44,6 +58,32 @@ CHECKSUMS = "checksums.sha256"
 # restoring does not need it.
 _REWRITTEN_AT_COMMIT = "_CHECKPOINT_METADATA"
 HASH_THREADS = min(8, os.cpu_count() or 1)
+# Room left beside a checkpoint's estimated size: its metadata, and the
+# metrics written while it is saved.
+SPACE_MARGIN = 1 << 20
+
+
+class _OrbaxToldHere(std_logging.Filter):
+  """Drops what Orbax logs that is told here instead: its warning, each
+  time a read-only manager opens a directory, that it is read only (the
+  modes that read a run open it so on purpose), and the errors and
+  tracebacks of a save that failed for want of space or permission, which
+  the run reports in one line (Checkpointer.explain)."""
+
+  def filter(self, record) -> bool:
+    if not any(f"{os.sep}{name}{os.sep}" in record.pathname
+               for name in ("orbax", "asyncio")):
+      return True
+    if str(record.msg).startswith("Given directory is read only"):
+      return False
+    error = record.exc_info[1] if record.exc_info else None
+    return (disk.write_errno(error) is None and
+            disk.write_errno(Exception(record.getMessage())) is None)
+
+
+logging.get_absl_logger().addFilter(_OrbaxToldHere())
+# Orbax's coroutines that failed so, reported by asyncio.
+std_logging.getLogger("asyncio").addFilter(_OrbaxToldHere())
 
 
 class DamagedCheckpoint(Exception):
@@ -57,6 +97,11 @@ class Checkpointer:
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.read_only = read_only
     self._saving = None  # the step whose save is under way
+    self._needed = None  # its estimated size in bytes
+    self._failed = False  # a save failed and was told
+    # Reads a step's state without Orbax's wait for every process (see
+    # _restore_agreed).
+    self._state_reader = ocp.PyTreeCheckpointHandler()
     keeps = [policies.LatestN(n=keep)]
     if keep_steps:
       keeps.append(policies.CustomSteps(steps=keep_steps))
@@ -68,6 +113,7 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             create=not read_only, read_only=read_only,
+            save_interval_steps=0 if read_only else 1,
             cleanup_tmp_directories=not read_only,
             async_options=ocp.AsyncOptions(
                 post_finalization_callback=self._record_checksums),
@@ -101,11 +147,93 @@ class Checkpointer:
     # saved is known to _record_checksums. `run` says that checksums were
     # recorded, so that a checkpoint that lost them is not taken for an old
     # one.
-    self._manager.wait_until_finished()
+    self._wait()
+    self._check_room(step, state)
     self._saving = step
-    self._manager.save(step, metrics=metrics, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state),
-        run=ocp.args.JsonSave({**run_info, "checksums": CHECKSUMS})))
+    try:
+      self._manager.save(step, metrics=metrics, args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state),
+          run=ocp.args.JsonSave({**run_info, "checksums": CHECKSUMS})))
+    except Exception as e:  # noqa: BLE001 - re-raised unless a write failed
+      raise self._save_failed(e) from None
+
+  def _check_room(self, step: int, state) -> None:
+    """Refuses a save that would not fit, or that could not be written,
+    before Orbax starts it (Orbax fails noisily in its threads, or, when it
+    cannot create the step's directory, leaves threads that keep the
+    process from exiting). It needs the size of the newest saved step on
+    disk, or of the state's arrays before the first, plus SPACE_MARGIN. The
+    processes decide together: Orbax's save waits for all of them."""
+    newest = [s for s in self.steps() if s != step][-1:]
+    self._needed = SPACE_MARGIN + (
+        _disk_usage(os.path.join(self.directory, str(newest[0])))
+        if newest else sum(x.nbytes for x in jax.tree.leaves(state)))
+    problem = None
+    try:  # a file without a name: nothing is left behind
+      with tempfile.TemporaryFile(dir=self.directory):
+        pass
+    except OSError as e:
+      code = disk.write_errno(e)
+      if code is None:
+        raise
+      problem = disk.failure(f"saving checkpoint {step}", self.directory,
+                             code)
+    free = disk.free_bytes(self.directory)
+    if problem is None and free < self._needed:
+      problem = (f"saving checkpoint {step} to {self.directory} failed: not "
+                 f"enough space; it needs about {disk.size(self._needed)}, "
+                 f"{disk.size(free)} free there")
+    failed = problem is not None
+    if jax.process_count() > 1:
+      failed = bool(np.max(multihost_utils.process_allgather(
+          np.int32(failed))))
+    if failed:
+      raise disk.WriteFailed(problem or f"saving checkpoint {step} failed: "
+                             "another process of the run lacks room")
+
+  def _wait(self) -> None:
+    """Waits for the pending save. Its failure for want of space or
+    permission is a WriteFailed, raised once."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - re-raised unless a write failed
+      if self._failed:
+        return
+      raise self._save_failed(e) from None
+
+  def _save_failed(self, error: Exception) -> Exception:
+    """A save's failure as a WriteFailed when a write failed for want of
+    space or permission, else as it is."""
+    code = disk.write_errno(error)
+    if code is None:
+      return error
+    self._failed = True
+    return disk.WriteFailed(disk.failure(
+        f"saving checkpoint {self._saving}", self.directory, code,
+        self._needed))
+
+  def explain(self, error: BaseException | None) -> None:
+    """Raises, as one line, a write of the run that failed for want of space
+    or permission (the checkpoint's or any other: metrics, samples), naming
+    the newest step saved on disk, the one a resume starts from; does
+    nothing for other errors."""
+    code = disk.write_errno(error)
+    if not isinstance(error, disk.WriteFailed):
+      if code is None:
+        return
+      error = disk.WriteFailed(disk.failure(
+          "a write", getattr(error, "filename", None) or self.directory,
+          code))
+    if self.read_only:
+      raise error
+    saved = ([int(d) for d in os.listdir(self.directory) if d.isdigit()]
+             if os.path.isdir(self.directory) else [])
+    last = (f"{self.directory}/{max(saved)}" if saved else
+            "none (no checkpoint was saved yet)")
+    raise disk.WriteFailed(
+        f"{error}; what was saved before is unchanged, the last good "
+        f"checkpoint is {last}; make room (or make it writable) and run the "
+        "same command to resume") from None
 
   def _record_checksums(self) -> None:
     """Orbax's background thread, on process 0, once the files of the step
@@ -128,14 +256,19 @@ class Checkpointer:
 
   def _recorded_checksums(self, step: int) -> dict | None:
     """{file: sha256} of a step, or None for a step saved before checksums
-    were recorded."""
+    were recorded. Read straight from the files: Orbax's own restore waits
+    for every process, which a process that fails here would never join."""
     path = os.path.join(self.directory, str(step))
     try:
       with open(os.path.join(path, CHECKSUMS)) as f:
         lines = f.read().splitlines()
     except FileNotFoundError:
-      run = self._manager.restore(step, args=ocp.args.Composite(
-          run=ocp.args.JsonRestore())).run
+      try:
+        with open(os.path.join(path, "run", "metadata")) as f:
+          run = json.load(f)
+      except (OSError, ValueError) as e:
+        raise DamagedCheckpoint(f"{CHECKSUMS} and run/metadata are missing "
+                                f"or unreadable ({reason(e)})") from None
       if run.get("checksums"):
         raise DamagedCheckpoint(f"{CHECKSUMS} is missing") from None
       return None
@@ -150,9 +283,10 @@ class Checkpointer:
     return recorded
 
   def verify(self, step: int) -> None:
-    """Raises DamagedCheckpoint unless every file of `step` holds the bytes
-    it was saved with. The processes of a run split the files between them
-    and agree on the outcome."""
+    """Raises DamagedCheckpoint unless every file of `step`, as this process
+    sees it, holds the bytes it was saved with. Each process checks every
+    file: a copy damaged on one host's disk or cache alone is found by the
+    process that would read it."""
     recorded = self._recorded_checksums(step)
     path = os.path.join(self.directory, str(step))
     if recorded is None:
@@ -160,18 +294,12 @@ class Checkpointer:
                       "were recorded); restoring it unverified", path)
       return
     names = sorted(recorded)
-    mine = range(jax.process_index(), len(names), jax.process_count())
-    digests = sha256s(path, [names[i] for i in mine])
-    first_bad = next((i for i, digest in zip(mine, digests)
-                      if digest != recorded[names[i]]), len(names))
-    if jax.process_count() > 1:
-      first_bad = int(np.min(multihost_utils.process_allgather(
-          np.int32(first_bad))))
-    if first_bad < len(names):
-      name = names[first_bad]
-      raise DamagedCheckpoint(
-          f"{name} is missing" if not os.path.exists(os.path.join(path, name))
-          else f"{name} differs from its checksum, taken when it was saved")
+    for name, digest in zip(names, sha256s(path, names)):
+      if digest is None:
+        raise DamagedCheckpoint(f"{name} is missing")
+      if digest != recorded[name]:
+        raise DamagedCheckpoint(f"{name} differs from its checksum, taken "
+                                "when it was saved")
 
   def saved_shapes(self, step: int) -> dict:
     """{'params.Embed_0.embedding': shape, ...} of a checkpoint's state, read
@@ -196,38 +324,61 @@ class Checkpointer:
 
   def restore(self, step: int, target_state, params_only: bool = False):
     """Restores onto `target_state`'s shapes and shardings (any mesh). With
-    `params_only`, the rest of the returned state is None. A damaged
-    checkpoint raises DamagedCheckpoint, whatever is restored of it."""
-    self.verify(step)
-    self._check_shapes(step, target_state, params_only)
-    target = {"params": target_state.params} if params_only else target_state
-    restore = ocp.args.PyTreeRestore(
-        item=target, partial_restore=params_only,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-    state = self._manager.restore(
-        step, args=ocp.args.Composite(state=restore)).state
-    if params_only:
-      return target_state.replace(params=state["params"], opt_state=None)
+    `params_only`, the rest of the returned state is None. A checkpoint that
+    any process finds damaged raises DamagedCheckpoint on every process."""
+    state, error = self._restore_agreed(step, target_state, params_only)
+    if error is not None:
+      raise error
     return state
 
-  def restore_latest_valid(self, target_state, params_only: bool = False):
-    """(step, state) of the newest checkpoint that restores, or (None, None)
-    if there is none. Newer ones that failed are set aside once an older one
-    has restored (so the failure was theirs, not the code's); if none
-    restores, the newest one's failure is raised as a ConfigError."""
-    failed = []
-    for step in reversed(self.steps()):
+  def _restore_agreed(self, step: int, target_state, params_only: bool):
+    """(state, None), or (None, the error) on every process when any process
+    cannot restore `step`. Each process checks the files, then reads the
+    arrays, as it sees them; after each, the processes share their verdicts
+    (_agree), so all go on together or none does."""
+    error = None
+    try:
+      self.verify(step)
+      self._check_shapes(step, target_state, params_only)
+    except Exception as e:  # noqa: BLE001 - any damage, whatever raised it
+      error = e
+    verdicts = _agree(step, error)
+    if not verdicts.any():
+      target = {"params": target_state.params} if params_only else target_state
       try:
-        state = self.restore(step, target_state, params_only)
-      except ConfigError:
-        raise
-      except Exception as e:  # noqa: BLE001 - any damage, whatever raised it
+        state = self._state_reader.restore(
+            epath.Path(self.directory) / str(step) / "state",
+            args=ocp.args.PyTreeRestore(
+                item=target, partial_restore=params_only,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(
+                    target)))
+      except Exception as e:  # noqa: BLE001 - as above
+        error = e
+      verdicts = _agree(step, error)
+    if verdicts.any():
+      return None, error or _seen_elsewhere(self.directory, step, verdicts)
+    if params_only:
+      return target_state.replace(params=state["params"], opt_state=None), None
+    return state, None
+
+  def restore_latest_valid(self, target_state, params_only: bool = False):
+    """(step, state) of the newest checkpoint that every process restores,
+    or (None, None) if there is none. The processes try the same steps, from
+    the newest down, and take the first that none of them failed. Newer ones
+    that failed are then set aside (so the failure was theirs, not the
+    code's); if none restores, the newest one's failure is raised as a
+    ConfigError."""
+    failed = []
+    for step in reversed(self._agreed_steps()):
+      state, error = self._restore_agreed(step, target_state, params_only)
+      if isinstance(error, ConfigError):
+        raise error
+      if error is not None:
         logging.warning("checkpoint %s/%d cannot be restored (%s); trying the "
-                        "previous one", self.directory, step, reason(e))
-        failed.append((step, e))
+                        "previous one", self.directory, step, reason(error))
+        failed.append((step, error))
         continue
-      for bad, _ in failed:
-        self._set_aside(bad)
+      self._set_aside([bad for bad, _ in failed])
       return step, state
     if failed:
       step, e = failed[0]
@@ -237,19 +388,38 @@ class Checkpointer:
           "directory away to start afresh")
     return None, None
 
-  def _set_aside(self, step: int) -> None:
-    """Renames a damaged checkpoint out of the way of the next save of its
-    step; nothing is deleted."""
-    if self.read_only:
+  def _agreed_steps(self) -> list[int]:
+    """The steps that any process of the run sees: a step missing from one
+    process's view is tried too, and fails there."""
+    steps = self.steps()
+    if jax.process_count() == 1:
+      return steps
+    count = int(np.max(multihost_utils.process_allgather(
+        np.int32(len(steps)))))
+    padded = np.full(count, -1, np.int32)
+    padded[:len(steps)] = steps
+    seen = multihost_utils.process_allgather(padded)
+    return sorted(int(s) for s in np.unique(seen) if s >= 0)
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames damaged checkpoints out of the way of the next save of their
+    steps; nothing is deleted. Every process waits until all have finished
+    reading, process 0 renames, and all wait for it before reading the
+    directory again."""
+    if self.read_only or not steps:
       return
-    path = os.path.join(self.directory, str(step))
-    aside, n = f"{path}.damaged", 1
-    while os.path.exists(aside):
-      aside, n = f"{path}.damaged{n}", n + 1
-    logging.warning("moved the damaged checkpoint %s to %s", path, aside)
+    multihost_utils.sync_global_devices("checkpoints to set aside")
     if jax.process_index() == 0:
-      os.replace(path, aside)
-    multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+      for step in steps:
+        path = os.path.join(self.directory, str(step))
+        if not os.path.isdir(path):  # seen by another process only
+          continue
+        aside, n = f"{path}.damaged", 1
+        while os.path.exists(aside):
+          aside, n = f"{path}.damaged{n}", n + 1
+        logging.warning("moved the damaged checkpoint %s to %s", path, aside)
+        os.replace(path, aside)
+    multihost_utils.sync_global_devices("checkpoints set aside")
     self._manager.reload()
 
   def reached_preemption(self, step: int) -> bool:
@@ -263,18 +433,61 @@ class Checkpointer:
     thread of its own and does not wait for when closed: a process that
     exits at once (a refused resume) would otherwise have that thread fail
     at interpreter shutdown, a traceback after its one-line error. Safe to
-    call twice."""
-    self._manager.wait_until_finished()
-    # Orbax's own wait for that thread (orbax-checkpoint 0.12.8; a save
-    # waits for it, close does not).
-    getattr(self._manager, "_maybe_await_cleanup_tmp_directory",
-            lambda: None)()
-    self._manager.close()
+    call twice, and after a save failed."""
+    try:
+      self._wait()
+    finally:
+      # Orbax's own wait for that thread (orbax-checkpoint 0.12.8; a save
+      # waits for it, close does not).
+      getattr(self._manager, "_maybe_await_cleanup_tmp_directory",
+              lambda: None)()
+      try:
+        self._manager.close()
+      except Exception:  # noqa: BLE001 - the failed save, told by _wait
+        if not self._failed:
+          raise
+
+
+def _agree(step: int, error: Exception | None) -> np.ndarray:
+  """Each process's verdict on `step` (0: restores; 1: damaged; 2: does not
+  fit the model), by process. The gather carries the step each process
+  judged: processes that judged different steps stop together with one
+  line, rather than pair one step's verdict with another's."""
+  verdict = (0 if error is None else
+             2 if isinstance(error, ConfigError) else 1)
+  if jax.process_count() == 1:
+    return np.array([verdict])
+  got = multihost_utils.process_allgather(np.array([step, verdict], np.int32))
+  if (got[:, 0] != step).any():
+    raise ConfigError(
+        "the processes of this run disagree on which checkpoint to restore "
+        f"(steps {got[:, 0].tolist()}, by process); their --workdir must be "
+        "the same directory, seen alike by every host")
+  return got[:, 1]
+
+
+def _seen_elsewhere(directory: str, step: int, verdicts: np.ndarray):
+  """The error of a process that restored `step` itself, when others did
+  not."""
+  which = ", ".join(map(str, np.flatnonzero(verdicts)))
+  if (verdicts == 2).any():
+    return ConfigError(
+        f"the checkpoint {directory}/{step} does not match the model of "
+        f"this config as process(es) {which} see it; train it with the "
+        "config it was saved with")
+  return DamagedCheckpoint(f"process(es) {which} found it damaged or "
+                           "unreadable")
 
 
 def reason(error: Exception) -> str:
   message = str(error).strip().splitlines()
   return f"{type(error).__name__}: {message[0][:300] if message else ''}"
+
+
+def _disk_usage(path: str) -> int:
+  """Bytes that the files under `path` take on disk."""
+  return sum(os.stat(os.path.join(d, f)).st_blocks * 512
+             for d, _, files in os.walk(path) for f in files)
 
 
 def _sha256(path: str) -> str | None:

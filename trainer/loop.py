@@ -52,8 +52,11 @@ class Run:
 
   def context(self):
     """Mesh and logical-axis rules, active whenever a step is traced; on exit,
-    even by an error, pending checkpoint writes are finished."""
+    even by an error, pending checkpoint writes are finished, and a write
+    that failed for want of space or permission ends as one line
+    (Checkpointer.explain)."""
     stack = contextlib.ExitStack()
+    stack.push(lambda _, error, __: self.checkpointer.explain(error))
     stack.callback(self.checkpointer.close)
     stack.enter_context(jax.set_mesh(self.mesh))
     stack.enter_context(nn.logical_axis_rules(self.rules))
@@ -133,18 +136,22 @@ def _prepare(config, tokenizer):
                                  d.cache_dir, d.val_fraction)
 
 
-def build(config, workdir: str, splits=("train", "val")) -> Run:
+def build(config, workdir: str, splits=("train", "val"),
+          read_only: bool = False) -> Run:
   """Everything a run needs, with the data `splits` it reads (none: the
   corpus is read only for its tokenizer, and only when the workdir holds
   none). Every setting is checked first, those used late (eval, sample,
   checkpoint) included, so a bad one stops the run before anything is
   compiled or written. A workdir's model keeps its tokenizer: a corpus
-  prepared with another one is refused."""
+  prepared with another one is refused. `read_only`: the modes that read a
+  run, which write, delete and rename nothing in its workdir (a trainer may
+  be writing there)."""
   config_lib.validate(config)
   config, notice = config_lib.capped_warmup(config)
   if notice:
     log(notice)
-  check_workdir(workdir)
+  if not read_only:
+    check_workdir(workdir)
   mesh = sharding.make_mesh(config.mesh)
   # Before the data is prepared (model_and_optimizer checks it all again).
   sharding.check_layout(mesh.shape, config_lib.model_config(config, 1),
@@ -169,6 +176,7 @@ def build(config, workdir: str, splits=("train", "val")) -> Run:
              shardings,
              checkpoint.Checkpointer(workdir, config.checkpoint.keep,
                                      config.checkpoint.keep_best,
+                                     read_only=read_only,
                                      keep_steps=config.checkpoint.keep_steps),
              state_lib.make_eval_step(model, config.train.objective,
                                       config.train.dpo_beta),

@@ -1,16 +1,21 @@
 """Where numbers go: <workdir>/metrics.jsonl, TensorBoard events (tensorboardX)
 under <workdir>/tensorboard, and FLOP / MFU accounting."""
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tensorboardX import SummaryWriter
+from tensorboardX import summary as tb_summary
+from tensorboardX.proto import event_pb2
+from tensorboardX.record_writer import RecordWriter
 
+from data import disk
 from trainer import objectives
 
 # Dense peak FLOP/s per device (bf16 for accelerators), by jax device_kind.
@@ -107,16 +112,31 @@ def write_run_summary(workdir: str, model_cfg, train_cfg) -> None:
 
 class MetricsWriter:
   """Appends one JSON object per record; mirrors scalars to TensorBoard.
-  Only process 0 writes."""
+  Only process 0 writes. TensorBoard's events are written here, not in a
+  thread of tensorboardX's (whose failure would leave it blocked), and
+  flushed every FLUSH_S seconds and at the end. A write that fails for want
+  of space or permission raises disk.WriteFailed."""
+
+  FLUSH_S = 10.0
 
   def __init__(self, workdir: str, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tensorboard = os.path.join(workdir, "tensorboard")
     if not self.enabled:
       return
-    self._drop_records_after(resume_step)
-    self._file = open(self.path, "a")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    with _writing("writing the metrics", self.path):
+      self._drop_records_after(resume_step)
+      self._file = open(self.path, "a")
+    with _writing("writing TensorBoard events", self.tensorboard):
+      os.makedirs(self.tensorboard, exist_ok=True)
+      self._tb = RecordWriter(os.path.join(
+          self.tensorboard, f"events.out.tfevents.{time.time():.0f}."
+          f"{socket.gethostname()}"))
+      self._tb.write(event_pb2.Event(
+          wall_time=time.time(), file_version="brain.Event:2"
+      ).SerializeToString())
+    self._flushed = time.monotonic()
 
   def _drop_records_after(self, step: int) -> None:
     """A resumed run repeats the steps after its checkpoint: forget them so
@@ -142,17 +162,47 @@ class MetricsWriter:
     record.update({k: (float(v) if isinstance(v, (np.generic, np.ndarray,
                                                   jax.Array)) else v)
                    for k, v in metrics.items()})
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
-    for k, v in record.items():
-      if k != "step" and isinstance(v, (int, float)):
-        self._tb.add_scalar(_tensorboard_tag(k), v, step)
+    line = json.dumps(record) + "\n"
+    with _writing("writing the metrics", self.path, len(line)):
+      self._file.write(line)
+      self._file.flush()
+    self._events(step, [tb_summary.scalar(_tensorboard_tag(k), v)
+                        for k, v in record.items()
+                        if k != "step" and isinstance(v, (int, float))])
 
   def text(self, tag: str, text: str, step: int) -> None:
     if self.enabled:
-      self._tb.add_text(tag, text, step)
+      self._events(step, [tb_summary.text(tag, text)], flush=True)
+
+  def _events(self, step: int, summaries: list, flush: bool = False) -> None:
+    with _writing("writing TensorBoard events", self.tensorboard):
+      for summary in summaries:
+        self._tb.write(event_pb2.Event(
+            summary=summary, step=int(step), wall_time=time.time()
+        ).SerializeToString())
+      if flush or time.monotonic() - self._flushed > self.FLUSH_S:
+        self._tb.flush()
+        self._flushed = time.monotonic()
 
   def close(self) -> None:
-    if self.enabled:
+    """Safe to call after a failed write (the files are closed, what could
+    not be written is dropped) and twice."""
+    if not self.enabled or self._file.closed:
+      return
+    with contextlib.suppress(OSError):
       self._file.close()
-      self._tb.close()
+    with contextlib.suppress(OSError):
+      self._tb.close()  # the file is closed even when its flush fails
+
+
+@contextlib.contextmanager
+def _writing(what: str, path: str, needed: int | None = None):
+  """Turns a write's failure for want of space or permission into
+  disk.WriteFailed."""
+  try:
+    yield
+  except OSError as e:
+    code = disk.write_errno(e)
+    if code is None:
+      raise
+    raise disk.WriteFailed(disk.failure(what, path, code, needed)) from None

@@ -1,6 +1,9 @@
 """What train.py does with a trained run (or an exported or imported one):
 eval, sample, next, export. Each rebuilds the model from the run's saved
-config (trainer.config.for_mode) and restores its newest params."""
+config (trainer.config.for_mode) and restores its newest params. They
+only read the run's workdir (its checkpoints are opened read-only: a
+trainer may be saving there), so they are safe beside a running job; export
+writes to a directory of its own."""
 
 import math
 import os
@@ -29,7 +32,7 @@ def evaluate(config, workdir: str) -> dict:
   config.data.source: the run's own, or any corpus prepared with the
   model's tokenizer. A dpo run is scored against its reference params
   (<workdir>/reference)."""
-  run = build(config, workdir, splits=("val",))
+  run = build(config, workdir, splits=("val",), read_only=True)
   with run.context():
     step, params = _newest_params(run)
     ref = load_reference(run, workdir) if run.objective == "dpo" else None
@@ -39,7 +42,7 @@ def evaluate(config, workdir: str) -> dict:
 
 def sample(config, workdir: str) -> list[str]:
   """sample.num_samples samples, each streamed to stdout as it is made."""
-  run = build(config, workdir, splits=())
+  run = build(config, workdir, splits=(), read_only=True)
   n = config.sample.num_samples
   texts = []
   with run.context():
@@ -63,7 +66,7 @@ def _write(text: str) -> None:
 def next_tokens(config, workdir: str) -> list[dict]:
   """The sample.top most likely next tokens after the prompt (its last
   model.seq_len tokens), with their probabilities at temperature 1."""
-  run = build(config, workdir, splits=())
+  run = build(config, workdir, splits=(), read_only=True)
   tokenizer = run.tokenizer
   prompt = tokenizer.encode(config_lib.prompt_text(config))
   window = prompt[-run.model.cfg.seq_len:][None]
@@ -89,7 +92,7 @@ def export(config, workdir: str, export_dir: str) -> int:
   """Writes the newest params, without the optimizer state, as a workdir of
   their own (config.json, run.json, its tokenizer and one checkpoint) that
   --mode=eval, --mode=sample and checkpoint.init_from read like any run's."""
-  run = build(config, workdir, splits=())
+  run = build(config, workdir, splits=(), read_only=True)
   check_workdir(export_dir)
   if os.path.exists(os.path.join(export_dir, "checkpoints")):
     raise ConfigError(f"--export_dir={export_dir} already holds checkpoints; "
