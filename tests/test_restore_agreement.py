@@ -7,7 +7,6 @@ none hangs. Real train.py processes on 127.0.0.1."""
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
