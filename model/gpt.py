@@ -65,6 +65,7 @@ class GPTConfig:
   vocab_multiple: int = 1  # pad the vocabulary to a multiple of this
   parametrization: str = "standard"  # one of PARAMETRIZATIONS
   mup_base_width: int = 96  # muP: the d_model at which it equals standard
+  mup_base_heads: int = 0  # muP: the base model's heads (0: num_heads)
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -89,8 +90,30 @@ class GPTConfig:
     if self.vocab_multiple < 1:
       raise ValueError(f"model.vocab_multiple={self.vocab_multiple} must be "
                        ">= 1 (1: no padding)")
-    if self.parametrization == "mup" and (
-        self.mup_base_width < 1 or self.mup_base_width % self.num_heads):
+    if self.dropout and self.attention != "einsum":
+      raise ValueError(
+          f"model.dropout={self.dropout} drops attention probabilities too, "
+          f"which model.attention={self.attention!r} "
+          "(jax.nn.dot_product_attention) cannot: use model.attention="
+          "'einsum' or model.dropout=0")
+    if self.parametrization == "mup":
+      self._check_mup()
+
+  def _check_mup(self):
+    """muP scales every hidden width with d_model, the heads' size among
+    them: the MLP's width is 4 * d_model and the heads stay those of the
+    base model (attention_mult assumes head_dim grows with the width)."""
+    if self.d_ff:
+      raise ValueError(
+          "model.parametrization='mup' scales the MLP with d_model: set "
+          f"model.d_ff=0 (4 * d_model), not {self.d_ff}")
+    if self.mup_base_heads and self.mup_base_heads != self.num_heads:
+      raise ValueError(
+          f"model.num_heads={self.num_heads} differs from muP's base model's "
+          f"model.mup_base_heads={self.mup_base_heads}: muP's attention "
+          "scale keeps the heads fixed as the width grows (head_dim grows "
+          f"with it); set model.num_heads={self.mup_base_heads}")
+    if self.mup_base_width < 1 or self.mup_base_width % self.num_heads:
       raise ValueError(
           f"model.mup_base_width={self.mup_base_width} must be a positive "
           f"multiple of model.num_heads={self.num_heads}: muP's base model "
