@@ -100,7 +100,8 @@ def test_hidden_weights_are_the_attention_and_mlp_kernels(scan):
   def found(cfg):
     multipliers = optim.lr_multipliers(cfg)
     return {_path(p): multipliers.get(role, 1.0) for p, role in
-            jax.tree_util.tree_flatten_with_path(roles.of(param_shapes(cfg)))[0]}
+            jax.tree_util.tree_flatten_with_path(
+                roles.of(param_shapes(cfg)))[0]}
 
   for name, m in found(cfg).items():
     assert m == (0.5 if name.endswith(HIDDEN) else 1.0), name
