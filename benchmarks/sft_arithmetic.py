@@ -63,7 +63,7 @@ def overrides(root: str, args, loss_on: str) -> dict:
       "train.learning_rate": args.lr, "train.warmup_steps": 50,
       "train.schedule": "cosine",
       "train.log_every_steps": 50,
-      "eval.every_steps": args.every, "eval.max_batches": 4,
+      "eval.every_steps": args.every, "eval.max_batches": 0,
       "checkpoint.every_steps": args.every, "checkpoint.keep": 1000,
       "checkpoint.keep_best": False,
       "sample.prompt": texts(args.digits, not args.plain)[0](12, 34),

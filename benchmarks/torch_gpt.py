@@ -2,11 +2,12 @@
 benchmarks/train_throughput.py --torch times side by side with ours.
 
 Same shapes and work per step as model/gpt.py: learned positions, pre-LN
-blocks, fused QKV, causal softmax attention, tanh-GELU MLP, tied head, AdamW
-with global-norm clipping. Needs `pip install torch` (not a project dependency).
+blocks, fused QKV, causal attention, tanh-GELU MLP, tied head, AdamW with
+global-norm clipping; written as a PyTorch user writes it today, attention
+through F.scaled_dot_product_attention(is_causal=True), PyTorch's fused path.
+Needs `pip install torch` (not a project dependency).
 """
 
-import math
 import time
 
 import torch
@@ -28,10 +29,8 @@ class Block(nn.Module):
     q, k, v = self.qkv(self.ln1(x)).split(D, dim=2)
     q, k, v = (t.view(B, L, self.heads, D // self.heads).transpose(1, 2)
                for t in (q, k, v))
-    att = (q @ k.transpose(-2, -1)) / math.sqrt(D // self.heads)
-    mask = torch.ones(L, L, dtype=torch.bool).tril()
-    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    y = (att @ v).transpose(1, 2).reshape(B, L, D)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    y = y.transpose(1, 2).reshape(B, L, D)
     x = x + self.proj(y)
     return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
 

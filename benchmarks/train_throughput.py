@@ -9,8 +9,8 @@
       --set train.batch_size=32 model.dtype=bfloat16 model.attention=cudnn   # a GPU
 
 Steps run on random tokens (the input pipeline is measured in training logs as
-data_wait_ms). MFU counts model.flops_per_token() (6N + attention, PaLM's
-convention) against the accelerator's datasheet peak (dense bf16) where
+data_wait_ms). MFU counts model.flops_per_token() (6N, N the non-embedding
+parameters: the project's one convention, README "FLOPs") against the accelerator's datasheet peak (dense bf16) where
 trainer.metrics knows the device, else against the median FLOP/s of a large
 float32 matmul measured on this machine, so that on a CPU it reads as
 "fraction of what XLA's matmul reaches here".
@@ -243,7 +243,11 @@ def main():
       per_step["jax_versus"] = (versus.train.batch_size * versus_cfg.seq_len,
                                 versus_cfg.flops_per_token())
     if args.torch:
-      from benchmarks import torch_gpt
+      try:
+        from benchmarks import torch_gpt
+      except ImportError:
+        sys.exit("error: --torch needs PyTorch (pip install torch); it is "
+                 "not a project dependency")
       runners["torch"] = torch_gpt.runner(cfg, config.train.batch_size)
     times = {name: [] for name in runners}
     for _ in range(args.rounds):

@@ -60,6 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
       num_workers=0,         # grain worker processes
       fingerprint=True,      # log a hash of each step's batch: data_order.jsonl
       pack=True,             # sft: pack several examples into a window (False: one each)
+      order_version=2,       # epoch shuffles: 2 seeds each by a hash of (seed, epoch);
+                             # 1 (runs before it) by seed + epoch, shared across seeds
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -90,7 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       every_steps=400,
       batch_size=64,
-      max_batches=8,         # per periodic eval; the final eval reads all
+      max_batches=0,         # 0: every eval reads the whole split; N: every eval
+                             # reads the same N batches, spread over it
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(

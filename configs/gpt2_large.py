@@ -4,8 +4,8 @@ gpt2_medium's data, batch, steps and schedule at a peak rate of 2.5e-4
 (GPT-3's for its 760M model).
 
 Params:   774,030,080 (708.4M non-embedding), as Hugging Face's gpt2-large.
-FLOPs:    per token 6N = 4.25 G; 5.20 G as logged (+ output layer 0.39 G,
-          attention 0.57 G).
+FLOPs:    per token 6N = 4.25 G as logged; 5.20 G in PaLM's count (+ output
+          layer 0.39 G, attention 0.57 G).
 Memory:   16.4 GiB per device at 8 sequences each on 64 devices,
           data-parallel, 8.7 of them the replicated state; scanned layers
           with full remat (CPU plan: python -m launch.memory

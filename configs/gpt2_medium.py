@@ -5,9 +5,9 @@ rate 3e-4 is GPT-3's for this shape (GPT-2's own rates were tuned per size
 and not published).
 
 Params:   354,823,168 (302.3M non-embedding), as Hugging Face's gpt2-medium.
-FLOPs:    per token 6N = 1.81 G (N: non-embedding parameters); 2.42 G as
-          logged (flops_per_token: + the output layer 0.31 G + attention,
-          12 x layers x d_model x context, 0.30 G).
+FLOPs:    per token 6N = 1.81 G (N: non-embedding parameters) as logged; 2.42 G
+          in PaLM's count (+ the output layer 0.31 G + attention, 12 x layers x
+          d_model x context, 0.30 G).
 Memory:   41.5 GiB per device at 8 sequences each on 64 devices,
           data-parallel (the CPU compiler's plan:
           python -m launch.memory --config=configs/gpt2_medium.py --devices=64)

@@ -6,9 +6,9 @@ Byte-level Shakespeare by default; for GPT-2 token ids, prepare a corpus with
 `--config.data.source=THAT_DIR`.
 
 Params:   124,439,808 (85.1M non-embedding), as Hugging Face's gpt2.
-FLOPs:    per token 6N = 0.51 G (N: non-embedding parameters); 0.86 G as
-          logged (flops_per_token: + the output layer 0.23 G + attention,
-          12 x layers x d_model x context, 0.11 G).
+FLOPs:    per token 6N = 0.51 G (N: non-embedding parameters) as logged; 0.86 G
+          in PaLM's count (+ the output layer 0.23 G + attention, 12 x layers x
+          d_model x context, 0.11 G).
 Memory:   17.5 GiB per device at 8 sequences, data-parallel
           (launch/README.md).
 

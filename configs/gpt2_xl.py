@@ -5,8 +5,8 @@ peak rate of 2e-4 (GPT-3's for its 1.3B model); the state (16 bytes a
 parameter with its gradient, 25 GB) sharded over all devices (FSDP).
 
 Params:   1,557,611,200 (1475.6M non-embedding), as Hugging Face's gpt2-xl.
-FLOPs:    per token 6N = 8.85 G; 10.28 G as logged (+ output layer 0.48 G,
-          attention 0.94 G).
+FLOPs:    per token 6N = 8.85 G as logged; 10.28 G in PaLM's count (+ output
+          layer 0.48 G, attention 0.94 G).
 Memory:   6.5 GiB per device at 8 sequences each on 64 devices (CPU
           plan: python -m launch.memory --config=configs/gpt2_xl.py
           --devices=64)

@@ -9,8 +9,8 @@ gpt3_small.py.
 
 Params:   12,853,386,240 (12585.6M non-embedding); the paper says 13.0B
           (with d_model 5140 it would be 12.94B).
-FLOPs:    per token 6N = 75.5 G; 79.9 G as logged (+ output layer 1.54 G,
-          attention 2.83 G).
+FLOPs:    per token 6N = 75.5 G as logged; 79.9 G in PaLM's count (+ output
+          layer 1.54 G, attention 2.83 G).
 Memory:   36.3 GiB per device at 8 sequences each on 128 devices (CPU
           plan: python -m launch.memory --config=configs/gpt3_13b.py
           --devices=128)

@@ -16,9 +16,9 @@ Eval and a checkpoint (2.1 TB of state) every 500 steps: about an hour at
 
 Params:   174,604,259,328 (174,604,836,864 as padded to 50304 ids;
           173,961.5M non-embedding); the paper says 175.0B.
-FLOPs:    per token 6N = 1044 G; 1064 G as logged (+ output layer 3.7 G,
-          attention 16.3 G). 300B tokens: 3.19e23 FLOPs as logged; the
-          paper's 3.14e23 is 6 x all parameters x tokens.
+FLOPs:    per token 6N = 1044 G as logged; 1064 G in PaLM's count (+ output
+          layer 3.7 G, attention 16.3 G). 300B tokens: 3.13e23 FLOPs as logged;
+          the paper's 3.14e23 is 6 x all parameters x tokens.
 Memory:   24.7 GiB per device on 1024 devices (the plan, its arithmetic
           and other layouts: launch/README.md, GPT-3 175B on 1024 devices):
           python -m launch.memory --config=configs/gpt3_175b.py --devices=1024

@@ -6,8 +6,8 @@ layers, full remat and FSDP. Attention: dense and banded (window 256) layers
 alternating, as in gpt3_small.py.
 
 Params:   2,651,553,280 (2517.7M non-embedding); the paper says 2.7B.
-FLOPs:    per token 6N = 15.1 G; 17.0 G as logged (+ output layer 0.77 G,
-          attention 1.13 G).
+FLOPs:    per token 6N = 15.1 G as logged; 17.0 G in PaLM's count (+ output
+          layer 0.77 G, attention 1.13 G).
 Memory:   20.0 GiB per device at 8 sequences each on 64 devices (CPU
           plan: python -m launch.memory --config=configs/gpt3_2_7b.py
           --devices=64)

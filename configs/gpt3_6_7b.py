@@ -6,8 +6,8 @@ layers, full remat and FSDP. Attention: dense and banded (window 256) layers
 alternating, as in gpt3_small.py.
 
 Params:   6,658,404,352 (6444.2M non-embedding); the paper says 6.7B.
-FLOPs:    per token 6N = 38.7 G; 41.7 G as logged (+ output layer 1.24 G,
-          attention 1.81 G).
+FLOPs:    per token 6N = 38.7 G as logged; 41.7 G in PaLM's count (+ output
+          layer 1.24 G, attention 1.81 G).
 Memory:   27.3 GiB per device at 8 sequences each on 128 devices (CPU
           plan: python -m launch.memory --config=configs/gpt3_6_7b.py
           --devices=128)

@@ -6,8 +6,8 @@ scanned layers, with full remat from here on. Attention: dense and banded
 (window 256) layers alternating, as in gpt3_small.py.
 
 Params:   760,300,032 (680.0M non-embedding).
-FLOPs:    per token 6N = 4.08 G; 5.05 G as logged (+ output layer 0.46 G,
-          attention 0.51 G).
+FLOPs:    per token 6N = 4.08 G as logged; 5.05 G in PaLM's count (+ output
+          layer 0.46 G, attention 0.51 G).
 Memory:   22.1 GiB per device at 8 sequences each on 32 devices,
           data-parallel (CPU plan: python -m launch.memory
           --config=configs/gpt3_large.py --devices=32); 41.3 GiB with

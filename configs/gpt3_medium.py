@@ -8,8 +8,8 @@ Attention: dense and banded (window 256) layers alternating, as in
 gpt3_small.py.
 
 Params:   355,871,744 (302.3M non-embedding); the paper says 350M.
-FLOPs:    per token 6N = 1.81 G; 2.46 G as logged (+ output layer 0.31 G,
-          attention 0.34 G).
+FLOPs:    per token 6N = 1.81 G as logged; 2.46 G in PaLM's count (+ output
+          layer 0.31 G, attention 0.34 G).
 Memory:   28.3 GiB per device at 8 sequences each on 32 devices,
           data-parallel (CPU plan: python -m launch.memory
           --config=configs/gpt3_medium.py --devices=32); 15.6 GiB with

@@ -23,10 +23,10 @@ gpt2_small's data (byte-level Shakespeare; see there for GPT-2 token ids),
 eval and checkpoints.
 
 Params:   125,226,240 (85.1M non-embedding).
-FLOPs:    per token 6N = 0.51 G (N: non-embedding parameters); 0.87 G as
-          logged (flops_per_token: + the output layer 0.23 G + attention,
-          12 x d_model x each layer's context or window, 0.13 G; 0.23 G
-          with dense layers only).
+FLOPs:    per token 6N = 0.51 G (N: non-embedding parameters) as logged; 0.87 G
+          in PaLM's count (+ the output layer 0.23 G + attention, 12 x d_model x
+          each layer's context or window, 0.13 G; 0.23 G with dense layers
+          only).
 Memory:   41.1 GiB per device at 8 sequences each on 32 devices,
           data-parallel, unrolled layers without remat (CPU plan:
           python -m launch.memory --config=configs/gpt3_small.py --devices=32)

@@ -14,8 +14,8 @@ model.vocab_multiple (128) pads its 50257 ids to 50304, which mesh.tensor
 = 2, 4, 8 ... 128 divide.
 
 Params:   1,315,723,264 (1208.6M non-embedding); the paper says 1.3B.
-FLOPs:    per token 6N = 7.25 G; 8.55 G as logged (+ output layer 0.62 G,
-          attention 0.68 G).
+FLOPs:    per token 6N = 7.25 G as logged; 8.55 G in PaLM's count (+ output
+          layer 0.62 G, attention 0.68 G).
 Memory:   12.8 GiB per device at 8 sequences each on 64 devices (CPU
           plan: python -m launch.memory --config=configs/gpt3_xl.py
           --devices=64; other layouts in launch/README.md)

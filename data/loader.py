@@ -3,11 +3,11 @@
 Window i is tokens[i * seq_len : (i + 1) * seq_len + 1]: inputs are its first
 seq_len tokens and targets its last seq_len (the inputs shifted by one).
 
-The training order is a pure function of (seed, step, row): the windows are
-shuffled by the seed and reshuffled each epoch, and the global batch of step s
-is the windows [(s - 1) * batch, s * batch) of that endless order. Grain's
-MapDataset is random access, so a pipeline starts at any step: a resumed run
-or a cooldown branch starts its pipeline at its checkpoint's step, whatever
+The training order is a pure function of (seed, step, row): each epoch
+shuffles the windows anew, seeded by a hash of (seed, epoch), and the global
+batch of step s is the windows [(s - 1) * batch, s * batch) of that endless
+order. Grain's MapDataset is random access, so a pipeline starts at any step:
+a resumed run or a cooldown branch starts its pipeline at its checkpoint's step, whatever
 its number of processes, devices or worker processes (`num_workers`), and
 sees the batches a run that never stopped would have seen. Each process loads
 only the rows of the global batch that its devices hold.
@@ -232,12 +232,37 @@ def _check_sequence_ids(seqs, name: str, vocab_size: int) -> None:
         "model's tokenizer: prepare them again")
 
 
-def window_ids(num_windows: int, global_batch: int,
-               seed: int) -> grain.MapDataset:
+# The epoch orders' versions (config.data.order_version): 1 seeded epoch e
+# of seed s with s + e, so seed s + 1's epoch e was seed s's epoch e + 1; 2
+# seeds each epoch with a hash of (seed, epoch), independent across seeds.
+ORDER_VERSIONS = (1, 2)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  """The shuffle seed of one epoch (order version 2): 32 bits of a hash of
+  (seed, epoch)."""
+  digest = hashlib.blake2b(f"{seed},{epoch}".encode(), digest_size=4).digest()
+  return int.from_bytes(digest, "little")
+
+
+def epoch_order(num_windows: int, seed: int,
+                order_version: int = 2) -> grain.MapDataset:
+  """Every window id, epoch after epoch, each epoch a permutation (Grain's
+  index shuffle: random access, no table of the epoch held)."""
+  windows = grain.MapDataset.range(num_windows)
+  if order_version == 1:
+    return windows.shuffle(seed=seed).repeat()
+  shuffle = lambda index, _: windows.shuffle(
+      seed=epoch_seed(seed, index // num_windows))[index % num_windows]
+  return windows.repeat().map_with_index(shuffle)
+
+
+def window_ids(num_windows: int, global_batch: int, seed: int,
+               order_version: int = 2) -> grain.MapDataset:
   """The window ids of every step's global batch: element k is step k + 1's.
   Batches run across epoch boundaries: no window is dropped."""
-  return (grain.MapDataset.range(num_windows).shuffle(seed=seed).repeat()
-          .batch(global_batch, drop_remainder=True))
+  return epoch_order(num_windows, seed, order_version).batch(
+      global_batch, drop_remainder=True)
 
 
 def epoch_of(step: int, global_batch: int, num_windows: int) -> int:
@@ -271,7 +296,8 @@ def rows_of(batch, rows: slice):
 
 def train_iterator(source: WindowSource, global_batch: int, seed: int,
                    start_step: int = 0, rows: slice = slice(None),
-                   num_workers: int = 0, fingerprints: bool = False):
+                   num_workers: int = 0, fingerprints: bool = False,
+                   order_version: int = 2):
   """An endless iterator of (tokens, fingerprint) for steps start_step + 1,
   start_step + 2, ...: tokens are `rows` of the step's global batch
   ([rows, L+1] int32), fingerprint that of the whole global batch (read in
@@ -282,7 +308,8 @@ def train_iterator(source: WindowSource, global_batch: int, seed: int,
     batch = stack([source[i] for i in ids])
     return rows_of(batch, rows), fingerprint(batch)
 
-  ds = window_ids(len(source), global_batch, seed)[start_step:].map(load)
+  ds = window_ids(len(source), global_batch, seed,
+                  order_version)[start_step:].map(load)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2,
                                             prefetch_buffer_size=4))
   if num_workers > 0:
@@ -300,17 +327,24 @@ def train_iterator(source: WindowSource, global_batch: int, seed: int,
   return iter(ds)
 
 
+def eval_ids(num_items: int, batch_size: int, max_batches: int = 0):
+  """The items an eval scores: all, or max_batches * batch_size of them
+  spread evenly over the split (a fixed subset, the same at every eval)."""
+  wanted = max_batches * batch_size
+  if not 0 < wanted < num_items:
+    return np.arange(num_items)
+  return np.arange(wanted) * num_items // wanted
+
+
 def eval_batches(source, batch_size: int, max_batches: int = 0):
-  """Every item once, in order, as (batch, mask [b]): tokens [b, L+1] (or
-  a dict of arrays with b rows, as the source's items); the last batch is
-  padded with masked-out items (zeros) so nothing is dropped."""
-  n = len(source)
-  starts = range(0, n, batch_size)
-  if max_batches > 0:
-    starts = starts[:max_batches]
-  for s in starts:
-    count = min(batch_size, n - s)
-    items = stack([source[i] for i in range(s, s + count)])
+  """The items of eval_ids in order, as (batch, mask [b]): tokens [b, L+1]
+  (or a dict of arrays with b rows, as the source's items); the last batch
+  is padded with masked-out items (zeros) so nothing is dropped."""
+  ids = eval_ids(len(source), batch_size, max_batches)
+  for s in range(0, len(ids), batch_size):
+    chunk = ids[s:s + batch_size]
+    count = len(chunk)
+    items = stack([source[i] for i in chunk])
     pad = lambda x: np.concatenate(
         [x, np.zeros((batch_size - count, *x.shape[1:]), x.dtype)])
     batch = ({k: pad(v) for k, v in items.items()} if isinstance(items, dict)

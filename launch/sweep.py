@@ -21,6 +21,7 @@ A spec is a Python file whose get_sweep() returns plain data:
          "train.b2": ["uniform", 0.9, 0.99],
          "model.dropout": ["choice", [0.0, 0.1]]}}},
      {"seeds": [0, 1, 2]}],            # train.seed
+   "budgets": [1e13, 3e13],            # IsoFLOP: train.steps per run (optional)
    "cooldowns": [0.25, 0.5]}           # WSD cooldown branches (optional)
 
 The first axis varies slowest; no axes is one run. grid takes the product of
@@ -34,19 +35,32 @@ flags) and checked (trainer.config.validate), and so is every cooldown
 branch, before anything starts; a bad spec stops with one line `error: ...`,
 exit status 2, and nothing written.
 
-Each run is named by its swept values and a hash of its whole definition
-(base and every override): `d_model=64,learning_rate=0.001-3fa2c1`, with its
-workdir <root>/<name> (root: --root, default runs/sweeps/<spec stem>).
-Editing a spec's values therefore starts new runs instead of continuing old
-ones with another config.
+Each run is named by its swept values and a hash of its config as train.py
+builds it (the base's contents and every override; checkpoint.keep_steps
+left out): `d_model=64,learning_rate=0.001-3fa2c1`, with its workdir
+<root>/<name> (root: --root, default runs/sweeps/<spec stem>). Editing a
+spec's values or its base therefore starts new runs instead of continuing
+old ones with another config, and train.py refuses to resume a workdir
+with another config anyway. `run` and `status` name the folders under the
+root that hold no run of the spec; one that holds a run's config under
+another name (runs were once named by their base's path and overrides) is
+named with the `mv` that keeps its training.
+
+IsoFLOP designs: "budgets": [C1, C2, ...] (FLOPs) trains every run of the
+axes once per budget, its train.steps = round(C / FLOPs per step), FLOPs
+as run.json counts them (6 N D, README "FLOPs"); the budget is the last
+swept value and results.csv's `budget` column (a branch's: its
+fraction of it), from which research.scaling groups IsoFLOP profiles.
 
 Cooldown branches (train.schedule="wsd"): for a run of T steps and
 train.decay_fraction f, budget b trains to T_b = round(b * T) (Python's
 round) with K = max(1, round(f * T_b)) decay steps from step S = T_b - K of
 the run, in <run workdir>/cooldowns/<S>+<K>. The run keeps its checkpoints at
-every such S (checkpoint.keep_steps, added to its overrides, so its hash
-covers them but its name does not show them). A branch starts once its
-run's checkpoint at S exists.
+every such S (checkpoint.keep_steps, added to its overrides; not in its
+name: a new budget adds checkpoints to the existing runs; one still
+training saves them once resumed, a finished one has S only if it saved
+there anyway, else that branch fails naming the missing checkpoint). A
+branch starts once its run's checkpoint at S exists.
 
 `run` restarts safely: the same command again skips done runs (their final
 checkpoint exists), resumes interrupted ones and retries failed ones; a lock
@@ -68,7 +82,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -79,17 +92,19 @@ from absl import flags
 from ml_collections import config_flags
 
 from launch.local import REPO, exit_status
+from trainer import workdir_lock
+from trainer.workdir_lock import HEARTBEAT_S, HOST, STALE_S
+from trainer.workdir_lock import read_json as _read_json
+from trainer.workdir_lock import write_json as _write_json
 
 LOCK = "sweep.lock"
 STATE = "sweep_state.json"
+BUDGET = "budget"    # the swept value of a spec's budgets
 LOG = "sweep.log"
-HEARTBEAT_S = 5      # how often an owner refreshes its locks
-STALE_S = 120        # a lock not refreshed for this long is stale
 REDRAW_S = 2         # the live table on a terminal
 SUMMARY_S = 60       # the summary line otherwise
 PREEMPTED = 75       # train.py saved and stopped; the same command resumes
 DETERMINISTIC = {2: "bad input", 3: "diverged"}  # retrying cannot help
-HOST = socket.gethostname()
 
 
 class SpecError(Exception):
@@ -109,6 +124,7 @@ class Task:
   parent: "Task | None" = None
   from_step: int = 0   # a branch: the run's checkpoint it starts from
   cost: float = 0.0    # its training FLOPs, roughly: the queue's priority
+  budget: float | None = None  # the FLOPs the spec's budgets designed
 
   @property
   def kind(self) -> str:
@@ -158,10 +174,11 @@ def load(spec_path: str, root: str | None = None) -> Sweep:
 def _expand(spec, spec_path: str, root: str) -> Sweep:
   if not isinstance(spec, dict):
     raise SpecError("get_sweep() must return a dict")
-  unknown = set(spec) - {"base", "overrides", "axes", "cooldowns"}
+  unknown = set(spec) - {"base", "overrides", "axes", "budgets",
+                         "cooldowns"}
   if unknown:
     raise SpecError(f"unknown keys {sorted(unknown)}; a spec has base, "
-                    "overrides, axes and cooldowns")
+                    "overrides, axes, budgets and cooldowns")
   base = spec.get("base")
   if not isinstance(base, str) or not os.path.isfile(
       os.path.join(REPO, base)):
@@ -179,6 +196,13 @@ def _expand(spec, spec_path: str, root: str) -> Sweep:
         raise SpecError(f"{field} is set by {owner[field]} and by axis {i}; "
                         "set each field in one place")
       owner[field] = f"axis {i}"
+  flops_budgets = _flops_budgets(spec.get("budgets", []))
+  if flops_budgets:
+    if "train.steps" in owner:
+      raise SpecError(f"train.steps is set by {owner['train.steps']} and by "
+                      "budgets; set each field in one place")
+    points.append([{BUDGET: c} for c in flops_budgets])
+    owner[BUDGET] = "budgets"
   swept_fields = [f for f, where in owner.items() if where != "overrides"]
   budgets = _budgets(spec.get("cooldowns", []))
 
@@ -188,7 +212,13 @@ def _expand(spec, spec_path: str, root: str) -> Sweep:
     swept = {k: v for point in combination for k, v in point.items()}
     label = ", ".join(f"{labels[k]}={v!r}" for k, v in swept.items())
     where = f"run {index} ({label or 'no swept fields'})"
+    flops_budget = swept.pop(BUDGET, None)
     values, config = _canonical(base, {**overrides, **swept}, where)
+    if flops_budget:
+      steps = _budget_steps(config, flops_budget)
+      values, config = _canonical(base, {**values, "train.steps": steps},
+                                  where)
+    digest = config_digest(config)
     branch_points = _branch_points(config, budgets, where) if budgets else []
     if branch_points:
       keep = set(config.checkpoint.keep_steps) | {s for s, _ in branch_points}
@@ -196,19 +226,21 @@ def _expand(spec, spec_path: str, root: str) -> Sweep:
           base, {**values, "checkpoint.keep_steps": tuple(sorted(keep))},
           where)
     swept = {k: values[k] for k in swept}
-    name = _run_name(swept, labels, base, values)
+    if flops_budget:
+      swept[BUDGET] = flops_budget
+    name = _run_name(swept, labels, digest)
     if name in names:
-      raise SpecError(f"runs {names[name]} and {index} have the same "
-                      f"overrides ({name}); make every run differ")
+      raise SpecError(f"runs {names[name]} and {index} have the same config "
+                      f"({name}); make every run differ")
     names[name] = index
     workdir = os.path.join(root, name)
     step_flops = _step_flops(config)
     run = Task(name, workdir, [f"--config={base}", f"--workdir={workdir}",
                                *_flags(values)], config.train.steps, swept,
-               cost=step_flops * config.train.steps)
+               cost=step_flops * config.train.steps, budget=flops_budget)
     runs.append(run)
     tasks.append(run)
-    for from_step, steps in branch_points:
+    for fraction, (from_step, steps) in zip(budgets, branch_points):
       branch = f"{name}/cooldowns/{from_step}+{steps}"
       cooldown = {"from_step": from_step, "steps": steps,
                   "workdir": os.path.join(root, branch)}
@@ -218,17 +250,36 @@ def _expand(spec, spec_path: str, root: str) -> Sweep:
       tasks.append(Task(branch, cooldown["workdir"], [
           "--mode=cooldown", *run.args,
           *_flags({f"cooldown.{k}": v for k, v in cooldown.items()})],
-          from_step + steps, swept, run, from_step, step_flops * steps))
-  return Sweep(spec_path, root, runs, tasks, swept_fields)
+          from_step + steps, swept, run, from_step, step_flops * steps,
+          flops_budget and flops_budget * fraction))
+  return Sweep(spec_path, root, runs, tasks,
+               [f for f in swept_fields if f != BUDGET])
 
 
 def _step_flops(config) -> float:
-  """A train step's FLOPs (the vocabulary, unknown before the data is
-  read, counted as 256 where the config leaves it to the tokenizer)."""
-  from trainer import config as config_lib
-  model = config_lib.model_config(config, config.model.vocab_size or 256)
-  return (model.flops_per_token() * config.train.batch_size *
-          model.seq_len)
+  """A train step's FLOPs as run.json counts them (6 N per token, N the
+  non-embedding parameters: the vocabulary, unknown before the data is
+  read, does not count)."""
+  from trainer import config as config_lib, metrics, objectives
+  model = config_lib.model_config(config, 1)
+  objective = config.train.objective
+  return (metrics.flops_per_token(model, objective) *
+          config.train.batch_size *
+          objectives.tokens_per_row(objective, model.seq_len))
+
+
+def _flops_budgets(budgets) -> list:
+  if not isinstance(budgets, list) or not all(
+      isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0
+      and math.isfinite(c) for c in budgets):
+    raise SpecError("budgets must be a list of positive FLOP counts (each "
+                    "run trains at each: an IsoFLOP design)")
+  return [float(c) for c in budgets]
+
+
+def _budget_steps(config, flops: float) -> int:
+  """The steps that spend `flops` (at least 1)."""
+  return max(1, round(flops / _step_flops(config)))
 
 
 def _fields(mapping, where: str, allow_empty: bool = False) -> dict:
@@ -447,146 +498,93 @@ def _short_names(fields: list) -> dict:
           for field, short in zip(fields, last)}
 
 
-def _run_name(swept: dict, labels: dict, base: str, values: dict) -> str:
+def _run_name(swept: dict, labels: dict, digest: str) -> str:
   """Readable swept values (sanitized for file names, cut at 80 characters)
-  and 6 hex digits of the sha256 of the whole run definition."""
+  and 6 hex digits of the config's digest."""
   readable = ",".join(
       f"{labels[field]}={format(v, '.4g') if isinstance(v, float) else v}"
       for field, v in swept.items()) or "run"
   readable = re.sub(r"[^A-Za-z0-9_.=,+-]+", "_", readable)[:80]
-  definition = json.dumps({"base": base, "overrides": values},
-                          sort_keys=True)
-  return f"{readable}-{hashlib.sha256(definition.encode()).hexdigest()[:6]}"
+  return f"{readable}-{digest[:6]}"
+
+
+def config_digest(config) -> str:
+  """The sha256 of a run's config as the run uses it (its config.json),
+  checkpoint.keep_steps left out: cooldown budgets add checkpoints to a run,
+  not another run."""
+  from trainer import config as config_lib
+  fields = config_lib.capped_warmup(config)[0].to_dict()
+  fields["checkpoint"].pop("keep_steps", None)
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()
+                        ).hexdigest()
+
+
+def strays(sweep: Sweep) -> list:
+  """(folder, run name or None) for each folder under the root that holds a
+  run's config.json but is no run of the spec: a run of an edited spec, or
+  one named before names hashed the config (then the run whose config it
+  holds, if any, is named)."""
+  from trainer import config as config_lib
+  from trainer.errors import ConfigError
+  names = {t.name for t in sweep.runs}
+  by_digest = {t.name.rsplit("-", 1)[-1]: t.name for t in sweep.runs}
+  found = []
+  for folder in sorted(os.listdir(sweep.root) if os.path.isdir(sweep.root)
+                       else ()):
+    workdir = os.path.join(sweep.root, folder)
+    if folder in names or not os.path.isfile(
+        os.path.join(workdir, "config.json")):
+      continue
+    try:
+      digest = config_digest(config_lib.load_saved(workdir))[:6]
+    except (ValueError, ConfigError):  # not JSON, or not a config's
+      digest = None
+    found.append((folder, by_digest.get(digest)))
+  return found
+
+
+def _stray_lines(sweep: Sweep) -> list:
+  """A note per stray folder that holds a run of the spec under an older
+  name, and one naming the others."""
+  lines, others = [], []
+  for folder, run in strays(sweep):
+    old, new = (os.path.join(sweep.root, f) for f in (folder, run or folder))
+    if run and not os.path.exists(new):
+      lines.append(f"note: {folder} holds the config of run {run} (named "
+                   "before run names hashed the config); to keep its "
+                   f"training: mv {shlex.quote(old)} {shlex.quote(new)}")
+    else:
+      others.append(folder)
+  if others:
+    lines.append(f"note: {len(others)} folder(s) in {sweep.root} hold runs "
+                 f"this spec does not have: {', '.join(others)}")
+  return lines
 
 
 # --- what a workdir holds: lock, state, metrics ------------------------------
 
-def _read_json(path: str) -> dict | None:
-  """None if the file is absent; {} if it cannot be read as JSON."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    return None
-  except (OSError, ValueError):
-    return {}
-
-
-def _write_json(path: str, data) -> None:
-  """Atomically: a reader sees the old file or the new one, never a part."""
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1)
-  os.replace(tmp, path)
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # another user's
-    pass
-  try:  # Linux: a zombie has exited (its parent has not yet reaped it)
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-  except OSError:
-    return True
-
-
-class Lock:
+class Lock(workdir_lock.LockFile):
   """A sweep process's claim on a workdir: <workdir>/sweep.lock, JSON naming
   the owner (host, sweep_pid, child_pid, started) and a heartbeat (unix
   time) that the owner renews every HEARTBEAT_S. It is stale when its host is
   this one and neither pid is alive, or when its heartbeat is older than
   STALE_S (the only test for other hosts' locks)."""
 
-  _OWNER = ("host", "sweep_pid", "started")
-
-  def __init__(self, path: str, owner: dict):
-    self.path, self.owner = path, owner
+  PIDS = ("sweep_pid", "child_pid")
+  IDENTITY = ("host", "sweep_pid", "started")
 
   @classmethod
   def acquire(cls, workdir: str):
     """(lock or None, the lock found there, if any): None while a live
-    owner holds it. A stale lock is first moved aside (see _move_aside)."""
-    path = os.path.join(workdir, LOCK)
-    found = _read_json(path)
-    if found is not None and (not _stale(found, path) or
-                              not _move_aside(path, found)):
-      return None, found
+    owner holds it."""
     now = time.time()
-    owner = {"host": HOST, "sweep_pid": os.getpid(), "child_pid": None,
-             "started": now, "heartbeat": now}
-    return (cls(path, owner) if _create(path, owner) else None), found
-
-  def ours(self) -> bool:
-    found = _read_json(self.path) or {}
-    return all(found.get(k) == self.owner[k] for k in self._OWNER)
-
-  def renew(self, child_pid: int) -> bool:
-    """A new heartbeat; False if the lock was taken over meanwhile (this
-    process looked dead, e.g. stopped for longer than STALE_S)."""
-    if not self.ours():
-      return False
-    self.owner.update(child_pid=child_pid, heartbeat=time.time())
-    _write_json(self.path, self.owner)
-    return True
-
-  def release(self) -> None:
-    if self.ours():
-      os.unlink(self.path)
-
-
-def _create(path: str, owner: dict) -> bool:
-  """Creates the lock whole (a hard link to a written file), or returns
-  False if it exists."""
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(owner, f, indent=1)
-  try:
-    os.link(tmp, path)
-    return True
-  except FileExistsError:
-    return False
-  finally:
-    os.unlink(tmp)
-
-
-def _move_aside(path: str, stale: dict) -> bool:
-  """Removes a stale lock: renamed aside (of several takers, one wins the
-  rename), then checked to be the lock judged stale; one renewed meanwhile
-  is put back (its owner lives)."""
-  aside = f"{path}.stale.{HOST}.{os.getpid()}"
-  try:
-    os.rename(path, aside)
-  except FileNotFoundError:  # another taker was first
-    return False
-  moved = _read_json(aside)
-  if moved != stale:
-    try:
-      os.link(aside, path)
-    except FileExistsError:  # its owner will find it lost, and stop
-      pass
-  os.unlink(aside)
-  return moved == stale
-
-
-def _stale(found: dict, path: str) -> bool:
-  try:  # an unreadable lock is as old as its file
-    heartbeat = found.get("heartbeat") or os.path.getmtime(path)
-  except OSError:  # released meanwhile
-    return False
-  if found.get("host") == HOST:  # the pids say: a suspended owner is alive
-    pids = [found.get(k) for k in ("sweep_pid", "child_pid") if found.get(k)]
-    return not any(map(_alive, pids))
-  return time.time() - heartbeat > STALE_S
+    return cls.take(os.path.join(workdir, LOCK), {
+        "host": HOST, "sweep_pid": os.getpid(), "child_pid": None,
+        "started": now, "heartbeat": now})
 
 
 def _held(workdir: str) -> bool:
-  path = os.path.join(workdir, LOCK)
-  found = _read_json(path)
-  return found is not None and not _stale(found, path)
+  return Lock.holder(os.path.join(workdir, LOCK)) is not None
 
 
 def _state(workdir: str) -> dict:
@@ -612,7 +610,7 @@ def _status(task: Task, state: dict) -> str:
 
 
 class Metrics:
-  """The newest and best numbers of a run's metrics.jsonl, read
+  """The newest numbers and the evals of a run's metrics.jsonl, read
   incrementally; a resumed run rewrites the file (a new inode), which is then
   read afresh."""
 
@@ -622,7 +620,7 @@ class Metrics:
 
   def _reset(self, inode) -> None:
     self._inode, self._offset = inode, 0
-    self.step, self.loss, self.last_eval, self.best_eval = 0, None, {}, {}
+    self.step, self.loss, self.last_eval, self.evals = 0, None, {}, []
     self.speeds = []  # the logged tokens_per_sec
 
   def update(self) -> "Metrics":
@@ -650,8 +648,7 @@ class Metrics:
         self.speeds.append(record["tokens_per_sec"])
       if "eval_loss" in record:
         self.last_eval = record
-        if record["eval_loss"] < self.best_eval.get("eval_loss", math.inf):
-          self.best_eval = record
+        self.evals.append(record)
     return self
 
 
@@ -807,7 +804,7 @@ class Attempt:
 
   def renew(self) -> bool:
     """Heartbeat and state; False if the lock was lost."""
-    if not self.lock.renew(self.proc.pid):
+    if not self.lock.renew(child_pid=self.proc.pid):
       return False
     self.save("running")
     return True
@@ -971,6 +968,8 @@ def results(sweep: Sweep) -> list:
     info = _read_json(os.path.join(task.workdir, "run.json")) or {}
     tokens = _times(info.get("tokens_per_step"), m.step)
     status = _status(task, state)
+    best = min(_full_evals(task, m.evals), key=lambda r: r["eval_loss"],
+               default={})
     rows.append({
         "name": task.name, "kind": task.kind,
         "parent": task.parent.name if task.parent else None,
@@ -981,18 +980,29 @@ def results(sweep: Sweep) -> list:
         # loss the final held-out loss: research.scaling fits this table.
         "params": info.get("params_non_embedding"),
         "params_total": info.get("params"),
-        "flops_6nd": _times(info.get("flops_per_token_6n"), tokens),
         "flops": _times(info.get("flops_per_token"), tokens),
+        "budget": task.budget,
         "loss": m.last_eval.get("eval_loss"),
         "eval_bits_per_byte": m.last_eval.get("eval_bits_per_byte"),
-        "best_eval_loss": m.best_eval.get("eval_loss"),
-        "best_eval_bits_per_byte": m.best_eval.get("eval_bits_per_byte"),
+        "best_eval_loss": best.get("eval_loss"),
+        "best_eval_bits_per_byte": best.get("eval_bits_per_byte"),
         "train_loss": m.loss,
         # The median training speed (compilation, evals and checkpoints
         # left out).
         "tokens_per_sec": statistics.median(m.speeds) if m.speeds else None,
+        "code": (info.get("code") or {}).get("commit"),
         "wall_s": state.get("wall_s"), "workdir": task.workdir})
   return rows
+
+
+def _full_evals(task: Task, evals: list) -> list:
+  """The evals of the whole validation split: all of a run whose
+  eval.max_batches is 0, else its final one (train.py's final eval reads
+  all), so that a best loss is never a subset's."""
+  config = _read_json(os.path.join(task.workdir, "config.json")) or {}
+  if config.get("eval", {}).get("max_batches", 0):
+    return [r for r in evals if r["step"] == task.steps]
+  return evals
 
 
 def _times(per_unit, units):
@@ -1098,8 +1108,9 @@ def _command_run(sweep: Sweep, args) -> int:
   what = _count(len(sweep.runs), "run")
   if branches:
     what += " and " + _count(branches, "cooldown branch")
-  print(f"sweep {sweep.spec}: {what} in {sweep.root}; {done} done, up to "
-        f"{args.parallel} at a time", flush=True)
+  print("\n".join([*_stray_lines(sweep), f"sweep {sweep.spec}: {what} in "
+                   f"{sweep.root}; {done} done, up to {args.parallel} at a "
+                   "time"]), flush=True)
   return Queue(sweep, args.parallel, args.retries, Display(sweep.tasks)).run()
 
 
@@ -1109,7 +1120,7 @@ def _count(n: int, noun: str) -> str:
 
 def _command_status(sweep: Sweep, args) -> int:
   rows = _rows(sweep.tasks, {t.name: Metrics(t.workdir) for t in sweep.tasks})
-  print("\n".join(_table(rows) + [_counts(rows)]))
+  print("\n".join(_stray_lines(sweep) + _table(rows) + [_counts(rows)]))
   return 0
 
 

@@ -216,20 +216,15 @@ class GPTConfig:
       n += 0 if self.tie_embeddings else d * v + b * v
     return n
 
-  def flops_per_token(self, padded: bool = False) -> float:
-    """Training FLOPs per token: 6 N + 12 * layers * d_model * seq_len.
-
-    N counts the non-embedding parameters plus the output projection (a
-    matmul with the vocabulary every token pays, tied or not): over the real
-    vocabulary, the model's FLOPs (MFU does not rise by padding), or with
-    `padded` over the padded one, which the step computes. The second term
-    is the attention score and value matmuls (PaLM's convention, counted
-    over the full, unmasked context; a local layer's over its window
-    instead of seq_len).
+  def flops_per_token(self) -> float:
+    """Training FLOPs per token in the project's one convention, C = 6 N D
+    (Kaplan et al., 2020): N the non-embedding parameters, each costing 2
+    FLOPs per token forward and 4 backward. It leaves out the attention
+    score and value matmuls (PaLM adds 12 * layers * d_model * context) and
+    the output layer (6 * d_model * vocabulary), so MFU against it is lower
+    than PaLM's by their share (README, "FLOPs").
     """
-    v = self.padded_vocab_size if padded else self.vocab_size
-    n = self.num_params(embeddings=False) + self.d_model * v
-    return 6 * n + 12 * self.d_model * sum(map(self.window, self.layer_kinds))
+    return 6 * self.num_params(embeddings=False)
 
 
 CACHE_AXES = ("layers", "batch", "length", "heads", "head_dim")

@@ -6,8 +6,9 @@
   python -m research.scaling study [configs/sweeps/scaling.py] [--minutes 11]
 
 `fit` reads a CSV with a row per run and the columns `params`, `tokens`,
-`loss`, optionally `flops`; other columns are ignored. With a `status` column
-only runs whose status is `done` count (the others are skipped and counted).
+`loss`, optionally `budget`, `name` and `parent` (launch.sweep's results.csv
+has them all); other columns are ignored. With a `status` column only runs
+whose status is `done` count (the others are skipped and counted).
 It writes DIR/fit.json and the plots loss_vs_params.png, loss_vs_compute.png,
 isoflop.png (with IsoFLOP budgets) and residuals.png (DIR defaults to the
 table's folder), and prints a summary. `plan` turns a fit and a compute
@@ -18,36 +19,41 @@ Conventions:
 - N (`params`) counts non-embedding parameters, as Kaplan et al. (2020) do:
   `model.GPTConfig.num_params(embeddings=False)`. D (`tokens`) counts the
   training tokens seen; losses are in nats per token.
-- Compute C is the `flops` column when the table has one (e.g.
-  `GPTConfig.flops_per_token()` * tokens, which adds attention), else 6 N D;
-  fit.json says which. The planner's closed form assumes C = 6 N D.
+- Compute C is 6 N D, the project's one FLOPs convention (README, "FLOPs"):
+  train.py's MFU and run.json, the sweeps' `flops` and `budget`, the fits
+  and the plan all count it. A table's `flops` column is not read.
+- A row's run: its `parent` if it has one (a cooldown branch shares its
+  run's first steps and seed), else its `name`; without those columns each
+  row is a run of its own.
 
 The fits:
 - L(N, D) = E + A / N^alpha + B / D^beta, approach 3 of Hoffmann et al.
   (2022): the Huber loss (delta 1e-3) of the residuals in log loss,
   minimized by L-BFGS-B from the best points of a grid over (a, b, e, alpha,
   beta), where A = e^a, B = e^b, E = e^e, exponents within [0, 3]; 95%
-  percentile intervals from bootstrap resamples of the runs.
+  percentile intervals from bootstrap resamples of the runs, each drawn
+  with all its rows (its branches).
 - L(N) = E + A / N^alpha over the lowest loss of each size, and
   L(C) = E + A / C^gamma over the compute frontier (the runs with a lower loss
   than every run of less or equal compute), least squares on the loss.
-- IsoFLOP profiles (approach 2): runs whose compute is within 10% of each
-  other share a budget; a budget with >= 3 sizes gets a parabola of loss in
-  ln N whose minimum is N_opt(C) (and one in ln D for D_opt(C)); minima
-  inside the sizes tried, from >= 2 budgets, give N_opt = k C^a and
-  D_opt = k' C^b.
+- IsoFLOP profiles (approach 2): the rows of one designed `budget` (the
+  FLOPs a sweep's spec set their steps for) share it; a budget with >= 3
+  sizes gets a parabola of loss in ln N whose minimum is N_opt(C) (and one
+  in ln D for D_opt(C)); minima inside the sizes tried, from >= 2 budgets,
+  give N_opt = k C^a and D_opt = k' C^b with C the budgets. A table
+  without budgets has no IsoFLOP profiles.
 - Extrapolation check (>= 3 sizes): approach 3 refitted without the largest
   size predicts that size's losses; the project's target is within 3%.
 
 fit.json: the law's E, A, B, alpha, beta; `ci95` ({name: [low, high]});
 `bootstrap` (resamples, fitted, seed); `huber_delta`, `huber_objective`;
 `L_N` (E, A, alpha, r2, sizes); `L_C` (E, A, gamma, r2, frontier_runs);
-`isoflop` (`budgets`: flops, rows, parabola_ln_params, params_opt,
-tokens_opt, loss_opt, inside; `params_opt_law`, `tokens_opt_law`: exponent,
-coefficient); `extrapolation` (held_out_params, fitted_runs, law, runs with
+`isoflop` (`budgets`: flops (the designed budget), rows,
+parabola_ln_params, params_opt, tokens_opt, loss_opt, inside;
+`params_opt_law`, `tokens_opt_law`: exponent, coefficient); `extrapolation` (held_out_params, fitted_runs, law, runs with
 their predicted loss and relative_error, max_abs_relative_error, target,
 within_target); `params_convention`, `flops_convention`, `runs`, `skipped`;
-`rows`: the runs used (params, tokens, loss, flops, frontier), which
+`rows`: the runs used (params, tokens, loss, flops = 6 N D, frontier), which
 `budgets.rows` index. A part the table has too little data for is null.
 
 The plan: N_opt = G (C/6)^(beta/(alpha+beta)) with
@@ -75,7 +81,6 @@ LAW = "L(N, D) = E + A / N^alpha + B / D^beta"
 LAW_PARAMS = ("E", "A", "B", "alpha", "beta")
 HUBER_DELTA = 1e-3
 MIN_RUNS = 5  # approach 3 has five parameters
-FLOPS_TOLERANCE = 0.10  # runs this close in compute share an IsoFLOP budget
 EXTRAPOLATION_TARGET = 0.03  # relative error the project accepts
 ASPECT_RANGE = (16, 128)  # d_model / num_layers of the shapes plan builds
 PLOTS = ("loss_vs_params.png", "loss_vs_compute.png", "isoflop.png",
@@ -103,10 +108,11 @@ class ScalingError(ValueError):
 
 
 def read_table(path: str) -> list[dict]:
-  """The table's rows: `params`, `tokens`, `loss` (and `flops`) as floats,
-  `status` if the table has one, and the CSV `line` for messages. Rows whose
-  status is not `done` keep only their status and line: a failed run may
-  have no loss."""
+  """The table's rows: `params`, `tokens`, `loss` (and `budget` where given)
+  as floats, `name` and `parent` (None where empty or absent), `status` if
+  the table has one, and the CSV `line` for messages. Rows whose status is
+  not `done` keep only their status and line: a failed run may have no
+  loss."""
   try:
     with open(path, newline="", encoding="utf-8-sig") as f:  # BOM or not
       reader = csv.DictReader(f)
@@ -115,9 +121,8 @@ def read_table(path: str) -> list[dict]:
       if missing:
         raise ScalingError(
             f"{path} lacks {', '.join(missing)}: a table needs the columns "
-            "params, tokens and loss (optional: flops, status)")
-      numeric = [c for c in ("params", "tokens", "loss", "flops")
-                 if c in header]
+            "params, tokens and loss (optional: budget, name, parent, "
+            "status)")
       rows = []
       for record in reader:
         row = {"line": reader.line_num}
@@ -126,8 +131,13 @@ def read_table(path: str) -> list[dict]:
           if row["status"] != "done":
             rows.append(row)
             continue
-        for column in numeric:
+        for column in ("params", "tokens", "loss"):
           row[column] = _number(record[column], column, path, row["line"])
+        if (record.get("budget") or "").strip():
+          row["budget"] = _number(record["budget"], "budget", path,
+                                  row["line"])
+        for column in ("name", "parent"):
+          row[column] = (record.get(column) or "").strip() or None
         rows.append(row)
   except OSError as e:
     raise ScalingError(f"cannot read {path}: {e.strerror}") from e
@@ -147,18 +157,17 @@ def _number(text: str | None, column: str, path: str, line: int) -> float:
 
 
 def _runs(rows: list[dict]) -> dict:
-  """The runs that count, as arrays N, D, L, C, the compute convention and
-  the number of rows skipped for their status; ScalingError for rows a fit
-  cannot use."""
+  """The runs that count, as arrays N, D, L, C (6 N D), budget (nan where
+  none), the run of each row (an index) and the number of rows skipped for
+  their status; ScalingError for rows a fit cannot use."""
   used = [(i, r) for i, r in enumerate(rows)
           if r.get("status", "done") == "done"]
-  with_flops = sum("flops" in r for _, r in used)
   for i, r in used:
     where = f"line {r['line']}" if "line" in r else f"row {i}"
-    for column in ("params", "tokens", "loss", "flops"):
-      if column == "flops" and not with_flops:
-        continue
+    for column in ("params", "tokens", "loss", "budget"):
       value = r.get(column)
+      if value is None and column == "budget":
+        continue
       if value is None:
         raise ScalingError(f"{where}: no {column}")
       if not (math.isfinite(value) and value > 0):
@@ -175,10 +184,11 @@ def _runs(rows: list[dict]) -> dict:
     if len(np.unique(values)) < 2:
       raise ScalingError(f"every run has the same {name}; a fit needs runs "
                          f"of at least 2 different {name}")
-  C = (np.array([r["flops"] for _, r in used], float) if with_flops
-       else 6 * N * D)
-  return {"N": N, "D": D, "L": L, "C": C, "skipped": skipped,
-          "flops_convention": "flops column" if with_flops else "6ND"}
+  budget = np.array([r.get("budget") or np.nan for _, r in used], float)
+  keys = [r.get("parent") or r.get("name") or ("row", i) for i, r in used]
+  index = {key: j for j, key in enumerate(dict.fromkeys(keys))}
+  return {"N": N, "D": D, "L": L, "C": 6 * N * D, "budget": budget,
+          "run": np.array([index[key] for key in keys]), "skipped": skipped}
 
 
 # ------------------------------------------- approach 3: L(N, D), Huber fit
@@ -246,14 +256,18 @@ def _fit_law(logN, logD, logL, starts=(), grid_starts=_GRID_STARTS):
   return best.x, float(best.fun)
 
 
-def _bootstrap(logN, logD, logL, theta, resamples: int, seed: int):
+def _bootstrap(logN, logD, logL, run, theta, resamples: int, seed: int):
   """95% percentile intervals of the law's parameters over fits to runs
-  resampled with replacement, and how many resamples were fitted (those
-  with a single size or token count cannot be)."""
+  resampled with replacement, each with all its rows (`run`: the run of
+  each row; a cooldown branch shares its run's first steps and seed, so it
+  is no independent draw), and how many resamples were fitted (those with
+  a single size or token count cannot be)."""
   rng = np.random.default_rng(seed)
+  rows_of = [np.flatnonzero(run == k) for k in range(run.max() + 1)]
   laws = []
   for _ in range(resamples):
-    i = rng.integers(0, len(logL), len(logL))
+    i = np.concatenate([rows_of[k] for k in
+                        rng.integers(0, len(rows_of), len(rows_of))])
     if len(np.unique(logN[i])) < 2 or len(np.unique(logD[i])) < 2:
       continue
     x, _ = _fit_law(logN[i], logD[i], logL[i], starts=(theta,),
@@ -303,38 +317,35 @@ def compute_frontier(flops, loss) -> list[int]:
   return frontier
 
 
-def isoflop_budgets(flops, tolerance: float = FLOPS_TOLERANCE):
-  """Run indices grouped by compute: in order of FLOPs, a run joins the
-  current group while within `tolerance` of the group's smallest."""
-  groups = []
-  for i in np.argsort(flops, kind="stable"):
-    if groups and flops[i] <= flops[groups[-1][0]] * (1 + tolerance):
-      groups[-1].append(int(i))
-    else:
-      groups.append([int(i)])
-  return groups
+def isoflop_budgets(budget) -> list[tuple[float, list[int]]]:
+  """(budget, its row indices) for each designed budget, smallest first;
+  rows without one (nan) belong to none."""
+  budget = np.asarray(budget, float)
+  return [(float(c), np.flatnonzero(budget == c).tolist())
+          for c in np.unique(budget[np.isfinite(budget)])]
 
 
-def isoflop(N, D, L, C) -> dict | None:
-  """Approach 2 over the budgets with >= 3 sizes (None without any): per
-  budget the parabolas' minima, and N_opt(C), D_opt(C) as power laws when
-  >= 2 budgets have their minima inside the sizes tried."""
+def isoflop(N, D, L, budget) -> dict | None:
+  """Approach 2 over the designed budgets with >= 3 sizes (None without
+  any): per budget the parabolas' minima, and N_opt(C), D_opt(C) as power
+  laws of the budgets when >= 2 have their minima inside the sizes
+  tried."""
   budgets = []
-  for idx in isoflop_budgets(C):
+  for c, idx in isoflop_budgets(budget):
     if len(np.unique(N[idx])) < 3:
       continue
     logN, logD = np.log(N[idx]), np.log(D[idx])
     p_N, p_D = np.polyfit(logN, L[idx], 2), np.polyfit(logD, L[idx], 2)
-    budget = {"flops": float(np.exp(np.log(C[idx]).mean())), "rows": idx,
+    profile = {"flops": c, "rows": idx,
               "parabola_ln_params": p_N.tolist(), "params_opt": None,
               "tokens_opt": None, "loss_opt": None, "inside": False}
     if p_N[0] > 0 and p_D[0] > 0:  # convex: a minimum
       x_N, x_D = -p_N[1] / (2 * p_N[0]), -p_D[1] / (2 * p_D[0])
-      budget.update(
+      profile.update(
           params_opt=math.exp(x_N), tokens_opt=math.exp(x_D),
           loss_opt=float(np.polyval(p_N, x_N)),
           inside=bool(logN.min() <= x_N <= logN.max()))
-    budgets.append(budget)
+    budgets.append(profile)
   if not budgets:
     return None
   used = [b for b in budgets if b["inside"]]
@@ -387,7 +398,8 @@ def fit(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
   logN, logD, logL = np.log(N), np.log(D), np.log(L)
   theta, objective = _fit_law(logN, logD, logL)
   law = _law(theta)
-  intervals, fitted = _bootstrap(logN, logD, logL, theta, bootstrap, seed)
+  intervals, fitted = _bootstrap(logN, logD, logL, runs["run"], theta,
+                                 bootstrap, seed)
 
   sizes = np.unique(N)
   best_per_size = np.array([L[N == n].min() for n in sizes])
@@ -409,10 +421,10 @@ def fit(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
       "huber_delta": HUBER_DELTA,
       "huber_objective": objective * HUBER_DELTA ** 2,
       "L_N": L_N, "L_C": L_C,
-      "isoflop": isoflop(N, D, L, C),
+      "isoflop": isoflop(N, D, L, runs["budget"]),
       "extrapolation": _extrapolation(N, D, L),
       "params_convention": "non-embedding",
-      "flops_convention": runs["flops_convention"],
+      "flops_convention": "6ND",
       "runs": len(L), "skipped": runs["skipped"],
       "rows": [{"params": float(n), "tokens": float(d), "loss": float(l),
                 "flops": float(c), "frontier": i in on_frontier}
@@ -863,8 +875,8 @@ def main(argv: list[str] | None = None) -> int:
       formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True)
   f = commands.add_parser("fit", help="fit scaling laws to a table of runs")
-  f.add_argument("table", help="CSV with params, tokens, loss [, flops, "
-                 "status]")
+  f.add_argument("table", help="CSV with params, tokens, loss [, budget, "
+                 "name, parent, status]")
   f.add_argument("--out", help="folder for fit.json and the plots "
                  "(default: the table's)")
   f.add_argument("--bootstrap", type=int, default=200,

@@ -38,6 +38,17 @@ def run_dir(corpus_dir, data_cache, tmp_path_factory):
   return workdir
 
 
+def test_every_eval_scores_the_same_text(run_dir):
+  """The periodic evals and the final one score the same fixed subset
+  (eval.max_batches=2 batches), and each record says how much of the split
+  that is."""
+  evals = [r for r in metrics_records(run_dir) if "eval_loss" in r]
+  assert [r["step"] for r in evals] == list(range(2, STEPS + 1, 2))
+  assert {(r["eval_items"], r["eval_tokens"]) for r in evals} == {
+      (evals[0]["eval_items"], evals[0]["eval_tokens"])}
+  assert evals[0]["eval_items"] < evals[0]["eval_split_items"]
+
+
 def _steps(workdir) -> list[int]:
   return sorted(int(d) for d in os.listdir(os.path.join(workdir,
                                                         "checkpoints"))

@@ -214,14 +214,20 @@ def test_a_saved_config_from_before_a_field_keeps_its_behaviour(tmp_path):
   """load_saved gives a field missing from a run's config.json its default,
   or the value that keeps what the run computed where the default would
   not (model.vocab_multiple: 1, no padding; train.schedule: cosine, the
-  only schedule before wsd became the default); a saved value stays."""
+  only schedule before wsd became the default; data.order_version: 1, the
+  epoch order the run started with); a saved value stays."""
   tree = default.get_config().to_dict()
   del tree["model"]["vocab_multiple"], tree["eval"]["max_batches"]
-  del tree["train"]["schedule"]
+  del tree["train"]["schedule"], tree["data"]["order_version"]
   (tmp_path / "config.json").write_text(json.dumps(tree))
   saved = config_lib.load_saved(str(tmp_path))
-  assert saved.model.vocab_multiple == 1 and saved.eval.max_batches == 8
-  assert saved.train.schedule == "cosine"
+  assert saved.model.vocab_multiple == 1
+  assert saved.eval.max_batches == default.get_config().eval.max_batches
+  assert saved.train.schedule == "cosine" and saved.data.order_version == 1
+  assert default.get_config().data.order_version == 2
   config_lib.validate(saved)
+  # A resume keeps the run's epoch order, whatever the command line says.
+  kept = config_lib.as_the_run_keeps(default.get_config(), str(tmp_path))
+  assert kept.data.order_version == 1 and kept.train.schedule == "wsd"
   config_lib.save(default.get_config(), str(tmp_path))
   assert config_lib.load_saved(str(tmp_path)).model.vocab_multiple == 128

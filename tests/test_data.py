@@ -382,15 +382,40 @@ def test_train_iterator_epochs_and_seeds():
   assert [_window_ids(b) for b in other] != ids[:3]
 
 
+PINNED_V2 = [[1, 0, 3, 11], [10, 8, 9, 6], [4, 2, 7, 5], [7, 11, 10, 0],
+             [2, 6, 4, 3], [8, 5, 9, 1]]
+
+
 def test_the_order_is_the_one_runs_have_trained_on():
-  """Pinned: the order of the iterator that checkpointed its state, so
-  runs resumed across the change (and results before it) stay comparable."""
-  batches = _take(loader.train_iterator(_source(12), 4, seed=7), 6)
+  """Pinned: order version 1 (runs started before version 2, which resume
+  with it) and version 2, so that neither changes under a run."""
+  batches = _take(loader.train_iterator(_source(12), 4, seed=7,
+                                        order_version=1), 6)
   assert [_window_ids(b) for b in batches] == [
       [4, 11, 3, 7], [2, 9, 6, 10], [1, 5, 8, 0], [5, 3, 10, 7],
       [9, 1, 11, 2], [4, 8, 6, 0]]
+  batches = _take(loader.train_iterator(_source(12), 4, seed=7), 6)
+  assert [_window_ids(b) for b in batches] == PINNED_V2
   assert [loader.epoch_of(step, 4, 12) for step in range(1, 8)] == [
       0, 0, 0, 1, 1, 1, 2]
+
+
+def _epochs(seed, order_version, num_epochs=4, n=12):
+  order = loader.epoch_order(n, seed, order_version)
+  return [tuple(order[e * n + i] for i in range(n)) for e in range(num_epochs)]
+
+
+def test_seeds_have_independent_epoch_orders():
+  """Version 1 gave seed s + 1's epoch e the order of seed s's epoch e + 1
+  (Grain seeds epoch e with seed + e); version 2 shares no epoch order
+  between any two (seed, epoch) pairs, and each epoch is a permutation."""
+  assert _epochs(3, 1)[0] == _epochs(2, 1)[1]  # the fault version 2 fixes
+  orders = {(seed, e): order for seed in range(8)
+            for e, order in enumerate(_epochs(seed, 2))}
+  assert all(sorted(o) == list(range(12)) for o in orders.values())
+  assert len(set(orders.values())) == len(orders) == 32
+  assert loader.epoch_seed(2, 1) != loader.epoch_seed(3, 0)
+  assert _epochs(5, 2) == _epochs(5, 2)  # a pure function of (seed, epoch)
 
 
 def test_train_iterator_starts_at_any_step():
@@ -493,6 +518,12 @@ def test_eval_batches_cover_every_window_once():
   np.testing.assert_array_equal(batches[-1][0][2:], 0)
   kept = np.concatenate([t[m] for t, m in batches])
   np.testing.assert_array_equal(kept, np.stack([source[i] for i in range(10)]))
-  assert len(list(loader.eval_batches(source, 4, max_batches=2))) == 2
+  two = list(loader.eval_batches(source, 4, max_batches=2))
+  assert len(two) == 2  # 8 of the 10 windows, spread over the split:
+  np.testing.assert_array_equal(
+      np.concatenate([t for t, _ in two]),
+      np.stack([source[i] for i in (0, 1, 2, 3, 5, 6, 7, 8)]))
+  assert loader.eval_ids(100, 4, 2).tolist() == [0, 12, 25, 37, 50, 62, 75, 87]
+  assert loader.eval_ids(10, 4, 3).tolist() == list(range(10))  # all fit
   assert len(list(loader.eval_batches(source, 5))) == 2  # exact multiple
   assert list(loader.eval_batches(_source(0, extra=0), 4)) == []

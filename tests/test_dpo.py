@@ -10,6 +10,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -118,13 +119,34 @@ def test_loss_is_ln2_at_step_0():
   _, source = _pairs()
   cfg = tiny_model_config(seq_len=L)
   model, params = GPT(cfg), random_params(cfg, seed=1, std=0.2)
-  loss, metrics = jax.jit(lambda p, b: objectives.dpo_loss(
-      model, p, b, None, p, 0.1))(params, _batch(source))
+  # The reference a copy, another argument: its forward pass is not merged
+  # with the policy's by the compiler, and the values are exactly 0 all the
+  # same (the policy's log-probabilities stand for the equal reference's).
+  reference = jax.tree.map(np.array, params)
+  loss, metrics = jax.jit(lambda p, r, b: objectives.dpo_loss(
+      model, p, b, r, 0.1))(params, reference, _batch(source))
   assert float(loss) == pytest.approx(math.log(2), abs=1e-7)
   for name in ("reward_chosen", "reward_rejected", "reward_margin",
                "reward_accuracy", "kl_ref", "kl_ref_chosen",
                "kl_ref_rejected"):
     assert float(metrics[name]) == 0, name
+  # The gradient is DPO's at a zero margin: -beta / 2 times that of the
+  # chosen minus the rejected log-probability, mean over the pairs.
+  batch = _batch(source)
+  grads = jax.jit(jax.grad(lambda p, r: objectives.dpo_loss(
+      model, p, batch, r, 0.1)[0]))(params, reference)
+
+  def margin(p):
+    flat = {k: v.reshape(-1, L + 1) for k, v in batch.items()}
+    logp_2B, _ = objectives.sequence_logps(
+        objectives.apply(model, p, flat), flat["tokens"], flat["weights"])
+    return -0.05 * jnp.mean(logp_2B[0::2] - logp_2B[1::2])
+
+  want = jax.jit(jax.grad(margin))(params)
+  assert sum(float(np.abs(g).sum()) for g in jax.tree.leaves(want)) > 0
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4,
+                                                       atol=1e-7),
+               grads, want)
 
 
 def test_loss_and_metrics_match_numpy_from_the_logits():
@@ -138,7 +160,7 @@ def test_loss_and_metrics_match_numpy_from_the_logits():
   params, ref = (random_params(cfg, seed=s, std=0.3) for s in (4, 5))
   beta = 0.25
   loss, metrics = jax.jit(lambda p, r, b: objectives.dpo_loss(
-      model, p, b, None, r, beta))(params, ref, batch)
+      model, p, b, r, beta))(params, ref, batch)
 
   flat = {k: v.reshape(-1, L + 1) for k, v in batch.items()}
   logits = lambda p: np.asarray(model.apply({"params": p},
@@ -165,7 +187,7 @@ def test_loss_and_metrics_match_numpy_from_the_logits():
     assert float(metrics[name]) == pytest.approx(value, rel=1e-5, abs=1e-6), name
   # The gradient reaches the policy only.
   grads = jax.grad(lambda p, r: objectives.dpo_loss(
-      model, p, batch, None, r, beta)[0], argnums=(0, 1))(params, ref)
+      model, p, batch, r, beta)[0], argnums=(0, 1))(params, ref)
   assert sum(float(np.abs(g).sum()) for g in jax.tree.leaves(grads[0])) > 0
   assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads[1]))
 
@@ -179,7 +201,7 @@ def test_eval_sums_agree_with_the_loss():
   mask = np.arange(8) < 6  # two padded pairs
   sums = objectives.dpo_eval(model, params, batch, mask, ref, 0.25)
   kept = {k: v[:6] for k, v in batch.items()}
-  loss, metrics = objectives.dpo_loss(model, params, kept, None, ref, 0.25)
+  loss, metrics = objectives.dpo_loss(model, params, kept, ref, 0.25)
   record = objectives.summarize("dpo", jax.device_get(sums))
   assert record["eval_pairs"] == 6
   assert record["eval_loss"] == pytest.approx(float(loss), rel=1e-5)
@@ -314,6 +336,14 @@ def test_train_py_dpo_from_an_sft_run_resumes_exactly(runs):
                "reward_accuracy", "kl_ref", "kl_ref_chosen",
                "kl_ref_rejected"):
     assert all(name in r for r in train), name
+  # FLOPs: 6 N per token for the policy, 2 N for the reference's forward.
+  with open(os.path.join(workdir, "run.json")) as f:
+    info = json.load(f)
+  assert info["flops_per_token"] == 8 * info["params_non_embedding"]
+  timed = [r for r in train if "mfu" in r]
+  assert timed and all(r["mfu"] == pytest.approx(
+      info["flops_per_token"] * info["tokens_per_step"] * 1e3 /
+      r["step_time_ms"] / 1e12, rel=1e-9) for r in timed)
   evals = [r for r in first if "eval_loss" in r]
   assert [r["step"] for r in evals] == [3, 6]
   assert all(r["eval_pairs"] == 14 and 0 <= r["eval_reward_accuracy"] <= 1

@@ -93,7 +93,11 @@ def test_docstring_counts_are_the_models(name):
   cfg = config_lib.model_config(_module(name).get_config(), vocab_size=257)
   params = int(re.search(r"Params: +([\d,]+)", doc)[1].replace(",", ""))
   assert abs(params / cfg.num_params() - 1) < 1e-3
-  six_n, logged = map(float, re.search(
-      r"6N = ([\d.]+) G[^;]*; ([\d.]+) G as\s+logged", doc).groups())
+  six_n, palm = map(float, re.search(
+      r"6N = ([\d.]+) G[^;]*as logged; ([\d.]+) G\s+in\s+PaLM's", doc).groups())
   assert abs(six_n / (6 * cfg.num_params(embeddings=False) / 1e9) - 1) < 0.01
-  assert abs(logged / (cfg.flops_per_token() / 1e9) - 1) < 0.01
+  assert abs(six_n / (cfg.flops_per_token() / 1e9) - 1) < 0.01
+  attention = 12 * cfg.d_model * sum(map(cfg.window, cfg.layer_kinds))
+  output = 6 * cfg.d_model * cfg.vocab_size
+  assert abs(palm / ((cfg.flops_per_token() + output + attention) / 1e9)
+             - 1) < 0.01

@@ -59,9 +59,10 @@ VARIANTS = {
 def test_cached_logits_match_full_forward(overrides):
   """Left-padded prompts of different lengths prefilled in one pass, then
   their true next tokens fed one per step: at every position the logits
-  are those of the full forward over the row alone (measured: <= 6.4e-6
-  apart, for logits up to 5.6). Local layers' rings of 5 slots roll over
-  meanwhile."""
+  are those of the full forward over the row alone (two programs: measured
+  <= 6.4e-6 apart, for logits up to 5.6, on two CPUs; a cache or position
+  bug moves them by 1e-3 or more). Local layers' rings of 5 slots roll
+  over meanwhile."""
   model, params = _sampler(**overrides)
   tokens = np.random.default_rng(1).integers(0, 37, (4, S)).astype(np.int32)
   full = np.asarray(jax.jit(model.apply)({"params": params}, tokens))
@@ -77,13 +78,13 @@ def test_cached_logits_match_full_forward(overrides):
   logits, cache = step(params, prompt, pos, KVCache.empty(model.cfg, 4))
   for b, n in enumerate(lengths):
     np.testing.assert_allclose(logits[b, P - n:], full[b, :n], rtol=0,
-                               atol=1e-5, err_msg=f"prefill, row {b}")
+                               atol=5e-5, err_msg=f"prefill, row {b}")
   rows = np.arange(4)
   for t in range(steps):
     logits, cache = step(params, tokens[rows, lengths + t][:, None],
                          (lengths + t)[:, None], cache)
     np.testing.assert_allclose(logits[:, 0], full[rows, lengths + t],
-                               rtol=0, atol=1e-5, err_msg=f"decode step {t}")
+                               rtol=0, atol=5e-5, err_msg=f"decode step {t}")
   assert int(cache.length) == S
 
 
@@ -101,10 +102,10 @@ def test_rolling_cache_matches_full_forward_past_the_context():
       {"params": params}, tokens, cache=cache, pos_BxL=pos))
   logits, cache = step(tokens[:, :P], np.tile(np.arange(P), (2, 1)),
                        KVCache.empty(cfg, 2))
-  np.testing.assert_allclose(logits, full[:, :P], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(logits, full[:, :P], rtol=0, atol=5e-5)
   for t in range(P, N):
     logits, cache = step(tokens[:, t:t + 1], np.full((2, 1), t), cache)
-    np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=0, atol=1e-5,
+    np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=0, atol=5e-5,
                                err_msg=f"position {t}")
   # The full forward's logits past the context differ from those of the
   # last context alone: the cache holds more than a window's tokens.
@@ -125,9 +126,13 @@ def test_context_policy():
   assert [window_start(n, 8, rolls=True) for n in range(30)] == [0] * 30
 
 
+# Greedy choices compared between two programs (cached and uncached, whose
+# logits differ by round-off, < 1e-5) must not be near-ties. The smallest
+# gap between the top two logits over each model's 2048 choices: 8.5e-4,
+# 2.2e-3 (at std 0.3 this scan model's is 3.7e-5), 3.2e-3, 1.6e-3.
 GREEDY = {
     "loop": {},
-    "scan": dict(scan_layers=True),
+    "scan": dict(scan_layers=True, std=0.4),
     "dense-local": dict(LOCAL, std=0.5),
     "rope-dense-local-scan": dict(LOCAL, position="rope", scan_layers=True,
                                   std=0.5),

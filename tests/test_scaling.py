@@ -35,14 +35,15 @@ def grid_rows(sizes, budgets, noise, seed=0):
 
 
 def isoflop_rows(budgets, noise, seed=0):
-  """7 sizes per compute budget around (not centred on) the true N_opt."""
+  """7 sizes per compute budget around (not centred on) the true N_opt,
+  each row with its designed budget."""
   rng = np.random.default_rng(seed)
   rows = []
   for c in budgets:
     n_opt, _ = scaling.optimal_allocation(TRUE, c)
     for n in n_opt * 1.3 * np.geomspace(1 / 4, 4, 7):
       d = c / (6 * n)
-      rows.append({"params": float(n), "tokens": float(d),
+      rows.append({"params": float(n), "tokens": float(d), "budget": c,
                    "loss": float(scaling.predict(TRUE, n, d)
                                  * (1 + noise * rng.standard_normal()))})
   return rows
@@ -114,19 +115,55 @@ def test_compute_frontier_of_a_toy_table():
   # (2, 4.5) loses to (2, 4) at equal compute, (3, 4.2) to (2, 4), (5, 3) to
   # (5, 2.5), and (6, 2.5) is no lower than (5, 2.5).
   assert scaling.compute_frontier(flops, loss) == [0, 1, 4, 6]
-  rows = [{"params": 1e4 * (1 + i % 3), "tokens": 1e5 * (1 + i // 3),
-           "flops": c, "loss": l} for i, (c, l) in enumerate(zip(flops, loss))]
+  # C = 6 N D: tokens that give each run the toy's compute (x 6 * 2^20),
+  # in powers of two, so that equal compute is exactly equal.
+  rows = [{"params": 2.0 ** (10 + i % 3), "loss": l,
+           "tokens": c * 2.0 ** (10 - i % 3), "flops": 1.0}
+          for i, (c, l) in enumerate(zip(flops, loss))]
   result = scaling.fit(rows, bootstrap=0)
   assert [i for i, r in enumerate(result["rows"]) if r["frontier"]] == [
       0, 1, 4, 6]
   assert result["L_C"]["frontier_runs"] == 4
-  assert result["flops_convention"] == "flops column"
+  assert result["flops_convention"] == "6ND"
+  assert [r["flops"] for r in result["rows"]] == [c * 6 * 2 ** 20
+                                                  for c in flops]
 
 
-def test_isoflop_budgets_group_within_tolerance():
-  """Within 10% of a budget's smallest run, not of its last: no chains."""
-  flops = np.array([1.09e12, 1e12, 5e12, 1.06e12, 1.12e12])
-  assert scaling.isoflop_budgets(flops) == [[1, 3, 0], [4], [2]]
+def test_isoflop_budgets_are_the_designed_ones():
+  """Budgets 9% apart stay apart; rows without a budget are in none."""
+  budget = np.array([1.09e12, 1e12, 5e12, np.nan, 1e12, 1.09e12])
+  assert scaling.isoflop_budgets(budget) == [
+      (1e12, [1, 4]), (1.09e12, [0, 5]), (5e12, [2])]
+
+
+def test_the_bootstrap_draws_runs_with_their_branches(monkeypatch):
+  """Rows of one run (its name, or its parent's) are drawn together: in
+  every resample a run's three rows appear equally often."""
+  rows = []
+  for n in np.geomspace(1e4, 1e6, 4):
+    for d in (1e6, 1e7):
+      run = f"{n:g},{d:g}"
+      for f in (1, 0.25, 0.5):
+        rows.append({"params": n, "tokens": d * f,
+                     "loss": float(scaling.predict(TRUE, n, d * f)),
+                     "name": run if f == 1 else f"{run}/cooldowns/{f}",
+                     "parent": None if f == 1 else run})
+  seen = []
+  fit_law = scaling._fit_law
+
+  def recording(logN, logD, logL, **kwargs):
+    seen.append(sorted(zip(logN, logD)))
+    return fit_law(logN, logD, logL, **kwargs)
+  monkeypatch.setattr(scaling, "_fit_law", recording)
+  run_of = {(math.log(r["params"]), math.log(r["tokens"])):
+            r["parent"] or r["name"] for r in rows}
+  scaling.fit(rows, bootstrap=5)
+  assert len(seen) >= 6  # the fit, the extrapolation and 5 resamples
+  for sample in seen[1:6]:
+    counts = {}
+    for point in sample:
+      counts.setdefault(run_of[point], []).append(point)
+    assert all(len(points) % 3 == 0 for points in counts.values())
 
 
 def test_isoflop_recovers_n_opt():
@@ -212,7 +249,7 @@ def test_cli_fit_writes_json_and_plots(tmp_path, capsys):
   rows.append({"params": 1e7, "tokens": 1e9, "loss": 0.1,
                "status": "running"})
   table = write_table(tmp_path / "results.csv", rows,
-                      ["params", "tokens", "loss", "status"])
+                      ["params", "tokens", "loss", "budget", "status"])
   out = tmp_path / "fits"
   assert scaling.main(["fit", table, "--out", str(out),
                        "--bootstrap", "10"]) == 0

@@ -176,7 +176,7 @@ def test_keep_steps_survive_keep_n(wsd_run):
   with open(os.path.join(wsd_run, "run.json")) as f:
     summary = json.load(f)
   assert summary["steps"] == 12 and summary["tokens_per_step"] == 4 * 16
-  assert summary["flops_per_token_6n"] == 6 * summary["params_non_embedding"]
+  assert summary["flops_per_token"] == 6 * summary["params_non_embedding"]
   assert summary["params"] > summary["params_non_embedding"] > 0
 
 

@@ -263,10 +263,12 @@ ATTENTIONS = {
 def test_packed_loss_equals_unpacked_loss(packed, variant):
   """Segment ids keep each packed sequence's attention inside it and its
   positions restart, so the loss (and gradient) of packed windows is that
-  of one sequence per window, to float round-off: 1e-6 with the default
-  attention; 1e-6 relative where the two run different kernels (unpacked
-  rows longer than a local window take the blocked banded kernel, packed
-  ones a masked full one)."""
+  of one sequence per window, to float round-off: 1e-5 relative, as the
+  two batches' shapes differ and so do their programs (and, with local
+  layers, their kernels: unpacked rows longer than a local window take the
+  blocked banded kernel, packed ones a masked full one). Measured: up to
+  4.8e-7 apart (one float32 step of a loss of 4); segments crossed move
+  it by more than 1e-3."""
   _, source, alone = packed
   cfg = tiny_model_config(seq_len=L, **ATTENTIONS[variant])
   model, params = GPT(cfg), random_params(cfg, seed=1, std=0.2)
@@ -281,8 +283,7 @@ def test_packed_loss_equals_unpacked_loss(packed, variant):
   assert one["weights"].sum() == two["weights"].sum() > 50
   packed_loss, unpacked_loss = float(jax.jit(loss)(one)), float(
       jax.jit(loss)(two))
-  tolerance = dict(abs=1e-6) if variant == "learned" else dict(rel=1e-6)
-  assert packed_loss == pytest.approx(unpacked_loss, **tolerance)
+  assert packed_loss == pytest.approx(unpacked_loss, rel=1e-5)
   assert 2 < packed_loss < 6
   g1, g2 = grad(params, one), grad(params, two)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import (REPO, TINY_OVERRIDES, last_logged_step,
                       train_py_processes)
+from configs import default
 from launch import sweep
 
 TIMEOUT_S = 240  # for any one wait: far beyond a healthy sweep
@@ -99,10 +100,13 @@ def test_grid_and_zip_expand_first_axis_slowest(tmp_path):
       for d, lr in ((32, 1e-3), (32, 2e-3), (64, 1e-3), (64, 2e-3))
       for n, h in ((1, 2), (2, 4))]
   first = runs[0]
-  overrides = {"train.steps": 100, **first.swept}
+  config = default.get_config()
+  config.train.steps = 100
+  config.model.update(d_model=32, num_layers=1, num_heads=2)
+  config.train.learning_rate = 1e-3
+  del config.checkpoint["keep_steps"]
   digest = hashlib.sha256(json.dumps(
-      {"base": "configs/default.py", "overrides": overrides},
-      sort_keys=True).encode()).hexdigest()[:6]
+      config.to_dict(), sort_keys=True).encode()).hexdigest()[:6]
   assert first.name == ("d_model=32,learning_rate=0.001,num_layers=1,"
                         f"num_heads=2-{digest}")
   assert first.workdir == str(tmp_path / "root" / first.name)
@@ -195,6 +199,72 @@ def test_cooldown_branches_follow_each_run(tmp_path):
   assert sweep.load(capped, "root").tasks[1].name.endswith("/cooldowns/8+2")
 
 
+def test_a_run_is_named_by_its_config_not_its_base_path(tmp_path):
+  """A copy of the base names the same runs; a copy with another learning
+  rate, other runs; cooldown budgets add checkpoints, not runs."""
+  with open(os.path.join(REPO, "configs", "default.py")) as f:
+    text = f.read()
+  copy, other = tmp_path / "copy.py", tmp_path / "other.py"
+  copy.write_text(text)
+  other.write_text(text.replace("learning_rate=4.6e-3", "learning_rate=1e-3"))
+  names = {}
+  for base, cooldowns in (("configs/default.py", []),
+                          ("configs/default.py", [0.5]),
+                          ("configs/default.py", [0.25, 0.5]),
+                          (str(copy), [0.5]), (str(other), [0.5])):
+    spec = _spec(tmp_path, {"base": base, "overrides": {"train.steps": 400},
+                            "axes": [{"seeds": [0, 1]}],
+                            "cooldowns": cooldowns})
+    names[base, len(cooldowns)] = [r.name for r in sweep.load(spec,
+                                                              "root").runs]
+  assert len({tuple(v) for k, v in names.items() if k[0] != str(other)}) == 1
+  assert not set(names[str(other), 1]) & set(names[str(copy), 1])
+
+
+def test_budgets_set_the_steps_of_each_run_and_branch(tmp_path):
+  """An IsoFLOP design: every size at every budget, train.steps from the
+  FLOPs per token run.json will count; branches get their share."""
+  spec = _spec(tmp_path, {
+      "base": "configs/default.py",
+      "overrides": {"train.schedule": "wsd", "train.warmup_steps": 10},
+      "axes": [{"zip": {"model.d_model": [32, 64],
+                        "model.num_heads": [1, 2]}}],
+      "budgets": [1e12, 3e12], "cooldowns": [0.5]})
+  loaded = sweep.load(spec, str(tmp_path / "root"))
+  for run, (d, c) in zip(loaded.runs, [(32, 1e12), (32, 3e12), (64, 1e12),
+                                       (64, 3e12)]):
+    n = 3 * (12 * d * d + 13 * d) + 2 * d  # non-embedding, by hand
+    assert run.steps == round(c / (6 * n * 32 * 128))
+    assert run.budget == c and run.name.startswith(
+        f"d_model={d},num_heads={d // 32},budget={c:.4g}-")
+  branches = [t for t in loaded.tasks if t.parent]
+  assert [b.budget for b in branches] == [5e11, 1.5e12, 5e11, 1.5e12]
+  assert loaded.fields == ["model.d_model", "model.num_heads"]
+
+
+def test_old_run_folders_are_named(tmp_path, capsys):
+  """A folder holding a run of the spec under another name (as runs were
+  named before) is named with the command that keeps it; others are
+  listed."""
+  spec = _spec(tmp_path, {**BASE, "axes": [{"seeds": [0, 1]}]})
+  root = tmp_path / "root"
+  run = sweep.load(spec, str(root)).runs[0]
+  from trainer import config as config_lib
+  for folder, seed in (("seed=0-abcdef", 0), ("seed=5-123456", 5)):
+    config = default.get_config()
+    config.train.update(steps=100, seed=seed)
+    os.makedirs(root / folder)
+    config_lib.save(config_lib.capped_warmup(config)[0], str(root / folder))
+  assert sweep.main(["status", spec, "--root", str(root)]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[:2] == [
+      f"note: seed=0-abcdef holds the config of run {run.name} (named before "
+      f"run names hashed the config); to keep its training: mv "
+      f"{root / 'seed=0-abcdef'} {root / run.name}",
+      f"note: 1 folder(s) in {root} hold runs this spec does not have: "
+      "seed=5-123456"]
+
+
 # --- bad specs ---------------------------------------------------------------
 
 BASE = {"base": "configs/default.py", "overrides": {"train.steps": 100}}
@@ -231,7 +301,7 @@ BAD_SPECS = {
     "zero runs": ({**BASE, "axes": [{"random": {"n": 0, "fields": {
         "train.b2": ["uniform", 0.9, 0.99]}}}]}, "positive"),
     "identical runs": ({**BASE, "axes": [
-        {"grid": {"train.learning_rate": [1, 1.0]}}]}, "same overrides"),
+        {"grid": {"train.learning_rate": [1, 1.0]}}]}, "same config"),
     "set twice": ({**BASE, "axes": [{"grid": {"train.steps": [10, 20]}}]},
                   "train.steps is set by overrides and by axis 0"),
     "bad run config": ({**BASE, "axes": [
@@ -243,6 +313,10 @@ BAD_SPECS = {
     "cooldown in the warmup": ({**WSD, "cooldowns": [0.05]},
                                "cooldowns/4+1: cooldown.from_step=4 is "
                                "outside the stable phase"),
+    "budgets and steps": ({**BASE, "budgets": [1e12]},
+                          "train.steps is set by overrides and by budgets"),
+    "a budget of 0": ({"base": "configs/default.py", "budgets": [0]},
+                      "budgets must be a list of positive FLOP counts"),
     "cooldown twice": ({**WSD, "cooldowns": [0.5, 0.501]},
                        "the same branch twice (40+10)"),
     "missing base": ({**BASE, "base": "configs/nope.py"}, "configs/nope.py"),
@@ -304,8 +378,8 @@ def test_collect_rows_of_done_partial_and_unstarted_runs(tmp_path):
   spec = _spec(tmp_path, {**BASE, "axes": [{"seeds": [0, 1, 2]}]})
   done, partial, unstarted = sweep.load(spec, str(tmp_path / "root")).runs
   info = {"params": 1000, "params_non_embedding": 800,
-          "flops_per_token": 5000.0, "flops_per_token_6n": 4800,
-          "tokens_per_step": 64, "vocab_size": 37, "steps": 100}
+          "flops_per_token": 5000.0, "tokens_per_step": 64, "vocab_size": 37,
+          "steps": 100, "code": {"commit": "abc", "clean": True}}
   records = [{"step": 1, "loss": 4.0},  # compiling: no tokens_per_sec
              {"step": 20, "loss": 3.5, "tokens_per_sec": 900.0},
              {"step": 20, "eval_loss": 3.0, "eval_bits_per_byte": 4.0},
@@ -318,16 +392,24 @@ def test_collect_rows_of_done_partial_and_unstarted_runs(tmp_path):
       checkpoint=100)
   rows = sweep.collect(sweep.load(spec, str(tmp_path / "root")))
   assert rows == _read_json_rows(tmp_path / "root" / "results.json")
+  # Periodic evals of 8 batches: the best is the final (whole split) eval.
+  for task in (done, partial):
+    with open(os.path.join(task.workdir, "config.json"), "w") as f:
+      json.dump({"eval": {"max_batches": 8}}, f)
+  subset = sweep.results(sweep.load(spec, str(tmp_path / "root")))
+  assert (subset[0]["best_eval_loss"], subset[1]["best_eval_loss"]) == (
+      2.75, None)
   assert [r["name"] for r in rows] == [done.name, partial.name,
                                        unstarted.name]
   assert rows[0] == {
       "name": done.name, "kind": "run", "parent": None, "train.seed": 0,
       "status": "done", "partial": False, "steps": 100, "target_steps": 100,
       "tokens": 6400, "params": 800, "params_total": 1000,
-      "flops_6nd": 6 * 800 * 6400, "flops": 5000.0 * 6400, "loss": 2.75,
+      "flops": 5000.0 * 6400, "budget": None, "loss": 2.75,
       "eval_bits_per_byte": 3.75, "best_eval_loss": 2.5,
       "best_eval_bits_per_byte": 3.5, "train_loss": 2.0,
-      "tokens_per_sec": 1000.0, "wall_s": None, "workdir": done.workdir}
+      "tokens_per_sec": 1000.0, "code": "abc", "wall_s": None,
+      "workdir": done.workdir}
   assert rows[1]["status"] == "interrupted" and rows[1]["partial"] is True
   assert (rows[1]["steps"], rows[1]["tokens"], rows[1]["flops"],
           rows[1]["train_loss"], rows[1]["loss"]) == (

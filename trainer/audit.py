@@ -180,7 +180,8 @@ def recompute(run: DataOrder) -> list[str]:
         tuple(c.data.holdout), c.data.cache_dir, c.data.val_fraction)
   source = loader.source_for(c, data, "train", data.tokenizer.eot_id)
   batch = c.train.batch_size
-  ids = loader.window_ids(len(source), batch, c.train.seed)
+  ids = loader.window_ids(len(source), batch, c.train.seed,
+                         c.data.order_version)
   findings = []
   for step, record in sorted(run.first.items()):
     if step < 1:

@@ -17,7 +17,7 @@ import os
 import ml_collections
 
 from configs import default
-from data import prepare
+from data import loader, prepare
 from model import GPTConfig, gpt
 from trainer import objectives, optim, sharding
 from trainer.errors import ConfigError
@@ -138,6 +138,7 @@ RULES = {
     "data.num_workers": Rule(int, 0, means="0: none, this process"),
     "data.fingerprint": FLAG,
     "data.pack": FLAG,
+    "data.order_version": Rule(int, choices=loader.ORDER_VERSIONS),
     "train.objective": one_of(*objectives.OBJECTIVES),
     "train.sft_loss_on": one_of("response", "all"),
     "train.dpo_beta": Rule(float, 0, low_open=True),
@@ -410,6 +411,63 @@ def for_mode(saved, given, overrides: dict, mode: str, workdir: str
   return config
 
 
+# What a resumed run may change: its length, how it is evaluated,
+# checkpointed, sampled, placed on this machine and fed (data workers), and
+# where its files are (a moved workdir or data cache). Anything else would
+# continue it as another run than the one its checkpoints hold.
+RESUMABLE = ("train.steps", "eval", "checkpoint", "sample", "mesh", "perf",
+             "data.num_workers", "data.cache_dir", "cooldown.workdir",
+             "cooldown.parent")
+
+
+# Fields a run keeps from its config.json whatever the command line says:
+# its epoch order is the one it started with (data.loader.ORDER_VERSIONS).
+KEPT_BY_THE_RUN = ("data.order_version",)
+
+
+def as_the_run_keeps(config, workdir: str) -> ml_collections.ConfigDict:
+  """`config` with the KEPT_BY_THE_RUN fields of the run in `workdir`, if
+  one is there (a run saved before a field gets BEFORE_FIELD's value)."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return config
+  saved, config = load_saved(workdir), config.copy_and_resolve_references()
+  for field in KEPT_BY_THE_RUN:
+    section, name = field.split(".")
+    config[section][name] = saved[section][name]
+  return config
+
+
+def check_resumable(config, workdir: str) -> None:
+  """Refuses to resume the run in `workdir` with a config (as the run would
+  use it) that differs from its config.json outside RESUMABLE."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return
+  saved, given = _leaves(load_saved(workdir).to_dict()), _leaves(
+      config.to_dict())
+  changed = [f for f, value in given.items()
+             if not f.startswith(tuple(p + "." for p in RESUMABLE))
+             and f not in RESUMABLE and _plain(saved.get(f)) != _plain(value)]
+  if changed:
+    what = ", ".join(f"{f} (the run's {saved.get(f)!r}, now {given[f]!r})"
+                     for f in changed[:3])
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    raise ConfigError(
+        f"{workdir} holds a run of another config: {what}{more}; resume it "
+        f"with the run's values (see {os.path.join(workdir, 'config.json')}) "
+        "or train this config in a new --workdir")
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+  """{dotted field: value} of a nested dict."""
+  leaves = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      leaves.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      leaves[f"{prefix}{key}"] = value
+  return leaves
+
+
 def _plain(value):
   """Tuples as lists, as config.json holds them."""
   return json.loads(json.dumps(value))
@@ -462,7 +520,8 @@ def save(config, workdir: str) -> None:
 
 # Fields whose default changes what a run written before them computes, and
 # the value that keeps it: what load_saved gives a config.json without them.
-BEFORE_FIELD = {"model.vocab_multiple": 1, "train.schedule": "cosine"}
+BEFORE_FIELD = {"model.vocab_multiple": 1, "train.schedule": "cosine",
+                "data.order_version": 1}
 
 
 def load_saved(workdir: str) -> ml_collections.ConfigDict:

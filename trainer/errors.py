@@ -7,6 +7,11 @@ class ConfigError(Exception):
   exit_code = 2
 
 
+class WorkdirInUse(ConfigError):
+  """Another live process trains in the workdir (trainer.workdir_lock):
+  this one stops before writing anything there."""
+
+
 class Diverged(Exception):
   """The loss or gradients became non-finite; nothing after the last good
   checkpoint was saved."""

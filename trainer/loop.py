@@ -16,6 +16,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tqdm
 
 from jax.experimental import multihost_utils
@@ -23,9 +24,9 @@ from jax.experimental import multihost_utils
 from data import examples, loader, prepare, tokenizers
 from model import GPT, generate, resize_vocab
 from trainer import audit, checkpoint, config as config_lib, metrics, optim
-from trainer import objectives, sharding
+from trainer import objectives, sharding, workdir_lock
 from trainer import state as state_lib
-from trainer.errors import ConfigError, Diverged, Preempted
+from trainer.errors import ConfigError, Diverged, Preempted, WorkdirInUse
 
 
 @dataclasses.dataclass
@@ -218,7 +219,8 @@ def _describe(run: Run, rows: slice) -> str:
       f"heads, context {cfg.seq_len}, {vocab}: "
       f"{cfg.num_params() / 1e6:.2f}M params ({padded}"
       f"{cfg.num_params(embeddings=False) / 1e6:.2f}M non-embedding), "
-      f"{cfg.flops_per_token() / 1e6:.1f} MFLOPs/token",
+      f"{metrics.flops_per_token(cfg, run.objective) / 1e6:.1f} "
+      "MFLOPs/token",
       f"mesh: {dict(run.mesh.shape)} over {jax.device_count()} "
       f"{jax.devices()[0].platform} devices in {jax.process_count()} "
       f"process(es); batch {t.batch_size} x {row}, "
@@ -230,10 +232,12 @@ def _describe(run: Run, rows: slice) -> str:
 
 def evaluate_params(run: Run, params, max_batches: int,
                     ref_params=None) -> dict:
-  """The objective's eval record over the validation split: mean loss,
+  """The objective's eval record over the validation split (all of it, or
+  the fixed subset of `max_batches` batches, loader.eval_ids): mean loss,
   perplexity and bits per byte of the target tokens (next-token: every
   token; sft: the response tokens); for dpo the preference loss, rewards,
-  reward accuracy and KL to `ref_params` (objectives.summarize)."""
+  reward accuracy and KL to `ref_params` (objectives.summarize); and how
+  many of the split's items (windows or pairs) it scored."""
   source = run.sources.get("val")
   if source is None:
     source = _source(run.config, run.data, "val", run.model.cfg,
@@ -249,7 +253,10 @@ def evaluate_params(run: Run, params, max_batches: int,
                          jax.device_put(mask, batch_sharding), token_bytes,
                          *extra)
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-  return objectives.summarize(run.objective, jax.device_get(total))
+  return {**objectives.summarize(run.objective, jax.device_get(total)),
+          "eval_items": len(loader.eval_ids(len(source), batch_size,
+                                            max_batches)),
+          "eval_split_items": len(source)}
 
 
 def eval_line(record: dict) -> str:
@@ -298,8 +305,25 @@ def _whole(rules, logical_axis: str) -> tuple:
 
 
 def train(config, workdir: str) -> dict:
-  run = build(config, workdir)
-  config, t = run.config, run.config.train  # as the run uses it
+  """Trains the run of `config` in `workdir` (train.py's train and cooldown
+  modes), holding the workdir's lock (trainer.workdir_lock) from before its
+  checkpoints are read until its last file is written: a second process
+  stops with WorkdirInUse, having written nothing. SIGTERM, from the start
+  on, ends it with Preempted: before the first step with nothing written,
+  else once the step it arrived in is saved."""
+  with contextlib.ExitStack() as stack:
+    stop = _stop_on_sigterm(stack)
+    check_workdir(workdir)
+    lock = _lock_workdir(workdir)
+    if lock is not None:  # last: once every file is written
+      stack.callback(lock.release)
+    run = build(config_lib.as_the_run_keeps(config, workdir), workdir)
+    _check_stop(stop)
+    return _train(run, stop, lock)
+
+
+def _train(run: Run, stop, lock) -> dict:
+  config, t, workdir = run.config, run.config.train, run.workdir
   batch_sharding = sharding.batch_sharding(run.mesh)
   batch_shape = (t.batch_size, run.model.cfg.seq_len + 1)
   rows = sharding.process_rows(batch_sharding, batch_shape)
@@ -308,13 +332,22 @@ def train(config, workdir: str) -> dict:
   with run.context() as stack:
     _check_resumed_padding(run)
     start, state = run.restore_latest()
-    if start is not None and start >= t.steps:  # its files stay as they are
-      log(f"{workdir} is complete at step {start} (train.steps={t.steps}); "
-           "nothing written. To train it further, raise "
-           "--config.train.steps; to use it, --mode=eval or --mode=sample")
+    _check_stop(stop)
+    if start is not None and start >= t.steps:
+      if os.path.exists(_sample_path(workdir, start)):  # nothing is written
+        log(f"{workdir} is complete at step {start} (train.steps="
+            f"{t.steps}); nothing written. To train it further, raise "
+            "--config.train.steps; to use it, --mode=eval or --mode=sample")
+        return {}
+      log(f"{workdir} is complete at step {start} but has no final sample "
+          "(it was stopped after its last checkpoint); writing it")
+      writer = metrics.MetricsWriter(workdir, resume_step=start)
+      stack.callback(writer.close)
+      _write_sample(run, state.params, start, writer)
       return {}
     start_resumed = start is not None
     if start_resumed:
+      config_lib.check_resumable(config, workdir)
       log(f"resuming from {run.checkpointer.directory} at step {start}")
     else:
       start, state = _first_state(run)
@@ -329,7 +362,7 @@ def train(config, workdir: str) -> dict:
     fingerprints = config.data.fingerprint and jax.process_index() == 0
     train_iter = loader.train_iterator(
         source, t.batch_size, t.seed, start, rows, config.data.num_workers,
-        fingerprints)
+        fingerprints, config.data.order_version)
     stack.callback(train_iter.close)
     data_order = audit.DataOrderLog(workdir, t.batch_size, len(source),
                                     fingerprints)
@@ -341,7 +374,6 @@ def train(config, workdir: str) -> dict:
     writer = metrics.MetricsWriter(workdir, resume_step=start)
     stack.callback(writer.close)
     writer.text("run", description, start)
-    stop = _stop_on_sigterm(stack)
     tokens_per_step = t.batch_size * objectives.tokens_per_row(
         t.objective, run.model.cfg.seq_len)
     logger = StepLogger(run, writer, start, tokens_per_step)
@@ -359,6 +391,9 @@ def train(config, workdir: str) -> dict:
       data_order.write(done_step, fingerprint)
       logger.finished(done_step, step_metrics)
       final = done_step == t.steps
+      if lock is not None and lock.lost is not None:
+        raise WorkdirInUse(f"{lock.taken_over()}; stopped after step "
+                           f"{done_step} without saving it")
       preempted = stop() or run.checkpointer.reached_preemption(done_step)
       do_eval = done_step % config.eval.every_steps == 0 or final
       do_save = (done_step % config.checkpoint.every_steps == 0 or final or
@@ -366,9 +401,8 @@ def train(config, workdir: str) -> dict:
       if do_eval or do_save:  # these wait for the step anyway
         logger.flush()
       if do_eval:
-        last_eval = evaluate_params(
-            run, state.params, 0 if final else config.eval.max_batches,
-            ref_params)
+        last_eval = evaluate_params(run, state.params,
+                                    config.eval.max_batches, ref_params)
         writer.write(done_step, last_eval)
         log(f"step {done_step}: {eval_line(last_eval)}")
       if do_save:
@@ -382,20 +416,55 @@ def train(config, workdir: str) -> dict:
         raise Preempted(
             f"stopped by SIGTERM after step {done_step}, saved in "
             f"{run.checkpointer.directory}/{done_step}; the same command "
-            "resumes the run")
+            + ("writes its final sample" if final else "resumes the run"))
       if do_eval or do_save:  # keep them out of the step time
         logger.restart_window()
     logger.bar.close()
     run.checkpointer.close()  # the final checkpoint is committed before sampling
 
-    text = sample_text(run, state.params)
-    if jax.process_index() == 0:
-      os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-      with open(os.path.join(workdir, "samples", f"step_{t.steps}.txt"), "w") as f:
-        f.write(text)
-      writer.text("sample", text, t.steps)
-  log(f"--- sample (temperature {config.sample.temperature}) ---\n{text}")
+    _write_sample(run, state.params, t.steps, writer)
   return last_eval
+
+
+def _lock_workdir(workdir: str):
+  """The workdir's lock, taken by process 0 for every process of the run
+  (None on the others, which learn the outcome from it); WorkdirInUse on
+  every process while another run holds it."""
+  lock, refusal = None, ""
+  if jax.process_index() == 0:
+    try:
+      lock = workdir_lock.WorkdirLock.acquire(workdir)
+    except WorkdirInUse as e:
+      refusal = str(e)
+  if jax.process_count() > 1:
+    text = np.zeros(1024, np.uint8)
+    encoded = refusal.encode()[:text.size]
+    text[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    refusal = np.asarray(multihost_utils.broadcast_one_to_all(text)).tobytes(
+        ).rstrip(b"\0").decode(errors="replace")
+  if refusal:
+    raise WorkdirInUse(refusal)
+  return lock
+
+
+def _sample_path(workdir: str, step: int) -> str:
+  return os.path.join(workdir, "samples", f"step_{step}.txt")
+
+
+def _write_sample(run: Run, params, step: int, writer) -> None:
+  """The final sample: samples/step_<step>.txt, the last file a run writes
+  (whole or not at all), and TensorBoard's text. A run whose final
+  checkpoint has none was stopped before it: the same command writes it."""
+  text = sample_text(run, params)
+  if jax.process_index() == 0:
+    path = _sample_path(run.workdir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      f.write(text)
+    os.replace(path + ".tmp", path)
+    writer.text("sample", text, step)
+  log(f"--- sample (temperature {run.config.sample.temperature}) ---\n"
+      f"{text}")
 
 
 class StepLogger:
@@ -410,7 +479,8 @@ class StepLogger:
     self.run, self.writer, self.start = run, writer, start
     self.schedule = optim.lr_schedule(config)
     self.tokens_per_step = tokens_per_step
-    self.flops_per_step = run.model.cfg.flops_per_token() * tokens_per_step
+    self.flops_per_step = metrics.flops_per_token(
+        run.model.cfg, run.objective) * tokens_per_step
     self.peak = (metrics.peak_flops_per_device(config.perf.peak_flops) *
                  jax.device_count())
     self.bar = tqdm.tqdm(total=self.t.steps, initial=start, unit="step",
@@ -497,6 +567,13 @@ def _stop_on_sigterm(stack):
                              lambda signum, frame: received.append(signum))
     stack.callback(signal.signal, signal.SIGTERM, previous)
   return lambda: bool(received)
+
+
+def _check_stop(stop) -> None:
+  """Preempted if SIGTERM arrived before the first step."""
+  if stop():
+    raise Preempted("stopped by SIGTERM before the first step, nothing "
+                    "written; the same command starts or resumes the run")
 
 
 def _first_state(run: Run):

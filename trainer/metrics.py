@@ -3,6 +3,7 @@ under <workdir>/tensorboard, and FLOP / MFU accounting."""
 
 import json
 import os
+import subprocess
 import time
 
 import jax
@@ -58,24 +59,48 @@ def _tensorboard_tag(key: str) -> str:
   return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
 
 
+def flops_per_token(model_cfg, objective: str) -> float:
+  """Training FLOPs per input token, the one count of MFU, run.json, sweeps
+  and scaling fits: model.GPTConfig.flops_per_token(), 6 N, and for dpo
+  2 N more, the frozen reference model's forward pass over the same
+  tokens."""
+  flops = model_cfg.flops_per_token()
+  return flops * 4 / 3 if objective == "dpo" else flops
+
+
+def code_version() -> dict:
+  """The commit of the code's git checkout and whether its tree was clean
+  (no change to a tracked file, no untracked file); nulls without git."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*args) -> str:
+    return subprocess.run(["git", "-C", root, *args], capture_output=True,
+                          text=True, timeout=30, check=True).stdout.strip()
+  try:
+    return {"commit": git("rev-parse", "HEAD"),
+            "clean": not git("status", "--porcelain")}
+  except (OSError, subprocess.SubprocessError):
+    return {"commit": None, "clean": None}
+
+
 def write_run_summary(workdir: str, model_cfg, train_cfg) -> None:
   """<workdir>/run.json: the sizes a sweep or scaling study reads without
-  rebuilding the model (parameters, FLOPs per token, tokens per step). The
-  counts are the real vocabulary's; `*_padded`, the padded one's (model.
+  rebuilding the model (parameters, FLOPs per token, tokens per step), and
+  the code_version() that wrote it (a resumed run: the latest). The counts
+  are the real vocabulary's; `*_padded`, the padded one's (model.
   GPTConfig.padded_vocab_size), as the parameters are stored."""
-  non_embedding = model_cfg.num_params(embeddings=False)
+  objective = train_cfg.get("objective", "next-token")
   summary = {"params": model_cfg.num_params(),
              "params_padded": model_cfg.num_params(padded=True),
-             "params_non_embedding": non_embedding,
-             "flops_per_token": model_cfg.flops_per_token(),
-             "flops_per_token_6n": 6 * non_embedding,
+             "params_non_embedding": model_cfg.num_params(embeddings=False),
+             "flops_per_token": flops_per_token(model_cfg, objective),
              "tokens_per_step": train_cfg.batch_size *
                                 objectives.tokens_per_row(
-                                    train_cfg.get("objective", "next-token"),
-                                    model_cfg.seq_len),
+                                    objective, model_cfg.seq_len),
              "vocab_size": model_cfg.vocab_size,
              "vocab_size_padded": model_cfg.padded_vocab_size,
-             "steps": train_cfg.steps}
+             "steps": train_cfg.steps,
+             "code": code_version()}
   with open(os.path.join(workdir, "run.json"), "w") as f:
     json.dump(summary, f, indent=1)
 

@@ -128,18 +128,30 @@ def dpo_from_logps(logp_Bx2, ref_logp_Bx2, beta):
   return -jax.nn.log_sigmoid(margin_B), rewards_Bx2, margin_B
 
 
-def dpo_terms(model, params, batch, rng, ref_params, beta, dropout=False):
+def _reference_logps(params, ref_params, logps, ref_logps):
+  """The reference's log-probabilities, or the policy's (without their
+  gradient) where the two param trees are equal, as at a run's first step:
+  its rewards and KL are then exactly 0, not the round-off between two
+  compiled forward passes (one under the gradient) of the same weights."""
+  same = jnp.all(jnp.stack([jnp.array_equal(p, r) for p, r in zip(
+      jax.tree.leaves(params), jax.tree.leaves(ref_params))]))
+  return jax.tree.map(
+      lambda lp, ref: jnp.where(same, jax.lax.stop_gradient(lp), ref),
+      logps, ref_logps)
+
+
+def dpo_terms(model, params, batch, ref_params, beta):
   """Per pair: the loss, the chosen and rejected rewards (beta times the
   log-ratio to the reference) and per sequence the KL to the reference
   summed over its target tokens; with the target counts."""
   flat = _flat_pairs(batch)
-  logits = apply(model, params, flat, rng, dropout)
-  # Defensive: only the policy's params are differentiated anyway.
+  logits = apply(model, params, flat)
   ref_logits = jax.lax.stop_gradient(apply(model, ref_params, flat))
   logp_2B, logp_2BxLxV = sequence_logps(logits, flat["tokens"],
                                         flat["weights"])
-  ref_logp_2B, ref_logp_2BxLxV = sequence_logps(ref_logits, flat["tokens"],
-                                                flat["weights"])
+  ref_logp_2B, ref_logp_2BxLxV = _reference_logps(
+      params, ref_params, (logp_2B, logp_2BxLxV),
+      sequence_logps(ref_logits, flat["tokens"], flat["weights"]))
   loss_B, rewards_Bx2, margin_B = dpo_from_logps(
       logp_2B.reshape(-1, 2), ref_logp_2B.reshape(-1, 2), beta)
   # KL(policy || reference) of the next-token distributions at the target
@@ -162,12 +174,11 @@ def response_targets(batch) -> dict:
           for i, side in enumerate(("chosen", "rejected"))}
 
 
-def dpo_loss(model, params, batch, rng, ref_params, beta, targets=None,
-             dropout=False):
+def dpo_loss(model, params, batch, ref_params, beta, targets=None):
   """The mean loss over the pairs, and the metrics. The KL sums are divided
   by `targets` (response_targets of the whole global batch, split over the
   microbatches of gradient accumulation; by default this batch's)."""
-  t = dpo_terms(model, params, batch, rng, ref_params, beta, dropout)
+  t = dpo_terms(model, params, batch, ref_params, beta)
   targets = response_targets(batch) if targets is None else targets
   metrics = {"reward_chosen": t["chosen_B"].mean(),
              "reward_rejected": t["rejected_B"].mean(),
@@ -190,7 +201,7 @@ def kl_per_token(kl_chosen, kl_rejected, targets_chosen, targets_rejected):
 
 def dpo_eval(model, params, batch, mask_B, ref_params, beta):
   """Sums over the pairs of mask_B."""
-  t = dpo_terms(model, params, batch, None, ref_params, beta)
+  t = dpo_terms(model, params, batch, ref_params, beta)
   m = mask_B.astype(jnp.float32)
   return {"pairs": m.sum(), "loss": jnp.sum(t["loss_B"] * m),
           "chosen": jnp.sum(t["chosen_B"] * m),

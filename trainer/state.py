@@ -83,8 +83,8 @@ def make_train_step(model, tx, shardings, *, grad_accum_steps: int,
                                  dropout)
   elif objective == "dpo":
     def loss_fn(params, batch, rng, ref_params, denominator):
-      return objectives.dpo_loss(model, params, batch, rng, ref_params,
-                                 dpo_beta, denominator, dropout)
+      return objectives.dpo_loss(model, params, batch, ref_params, dpo_beta,
+                                 denominator)
   else:
     raise ValueError(f"unknown objective {objective!r}")
 
