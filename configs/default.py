@@ -38,8 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
       dropout=0.0,
       scan_layers=False,   # nn.scan over layers: faster compiles, ~15% slower on CPU
       remat="none",        # "none" | "dots" | "full"
-      dtype="float32",     # compute dtype; parameters stay float32
-      param_dtype="float32",
+      dtype="float32",     # compute dtype: float32 | bfloat16 (float16: no loss scaling)
+      param_dtype="float32",  # float32 to train (Adam's moments follow it)
       attention="einsum",  # "einsum" | "xla" | "cudnn" (GPU, bf16)
       attention_chunks=2,  # einsum attention in query blocks that skip masked keys
       attention_pattern="dense",  # "dense" | "local" layers, comma-separated,
@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
       local_window=256,    # a local layer's query sees its key and 255 before
       parametrization="standard",  # or "mup" (README, muP)
       mup_base_width=96,   # muP: the d_model where it equals "standard"
+      mup_base_heads=0,    # muP: the base model's heads, kept at every width; 0: num_heads
   ))
 
   c.data = ml_collections.ConfigDict(dict(
