@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       objective="next-token",  # "next-token" (text) | "sft" | "dpo" (JSONL examples:
-                               # data.source is their file, directory or glob: docs/data.md)
+                               # data.source: their file, directory or glob; docs/posttrain.md)
       sft_loss_on="response",  # sft: "response" tokens (and their EOT) | "all" tokens
       dpo_beta=0.1,            # dpo: the strength of the tie to the reference
       steps=3600,
