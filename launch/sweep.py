@@ -48,7 +48,7 @@ named with the `mv` that keeps its training.
 
 IsoFLOP designs: "budgets": [C1, C2, ...] (FLOPs) trains every run of the
 axes once per budget, its train.steps = round(C / FLOPs per step), FLOPs
-as run.json counts them (6 N D, README "FLOPs"); the budget is the last
+as run.json counts them (6 N D, docs/model.md, "FLOPs"); the budget is the last
 swept value and results.csv's `budget` column (a branch's: its
 fraction of it), from which research.scaling groups IsoFLOP profiles.
 
@@ -64,7 +64,7 @@ branch starts once its run's checkpoint at S exists.
 
 `run` restarts safely: the same command again skips done runs (their final
 checkpoint exists), resumes interrupted ones and retries failed ones; a lock
-in each workdir keeps two sweep processes off one run. See launch/README.md.
+in each workdir keeps two sweep processes off one run. See docs/sweeps.md.
 """
 
 import argparse

@@ -222,7 +222,7 @@ class GPTConfig:
     FLOPs per token forward and 4 backward. It leaves out the attention
     score and value matmuls (PaLM adds 12 * layers * d_model * context) and
     the output layer (6 * d_model * vocabulary), so MFU against it is lower
-    than PaLM's by their share (README, "FLOPs").
+    than PaLM's by their share (docs/model.md, "FLOPs").
     """
     return 6 * self.num_params(embeddings=False)
 
