@@ -442,8 +442,15 @@ def check_resumable(config, workdir: str) -> None:
   use it) that differs from its config.json outside RESUMABLE."""
   if not os.path.exists(os.path.join(workdir, "config.json")):
     return
-  saved, given = _leaves(load_saved(workdir).to_dict()), _leaves(
-      config.to_dict())
+  run = load_saved(workdir)
+  if eval_subset(run) != eval_subset(config):
+    raise ConfigError(
+        f"{workdir}'s evals score {_items(eval_subset(run))}; eval.max_batches"
+        f"={config.eval.max_batches} and eval.batch_size="
+        f"{config.eval.batch_size} would score {_items(eval_subset(config))}, "
+        "and every eval of a run scores the same text; resume with the run's "
+        "values (see its config.json) or train in a new --workdir")
+  saved, given = _leaves(run.to_dict()), _leaves(config.to_dict())
   changed = [f for f, value in given.items()
              if not f.startswith(tuple(p + "." for p in RESUMABLE))
              and f not in RESUMABLE and _plain(saved.get(f)) != _plain(value)]
@@ -455,6 +462,16 @@ def check_resumable(config, workdir: str) -> None:
         f"{workdir} holds a run of another config: {what}{more}; resume it "
         f"with the run's values (see {os.path.join(workdir, 'config.json')}) "
         "or train this config in a new --workdir")
+
+
+def eval_subset(config) -> int:
+  """How many validation items every eval of the run scores (0: all)."""
+  return config.eval.max_batches * config.eval.batch_size
+
+
+def _items(count: int) -> str:
+  return f"{count} items of the validation split" if count else (
+      "the whole validation split")
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict:
