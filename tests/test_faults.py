@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -321,7 +322,10 @@ def test_a_run_whose_lock_was_taken_over_stops_without_saving(
   holder = {}
   def take_over():
     holder.update(_write_lock(workdir, pid=1, host="node7"))
-    time.sleep(0.5)  # heartbeats find it lost
+    deadline = time.monotonic() + 60  # a heartbeat finds it lost, and ends
+    while any(t.name == "workdir-lock-heartbeat" for t in threading.enumerate()
+              ) and time.monotonic() < deadline:
+      time.sleep(0.01)
   real = state_lib.make_train_step
   monkeypatch.setattr(state_lib, "make_train_step",
                       lambda *a, **k: _before_call(real(*a, **k), 5,
