@@ -62,7 +62,7 @@ _EXPORT_DIR = flags.DEFINE_string(
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "cluster", "off"],
-    "Joining a multi-process run (see launch/README.md). auto: when "
+    "Joining a multi-process run (see docs/distributed.md). auto: when "
     "--num_processes (or JAX_NUM_PROCESSES) is given or this is one of several "
     "SLURM tasks; cluster: always, JAX detects the cluster (Cloud TPU, SLURM, "
     "Open MPI); off: never.")

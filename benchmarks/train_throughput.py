@@ -10,7 +10,7 @@
 
 Steps run on random tokens (the input pipeline is measured in training logs as
 data_wait_ms). MFU counts model.flops_per_token() (6N, N the non-embedding
-parameters: the project's one convention, README "FLOPs") against the accelerator's datasheet peak (dense bf16) where
+parameters: the project's one convention, docs/model.md "FLOPs") against the accelerator's datasheet peak (dense bf16) where
 trainer.metrics knows the device, else against the median FLOP/s of a large
 float32 matmul measured on this machine, so that on a CPU it reads as
 "fraction of what XLA's matmul reaches here".

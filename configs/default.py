@@ -9,7 +9,7 @@ Expect:   under 15 minutes on a 2-core CPU from a fresh clone (setup and
           names, verse lines and mostly real words.
 
 Why this size: chosen by the scaling study (python -m research.scaling
-study; README, "Scaling-law studies"). Its fitted law, at each size's
+study; docs/scaling.md). Its fitted law, at each size's
 measured speed here, ranks 3 x 96 first for 11 minutes of training
 (predicted 1.592; the compute-optimal N for that budget is 0.35M, ~50
 tokens per parameter), ahead of the previous 4 x 128 default (1.622 in the
@@ -38,15 +38,16 @@ def get_config() -> ml_collections.ConfigDict:
       dropout=0.0,
       scan_layers=False,   # nn.scan over layers: faster compiles, ~15% slower on CPU
       remat="none",        # "none" | "dots" | "full"
-      dtype="float32",     # compute dtype; parameters stay float32
-      param_dtype="float32",
+      dtype="float32",     # compute dtype: float32 | bfloat16 (float16: no loss scaling)
+      param_dtype="float32",  # float32 to train (Adam's moments follow it)
       attention="einsum",  # "einsum" | "xla" | "cudnn" (GPU, bf16)
       attention_chunks=2,  # einsum attention in query blocks that skip masked keys
       attention_pattern="dense",  # "dense" | "local" layers, comma-separated,
                                   # cycled over the layers; GPT-3: "dense,local"
       local_window=256,    # a local layer's query sees its key and 255 before
-      parametrization="standard",  # or "mup" (README, muP)
+      parametrization="standard",  # or "mup" (docs/mup.md)
       mup_base_width=96,   # muP: the d_model where it equals "standard"
+      mup_base_heads=0,    # muP: the base model's heads, kept at every width; 0: num_heads
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -65,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       objective="next-token",  # "next-token" (text) | "sft" | "dpo" (JSONL examples:
-                               # data.source is their file, directory or glob; README)
+                               # data.source: their file, directory or glob; docs/posttrain.md)
       sft_loss_on="response",  # sft: "response" tokens (and their EOT) | "all" tokens
       dpo_beta=0.1,            # dpo: the strength of the tie to the reference
       steps=3600,
@@ -103,7 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
       keep_steps=(),       # also save at these steps and keep them (cooldown branch points)
   ))
 
-  # --mode=cooldown: a branch of a wsd / constant run (README, Many token budgets).
+  # --mode=cooldown: a branch of a wsd / constant run (docs/sweeps.md).
   c.cooldown = ml_collections.ConfigDict(dict(
       from_step=0,         # the run's checkpoint to start from, in its stable phase
       steps=0,             # decay steps; the branch ends at from_step + steps

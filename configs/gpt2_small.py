@@ -10,7 +10,7 @@ FLOPs:    per token 6N = 0.51 G (N: non-embedding parameters) as logged; 0.86 G
           in PaLM's count (+ the output layer 0.23 G + attention, 12 x layers x
           d_model x context, 0.11 G).
 Memory:   17.5 GiB per device at 8 sequences, data-parallel
-          (launch/README.md).
+          (docs/distributed.md).
 
 Command:  python train.py --config=configs/gpt2_small.py
 """

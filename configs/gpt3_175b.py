@@ -20,7 +20,7 @@ FLOPs:    per token 6N = 1044 G as logged; 1064 G in PaLM's count (+ output
           layer 3.7 G, attention 16.3 G). 300B tokens: 3.13e23 FLOPs as logged;
           the paper's 3.14e23 is 6 x all parameters x tokens.
 Memory:   24.7 GiB per device on 1024 devices (the plan, its arithmetic
-          and other layouts: launch/README.md, GPT-3 175B on 1024 devices):
+          and other layouts: docs/distributed.md, GPT-3 175B on 1024 devices):
           python -m launch.memory --config=configs/gpt3_175b.py --devices=1024
 
 Command:  python train.py --config=configs/gpt3_175b.py

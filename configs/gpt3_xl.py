@@ -18,7 +18,7 @@ FLOPs:    per token 6N = 7.25 G as logged; 8.55 G in PaLM's count (+ output
           layer 0.62 G, attention 0.68 G).
 Memory:   12.8 GiB per device at 8 sequences each on 64 devices (CPU
           plan: python -m launch.memory --config=configs/gpt3_xl.py
-          --devices=64; other layouts in launch/README.md)
+          --devices=64; other layouts in docs/distributed.md)
 
 Command:  python train.py --config=configs/gpt3_xl.py
 """

@@ -1,6 +1,6 @@
 """Balanced parentheses: a 2-block GPT, 8 heads, width 128 (d_ff 512), on
 the corpus `python -m research.parens` prepares (its docstring has the data,
-the metrics and the 1-block comparison; README, Balanced parentheses, the
+the metrics and the 1-block comparison; docs/parens.md, the
 results).
 
 Command:  python -m research.parens        (prepares, trains both, scores)

@@ -327,20 +327,19 @@ def train_iterator(source: WindowSource, global_batch: int, seed: int,
   return iter(ds)
 
 
-def eval_ids(num_items: int, batch_size: int, max_batches: int = 0):
-  """The items an eval scores: all, or max_batches * batch_size of them
+def eval_ids(num_items: int, max_items: int = 0):
+  """The items an eval scores: all (max_items 0), or max_items of them
   spread evenly over the split (a fixed subset, the same at every eval)."""
-  wanted = max_batches * batch_size
-  if not 0 < wanted < num_items:
+  if not 0 < max_items < num_items:
     return np.arange(num_items)
-  return np.arange(wanted) * num_items // wanted
+  return np.arange(max_items) * num_items // max_items
 
 
-def eval_batches(source, batch_size: int, max_batches: int = 0):
+def eval_batches(source, batch_size: int, max_items: int = 0):
   """The items of eval_ids in order, as (batch, mask [b]): tokens [b, L+1]
   (or a dict of arrays with b rows, as the source's items); the last batch
   is padded with masked-out items (zeros) so nothing is dropped."""
-  ids = eval_ids(len(source), batch_size, max_batches)
+  ids = eval_ids(len(source), max_items)
   for s in range(0, len(ids), batch_size):
     chunk = ids[s:s + batch_size]
     count = len(chunk)

@@ -48,7 +48,7 @@ named with the `mv` that keeps its training.
 
 IsoFLOP designs: "budgets": [C1, C2, ...] (FLOPs) trains every run of the
 axes once per budget, its train.steps = round(C / FLOPs per step), FLOPs
-as run.json counts them (6 N D, README "FLOPs"); the budget is the last
+as run.json counts them (6 N D, docs/model.md, "FLOPs"); the budget is the last
 swept value and results.csv's `budget` column (a branch's: its
 fraction of it), from which research.scaling groups IsoFLOP profiles.
 
@@ -64,7 +64,7 @@ branch starts once its run's checkpoint at S exists.
 
 `run` restarts safely: the same command again skips done runs (their final
 checkpoint exists), resumes interrupted ones and retries failed ones; a lock
-in each workdir keeps two sweep processes off one run. See launch/README.md.
+in each workdir keeps two sweep processes off one run. See docs/sweeps.md.
 """
 
 import argparse
@@ -968,8 +968,7 @@ def results(sweep: Sweep) -> list:
     info = _read_json(os.path.join(task.workdir, "run.json")) or {}
     tokens = _times(info.get("tokens_per_step"), m.step)
     status = _status(task, state)
-    best = min(_full_evals(task, m.evals), key=lambda r: r["eval_loss"],
-               default={})
+    best = min(m.evals, key=lambda r: r["eval_loss"], default={})
     rows.append({
         "name": task.name, "kind": task.kind,
         "parent": task.parent.name if task.parent else None,
@@ -993,16 +992,6 @@ def results(sweep: Sweep) -> list:
         "code": (info.get("code") or {}).get("commit"),
         "wall_s": state.get("wall_s"), "workdir": task.workdir})
   return rows
-
-
-def _full_evals(task: Task, evals: list) -> list:
-  """The evals of the whole validation split: all of a run whose
-  eval.max_batches is 0, else its final one (train.py's final eval reads
-  all), so that a best loss is never a subset's."""
-  config = _read_json(os.path.join(task.workdir, "config.json")) or {}
-  if config.get("eval", {}).get("max_batches", 0):
-    return [r for r in evals if r["step"] == task.steps]
-  return evals
 
 
 def _times(per_unit, units):

@@ -13,6 +13,7 @@ slots): only attention's key/value source differs from training.
 """
 
 import dataclasses
+import functools
 import math
 
 import flax
@@ -65,6 +66,7 @@ class GPTConfig:
   vocab_multiple: int = 1  # pad the vocabulary to a multiple of this
   parametrization: str = "standard"  # one of PARAMETRIZATIONS
   mup_base_width: int = 96  # muP: the d_model at which it equals standard
+  mup_base_heads: int = 0  # muP: the base model's heads (0: num_heads)
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -89,8 +91,30 @@ class GPTConfig:
     if self.vocab_multiple < 1:
       raise ValueError(f"model.vocab_multiple={self.vocab_multiple} must be "
                        ">= 1 (1: no padding)")
-    if self.parametrization == "mup" and (
-        self.mup_base_width < 1 or self.mup_base_width % self.num_heads):
+    if self.dropout and self.attention != "einsum":
+      raise ValueError(
+          f"model.dropout={self.dropout} drops attention probabilities too, "
+          f"which model.attention={self.attention!r} "
+          "(jax.nn.dot_product_attention) cannot: use model.attention="
+          "'einsum' or model.dropout=0")
+    if self.parametrization == "mup":
+      self._check_mup()
+
+  def _check_mup(self):
+    """muP scales every hidden width with d_model, the heads' size among
+    them: the MLP's width is 4 * d_model and the heads stay those of the
+    base model (attention_mult assumes head_dim grows with the width)."""
+    if self.d_ff:
+      raise ValueError(
+          "model.parametrization='mup' scales the MLP with d_model: set "
+          f"model.d_ff=0 (4 * d_model), not {self.d_ff}")
+    if self.mup_base_heads and self.mup_base_heads != self.num_heads:
+      raise ValueError(
+          f"model.num_heads={self.num_heads} differs from muP's base model's "
+          f"model.mup_base_heads={self.mup_base_heads}: muP's attention "
+          "scale keeps the heads fixed as the width grows (head_dim grows "
+          f"with it); set model.num_heads={self.mup_base_heads}")
+    if self.mup_base_width < 1 or self.mup_base_width % self.num_heads:
       raise ValueError(
           f"model.mup_base_width={self.mup_base_width} must be a positive "
           f"multiple of model.num_heads={self.num_heads}: muP's base model "
@@ -198,7 +222,7 @@ class GPTConfig:
     FLOPs per token forward and 4 backward. It leaves out the attention
     score and value matmuls (PaLM adds 12 * layers * d_model * context) and
     the output layer (6 * d_model * vocabulary), so MFU against it is lower
-    than PaLM's by their share (README, "FLOPs").
+    than PaLM's by their share (docs/model.md, "FLOPs").
     """
     return 6 * self.num_params(embeddings=False)
 
@@ -371,12 +395,44 @@ def rotary(x_BxLxHxK, pos_BxL, base: float):
       axis=-1).astype(x_BxLxHxK.dtype)
 
 
+def einsum_f32(spec: str, a, b):
+  """jnp.einsum(spec, a, b) in float32: of bfloat16 operands, their products
+  summed and returned in float32 (as GPU and TPU matmul units do), not
+  rounded back to bfloat16. Its backward pass is that of a bfloat16 einsum
+  whose result is cast to float32 (the cotangent rounded to bfloat16), so
+  the gradient's matmuls stay in bfloat16. Of float32 operands, the plain
+  einsum."""
+  if a.dtype == b.dtype == jnp.float32:
+    return jnp.einsum(spec, a, b)
+  return _einsum_f32(spec, a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum_f32(spec: str, a, b):
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_f32_forward(spec: str, a, b):
+  return _einsum_f32(spec, a, b), (a, b)
+
+
+def _einsum_f32_backward(spec: str, operands, g):
+  a, b = operands
+  g = g.astype(jnp.result_type(a, b))
+  transpose = lambda f, x: jax.linear_transpose(f, x)(g)[0]
+  return (transpose(lambda a: jnp.einsum(spec, a, b), a),
+          transpose(lambda b: jnp.einsum(spec, a, b), b))
+
+
+_einsum_f32.defvjp(_einsum_f32_forward, _einsum_f32_backward)
+
+
 def attend(q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, mask, dropout=lambda p: p):
   """Softmax attention of scaled queries; `mask` broadcasts to [B, H, Q, T];
-  `dropout` applies to the probabilities. B may be several dimensions."""
-  att_BxHxQxT = jnp.einsum("...qhk,...thk->...hqt", q_BxQxHxK, k_BxTxHxK)
-  att_BxHxQxT = jnp.where(mask, att_BxHxQxT.astype(jnp.float32),
-                          jnp.finfo(jnp.float32).min)
+  `dropout` applies to the probabilities. B may be several dimensions. The
+  scores and the softmax are float32 whatever the compute dtype."""
+  att_BxHxQxT = einsum_f32("...qhk,...thk->...hqt", q_BxQxHxK, k_BxTxHxK)
+  att_BxHxQxT = jnp.where(mask, att_BxHxQxT, jnp.finfo(jnp.float32).min)
   probs_BxHxQxT = jax.nn.softmax(att_BxHxQxT, axis=-1).astype(v_BxTxHxK.dtype)
   return jnp.einsum("...hqt,...thk->...qhk", dropout(probs_BxHxQxT),
                     v_BxTxHxK)
@@ -684,18 +740,21 @@ class GPT(nn.Module):
     x_BxLxD = _layer_norm(cfg, name="ln_f")(x_BxLxD)
     if cfg.output_mult != 1:  # muP away from its base width
       x_BxLxD = x_BxLxD * cfg.output_mult
+    # The readout sums in float32 (einsum_f32): no logit is rounded to the
+    # compute dtype.
     if cfg.tie_embeddings:
-      logits_BxLxV = embed.attend(x_BxLxD)
+      logits_BxLxV = einsum_f32("bld,vd->blv", x_BxLxD,
+                                embed.embedding.astype(cfg.dtype))
     else:
       logits_BxLxV = nn.Dense(
           cfg.padded_vocab_size, use_bias=cfg.use_bias, dtype=cfg.dtype,
-          param_dtype=cfg.param_dtype, name="lm_head",
+          param_dtype=cfg.param_dtype, name="lm_head", dot_general=_readout,
           kernel_init=nn.with_logical_partitioning(_dense_init(),
                                                    ("embed", "vocab")),
           bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                                  ("vocab",)))(x_BxLxD)
     logits_BxLxV = nn.with_logical_constraint(
-        logits_BxLxV, ("batch", "length", "vocab")).astype(jnp.float32)
+        logits_BxLxV, ("batch", "length", "vocab"))
     if cfg.padded_vocab_size > cfg.vocab_size:  # no probability, no gradient
       real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
       logits_BxLxV = jnp.where(real_V, logits_BxLxV,
@@ -703,6 +762,13 @@ class GPT(nn.Module):
     if cache is None:
       return logits_BxLxV
     return logits_BxLxV, cache.written()
+
+
+def _readout(x_BxLxD, kernel_DxV, dimension_numbers, precision=None):
+  """nn.Dense's product for the untied readout (x's last axis with the
+  kernel's first), summed in float32."""
+  del dimension_numbers, precision
+  return einsum_f32("bld,dv->blv", x_BxLxD, kernel_DxV)
 
 
 # The parameters with a vocabulary axis, by path, and that axis.

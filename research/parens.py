@@ -21,7 +21,7 @@ window edge, every target is a legal continuation of what the window shows,
 and each window opens exactly as scoring and sampling prompt the model (the
 end token at position 0).
 
-Metrics, per model (results.json; README, Balanced parentheses):
+Metrics, per model (results.json; docs/parens.md):
 - illegal mass: after every prefix of the held-out words (read after an end
   token), the probability on tokens that cannot continue a balanced word
   (")" at depth 0, the end inside or before the first "(", any other id),

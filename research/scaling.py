@@ -19,9 +19,10 @@ Conventions:
 - N (`params`) counts non-embedding parameters, as Kaplan et al. (2020) do:
   `model.GPTConfig.num_params(embeddings=False)`. D (`tokens`) counts the
   training tokens seen; losses are in nats per token.
-- Compute C is 6 N D, the project's one FLOPs convention (README, "FLOPs"):
-  train.py's MFU and run.json, the sweeps' `flops` and `budget`, the fits
-  and the plan all count it. A table's `flops` column is not read.
+- Compute C is 6 N D, the project's one FLOPs convention (docs/model.md,
+  "FLOPs"): train.py's MFU and run.json, the sweeps' `flops` and
+  `budget`, the fits and the plan all count it. A table's `flops` column is
+  not read.
 - A row's run: its `parent` if it has one (a cooldown branch shares its
   run's first steps and seed), else its `name`; without those columns each
   row is a run of its own.

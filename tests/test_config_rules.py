@@ -162,7 +162,7 @@ CROSS_CASES = [
      "model.position='rope' rotates pairs of dimensions: head_dim = d_model "
      "/ num_heads = 9 must be even"),
     ("model_is_consistent", dict(model__attention="cudnn"),
-     "model.attention='cudnn' needs model.dtype='bfloat16' or 'float16'"),
+     "model.attention='cudnn' needs model.dtype='bfloat16'"),
     ("top_k_within_vocabulary", dict(model__vocab_size=50, sample__top_k=51),
      "sample.top_k=51 exceeds the vocabulary of 50"),
     ("objective_fields_for_their_objective", dict(train__dpo_beta=0.5),
@@ -174,7 +174,7 @@ CROSS_CASES = [
     ("dpo_without_dropout", dict(train__objective="dpo", model__dropout=0.1),
      "train.objective='dpo' scores the policy and its reference alike, "
      "without dropout: set model.dropout=0, not 0.1"),
-    ("mup_scales_every_width",
+    ("model_is_consistent",
      dict(model__parametrization="mup", model__d_ff=100),
      "model.parametrization='mup' scales the MLP with d_model: set "
      "model.d_ff=0 (4 * d_model), not 100"),

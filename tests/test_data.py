@@ -518,12 +518,12 @@ def test_eval_batches_cover_every_window_once():
   np.testing.assert_array_equal(batches[-1][0][2:], 0)
   kept = np.concatenate([t[m] for t, m in batches])
   np.testing.assert_array_equal(kept, np.stack([source[i] for i in range(10)]))
-  two = list(loader.eval_batches(source, 4, max_batches=2))
+  two = list(loader.eval_batches(source, 4, max_items=8))
   assert len(two) == 2  # 8 of the 10 windows, spread over the split:
   np.testing.assert_array_equal(
       np.concatenate([t for t, _ in two]),
       np.stack([source[i] for i in (0, 1, 2, 3, 5, 6, 7, 8)]))
-  assert loader.eval_ids(100, 4, 2).tolist() == [0, 12, 25, 37, 50, 62, 75, 87]
-  assert loader.eval_ids(10, 4, 3).tolist() == list(range(10))  # all fit
+  assert loader.eval_ids(100, 8).tolist() == [0, 12, 25, 37, 50, 62, 75, 87]
+  assert loader.eval_ids(10, 12).tolist() == list(range(10))  # all fit
   assert len(list(loader.eval_batches(source, 5))) == 2  # exact multiple
   assert list(loader.eval_batches(_source(0, extra=0), 4)) == []

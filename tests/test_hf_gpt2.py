@@ -467,8 +467,8 @@ def test_an_import_is_used_with_its_own_tokenizer(tmp_path, capsys,
 
 
 def test_import_fine_tune_and_sample(tmp_path, capsys, corpus_dir):
-  """The README's example at the fixture's size: import, prepare a corpus
-  with the import's tokenizer, fine-tune from the import, sample."""
+  """docs/generation.md's example at the fixture's size: import, prepare a
+  corpus with the import's tokenizer, fine-tune from the import, sample."""
   imported = str(tmp_path / "imported")
   assert _main(capsys, "import", FIXTURE, imported)[0] == 0
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}

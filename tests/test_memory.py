@@ -72,7 +72,7 @@ def test_a_vocabulary_padded_to_128_splits_over_tensor_8():
 
 
 def test_gpt3_175b_fits_80gb_on_1024_devices():
-  """launch/README.md's plan, compiled whole (~40 s): the state is 12 bytes
+  """docs/distributed.md's plan, compiled whole (~40 s): the state is 12 bytes
   a parameter over 1024 devices, 3 sequences at a time, under 80 GB."""
   result = subprocess.run(
       [sys.executable, "-m", "launch.memory", "--config=configs/gpt3_175b.py",

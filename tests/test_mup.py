@@ -13,8 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import tiny_config, tiny_model_config
-from model import GPT
+from conftest import param_shapes, tiny_config, tiny_model_config
+from model import GPT, roles
 from research import mup
 from trainer import config as config_lib, loop, optim, sharding
 from trainer import state as state_lib
@@ -89,16 +89,17 @@ def test_base_width_is_the_standard_parametrization_bit_for_bit():
 
 def test_standard_optimizer_state_is_adamws():
   """The standard chain is optax.adamw's: checkpoints written before muP
-  restore into it."""
+  (and before weight decay went by role) restore into it."""
   config = tiny_config()
-  params = {"w": jnp.ones((3, 3)), "b": jnp.ones(3)}
+  params = param_shapes(tiny_model_config())
   t = config.train
   before = optax.chain(optax.clip_by_global_norm(t.grad_clip), optax.adamw(
       optim.lr_schedule(config), b1=t.b1, b2=t.b2, eps=t.eps,
       weight_decay=t.weight_decay,
       mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
-  assert (jax.tree.structure(optim.make_optimizer(config).init(params)) ==
-          jax.tree.structure(before.init(params)))
+  assert (jax.tree.structure(jax.eval_shape(optim.make_optimizer(config).init,
+                                            params)) ==
+          jax.tree.structure(jax.eval_shape(before.init, params)))
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -106,16 +107,20 @@ def test_hidden_weights_are_the_attention_and_mlp_kernels(scan):
   config = _mup_config(width=64, base=32)
   config.model.scan_layers = scan
   cfg = config_lib.model_config(config, 37)
-  multipliers = optim.mup_lr_multipliers(cfg)
-  found = {_path(p): m for p, m in
-           jax.tree_util.tree_flatten_with_path(multipliers)[0]}
-  for name, m in found.items():
+
+  def found(cfg):
+    multipliers = optim.lr_multipliers(cfg)
+    return {_path(p): multipliers.get(role, 1.0) for p, role in
+            jax.tree_util.tree_flatten_with_path(
+                roles.of(param_shapes(cfg)))[0]}
+
+  for name, m in found(cfg).items():
     assert m == (0.5 if name.endswith(HIDDEN) else 1.0), name
-  assert sum(m == 0.5 for m in found.values()) == (
+  assert sum(m == 0.5 for m in found(cfg).values()) == (
       4 if scan else 4 * cfg.num_layers)
-  untied = dataclass_replace(cfg, tie_embeddings=False)
-  assert optim.mup_lr_multipliers(untied)["lm_head"]["kernel"] == 1.0
-  assert optim.mup_lr_multipliers(tiny_model_config()) is None  # standard
+  assert found(dataclass_replace(cfg, tie_embeddings=False))[
+      "lm_head/kernel"] == 1.0
+  assert optim.lr_multipliers(tiny_model_config()) == {}  # standard
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -280,11 +285,15 @@ def test_transfer_summary_finds_the_best_learning_rates():
      "multiple of model.num_heads=2"),
     ("d_ff", 100, "model.parametrization='mup' scales the MLP with d_model: "
      "set model.d_ff=0"),
+    ("mup_base_heads", 4, "model.num_heads=2 differs from muP's base "
+     "model's model.mup_base_heads=4: muP's attention scale keeps the heads "
+     "fixed as the width grows (head_dim grows with it); set "
+     "model.num_heads=4"),
 ])
 def test_config_rules_refuse(field, value, message):
   config = _mup_config()
   config.model[field] = value
-  with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+  with pytest.raises(ConfigError, match=re.escape(message)):
     config_lib.validate(config)
 
 
@@ -292,7 +301,7 @@ def test_standard_ignores_the_base_width():
   config = tiny_config()
   config.model.mup_base_width = 33  # not a multiple of the heads: unused
   config_lib.validate(config)
-  config.model.d_ff = 100
+  config.model.update(d_ff=100, mup_base_heads=5)
   config_lib.validate(config)
 
 

@@ -54,6 +54,22 @@ def test_what_a_resume_may_change(tmp_path):
                      r"64\), train.seed \(the run's 0, now 1\);"):
     config_lib.check_resumable(_saved_run(
         tmp_path, **{"model.d_model": 64, "train.seed": 1}), str(tmp_path))
+  # The eval text is the run's: its size may not change, its batching may.
+  def subset(max_batches, batch_size):
+    config = tiny_run_config("corpus", "", steps=10)
+    config.eval.update(max_batches=max_batches, batch_size=batch_size)
+    return config
+
+  config_lib.save(subset(2, 8), str(tmp_path))
+  config_lib.check_resumable(subset(2, 8), str(tmp_path))
+  config_lib.check_resumable(subset(4, 4), str(tmp_path))  # the same 16
+  with pytest.raises(ConfigError, match=r"evals score 16 items of the "
+                     r"validation split; eval.max_batches=3 and "
+                     r"eval.batch_size=8 would score 24 items"):
+    config_lib.check_resumable(subset(3, 8), str(tmp_path))
+  with pytest.raises(ConfigError, match=r"would score the whole validation "
+                     r"split, and every eval of a run scores the same text"):
+    config_lib.check_resumable(subset(0, 8), str(tmp_path))
 
 
 def test_code_version_without_git(monkeypatch):

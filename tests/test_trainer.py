@@ -286,8 +286,8 @@ def test_corpus_smaller_than_a_batch_is_a_user_error(corpus_dir, data_cache,
 
 def test_cpu_steps_compile_dots_with_eigen_not_ynnpack():
   """trainer.state.compiler_options reaches the compiled step: XLA:CPU's
-  default hands these dots to YNNPACK, our steps run them with Eigen (README,
-  Performance)."""
+  default hands these dots to YNNPACK, our steps run them with Eigen
+  (docs/performance.md)."""
   cfg = tiny_model_config()
   params = random_params(cfg, seed=3)
   args = (params, np.zeros((2, L + 1), np.int32), np.ones(2, bool),

@@ -128,6 +128,8 @@ RULES = {
     "model.parametrization": one_of(*gpt.PARAMETRIZATIONS),
     "model.mup_base_width": Rule(int, 1, means="muP's base d_model; a "
                                  "multiple of model.num_heads"),
+    "model.mup_base_heads": Rule(int, 0, means="muP's base model's heads; "
+                                 "0: model.num_heads"),
     "data.source": TEXT,
     "data.tokenizer": one_of(*prepare.KINDS),
     "data.holdout": Rule(tuple, items=Rule(str, nonempty=True)),
@@ -281,13 +283,28 @@ def mesh_rules_name_known_axes(config) -> None:
 
 def model_is_consistent(config) -> None:
   """GPTConfig's own checks (heads that divide d_model, the attention
-  pattern's kinds and its length under scan_layers, rope's even head_dim),
-  and the attention implementation against the compute dtype."""
+  pattern's kinds and its length under scan_layers, rope's even head_dim,
+  attention dropout only where it is applied, muP's fixed heads and MLP
+  width), and the dtypes against what training keeps safe: no float16
+  compute without loss scaling (this trainer has none), float32 params (the
+  optimizer's moments follow them; in bfloat16 small updates round away),
+  and a compute dtype cuDNN's attention has."""
   model_config(config, vocab_size=max(config.model.vocab_size, 1))
   m = config.model
+  if m.dtype == "float16":
+    raise ConfigError(
+        "model.dtype='float16' needs loss scaling, which this trainer does "
+        "not have (small gradients would flush to 0): use model.dtype="
+        "'bfloat16', float32's range at float16's speed")
+  if m.param_dtype != "float32":
+    raise ConfigError(
+        f"model.param_dtype={m.param_dtype!r} would keep the weights and "
+        "Adam's moments in 16 bits, where small updates round away: train "
+        "with model.param_dtype='float32' (model.dtype='bfloat16' computes "
+        "in bfloat16)")
   if m.attention == "cudnn" and m.dtype == "float32":
     raise ConfigError("model.attention='cudnn' needs model.dtype='bfloat16' "
-                      "or 'float16' (cuDNN's attention has no float32)")
+                      "(cuDNN's attention has no float32)")
 
 
 def top_k_within_vocabulary(config, vocab_size: int = 0) -> None:
@@ -322,23 +339,11 @@ def dpo_without_dropout(config) -> None:
                       f"model.dropout=0, not {config.model.dropout}")
 
 
-def mup_scales_every_width(config) -> None:
-  """muP scales every hidden width with d_model (its learning rates and
-  inits by d_model / mup_base_width): the MLP's too, so d_ff must follow
-  d_model."""
-  m = config.model
-  if m.parametrization == "mup" and m.d_ff:
-    raise ConfigError(f"model.parametrization='mup' scales the MLP with "
-                      f"d_model: set model.d_ff=0 (4 * d_model), not "
-                      f"{m.d_ff}")
-
-
 CROSS_CHECKS = (batch_splits_into_microbatches, keep_steps_inside_the_run,
                 cooldown_only_in_a_branch, cosine_steps_after_the_warmup,
                 objective_fields_for_their_objective, dpo_without_dropout,
                 one_mesh_axis_free, mesh_rules_name_known_axes,
-                model_is_consistent, mup_scales_every_width,
-                top_k_within_vocabulary)
+                model_is_consistent, top_k_within_vocabulary)
 
 
 def check_with_tokenizer(config, tokenizer) -> None:
@@ -437,8 +442,15 @@ def check_resumable(config, workdir: str) -> None:
   use it) that differs from its config.json outside RESUMABLE."""
   if not os.path.exists(os.path.join(workdir, "config.json")):
     return
-  saved, given = _leaves(load_saved(workdir).to_dict()), _leaves(
-      config.to_dict())
+  run = load_saved(workdir)
+  if eval_subset(run) != eval_subset(config):
+    raise ConfigError(
+        f"{workdir}'s evals score {_items(eval_subset(run))}; eval.max_batches"
+        f"={config.eval.max_batches} and eval.batch_size="
+        f"{config.eval.batch_size} would score {_items(eval_subset(config))}, "
+        "and every eval of a run scores the same text; resume with the run's "
+        "values (see its config.json) or train in a new --workdir")
+  saved, given = _leaves(run.to_dict()), _leaves(config.to_dict())
   changed = [f for f, value in given.items()
              if not f.startswith(tuple(p + "." for p in RESUMABLE))
              and f not in RESUMABLE and _plain(saved.get(f)) != _plain(value)]
@@ -450,6 +462,16 @@ def check_resumable(config, workdir: str) -> None:
         f"{workdir} holds a run of another config: {what}{more}; resume it "
         f"with the run's values (see {os.path.join(workdir, 'config.json')}) "
         "or train this config in a new --workdir")
+
+
+def eval_subset(config) -> int:
+  """How many validation items every eval of the run scores (0: all)."""
+  return config.eval.max_batches * config.eval.batch_size
+
+
+def _items(count: int) -> str:
+  return f"{count} items of the validation split" if count else (
+      "the whole validation split")
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict:

@@ -1,5 +1,6 @@
 """Why a run stops early. train.py prints each message as one line, without
-a traceback, and exits with the class's status (documented in the README)."""
+a traceback, and exits with the class's status (documented in
+docs/running.md)."""
 
 
 class ConfigError(Exception):

@@ -241,7 +241,8 @@ def _describe(run: Run, rows: slice) -> str:
 def evaluate_params(run: Run, params, max_batches: int,
                     ref_params=None) -> dict:
   """The objective's eval record over the validation split (all of it, or
-  the fixed subset of `max_batches` batches, loader.eval_ids): mean loss,
+  the fixed subset of `max_batches` batches of eval.batch_size items, the
+  same on any mesh: loader.eval_ids): mean loss,
   perplexity and bits per byte of the target tokens (next-token: every
   token; sft: the response tokens); for dpo the preference loss, rewards,
   reward accuracy and KL to `ref_params` (objectives.summarize); and how
@@ -256,14 +257,14 @@ def evaluate_params(run: Run, params, max_batches: int,
   batch_size = math.ceil(run.config.eval.batch_size / data_parallel) * data_parallel
   extra = (ref_params,) if run.objective == "dpo" else ()
   total = None
-  for batch, mask in loader.eval_batches(source, batch_size, max_batches):
+  max_items = max_batches * run.config.eval.batch_size  # any mesh alike
+  for batch, mask in loader.eval_batches(source, batch_size, max_items):
     sums = run.eval_step(params, jax.device_put(batch, batch_sharding),
                          jax.device_put(mask, batch_sharding), token_bytes,
                          *extra)
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
   return {**objectives.summarize(run.objective, jax.device_get(total)),
-          "eval_items": len(loader.eval_ids(len(source), batch_size,
-                                            max_batches)),
+          "eval_items": len(loader.eval_ids(len(source), max_items)),
           "eval_split_items": len(source)}
 
 

@@ -1,6 +1,8 @@
 """AdamW with the GPT-3 recipe: b1 0.9, b2 0.95, eps 1e-8, weight decay on
-matrices only, global-norm clipping; under muP, per-layer learning rates;
-and the learning-rate schedules.
+the matrices alone, global-norm clipping; under muP, per-layer learning
+rates; and the learning-rate schedules. Which parameters are matrices, and
+which hidden, is their role (model.roles), from their names: the same with
+layers scanned (a layers axis on every per-layer parameter) or unrolled.
 
 muP (model.parametrization="mup", Tensor Programs V, Table 3): Adam's step
 of each hidden ("matrix-like": two dimensions that grow with the width)
@@ -23,15 +25,13 @@ shape to `min_lr_ratio` of the peak:
   phase up to `cooldown.from_step`, then a decay over `cooldown.steps`.
 """
 
-import dataclasses
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from model import GPT, GPTConfig
+from model import GPTConfig, roles
 
 SCHEDULES = ("cosine", "wsd", "constant")
 # Decay shapes: progress p in [0, 1] -> fraction of the way still to go.
@@ -85,41 +85,38 @@ def lr_schedule(config) -> optax.Schedule:
   return schedule
 
 
-def matrix_like(cfg: GPTConfig):
-  """A tree of bools like the params: which have two dimensions that grow
-  with the width. Found as the mup package finds them, from the parameter
-  shapes of the model at its d_model and at twice that (the same heads):
-  the attention and MLP kernels, not the embeddings, biases, norms or
-  lm_head."""
-  def shapes(d_model: int):
-    wider = dataclasses.replace(cfg, d_model=d_model,
-                                parametrization="standard")
-    tokens = jax.ShapeDtypeStruct((1, cfg.seq_len), jnp.int32)
-    return nn.unbox(jax.eval_shape(GPT(wider).init, jax.random.key(0),
-                                   tokens))["params"]
-
-  grows = lambda a, b: sum(x != y for x, y in zip(a.shape, b.shape))
-  return jax.tree.map(lambda a, b: grows(a, b) >= 2, shapes(cfg.d_model),
-                      shapes(2 * cfg.d_model))
+# Which roles (model.roles) weight decay pulls toward 0: the matrices that
+# hold what the model learned (the GPT-3 recipe, nanoGPT's), not biases or
+# LayerNorm gains, scanned or not.
+DECAYED = (roles.EMBEDDING, roles.POSITION, roles.HIDDEN, roles.HEAD)
 
 
-def mup_lr_multipliers(cfg: GPTConfig):
-  """Each parameter's learning-rate multiplier, as a tree like the params:
-  1 / width_mult for the hidden weights, 1 for the rest; None under the
-  standard parametrization."""
+def decay_mask(params):
+  """A tree of bools like `params` (or updates): which weight decay takes."""
+  return jax.tree.map(lambda role: role in DECAYED, roles.of(params))
+
+
+def lr_multipliers(cfg: GPTConfig) -> dict[str, float]:
+  """The learning-rate multiplier of each role that has one: under muP,
+  1 / width_mult for the hidden weights (the attention and MLP kernels, the
+  mup package's "matrix-like" ones: both dimensions grow with the width);
+  none under the standard parametrization."""
   if cfg.parametrization != "mup":
-    return None
-  return jax.tree.map(lambda hidden: 1 / cfg.width_mult if hidden else 1.0,
-                      matrix_like(cfg))
+    return {}
+  return {roles.HIDDEN: 1 / cfg.width_mult}
 
 
-def scale_by_multipliers(multipliers) -> optax.GradientTransformation:
-  """Multiplies each parameter's update by its entry in `multipliers` (a
-  tree like the params of Python floats; 1 leaves it as it is)."""
+def scale_by_role(multipliers: dict[str, float]
+                  ) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by its role's entry in
+  `multipliers` (lr_multipliers; a role without one keeps its update)."""
+  def scale(path, u):
+    m = multipliers.get(roles.role(path), 1.0)
+    return u if m == 1 else u * m
+
   def update(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, m: u if m == 1 else u * m, updates,
-                        multipliers), state
+    return jax.tree_util.tree_map_with_path(scale, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(),
                                       update)
@@ -128,21 +125,18 @@ def scale_by_multipliers(multipliers) -> optax.GradientTransformation:
 def make_optimizer(config) -> optax.GradientTransformation:
   """With train.skip_nonfinite_updates = N > 0, an update whose gradients
   are not finite is skipped, up to N in a row (optax.apply_if_finite).
-  AdamW is optax.adamw's chain (Adam, weight decay, learning rate), with
-  muP's per-parameter multipliers after Adam; the standard
+  AdamW is optax.adamw's chain (Adam, weight decay on the roles of DECAYED,
+  learning rate), with muP's per-role multipliers after Adam; the standard
   parametrization's chain is optax.adamw's, its state the same."""
   t = config.train
-  decay_matrices = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  multipliers = None
-  if config.model.parametrization == "mup":  # shapes only: any vocabulary
-    multipliers = mup_lr_multipliers(
-        GPTConfig(**{**config.model, "vocab_size": 1}))
+  # Shapes play no part: any vocabulary will do.
+  multipliers = lr_multipliers(GPTConfig(**{**config.model, "vocab_size": 1}))
   tx = optax.chain(
       optax.clip_by_global_norm(t.grad_clip),
       optax.chain(
           optax.scale_by_adam(b1=t.b1, b2=t.b2, eps=t.eps),
-          *([scale_by_multipliers(multipliers)] if multipliers else []),
-          optax.add_decayed_weights(t.weight_decay, decay_matrices),
+          *([scale_by_role(multipliers)] if multipliers else []),
+          optax.add_decayed_weights(t.weight_decay, decay_mask),
           optax.scale_by_learning_rate(lr_schedule(config))))
   if t.skip_nonfinite_updates > 0:
     tx = optax.apply_if_finite(tx, t.skip_nonfinite_updates)

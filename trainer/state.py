@@ -57,7 +57,7 @@ def abstract_state(model, tx, shardings) -> TrainState:
 
 def compiler_options() -> dict[str, str] | None:
   """XLA:CPU hands dots to YNNPACK by default; its Eigen dots run our train
-  step faster (README, Performance). Other backends keep their defaults."""
+  step faster (docs/performance.md). Other backends keep their defaults."""
   if jax.default_backend() != "cpu":
     return None
   return {"xla_cpu_experimental_ynn_fusion_type": ""}

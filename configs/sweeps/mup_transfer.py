@@ -3,7 +3,7 @@ rates, 300 steps each.
 
 Command:  python -m research.mup transfer        # this spec, 2 at a time
           python -m launch.sweep run configs/sweeps/mup_transfer.py   # the sweep alone
-Expect:   see README.md, "muP" (the table of held-out losses, the best
+Expect:   see docs/mup.md (the table of held-out losses, the best
           learning rate per width, transfer.png, and the time it took).
 
 A 2-layer GPT with 2 heads at d_model 16, 32, 64 and 128 (head_dim 8 to

@@ -2,7 +2,7 @@
 
 Command:  python -m research.scaling study            # this spec, 2 at a time
           python -m launch.sweep run configs/sweeps/scaling.py   # the sweep alone
-Expect:   see README.md, "Scaling-law studies" (the fitted law, its plots and
+Expect:   see docs/scaling.md (the fitted law, its plots and
           the recommendation, with the time it took on a 2-core CPU).
 
 Sizes from 1 x 32 to 4 x 128 (13K to 0.79M non-embedding parameters, 61x),
