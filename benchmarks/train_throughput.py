@@ -31,14 +31,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-import flax.linen as nn
 import jax
-import numpy as np
 
 from trainer import loop, metrics, sharding
-from trainer import state as state_lib
+from trainer.timing import jax_runner
 
 SHAPES = {
     "default": {},
@@ -46,36 +43,6 @@ SHAPES = {
     "6x384": dict(num_layers=6, d_model=384, num_heads=6, seq_len=256,
                   batch_size=16),
 }
-
-
-def jax_runner(config, vocab_size):
-  """Returns (model config, compile seconds, run(steps) -> seconds)."""
-  mesh = sharding.make_mesh(config.mesh)
-  model, tx, rules, shardings = loop.model_and_optimizer(config, vocab_size,
-                                                         mesh)
-  rng = np.random.default_rng(0)
-  shape = (config.train.batch_size, config.model.seq_len + 1)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = state_lib.init_state(model, tx, shardings, seed=0)
-    step = state_lib.make_train_step(model, tx, shardings, grad_accum_steps=1,
-                                     seed=0)
-    batches = [sharding.to_global(rng.integers(0, vocab_size, shape, np.int32),
-                                  sharding.batch_sharding(mesh), shape)
-               for _ in range(2)]
-    t = time.perf_counter()
-    compiled = step.lower(state, batches[0]).compile()
-    compile_s = time.perf_counter() - t
-  holder = {"state": state}
-
-  def run(steps):
-    t = time.perf_counter()
-    for i in range(steps):
-      holder["state"], m = compiled(holder["state"], batches[i % 2])
-    jax.block_until_ready(m)
-    return time.perf_counter() - t
-
-  run(2)  # warm-up
-  return model.cfg, compile_s, run
 
 
 def _override(config, items) -> None:

@@ -47,7 +47,7 @@ import re
 
 import numpy as np
 
-from data import corpus, prepare, shards, tokenizers
+from data import corpus, shards, store, tokenizers
 from data.corpus import DataError
 
 VERSION = 1
@@ -56,7 +56,6 @@ ROLES = ("system", "user", "assistant")
 TEMPLATE = {"system": "System: {}\n", "user": "User: {}\n"}
 ASSISTANT = "Assistant: "
 EOT = None  # a piece that is the end-of-text id
-SPLITS = prepare.SPLITS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +92,7 @@ class Prepared:
   @functools.cached_property
   def _splits(self) -> dict[str, Sequences]:
     out = {}
-    for split in SPLITS:
+    for split in store.SPLITS:
       with np.load(os.path.join(self.path, f"{split}.npz")) as f:
         out[split] = Sequences(f["tokens"], f["targets"].astype(bool),
                                f["starts"])
@@ -240,13 +239,13 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
     tokenizer = _fit(tokenizer, files, fmt, vocab_size)
   os.makedirs(output, exist_ok=True)
   dtype = shards.dtype_for(tokenizer.vocab_size)
-  parts = {s: ([], [], [0]) for s in SPLITS}
+  parts = {s: ([], [], [0]) for s in store.SPLITS}
   counts = {s: {"examples": 0, "sequences": 0, "tokens": 0,
-                "target_tokens": 0} for s in SPLITS}
+                "target_tokens": 0} for s in store.SPLITS}
   for path in files:
     name = corpus.name(path)
     for number, canonical, seqs in read(path, fmt):
-      split = prepare.split_of(name, canonical, holdout, val_fraction)
+      split = store.split_of(name, canonical, holdout, val_fraction)
       tokens, targets, starts = parts[split]
       for seq in seqs:
         try:
@@ -262,7 +261,7 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
         counts[split]["target_tokens"] += int(mask.sum())
       counts[split]["examples"] += 1
       counts[split]["sequences"] += len(seqs)
-  for split in SPLITS:
+  for split in store.SPLITS:
     if not counts[split]["examples"]:
       raise DataError(
           f"the {split} split of {', '.join(inputs)} has no examples; "
@@ -277,7 +276,7 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
                     {"val_fraction": val_fraction}), "splits": {}}
   if isinstance(tokenizer, tokenizers.BPETokenizer):
     tokenizer.save(output)
-  for split in SPLITS:
+  for split in store.SPLITS:
     tokens, targets, starts = parts[split]
     path = os.path.join(output, f"{split}.npz")
     with open(path + ".tmp", "wb") as f:
@@ -292,7 +291,7 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
                              "sha256": sha}
     for key, value in counts[split].items():
       meta[f"{split}_{key}"] = value
-  prepare.write_json(os.path.join(output, prepare.META), meta)
+  store.write_json(os.path.join(output, store.META), meta)
   return load(output)
 
 
@@ -316,11 +315,11 @@ def _fit(kind: str, files: list[str], fmt: str, vocab_size: int):
 
 
 def load(path: str) -> Prepared:
-  meta = prepare.read_json(os.path.join(path, prepare.META))
+  meta = store.read_json(os.path.join(path, store.META))
   if meta is None or meta.get("version") != VERSION or "format" not in meta:
     raise DataError(f"{path} holds no finished preparation of examples; run "
                     "python -m data.prepare --format sft|dpo again")
-  for split in SPLITS:
+  for split in store.SPLITS:
     file = os.path.join(path, meta["splits"][split]["file"])
     if not os.path.exists(file):
       raise DataError(f"{file} is missing; prepare {path} again")
@@ -335,11 +334,11 @@ def load(path: str) -> Prepared:
 def is_prepared(path: str) -> bool:
   """Whether `path` is a directory that build wrote (meta.json with a
   format), as opposed to a prepared text corpus or raw files."""
-  meta = os.path.join(path, prepare.META)
+  meta = os.path.join(path, store.META)
   if not os.path.isfile(meta):
     return False
   try:
-    return "format" in (prepare.read_json(meta) or {})
+    return "format" in (store.read_json(meta) or {})
   except ValueError:
     return False
 
@@ -358,7 +357,7 @@ def prepare_source(source: str, fmt: str, tokenizer, holdout=(),
                       f"not the {fmt} examples train.objective={fmt!r} "
                       "trains on")
     return data
-  if os.path.exists(os.path.join(source, prepare.META)):
+  if os.path.exists(os.path.join(source, store.META)):
     raise DataError(f"data.source={source!r} is a text corpus prepared for "
                     f"next-token training; train.objective={fmt!r} reads "
                     f"JSONL {fmt} examples ({_SHAPES[fmt]}), raw or prepared "
@@ -368,16 +367,16 @@ def prepare_source(source: str, fmt: str, tokenizer, holdout=(),
                     f"train.objective={fmt!r} point it at JSONL {fmt} "
                     f"examples or a directory prepared from them")
   files = corpus.find_files([source])
-  identity = [prepare.file_identity(corpus.Piece(f)) for f in files]
+  identity = [store.file_identity(corpus.Piece(f)) for f in files]
   spec = (tokenizers.fingerprint(tokenizer) if not isinstance(tokenizer, str)
           else tokenizer)
-  key = prepare.digest(VERSION, fmt, identity, spec, list(holdout),
-                        val_fraction)[:16]
+  key = store.digest(VERSION, fmt, identity, spec, list(holdout),
+                     val_fraction)[:16]
   label = re.sub(r"[^\w.-]", "_", corpus.name(source.rstrip("/")))
   cache_dir = cache_dir or corpus.default_cache_dir()
   output = os.path.join(cache_dir, "examples", f"{label}-{fmt}-{key}")
   os.makedirs(output, exist_ok=True)
-  with prepare.locked(output):  # one process prepares, others wait
+  with store.locked(output):  # one process prepares, others wait
     if is_prepared(output):
       return load(output)
     return build([source], output, fmt, tokenizer, holdout, val_fraction)

@@ -34,11 +34,8 @@ import argparse
 from concurrent import futures
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import glob
-import hashlib
-import json
 import multiprocessing
 import os
 import re
@@ -49,15 +46,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import tqdm
 
-from data import corpus, disk, shards, tokenizers
+from data import corpus, disk, examples, shards, store, tokenizers
 from data.corpus import DataError
 
 VERSION = 1
 KINDS = ("char", "byte", "bpe", "gpt2")
-SPLITS = ("train", "val")
-META = "meta.json"
 SHARDS = "shards"
-LOCK = ".lock"  # also marks a directory as one that build wrote
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +88,7 @@ class Prepared:
   def _splits(self) -> dict[str, shards.Tokens]:
     return {split: shards.Tokens([os.path.join(self.path, s["file"])
                            for s in self.meta["splits"][split]["shards"]],
-                          self.meta["dtype"]) for split in SPLITS}
+                          self.meta["dtype"]) for split in store.SPLITS}
 
   def tokens(self, split: str) -> shards.Tokens:
     return self._splits[split]
@@ -109,13 +103,14 @@ def load(path: str) -> Prepared:
   """A directory that `build` finished."""
   meta = _read_meta(path)
   if meta is None:
-    raise DataError(f"{path} holds no finished preparation (no {META}); run "
-                    "python -m data.prepare again to finish it")
+    raise DataError(f"{path} holds no finished preparation (no "
+                    f"{store.META}); run python -m data.prepare again to "
+                    "finish it")
   for name, expected in _shard_bytes(meta).items():
     file = os.path.join(path, name)
     if not os.path.exists(file) or os.path.getsize(file) != expected:
       raise DataError(f"{file} is missing or not the {expected} bytes that "
-                      f"{META} records; prepare {path} again")
+                      f"{store.META} records; prepare {path} again")
   return Prepared(path, meta, _load_tokenizer(meta, path))
 
 
@@ -123,9 +118,9 @@ def _read_meta(path: str) -> dict | None:
   """The meta.json of `path`, None if there is none; one that is damaged
   (not JSON, cut short, keys missing) or another version's is refused with
   a line saying to prepare the directory again, which rewrites it."""
-  file = os.path.join(path, META)
+  file = os.path.join(path, store.META)
   try:
-    meta = read_json(file)
+    meta = store.read_json(file)
     if meta is None:
       return None
     if meta.get("version") != VERSION:
@@ -147,7 +142,8 @@ def _shard_bytes(meta: dict) -> dict[str, int]:
   """The size of each shard file, by its name in the directory."""
   itemsize = np.dtype(meta["dtype"]).itemsize
   return {shard["file"]: int(shard["tokens"]) * itemsize
-          for split in SPLITS for shard in meta["splits"][split]["shards"]}
+          for split in store.SPLITS
+          for shard in meta["splits"][split]["shards"]}
 
 
 def prepare(source: str, tokenizer: str, holdout: tuple[str, ...],
@@ -156,8 +152,8 @@ def prepare(source: str, tokenizer: str, holdout: tuple[str, ...],
   (its own tokenizer and split apply), or raw text ('shakespeare', or a
   directory, file or glob of .txt / .jsonl files) prepared once into
   <cache_dir>/prepared/ and reused while the files stay the same."""
-  if (os.path.exists(os.path.join(source, META)) or
-      os.path.exists(os.path.join(source, LOCK))):
+  if (os.path.exists(os.path.join(source, store.META)) or
+      os.path.exists(os.path.join(source, store.LOCK))):
     return load(source)
   cache_dir = cache_dir or corpus.default_cache_dir()
   if source == corpus.SHAKESPEARE:
@@ -172,8 +168,8 @@ def prepare(source: str, tokenizer: str, holdout: tuple[str, ...],
   files = corpus.find_files(inputs)
   options = Options(tokenizer=tokenizer, holdout=tuple(holdout),
                     val_fraction=val_fraction)
-  key = digest([file_identity(corpus.Piece(f)) for f in files],
-                dataclasses.asdict(options))[:16]
+  key = store.digest([store.file_identity(corpus.Piece(f)) for f in files],
+                      dataclasses.asdict(options))[:16]
   label = re.sub(r"[^\w.-]", "_", corpus.name(source.rstrip("/")))
   return build(inputs, os.path.join(cache_dir, "prepared",
                                     f"{label}-{tokenizer}-{key}"), options)
@@ -187,7 +183,7 @@ def build(inputs: Sequence[str], output: str, options: Options) -> Prepared:
   created = not os.path.exists(output)
   try:
     os.makedirs(os.path.join(output, SHARDS), exist_ok=True)
-    with locked(output):
+    with store.locked(output):
       return _build(inputs, files, output, options)
   except BaseException as e:
     kept = _keep_or_remove(output, created)
@@ -214,9 +210,9 @@ def _keep_or_remove(output: str, created: bool) -> str:
       f.endswith(".json") for f in os.listdir(shards_dir))):
     shutil.rmtree(output, ignore_errors=True)  # nothing worth keeping
     return "nothing was kept; run the same command once there is room"
-  return (f"the finished part is kept (without {META}, so nothing takes it "
-          "for complete) and the same command continues it once there is "
-          "room")
+  return (f"the finished part is kept (without {store.META}, so nothing "
+          "takes it for complete) and the same command continues it once "
+          "there is room")
 
 
 def _build(inputs, files, output, options) -> Prepared:
@@ -239,8 +235,8 @@ def _build(inputs, files, output, options) -> Prepared:
   settings = [VERSION, tokenizers.fingerprint(tok), options.text_field,
               options.utf8, options.holdout or options.val_fraction,
               options.shard_tokens]
-  tasks = [dataclasses.replace(t, key=digest(settings, [
-      file_identity(p) for p in t.pieces])[:24]) for t in tasks]
+  tasks = [dataclasses.replace(t, key=store.digest(settings, [
+      store.file_identity(p) for p in t.pieces])[:24]) for t in tasks]
   records = {t.key: r for t in tasks if (r := _record(output, t.key))}
   pending = [t for t in tasks if t.key not in records]
   bar = tqdm.tqdm(total=sum(t.bytes for t in pending), unit="B",
@@ -256,14 +252,14 @@ def _build(inputs, files, output, options) -> Prepared:
   meta = _meta(inputs, files, tok, request, options,
                [records[t.key] for t in tasks])
   need = max(options.seq_len, 1) + 1
-  for split in SPLITS:
+  for split in store.SPLITS:
     if meta[f"{split}_tokens"] < need:
       raise DataError(
           f"the {split} split has {meta[f'{split}_tokens']} tokens, fewer than "
           f"one sequence of {need} (seq_len + 1); use more text, a larger "
           "validation fraction or holdout, or a smaller --seq-len")
   if meta != old:
-    write_json(os.path.join(output, META), meta)
+    store.write_json(os.path.join(output, store.META), meta)
   _collect_garbage(output, {t.key for t in tasks})
   return load(output)
 
@@ -377,25 +373,6 @@ def _plan(files: list[str], task_bytes: int) -> list[Task]:
   return tasks
 
 
-def file_identity(piece: corpus.Piece) -> list:
-  stat = os.stat(piece.path)
-  return [piece.path, piece.start, piece.end, stat.st_size, stat.st_mtime_ns]
-
-
-def digest(*parts) -> str:
-  return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
-
-
-def split_of(name: str, data: bytes, holdout: Sequence[str],
-             val_fraction: float) -> str:
-  """A document's split: by its file's name if there is a holdout, else by
-  a hash of its bytes."""
-  if holdout:
-    return "val" if name in holdout else "train"
-  h = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
-  return "val" if h < val_fraction * 2**64 else "train"
-
-
 # ---------------------------------------------------------------- tasks
 
 class _Worker:
@@ -411,9 +388,9 @@ class _Worker:
     prefix = os.path.join(self.output, SHARDS, task.key)
     writers = {s: shards.Writer(self.output, f"{SHARDS}/{task.key}-{s}",
                                 self.dtype, self.tok.eot_id, o.shard_tokens)
-               for s in SPLITS}
+               for s in store.SPLITS}
     splits = {s: {"documents": 0, "tokens": 0, "bytes": 0, "names": []}
-              for s in SPLITS}
+              for s in store.SPLITS}
     batch, batch_bytes, empty = [], 0, 0
 
     def flush():
@@ -433,7 +410,7 @@ class _Worker:
           empty += 1
           continue
         data = text.encode("utf-8")
-        split = split_of(name, data, o.holdout, o.val_fraction)
+        split = store.split_of(name, data, o.holdout, o.val_fraction)
         names = splits[split]["names"]
         if o.holdout and names[-1:] != [name]:
           names.append(name)
@@ -443,11 +420,11 @@ class _Worker:
           flush()
           batch_bytes = 0
     flush()
-    for split in SPLITS:
+    for split in store.SPLITS:
       splits[split]["shards"] = writers[split].close()
     record = {"key": task.key, "input_bytes": task.bytes,
               "empty_documents": empty, "splits": splits}
-    write_json(prefix + ".json", record)
+    store.write_json(prefix + ".json", record)
     return record
 
 
@@ -489,7 +466,7 @@ def _runner(output: str, tokenizer, options: Options):
 
 def _record(output: str, key: str) -> dict | None:
   """A finished task's record, if its shards are all there."""
-  record = read_json(os.path.join(output, SHARDS, key + ".json"))
+  record = store.read_json(os.path.join(output, SHARDS, key + ".json"))
   if record is None:
     return None
   for split in record["splits"].values():
@@ -510,7 +487,7 @@ def _meta(inputs, files, tok, request, options, records) -> dict:
                     else {"val_fraction": options.val_fraction}),
           "empty_documents": sum(r["empty_documents"] for r in records),
           "splits": {}}
-  for split in SPLITS:
+  for split in store.SPLITS:
     parts = [r["splits"][split] for r in records]
     for count in ("documents", "tokens", "bytes"):
       meta[f"{split}_{count}"] = sum(p[count] for p in parts)
@@ -519,7 +496,7 @@ def _meta(inputs, files, tok, request, options, records) -> dict:
     meta["documents"] = {
         split: list(dict.fromkeys(n for r in records
                                   for n in r["splits"][split]["names"]))
-        for split in SPLITS}
+        for split in store.SPLITS}
   return meta
 
 
@@ -529,30 +506,6 @@ def _collect_garbage(output: str, keys: set[str]) -> None:
   for f in os.listdir(os.path.join(output, SHARDS)):
     if f.endswith(".tmp") or re.split(r"[-.]", f)[0] not in keys:
       os.remove(os.path.join(output, SHARDS, f))
-
-
-@contextlib.contextmanager
-def locked(output: str):
-  """One preparation of a directory at a time (others wait)."""
-  with open(os.path.join(output, LOCK), "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    yield
-
-
-def read_json(path: str) -> dict | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def write_json(path: str, value: dict) -> None:
-  """Atomically: a reader sees the old file or the whole new one."""
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------- command
@@ -590,7 +543,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="processes (0: this one)")
   p.add_argument("--bpe-sample-mb", type=float, default=1024,
                  help="bpe: train on about this much text")
-  from data import examples  # it builds on this module
   p.add_argument("--format", choices=("text", *examples.FORMATS),
                  default="text",
                  help="text: documents for next-token training; sft, dpo: "
@@ -639,7 +591,6 @@ def _prepare_text(args) -> str:
 def _prepare_examples(args) -> str:
   """--format sft|dpo: JSONL examples into token arrays with a loss mask;
   returns a summary line."""
-  from data import examples
   tokenizer = args.tokenizer
   if args.tokenizer_from:
     tokenizer = (tokenizers.load_dir(os.path.join(args.tokenizer_from,

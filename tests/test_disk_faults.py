@@ -19,7 +19,7 @@ import threading
 import pytest
 
 from conftest import REPO, TINY_FLAGS, file_snapshot, tiny_run_config
-from data import disk, prepare
+from data import disk, prepare, store
 from data.corpus import DataError
 from trainer import checkpoint, config as config_lib, loop, metrics, modes
 
@@ -298,23 +298,23 @@ def test_prepare_out_of_space_is_never_taken_for_complete(
   assert not output.exists()
 
   monkeypatch.setattr(prepare.shards.Writer, "_finish_shard", finish)
-  write_json = prepare.write_json
+  write_json = store.write_json
 
   def full_at_meta(path, value):
-    if path.endswith(prepare.META):
+    if path.endswith(store.META):
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path + ".tmp")
     write_json(path, value)
 
-  monkeypatch.setattr(prepare, "write_json", full_at_meta)
+  monkeypatch.setattr(store, "write_json", full_at_meta)
   assert prepare.main(_prepare_args(corpus_dir, output)) == 74
   line, = capsys.readouterr().err.splitlines()
   assert line.endswith(f"; the finished part is kept (without "
-                       f"{prepare.META}, so nothing takes it for complete) "
+                       f"{store.META}, so nothing takes it for complete) "
                        "and the same command continues it once there is room")
   with pytest.raises(DataError, match="no finished preparation"):
     prepare.load(str(output))
 
-  monkeypatch.setattr(prepare, "write_json", write_json)
+  monkeypatch.setattr(store, "write_json", write_json)
   calls = []
   monkeypatch.setattr(prepare._Worker, "__call__",
                       lambda self, task: calls.append(task))

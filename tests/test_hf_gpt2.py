@@ -1,6 +1,7 @@
-"""Hugging Face GPT-2 in and out (model/hf_gpt2.py): logits equal to
-transformers' on a committed fixture, import then export bit-exact, bad input
-refused with one line, and an import as the start of a fine-tuning run.
+"""Hugging Face GPT-2 in and out (model/hf_gpt2.py, trainer/hf_gpt2.py):
+logits equal to transformers' on a committed fixture, import then export
+bit-exact, bad input refused with one line, and an import as the start of a
+fine-tuning run.
 
 tests/fixtures/hf_gpt2_tiny is GPT2LMHeadModel.save_pretrained output with
 its logits, made by tests/fixtures/make_hf_gpt2_fixture.py; the test against
@@ -22,8 +23,9 @@ import tokenizers as hf_tokenizers
 
 from conftest import REPO, param_shapes, tiny_model_config
 from data import tokenizers
-from model import GPT, hf_gpt2
-from trainer import config as config_lib, loop, sharding
+from model import GPT
+from model import hf_gpt2 as mapping
+from trainer import config as config_lib, hf_gpt2, loop, sharding
 from trainer import objectives
 from trainer import state as state_lib
 
@@ -52,7 +54,7 @@ def _hf_dir(tmp_path, config=None, tensors=None, name="hf") -> str:
 
 
 def _main(capsys, *argv):
-  """(exit status, stdout, stderr) of `python -m model.hf_gpt2 ARGV`, run
+  """(exit status, stdout, stderr) of `python -m trainer.hf_gpt2 ARGV`, run
   in this process."""
   status = hf_gpt2.main(list(argv))
   out = capsys.readouterr()
@@ -127,11 +129,11 @@ def test_mapping_fills_our_param_tree_and_inverts(overrides):
   tensors = {k: rng.normal(size=s).astype(np.float32)
              for k, s in shapes.items()}
   hf_gpt2.check_tensors(tensors, cfg, "random")
-  params = hf_gpt2.params_from_gpt2(tensors, cfg)
+  params = mapping.params_from_gpt2(tensors, cfg)
   want = jax.tree.map(lambda s: s.shape, param_shapes(cfg))
   assert jax.tree.map(np.shape, params) == want
   assert not np.any(params["Embed_0"]["embedding"][cfg.vocab_size:])
-  back = hf_gpt2.gpt2_from_params(params, cfg)
+  back = mapping.gpt2_from_params(params, cfg)
   assert sorted(back) == sorted("transformer." + k for k in tensors)
   for k, v in tensors.items():
     assert back["transformer." + k].tobytes() == v.tobytes(), k
@@ -327,7 +329,7 @@ def test_bad_input_from_the_command_line(tmp_path):
   workdir.mkdir()
   (workdir / "notes.txt").write_text("mine")
   result = subprocess.run(
-      [sys.executable, "-m", "model.hf_gpt2", "import", hf_dir, str(workdir)],
+      [sys.executable, "-m", "trainer.hf_gpt2", "import", hf_dir, str(workdir)],
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 2 and not result.stdout
   assert result.stderr == (
@@ -426,7 +428,7 @@ def test_init_from_an_import_starts_from_its_params(old, tmp_path, capsys,
       capsys.readouterr().out)
   params = jax.device_get(state.params)
   assert params["Embed_0"]["embedding"].shape == (384, 32)
-  exported = hf_gpt2.gpt2_from_params(params, model.cfg)
+  exported = mapping.gpt2_from_params(params, model.cfg)
   for k, v in _fixture_tensors().items():
     np.testing.assert_array_equal(exported[k], v, err_msg=k)
   assert int(state.step) == 0 and state.opt_state is not None
@@ -559,7 +561,7 @@ def test_gpt2_small_shape_against_transformers(tmp_path, capsys):
           f"up to {np.abs(want_logits).max():.2f}); loss {float(loss):.6f} "
           f"vs {out.loss.item():.6f}")
   assert logit_diff < 1e-4
-  grads = hf_gpt2.gpt2_from_params(jax.device_get(grads), cfg)
+  grads = mapping.gpt2_from_params(jax.device_get(grads), cfg)
   for name in ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight",
                "transformer.h.11.mlp.c_proj.weight", "transformer.ln_f.weight"):
     diff = np.abs(grads[name] - want_grads[name]).max()

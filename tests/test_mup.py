@@ -308,7 +308,7 @@ def test_standard_ignores_the_base_width():
 def test_export_to_gpt2_refuses_mup_away_from_its_base_width(tmp_path,
                                                              capsys):
   import os
-  from model import hf_gpt2
+  from trainer import hf_gpt2
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
   config = hf_gpt2.run_config({"d_model": 96, "num_heads": 3})

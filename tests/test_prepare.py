@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_run_config
-from data import loader, prepare
+from data import loader, prepare, store
 from data.corpus import DataError
 from test_data import gpt2_files  # noqa: F401 (a fixture)
 
@@ -67,7 +67,7 @@ def test_packing_keeps_every_document_once(kind, tmp_path, gpt2_files):
                                 shard_tokens=50))
   meta, tok = prep.meta, prep.tokenizer
   assert meta["files"] == 4 and meta["empty_documents"] == 1
-  found = {s: _split_documents(prep, s) for s in prepare.SPLITS}
+  found = {s: _split_documents(prep, s) for s in store.SPLITS}
   assert sorted(found["train"] + found["val"]) == sorted(docs)  # none lost
   assert found["train"] and found["val"]
   for split, texts in found.items():
@@ -185,7 +185,7 @@ def test_damaged_meta_is_refused_then_prepared_again(damage, reason,
   out, options = tmp_path / "out", prepare.Options(
       tokenizer="char", seq_len=SEQ, holdout=("b",))
   first = prepare.build([str(tmp_path / "corpus")], str(out), options)
-  meta = out / prepare.META
+  meta = out / store.META
   meta.write_text(damage(meta.read_text()))
   with pytest.raises(DataError) as e:
     prepare.prepare(str(out), "char", ())

@@ -307,11 +307,11 @@ def test_bad_late_settings_stop_every_mode_before_anything_is_written(
   damaged prepared directory: one line and status 2 at the start, before
   the workdir (config.json, checkpoints) exists; in eval and sample modes
   the run's files stay as they were."""
-  from data import prepare
+  from data import prepare, store
   damaged = tmp_path / "prepared"
   prepare.build([corpus_dir], str(damaged), prepare.Options(
       tokenizer="char", holdout=("hamlet",)))
-  meta = damaged / prepare.META
+  meta = damaged / store.META
   meta.write_text(meta.read_text()[:100])
   base = trained[1]
   cases = {
