@@ -230,3 +230,20 @@ def last_logged_step(workdir) -> int:
     except ValueError:  # being written, or cut short by a kill
       continue
   return 0
+
+
+@pytest.fixture
+def sleeper():
+  """A live process that is not this one (a lock's holder); killed at the
+  end."""
+  proc = subprocess.Popen(["sleep", "600"])
+  yield proc
+  proc.kill()
+  proc.wait()
+
+
+def dead_pid() -> int:
+  """The pid of a process that has exited."""
+  proc = subprocess.Popen(["true"])
+  proc.wait()
+  return proc.pid

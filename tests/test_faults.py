@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from conftest import (REPO, TINY_FLAGS, file_snapshot, last_logged_step,
-                      metrics_records, run_train_py, tiny_run_config)
+from conftest import (REPO, TINY_FLAGS, dead_pid, file_snapshot,
+                      last_logged_step, metrics_records, run_train_py,
+                      tiny_run_config)
 from trainer import checkpoint, loop, workdir_lock
 from trainer import state as state_lib
 from trainer.errors import Preempted, WorkdirInUse
@@ -27,29 +28,13 @@ IN_USE = re.compile(
     r"for it to finish or stop it")
 
 
-@pytest.fixture
-def sleeper():
-  """A live process that is not this one; killed at the end."""
-  proc = subprocess.Popen(["sleep", "600"])
-  yield proc
-  proc.kill()
-  proc.wait()
-
-
-def _dead_pid() -> int:
-  proc = subprocess.Popen(["true"])
-  proc.wait()
-  return proc.pid
-
-
 def _write_lock(workdir, pid, host=workdir_lock.HOST, age_s=0.0,
                 pid_start=None) -> dict:
   """A lock as a train.py process writes it, started at 2026-12-07 05:10:03
   UTC, its heartbeat age_s old."""
   lock = {"host": host, "pid": pid, "pid_start": pid_start,
           "started": 1796620203.0, "heartbeat": time.time() - age_s}
-  with open(_lock_path(workdir), "w") as f:
-    json.dump(lock, f)
+  workdir_lock.write_json(_lock_path(workdir), lock)  # whole, as a holder's
   return lock
 
 
@@ -61,7 +46,7 @@ def _lock_path(workdir) -> str:
 
 def test_live_holders_refuse_and_dead_or_silent_ones_are_taken_over(
     tmp_path, sleeper):
-  live, dead, me = sleeper.pid, _dead_pid(), os.getpid()
+  live, dead, me = sleeper.pid, dead_pid(), os.getpid()
   stale = workdir_lock.STALE_S + 1
   cases = [  # (lock fields, taken over)
       (dict(pid=live, pid_start=workdir_lock.start_ticks(live)), False),
@@ -321,11 +306,15 @@ def test_a_run_whose_lock_was_taken_over_stops_without_saving(
   monkeypatch.setattr(workdir_lock, "HEARTBEAT_S", 0.01)
   holder = {}
   def take_over():
-    holder.update(_write_lock(workdir, pid=1, host="node7"))
-    deadline = time.monotonic() + 60  # a heartbeat finds it lost, and ends
-    while any(t.name == "workdir-lock-heartbeat" for t in threading.enumerate()
-              ) and time.monotonic() < deadline:
-      time.sleep(0.01)
+    # Until a heartbeat finds it lost and ends (a beat that read the lock as
+    # its own just before may write over the first takeover).
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+      holder.update(_write_lock(workdir, pid=1, host="node7"))
+      time.sleep(0.1)
+      if not any(t.name == "workdir-lock-heartbeat"
+                 for t in threading.enumerate()):
+        break
   real = state_lib.make_train_step
   monkeypatch.setattr(state_lib, "make_train_step",
                       lambda *a, **k: _before_call(real(*a, **k), 5,

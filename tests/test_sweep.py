@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import (REPO, TINY_OVERRIDES, last_logged_step,
+from conftest import (REPO, TINY_OVERRIDES, dead_pid, last_logged_step,
                       train_py_processes)
 from configs import default
 from launch import sweep
@@ -522,21 +522,6 @@ def test_slurm_cooldowns_follow_the_runs(tmp_path, capsys, monkeypatch):
 
 # --- locks -------------------------------------------------------------------
 
-@pytest.fixture
-def sleeper():
-  """A live process that is not this one; killed at the end."""
-  proc = subprocess.Popen(["sleep", "600"])
-  yield proc
-  proc.kill()
-  proc.wait()
-
-
-def _dead_pid() -> int:
-  proc = subprocess.Popen(["true"])
-  proc.wait()
-  return proc.pid
-
-
 def _write_lock(workdir, host=sweep.HOST, sweep_pid=None, child_pid=None,
                 age_s=0.0):
   now = time.time()
@@ -548,7 +533,7 @@ def _write_lock(workdir, host=sweep.HOST, sweep_pid=None, child_pid=None,
 
 def test_live_lock_is_respected_and_stale_locks_are_taken_over(tmp_path,
                                                               sleeper):
-  live_pid, dead = sleeper.pid, _dead_pid()
+  live_pid, dead = sleeper.pid, dead_pid()
   cases = [  # (lock, taken over)
       (dict(sweep_pid=live_pid), False),
       (dict(sweep_pid=dead, child_pid=live_pid), False),
