@@ -28,15 +28,17 @@ def _newest_params(run):
 
 
 def evaluate(config, workdir: str) -> dict:
-  """The newest params scored on the whole validation split of
-  config.data.source: the run's own, or any corpus prepared with the
-  model's tokenizer. A dpo run is scored against its reference params
-  (<workdir>/reference)."""
+  """The newest params scored on the validation split of
+  config.data.source (the run's own, or any corpus prepared with the
+  model's tokenizer): the text the run's evals score (the whole split, or
+  its eval.max_batches subset; --config.eval.max_batches=0 for all). A dpo
+  run is scored against its reference params (<workdir>/reference)."""
   run = build(config, workdir, splits=("val",), read_only=True)
   with run.context():
     step, params = _newest_params(run)
     ref = load_reference(run, workdir) if run.objective == "dpo" else None
-    return {"step": step, **evaluate_params(run, params, 0, ref),
+    return {"step": step,
+            **evaluate_params(run, params, config.eval.max_batches, ref),
             "data": run.data.path, "workdir": workdir}
 
 
