@@ -24,6 +24,7 @@ TAGS = {
     "mfu": "perf/mfu", "eval_loss": "eval/loss",
     "eval_perplexity": "eval/perplexity",
     "eval_bits_per_byte": "eval/bits_per_byte", "eval_tokens": "eval/tokens",
+    "eval_items": "eval/items", "eval_split_items": "eval/split_items",
 }
 
 
