@@ -176,7 +176,8 @@ def test_two_runs_on_one_workdir_then_the_holder_killed(corpus_dir, tmp_path):
   first is killed with SIGKILL, the command again takes its lock over; a
   SIGTERM then (the run not yet at its first step) exits 75 with nothing
   written; the command again resumes from the last checkpoint, which it
-  finds as saved, and the series has each step once."""
+  finds as saved, and the series has each step once. A save the kill cut
+  short is removed, and the removal ends before the SIGTERM'd process."""
   workdir, log = str(tmp_path / "run"), str(tmp_path / "log.txt")
   flags = _flags(corpus_dir, workdir, "--config.train.steps=100000",
                  "--config.checkpoint.every_steps=20",
@@ -207,8 +208,15 @@ def test_two_runs_on_one_workdir_then_the_holder_killed(corpus_dir, tmp_path):
                       if "orbax-checkpoint-tmp" not in k}
   files = snapshot()
   del files[_lock_path(workdir)]
-  steps = max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
-              if d.isdigit()) + 3
+  checkpoints = os.path.join(workdir, "checkpoints")
+  steps = max(int(d) for d in os.listdir(checkpoints) if d.isdigit()) + 3
+  # A save cut short, as the kill may leave one: the next holder's
+  # checkpointer removes it in a thread, which must end before its process.
+  cut_short = os.path.join(checkpoints, "99999.orbax-checkpoint-tmp")
+  os.makedirs(os.path.join(cut_short, "state"), exist_ok=True)
+  for i in range(200):
+    with open(os.path.join(cut_short, "state", str(i)), "w") as f:
+      f.write("x" * 1000)
   flags.append(f"--config.train.steps={steps}")
 
   third_log = str(tmp_path / "third.log")
@@ -223,6 +231,7 @@ def test_two_runs_on_one_workdir_then_the_holder_killed(corpus_dir, tmp_path):
       "preempted: stopped by SIGTERM before the first step, nothing written; "
       "the same command starts or resumes the run")
   assert snapshot() == files  # and the lock released
+  assert not os.path.exists(cut_short)
 
   resumed = run_train_py(*flags, timeout=TIMEOUT)
   assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -327,6 +327,9 @@ def train(config, workdir: str) -> dict:
     if lock is not None:  # last: once every file is written
       stack.callback(lock.release)
     run = build(config_lib.as_the_run_keeps(config, workdir), workdir)
+    # Also when stopped before run.context(): the removal of a cut-short
+    # save that the checkpointer started must end before the process does.
+    stack.callback(run.checkpointer.close)
     _check_stop(stop)
     return _train(run, stop, lock)
 
