@@ -17,17 +17,17 @@ train step (trainer.state) takes its loss from `train.objective`.
 
 Each loss function returns (loss, metrics), metrics being means over the
 batch; each eval function returns sums over the rows a mask keeps, which
-`summarize` turns into the eval record.
+`summarize` turns into the eval record. OBJECTIVES, at the end, is the table
+the train and eval steps read.
 """
 
+import dataclasses
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-
-OBJECTIVES = ("next-token", "sft", "dpo")
-
 
 def cross_entropy(logits_BxLxV, targets_BxL):
   return optax.softmax_cross_entropy_with_integer_labels(
@@ -219,28 +219,92 @@ def dpo_eval(model, params, batch, mask_B, ref_params, beta):
 def summarize(objective: str, sums: dict) -> dict:
   """The eval record of an objective's summed eval values. eval_loss is the
   objective's loss (for dpo, its preference loss), which keep_best uses."""
-  if not isinstance(sums, dict):  # next-token and sft: a vector
-    sums = dict(zip(("nats", "tokens", "bytes"), sums))
+  return OBJECTIVES[objective].record(sums)
+
+
+def _dpo_record(sums: dict) -> dict:
   sums = {k: float(v) for k, v in sums.items()}
-  if objective == "dpo":
-    n = max(sums["pairs"], 1.0)
-    return {"eval_loss": sums["loss"] / n,
-            "eval_reward_chosen": sums["chosen"] / n,
-            "eval_reward_rejected": sums["rejected"] / n,
-            "eval_reward_margin": sums["margin"] / n,
-            "eval_reward_accuracy": sums["correct"] / n,
-            **{f"eval_{k}": float(v) for k, v in kl_per_token(
-                sums["kl_chosen"], sums["kl_rejected"],
-                max(sums["targets_chosen"], 1.0),
-                max(sums["targets_rejected"], 1.0)).items()},
-            "eval_pairs": int(sums["pairs"])}
-  loss = sums["nats"] / max(sums["tokens"], 1.0)
+  n = max(sums["pairs"], 1.0)
+  return {"eval_loss": sums["loss"] / n,
+          "eval_reward_chosen": sums["chosen"] / n,
+          "eval_reward_rejected": sums["rejected"] / n,
+          "eval_reward_margin": sums["margin"] / n,
+          "eval_reward_accuracy": sums["correct"] / n,
+          **{f"eval_{k}": float(v) for k, v in kl_per_token(
+              sums["kl_chosen"], sums["kl_rejected"],
+              max(sums["targets_chosen"], 1.0),
+              max(sums["targets_rejected"], 1.0)).items()},
+          "eval_pairs": int(sums["pairs"])}
+
+
+def _token_record(sums_3) -> dict:
+  nats, tokens, nbytes = (float(v) for v in sums_3)
+  loss = nats / max(tokens, 1.0)
   return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
-          "eval_bits_per_byte": sums["nats"] / max(sums["bytes"], 1.0)
-                                / math.log(2),
-          "eval_tokens": int(sums["tokens"])}
+          "eval_bits_per_byte": nats / max(nbytes, 1.0) / math.log(2),
+          "eval_tokens": int(tokens)}
+
+
+def _stacked(sums: dict):
+  """One array [nats, target tokens, target bytes]: one transfer."""
+  return jnp.stack([sums["nats"], sums["tokens"], sums["bytes"]])
 
 
 def tokens_per_row(objective: str, seq_len: int) -> int:
   """Input tokens a batch row feeds the model (padding included)."""
-  return 2 * seq_len if objective == "dpo" else seq_len
+  return OBJECTIVES[objective].sequences_per_row * seq_len
+
+
+# ---------------------------------------------------------------- the table
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """An objective as the one train step and eval step use it.
+
+  loss(model, params, batch, *, rng, dropout, ref_params, beta,
+       denominator) -> (loss, metrics)
+  eval(model, params, batch, mask_B, token_bytes_V, *, ref_params, beta)
+       -> sums over the rows of mask_B, which `record` turns into the eval
+       record
+  """
+  loss: Callable
+  eval: Callable
+  record: Callable
+  # batch -> the target counts of the whole global batch, which each
+  # microbatch's sums are divided by (None: the loss is a plain mean).
+  denominator: Callable | None = None
+  # batch -> metrics of the whole batch, beside the loss's.
+  batch_metrics: Callable | None = None
+  uses_reference: bool = False  # the steps take frozen reference params
+  sequences_per_row: int = 1
+
+
+OBJECTIVES = {
+    "next-token": Objective(
+        loss=lambda model, params, batch, *, rng, dropout, **_:
+            next_token_loss(model, params, batch, rng, dropout),
+        eval=lambda model, params, batch, mask_B, token_bytes_V, **_:
+            _stacked(next_token_eval(model, params, batch, mask_B,
+                                     token_bytes_V)),
+        record=_token_record),
+    "sft": Objective(
+        loss=lambda model, params, batch, *, rng, dropout, denominator, **_:
+            sft_loss(model, params, batch, rng, denominator, dropout),
+        eval=lambda model, params, batch, mask_B, token_bytes_V, **_:
+            _stacked(sft_eval(model, params, batch, mask_B, token_bytes_V)),
+        record=_token_record,
+        denominator=sft_denominator,
+        batch_metrics=lambda batch: {
+            "target_tokens": jnp.sum(sft_targets(batch)[1])}),
+    "dpo": Objective(
+        loss=lambda model, params, batch, *, ref_params, beta, denominator,
+                    **_:
+            dpo_loss(model, params, batch, ref_params, beta, denominator),
+        eval=lambda model, params, batch, mask_B, token_bytes_V, *,
+                    ref_params, beta:
+            dpo_eval(model, params, batch, mask_B, ref_params, beta),
+        record=_dpo_record,
+        denominator=response_targets,
+        uses_reference=True,
+        sequences_per_row=2),
+}

@@ -73,20 +73,12 @@ def make_train_step(model, tx, shardings, *, grad_accum_steps: int,
   takes the frozen reference params as a third argument,
   train_step(state, batch, ref_params), sharded like the params."""
   dropout = model.cfg.dropout > 0
+  spec = objectives.OBJECTIVES[objective]
 
-  if objective == "next-token":
-    def loss_fn(params, batch, rng, ref_params, denominator):
-      return objectives.next_token_loss(model, params, batch, rng, dropout)
-  elif objective == "sft":
-    def loss_fn(params, batch, rng, ref_params, denominator):
-      return objectives.sft_loss(model, params, batch, rng, denominator,
-                                 dropout)
-  elif objective == "dpo":
-    def loss_fn(params, batch, rng, ref_params, denominator):
-      return objectives.dpo_loss(model, params, batch, ref_params, dpo_beta,
-                                 denominator)
-  else:
-    raise ValueError(f"unknown objective {objective!r}")
+  def loss_fn(params, batch, rng, ref_params, denominator):
+    return spec.loss(model, params, batch, rng=rng, dropout=dropout,
+                     ref_params=ref_params, beta=dpo_beta,
+                     denominator=denominator)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -95,10 +87,9 @@ def make_train_step(model, tx, shardings, *, grad_accum_steps: int,
     # Each microbatch's sums (sft: the loss, dpo: the KL metrics) over the
     # global batch's target counts, so that the average over microbatches
     # is the global batch's value.
-    counts = {"sft": objectives.sft_denominator,
-              "dpo": objectives.response_targets}.get(objective)
-    denominator = (None if counts is None else
-                   jax.tree.map(lambda n: n / grad_accum_steps, counts(batch)))
+    denominator = (None if spec.denominator is None else
+                   jax.tree.map(lambda n: n / grad_accum_steps,
+                                spec.denominator(batch)))
     if grad_accum_steps == 1:
       (loss, aux), grads = grad_fn(state.params, batch, rng, ref_params,
                                    denominator)
@@ -128,8 +119,8 @@ def make_train_step(model, tx, shardings, *, grad_accum_steps: int,
                            params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-    if objective == "sft":
-      metrics["target_tokens"] = jnp.sum(objectives.sft_targets(batch)[1])
+    if spec.batch_metrics:
+      metrics.update(spec.batch_metrics(batch))
     if isinstance(opt_state, optax.ApplyIfFiniteState):
       metrics.update(skipped_updates=opt_state.total_notfinite,
                      nonfinite_streak=opt_state.notfinite_count)
@@ -137,7 +128,7 @@ def make_train_step(model, tx, shardings, *, grad_accum_steps: int,
 
   mesh = jax.tree.leaves(shardings)[0].mesh
   in_shardings = (shardings, sharding_lib.batch_sharding(mesh))
-  if objective == "dpo":
+  if spec.uses_reference:
     in_shardings += (shardings.params,)
   return jax.jit(train_step, donate_argnums=(0,), in_shardings=in_shardings,
                  out_shardings=(shardings, NamedSharding(mesh, P())),
@@ -151,21 +142,11 @@ def make_eval_step(model, objective: str = "next-token",
   sft; for dpo with the reference params last, a dict of sums
   (objectives.dpo_eval). objectives.summarize makes either an eval
   record."""
-  if objective == "dpo":
-    def eval_step(params, batch, mask_B, token_bytes_V, ref_params):
-      return objectives.dpo_eval(model, params, batch, mask_B, ref_params,
-                                 dpo_beta)
-  elif objective == "sft":
-    def eval_step(params, batch, mask_B, token_bytes_V):
-      return _stacked(objectives.sft_eval(model, params, batch, mask_B,
-                                          token_bytes_V))
-  else:
-    def eval_step(params, batch, mask_B, token_bytes_V):
-      return _stacked(objectives.next_token_eval(model, params, batch, mask_B,
-                                                 token_bytes_V))
+  spec = objectives.OBJECTIVES[objective]
+
+  def eval_step(params, batch, mask_B, token_bytes_V, ref_params=None):
+    return spec.eval(model, params, batch, mask_B, token_bytes_V,
+                     ref_params=ref_params, beta=dpo_beta)
 
   return jax.jit(eval_step, compiler_options=compiler_options())
 
-
-def _stacked(sums: dict):
-  return jnp.stack([sums["nats"], sums["tokens"], sums["bytes"]])
