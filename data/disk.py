@@ -6,12 +6,20 @@ input: whatever meets one (a checkpoint save, a metrics, TensorBoard or
 sample write, a data preparation) stops with WriteFailed, whose line says
 what was being written, where, the space it needed and the space free.
 train.py and `python -m data.prepare` exit with its status, 74 (EX_IOERR).
+
+Small files that readers must see whole (JSON records, samples, tokenizer
+files) are written through `replacing`: the old file or the new one, never a
+part.
 """
 
+import contextlib
 import errno
+import json
 import os
 import re
 import shutil
+import socket
+import threading
 
 ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 _FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -21,6 +29,34 @@ class WriteFailed(Exception):
   """A write failed for want of space or permission; what was saved before
   is unchanged, and the same command resumes once the cause is fixed."""
   exit_code = 74
+
+
+HOST = socket.gethostname()
+
+
+@contextlib.contextmanager
+def replacing(path: str, mode: str = "w", **open_args):
+  """A file to write that replaces `path` once written whole and synced: a
+  reader sees the old file or the new one, never a part. The temporary is
+  this process's and thread's own, on any host sharing the file system, and
+  is removed if the write fails."""
+  tmp = f"{path}.{HOST}.{os.getpid()}.{threading.get_ident()}.tmp"
+  try:
+    with open(tmp, mode, **open_args) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def write_json(path: str, value, indent: int = 1, **dump_args) -> None:
+  """`value` as JSON, written whole (replacing)."""
+  with replacing(path) as f:
+    json.dump(value, f, indent=indent, **dump_args)
 
 
 def write_errno(error: BaseException | None) -> int | None:

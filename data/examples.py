@@ -47,7 +47,7 @@ import re
 
 import numpy as np
 
-from data import corpus, shards, store, tokenizers
+from data import corpus, disk, shards, store, tokenizers
 from data.corpus import DataError
 
 VERSION = 1
@@ -279,19 +279,16 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
   for split in store.SPLITS:
     tokens, targets, starts = parts[split]
     path = os.path.join(output, f"{split}.npz")
-    with open(path + ".tmp", "wb") as f:
+    with disk.replacing(path, "wb") as f:
       np.savez(f, tokens=np.concatenate(tokens), targets=np.concatenate(
           targets), starts=np.array(starts, np.int64))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
     with open(path, "rb") as f:
       sha = hashlib.file_digest(f, "sha256").hexdigest()
     meta["splits"][split] = {**counts[split], "file": f"{split}.npz",
                              "sha256": sha}
     for key, value in counts[split].items():
       meta[f"{split}_{key}"] = value
-  store.write_json(os.path.join(output, store.META), meta)
+  disk.write_json(os.path.join(output, store.META), meta)
   return load(output)
 
 

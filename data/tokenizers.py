@@ -19,6 +19,8 @@ import os
 import numpy as np
 import tokenizers as hf
 
+from data import disk
+
 EOT = "<|endoftext|>"
 CHAR_EOT = "\u2403"  # ␃
 # What a tokenizer must round-trip exactly, with its UTF-8 byte count.
@@ -166,10 +168,9 @@ class BPETokenizer(_Tokenizer):
     return {"kind": self.kind, "file": self.FILE, "sha256": digest}
 
   def save(self, directory: str) -> None:
-    path = os.path.join(directory, self.FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with disk.replacing(os.path.join(directory, self.FILE), "w",
+                        encoding="utf-8") as f:
       f.write(self.to_str())
-    os.replace(path + ".tmp", path)
 
 
 def _byte_level(model) -> hf.Tokenizer:
@@ -209,10 +210,8 @@ def save_dir(tokenizer, directory: str) -> None:
   os.makedirs(directory, exist_ok=True)
   if isinstance(tokenizer, BPETokenizer):
     tokenizer.save(directory)
-  path = os.path.join(directory, SPEC)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(tokenizer.to_json(), f, ensure_ascii=False)
-  os.replace(path + ".tmp", path)
+  disk.write_json(os.path.join(directory, SPEC), tokenizer.to_json(),
+                  indent=None, ensure_ascii=False)
 
 
 def load_dir(directory: str):

@@ -17,6 +17,7 @@ import pytest
 from conftest import (REPO, TINY_FLAGS, dead_pid, file_snapshot,
                       last_logged_step, metrics_records, run_train_py,
                       tiny_run_config)
+from data import disk
 from trainer import checkpoint, loop, workdir_lock
 from trainer import state as state_lib
 from trainer.errors import Preempted, WorkdirInUse
@@ -34,7 +35,7 @@ def _write_lock(workdir, pid, host=workdir_lock.HOST, age_s=0.0,
   UTC, its heartbeat age_s old."""
   lock = {"host": host, "pid": pid, "pid_start": pid_start,
           "started": 1796620203.0, "heartbeat": time.time() - age_s}
-  workdir_lock.write_json(_lock_path(workdir), lock)  # whole, as a holder's
+  disk.write_json(_lock_path(workdir), lock)  # whole, as a holder's
   return lock
 
 
@@ -88,18 +89,20 @@ def test_heartbeat_renews_and_a_lost_lock_stays_the_new_holders(
   lock = workdir_lock.WorkdirLock.acquire(workdir)
   first = lock.owner["heartbeat"]
   deadline = time.time() + 10
-  while lock.owner["heartbeat"] == first and time.time() < deadline:
+  read = lambda: workdir_lock.read_json(_lock_path(workdir))
+  while read()["heartbeat"] == first and time.time() < deadline:
     time.sleep(0.01)
-  with open(_lock_path(workdir)) as f:
-    assert json.load(f)["heartbeat"] > first
+  assert read()["heartbeat"] > first
   os.unlink(_lock_path(workdir))  # by hand: claimed again
   while not os.path.exists(_lock_path(workdir)) and time.time() < deadline:
     time.sleep(0.01)
   assert lock.ours() and lock.lost is None
-  # Taken over (this process looked dead to another host).
-  other = _write_lock(workdir, pid=1, host="node7")
+  # Taken over (this process looked dead to another host); again until a
+  # heartbeat finds it lost (a beat that read the lock as its own just
+  # before may write over a takeover).
   while lock.lost is None and time.time() < deadline:
-    time.sleep(0.01)
+    other = _write_lock(workdir, pid=1, host="node7")
+    time.sleep(0.1)
   assert lock.lost == other
   lock.release()
   with open(_lock_path(workdir)) as f:

@@ -26,7 +26,7 @@ import safetensors.numpy
 from absl import logging
 
 from configs import default
-from data import tokenizers
+from data import disk, tokenizers
 from model import GPTConfig
 from model import hf_gpt2 as mapping
 from trainer import checkpoint, loop, metrics, sharding
@@ -267,11 +267,11 @@ def export_gpt2(workdir: str, hf_dir: str) -> int:
     shutil.copyfile(os.path.join(tokenizer_dir, name),
                     os.path.join(hf_dir, name))
   weights = os.path.join(hf_dir, _WEIGHTS)
-  safetensors.numpy.save_file(mapping.gpt2_from_params(params, cfg),
-                              weights + ".tmp", metadata={"format": "pt"})
-  os.replace(weights + ".tmp", weights)
-  with open(os.path.join(hf_dir, "config.json"), "w") as f:
-    json.dump(mapping.hf_config(cfg, eot_id), f, indent=2)
+  with disk.replacing(weights, "wb") as f:
+    f.write(safetensors.numpy.save(mapping.gpt2_from_params(params, cfg),
+                                   metadata={"format": "pt"}))
+  disk.write_json(os.path.join(hf_dir, "config.json"),
+                  mapping.hf_config(cfg, eot_id), indent=2)
   return step
 
 

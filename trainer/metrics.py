@@ -151,9 +151,8 @@ class MetricsWriter:
             kept.append(line)
         except json.JSONDecodeError:  # a line cut short by a killed run
           pass
-    with open(self.path + ".tmp", "w") as f:
+    with disk.replacing(self.path) as f:
       f.writelines(kept)
-    os.replace(self.path + ".tmp", self.path)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:

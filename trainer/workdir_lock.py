@@ -17,13 +17,13 @@ train.py there (launch.sweep.Lock). This module imports no JAX.
 import datetime
 import json
 import os
-import socket
 import threading
 import time
 
+from data import disk
 from trainer.errors import WorkdirInUse
 
-HOST = socket.gethostname()
+HOST = disk.HOST
 HEARTBEAT_S = 5  # how often an owner renews its lock
 STALE_S = 120    # a lock not renewed for this long is stale
 LOCK = "workdir.lock"
@@ -38,15 +38,6 @@ def read_json(path: str) -> dict | None:
     return None
   except (OSError, ValueError):
     return {}
-
-
-def write_json(path: str, data) -> None:
-  """Atomically: a reader sees the old file or the new one, never a part.
-  The temporary name is this process's own, on any host."""
-  tmp = f"{path}.{HOST}.{os.getpid()}.{threading.get_ident()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1)
-  os.replace(tmp, path)
 
 
 def start_ticks(pid: int) -> int | None:
@@ -128,7 +119,7 @@ class LockFile:
     if not self.ours():
       return False
     self.owner.update(fields, heartbeat=time.time())
-    write_json(self.path, self.owner)
+    disk.write_json(self.path, self.owner)
     return True
 
   def release(self) -> None:
@@ -139,9 +130,8 @@ class LockFile:
 def _create(path: str, owner: dict) -> bool:
   """Creates the lock whole (a hard link to a written file), or returns
   False if it exists."""
-  tmp = f"{path}.{HOST}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(owner, f, indent=1)
+  tmp = f"{path}.{HOST}.{os.getpid()}.new"
+  disk.write_json(tmp, owner)
   try:
     os.link(tmp, path)
     return True
