@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from configs import default
-from model import gpt
+from model.attention import banded_attention, causal_attention
 
 
 def _fwd_bwd(attention):
@@ -49,9 +49,9 @@ def main():
   q, k, v, grad_out = (jax.random.normal(key, shape) for key in
                        jax.random.split(jax.random.key(0), 4))
   kernels = {
-      "dense": _fwd_bwd(lambda q, k, v: gpt.causal_attention(
+      "dense": _fwd_bwd(lambda q, k, v: causal_attention(
           q, k, v, m.attention_chunks)),
-      "banded": _fwd_bwd(lambda q, k, v: gpt.banded_attention(
+      "banded": _fwd_bwd(lambda q, k, v: banded_attention(
           q, k, v, args.window))}
   for kernel in kernels.values():
     jax.block_until_ready(kernel(q, k, v, grad_out))  # compile

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from data import prepare
+from data import prepare, work
 
 
 def make_corpus(path: str, megabytes: int, seed: int = 0) -> int:
@@ -56,7 +56,7 @@ def make_corpus(path: str, megabytes: int, seed: int = 0) -> int:
 
 def time_run(corpus: str, output: str, options: prepare.Options) -> float:
   """Seconds to re-tokenize everything (the tokenizer of `output` kept)."""
-  shutil.rmtree(os.path.join(output, prepare.SHARDS))
+  shutil.rmtree(os.path.join(output, work.SHARDS))
   t = time.perf_counter()
   prepare.build([corpus], output, options)
   return time.perf_counter() - t

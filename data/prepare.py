@@ -18,9 +18,9 @@ corpus.py) is in `holdout`; without a holdout, if a hash of its UTF-8 bytes
 falls below `val_fraction`. Either way the split depends on neither file order
 nor worker count, and copies of a document land in the same split.
 
-Work: the input files are cut into tasks (consecutive files of about
-`task_bytes`, or ranges of a larger uncompressed .jsonl) that worker processes
-stream through. A task's shards, then the record naming them, are written
+Work (data/work.py): the input files are cut into tasks (consecutive files
+of about `task_bytes`, or ranges of a larger uncompressed .jsonl) that
+worker processes stream through. A task's shards, then the record naming them, are written
 under temporary names and renamed, keyed by the task's files (path, size,
 modification time) and the settings: a re-run processes only new or changed
 inputs and never trusts a half-written shard; shards of inputs that changed
@@ -31,12 +31,9 @@ spread over it) is fitted on the first run and kept by later ones.
 """
 
 import argparse
-from concurrent import futures
-import contextlib
 import dataclasses
 import functools
 import glob
-import multiprocessing
 import os
 import re
 import shutil
@@ -46,12 +43,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import tqdm
 
-from data import corpus, disk, examples, shards, store, tokenizers
+from data import corpus, disk, examples, shards, store, tokenizers, work
 from data.corpus import DataError
 
 VERSION = 1
 KINDS = ("char", "byte", "bpe", "gpt2")
-SHARDS = "shards"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,13 +65,6 @@ class Options:
   bpe_sample_bytes: int = 1 << 30  # of documents to train a BPE on
   task_bytes: int = 32 << 20
   shard_tokens: int = 1 << 27
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-  pieces: tuple[corpus.Piece, ...]
-  bytes: int
-  key: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +171,7 @@ def build(inputs: Sequence[str], output: str, options: Options) -> Prepared:
   _check(options, files)
   created = not os.path.exists(output)
   try:
-    os.makedirs(os.path.join(output, SHARDS), exist_ok=True)
+    os.makedirs(os.path.join(output, work.SHARDS), exist_ok=True)
     with store.locked(output):
       return _build(inputs, files, output, options)
   except BaseException as e:
@@ -205,7 +194,7 @@ def _shards_bound(files: list[str], options: Options) -> int:
 def _keep_or_remove(output: str, created: bool) -> str:
   """After a failed build: removes an output it created that holds no
   finished task; says what became of the output."""
-  shards_dir = os.path.join(output, SHARDS)
+  shards_dir = os.path.join(output, work.SHARDS)
   if created and not (os.path.isdir(shards_dir) and any(
       f.endswith(".json") for f in os.listdir(shards_dir))):
     shutil.rmtree(output, ignore_errors=True)  # nothing worth keeping
@@ -225,7 +214,7 @@ def _build(inputs, files, output, options) -> Prepared:
     raise DataError(f"{output} holds data prepared with the tokenizer "
                     f"{old.get('tokenizer_request')}, not {request}; prepare "
                     "into a new --output (or delete this one)")
-  tasks = _plan(files, options.task_bytes)
+  tasks = work.plan(files, options.task_bytes)
   if old is not None:
     tok = _load_tokenizer(old, output)
   else:
@@ -237,13 +226,14 @@ def _build(inputs, files, output, options) -> Prepared:
               options.shard_tokens]
   tasks = [dataclasses.replace(t, key=store.digest(settings, [
       store.file_identity(p) for p in t.pieces])[:24]) for t in tasks]
-  records = {t.key: r for t in tasks if (r := _record(output, t.key))}
+  records = {t.key: r for t in tasks
+             if (r := work.finished_record(output, t.key))}
   pending = [t for t in tasks if t.key not in records]
   bar = tqdm.tqdm(total=sum(t.bytes for t in pending), unit="B",
                   unit_scale=True, desc="preparing", dynamic_ncols=True,
                   disable=not options.progress)
   documents = 0
-  with bar, _runner(output, tok, options) as run:
+  with bar, work.runner(output, tok, options) as run:
     for record in run(pending):
       records[record["key"]] = record
       documents += sum(s["documents"] for s in record["splits"].values())
@@ -260,7 +250,7 @@ def _build(inputs, files, output, options) -> Prepared:
           "validation fraction or holdout, or a smaller --seq-len")
   if meta != old:
     store.write_json(os.path.join(output, store.META), meta)
-  _collect_garbage(output, {t.key for t in tasks})
+  work.collect_garbage(output, {t.key for t in tasks})
   return load(output)
 
 
@@ -324,7 +314,7 @@ def _load_tokenizer(meta: dict, path: str):
                     "it again") from None
 
 
-def _new_tokenizer(options: Options, tasks: list[Task]):
+def _new_tokenizer(options: Options, tasks: list[work.Task]):
   if options.tokenizer == "byte":
     return tokenizers.ByteTokenizer()
   if options.tokenizer == "gpt2":
@@ -335,7 +325,8 @@ def _new_tokenizer(options: Options, tasks: list[Task]):
       _sample(tasks, options, options.bpe_sample_bytes), options.vocab_size)
 
 
-def _sample(tasks: list[Task], options: Options, limit: int) -> Iterator[str]:
+def _sample(tasks: list[work.Task], options: Options,
+            limit: int) -> Iterator[str]:
   """Documents to fit a tokenizer to: all, or about `limit` bytes of them
   from tasks spread evenly over the corpus."""
   step = max(1, sum(t.bytes for t in tasks) // limit) if limit else 1
@@ -347,133 +338,6 @@ def _sample(tasks: list[Task], options: Options, limit: int) -> Iterator[str]:
         seen += len(text)
         if limit and seen >= limit:
           return
-
-
-def _plan(files: list[str], task_bytes: int) -> list[Task]:
-  """Consecutive files of about task_bytes per task; a larger uncompressed
-  .jsonl is cut into ranges of task_bytes."""
-  pieces = []
-  for f in files:
-    size = os.path.getsize(f)
-    if corpus.is_jsonl(f) and not f.endswith(".gz") and size > task_bytes:
-      pieces += [(corpus.Piece(f, s, min(s + task_bytes, size)),
-                  min(task_bytes, size - s))
-                 for s in range(0, size, task_bytes)]
-    else:
-      pieces.append((corpus.Piece(f), size))
-  tasks, group, total = [], [], 0
-  for piece, size in pieces:
-    group.append(piece)
-    total += size
-    if total >= task_bytes:
-      tasks.append(Task(tuple(group), total, ""))
-      group, total = [], 0
-  if group:
-    tasks.append(Task(tuple(group), total, ""))
-  return tasks
-
-
-# ---------------------------------------------------------------- tasks
-
-class _Worker:
-  """Runs tasks: reads, splits and tokenizes documents, writes shards and
-  then the task's record."""
-
-  def __init__(self, output: str, tokenizer, options: Options):
-    self.output, self.tok, self.options = output, tokenizer, options
-    self.dtype = shards.dtype_for(tokenizer.vocab_size)
-
-  def __call__(self, task: Task) -> dict:
-    o = self.options
-    prefix = os.path.join(self.output, SHARDS, task.key)
-    writers = {s: shards.Writer(self.output, f"{SHARDS}/{task.key}-{s}",
-                                self.dtype, self.tok.eot_id, o.shard_tokens)
-               for s in store.SPLITS}
-    splits = {s: {"documents": 0, "tokens": 0, "bytes": 0, "names": []}
-              for s in store.SPLITS}
-    batch, batch_bytes, empty = [], 0, 0
-
-    def flush():
-      for (split, num_bytes, _), ids in zip(batch, self.tok.encode_batch(
-          [text for _, _, text in batch])):
-        writers[split].add(ids)
-        count = splits[split]
-        count["documents"] += 1
-        count["tokens"] += len(ids) + 1
-        count["bytes"] += num_bytes
-      batch.clear()
-
-    for piece in task.pieces:
-      name = corpus.name(piece.path)
-      for text in corpus.documents(piece, o.text_field, o.utf8):
-        if not text:
-          empty += 1
-          continue
-        data = text.encode("utf-8")
-        split = store.split_of(name, data, o.holdout, o.val_fraction)
-        names = splits[split]["names"]
-        if o.holdout and names[-1:] != [name]:
-          names.append(name)
-        batch.append((split, len(data), text))
-        batch_bytes += len(data)
-        if batch_bytes >= 1 << 20:
-          flush()
-          batch_bytes = 0
-    flush()
-    for split in store.SPLITS:
-      splits[split]["shards"] = writers[split].close()
-    record = {"key": task.key, "input_bytes": task.bytes,
-              "empty_documents": empty, "splits": splits}
-    store.write_json(prefix + ".json", record)
-    return record
-
-
-_worker = None  # the _Worker of a worker process
-
-
-def _init_worker(output: str, spec: dict, options: Options) -> None:
-  global _worker
-  os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallel over processes
-  _worker = _Worker(output, tokenizers.from_json(spec, output), options)
-
-
-def _run_task(task: Task) -> dict:
-  return _worker(task)
-
-
-@contextlib.contextmanager
-def _runner(output: str, tokenizer, options: Options):
-  """A function from tasks to their records (in any order), run in this
-  process or in `options.workers` new ones."""
-  if not options.workers:
-    worker = _Worker(output, tokenizer, options)
-    yield lambda tasks: map(worker, tasks)
-    return
-  with futures.ProcessPoolExecutor(
-      options.workers, multiprocessing.get_context("spawn"), _init_worker,
-      (output, tokenizer.to_json(), options)) as pool:
-
-    def run(tasks):
-      running = [pool.submit(_run_task, t) for t in tasks]
-      try:
-        for done in futures.as_completed(running):
-          yield done.result()
-      finally:  # on an error, start no more tasks
-        pool.shutdown(cancel_futures=True)
-
-    yield run
-
-
-def _record(output: str, key: str) -> dict | None:
-  """A finished task's record, if its shards are all there."""
-  record = store.read_json(os.path.join(output, SHARDS, key + ".json"))
-  if record is None:
-    return None
-  for split in record["splits"].values():
-    for shard in split["shards"]:
-      if not os.path.exists(os.path.join(output, shard["file"])):
-        return None
-  return record
 
 
 def _meta(inputs, files, tok, request, options, records) -> dict:
@@ -498,14 +362,6 @@ def _meta(inputs, files, tok, request, options, records) -> dict:
                                   for n in r["splits"][split]["names"]))
         for split in store.SPLITS}
   return meta
-
-
-def _collect_garbage(output: str, keys: set[str]) -> None:
-  """Removes shards and records of tasks no longer in the corpus, and
-  temporary files of interrupted runs."""
-  for f in os.listdir(os.path.join(output, SHARDS)):
-    if f.endswith(".tmp") or re.split(r"[-.]", f)[0] not in keys:
-      os.remove(os.path.join(output, SHARDS, f))
 
 
 # ---------------------------------------------------------------- command

@@ -9,361 +9,20 @@ to mesh axes.
 Attention layers follow `attention_pattern`: "dense" ones see the whole
 context, "local" ones (GPT-3's banded layers) the last `local_window` keys.
 Cached generation calls the same modules with a `KVCache` (Z layers, W cache
-slots): only attention's key/value source differs from training.
+slots): only attention's key/value source differs from training. The
+architecture is model/config.py's GPTConfig, attention's kernels are in
+model/attention.py, the cache in model/kv_cache.py.
 """
 
-import dataclasses
-import functools
 import math
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-POSITIONS = ("learned", "sinusoidal", "rope")
-LAYER_KINDS = ("dense", "local")
-PARAMETRIZATIONS = ("standard", "mup")
-ATTENTIONS = ("einsum", "xla", "cudnn")
-DTYPES = ("float32", "bfloat16", "float16")
-# Every logical axis name the arrays below carry: mesh.rules maps these.
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "head_dim", "mlp",
-                "vocab", "layers")
-
-
-@dataclasses.dataclass(frozen=True)
-class GPTConfig:
-  """The architecture. A run's values are checked by the rules in
-  trainer/config.py; the class itself refuses only sizes that would make
-  its derived ones (head_dim) wrong."""
-  vocab_size: int
-  num_layers: int
-  d_model: int
-  num_heads: int
-  seq_len: int
-  d_ff: int = 0  # 0 means 4 * d_model
-  position: str = "learned"  # one of POSITIONS
-  rope_base: float = 10000.0  # position="rope": base of the frequencies
-  tie_embeddings: bool = True
-  use_bias: bool = True
-  dropout: float = 0.0
-  scan_layers: bool = False
-  remat: str = "none"  # a key of REMAT_POLICIES
-  dtype: str = "float32"  # compute dtype (DTYPES); parameters: param_dtype
-  param_dtype: str = "float32"
-  attention: str = "einsum"  # one of ATTENTIONS
-  attention_chunks: int = 2  # query blocks of the einsum attention
-  # Layer kinds, comma-separated, repeated over the layers in order:
-  # "dense,local" alternates them, starting with a dense layer.
-  attention_pattern: str = "dense"
-  local_window: int = 256  # keys a local layer's query sees, its own included
-  vocab_multiple: int = 1  # pad the vocabulary to a multiple of this
-  parametrization: str = "standard"  # one of PARAMETRIZATIONS
-  mup_base_width: int = 96  # muP: the d_model at which it equals standard
-  mup_base_heads: int = 0  # muP: the base model's heads (0: num_heads)
-
-  def __post_init__(self):
-    if self.d_model % self.num_heads:
-      raise ValueError(
-          f"model.d_model={self.d_model} is not divisible by "
-          f"model.num_heads={self.num_heads}; pick heads that divide it")
-    if not set(self.pattern) <= set(LAYER_KINDS):
-      raise ValueError(
-          f"model.attention_pattern={self.attention_pattern!r} must list "
-          f"layer kinds separated by commas, each one of {list(LAYER_KINDS)}"
-          " (e.g. 'dense,local')")
-    if self.scan_layers and self.num_layers % len(self.pattern):
-      raise ValueError(
-          f"model.num_layers={self.num_layers} must be a multiple of the "
-          f"{len(self.pattern)} layers of model.attention_pattern="
-          f"{self.attention_pattern!r} with model.scan_layers=True (it scans "
-          "over repeats of the pattern)")
-    if self.position == "rope" and self.head_dim % 2:
-      raise ValueError(
-          f"model.position='rope' rotates pairs of dimensions: head_dim = "
-          f"d_model / num_heads = {self.head_dim} must be even")
-    if self.vocab_multiple < 1:
-      raise ValueError(f"model.vocab_multiple={self.vocab_multiple} must be "
-                       ">= 1 (1: no padding)")
-    if self.dropout and self.attention != "einsum":
-      raise ValueError(
-          f"model.dropout={self.dropout} drops attention probabilities too, "
-          f"which model.attention={self.attention!r} "
-          "(jax.nn.dot_product_attention) cannot: use model.attention="
-          "'einsum' or model.dropout=0")
-    if self.parametrization == "mup":
-      self._check_mup()
-
-  def _check_mup(self):
-    """muP scales every hidden width with d_model, the heads' size among
-    them: the MLP's width is 4 * d_model and the heads stay those of the
-    base model (attention_mult assumes head_dim grows with the width)."""
-    if self.d_ff:
-      raise ValueError(
-          "model.parametrization='mup' scales the MLP with d_model: set "
-          f"model.d_ff=0 (4 * d_model), not {self.d_ff}")
-    if self.mup_base_heads and self.mup_base_heads != self.num_heads:
-      raise ValueError(
-          f"model.num_heads={self.num_heads} differs from muP's base model's "
-          f"model.mup_base_heads={self.mup_base_heads}: muP's attention "
-          "scale keeps the heads fixed as the width grows (head_dim grows "
-          f"with it); set model.num_heads={self.mup_base_heads}")
-    if self.mup_base_width < 1 or self.mup_base_width % self.num_heads:
-      raise ValueError(
-          f"model.mup_base_width={self.mup_base_width} must be a positive "
-          f"multiple of model.num_heads={self.num_heads}: muP's base model "
-          "is this one at d_model = mup_base_width, with the same heads")
-
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.num_heads
-
-  @property
-  def mlp_dim(self) -> int:
-    return self.d_ff or 4 * self.d_model
-
-  # muP (Tensor Programs V): the model at d_model = mup_base_width is the
-  # standard one, bit for bit; wider (or narrower) ones scale as below, and
-  # trainer.optim scales the hidden weights' Adam updates by 1 / width_mult.
-  @property
-  def width_mult(self) -> float:
-    """d_model / mup_base_width under muP; 1 under the standard
-    parametrization."""
-    if self.parametrization == "mup":
-      return self.d_model / self.mup_base_width
-    return 1.0
-
-  @property
-  def hidden_init_scale(self) -> float:
-    """Multiplies the init std of the hidden (width x width) weights: their
-    variance goes as 1 / fan_in under muP."""
-    return math.sqrt(1 / self.width_mult)
-
-  @property
-  def attention_mult(self) -> float:
-    """Multiplies the queries, on top of attention's 1 / sqrt(head_dim):
-    sqrt(base head_dim / head_dim) under muP, so that q.k is divided by
-    head_dim (times sqrt(the base model's head_dim): 1 / sqrt(head_dim) at
-    the base width)."""
-    return math.sqrt(1 / self.width_mult)
-
-  @property
-  def attention_scale(self) -> float:
-    """What q.k is multiplied by in all: 1 / sqrt(head_dim) (standard); muP's
-    sqrt(base head_dim) / head_dim."""
-    return 1.0 / math.sqrt(self.head_dim) * self.attention_mult
-
-  @property
-  def output_mult(self) -> float:
-    """Multiplies the readout's input (the tied embedding or lm_head): muP's
-    1 / width_mult keeps the logits' updates independent of the width."""
-    return 1 / self.width_mult
-
-  @property
-  def pattern(self) -> tuple[str, ...]:
-    return tuple(kind.strip() for kind in self.attention_pattern.split(","))
-
-  @property
-  def layer_kinds(self) -> tuple[str, ...]:
-    """Each layer's kind: the pattern repeated over the layers."""
-    return tuple(self.pattern[i % len(self.pattern)]
-                 for i in range(self.num_layers))
-
-  def window(self, kind: str) -> int:
-    """Keys a query of a `kind` layer sees: its own and the window - 1
-    before it. A dense layer's is the context, so that a sequence longer
-    than that (sampling with rotary positions) keeps each layer within the
-    context it was trained on."""
-    if kind == "dense":
-      return self.seq_len
-    return min(self.local_window, self.seq_len)
-
-  @property
-  def cache_rolls(self) -> bool:
-    """Whether a cached key stays valid once older tokens leave the window:
-    true of rotary positions (relative), not of absolute ones."""
-    return self.position == "rope"
-
-  @property
-  def padded_vocab_size(self) -> int:
-    """The rows of the embedding and the columns of the output layer: the
-    vocabulary rounded up to a multiple of vocab_multiple, so that tensor
-    parallelism can split it evenly. The padded ids' logits are masked."""
-    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
-
-  def num_params(self, embeddings: bool = True, padded: bool = False) -> int:
-    """Closed-form parameter count of this architecture: the real
-    vocabulary's embedding (and output layer, if untied), or with `padded`
-    the padded one, as the param tree holds it. Without `embeddings`, no
-    vocabulary or position table: the N of scaling laws, the same padded or
-    not."""
-    d, f, b = self.d_model, self.mlp_dim, int(self.use_bias)
-    v = self.padded_vocab_size if padded else self.vocab_size
-    attn = d * 3 * d + 3 * d * b + d * d + d * b
-    mlp = d * f + f * b + f * d + d * b
-    norms = 2 * d * (1 + b)
-    block = attn + mlp + norms
-    n = self.num_layers * block + d * (1 + b)  # blocks + final norm
-    if embeddings:
-      n += v * d
-      n += self.seq_len * d if self.position == "learned" else 0
-      n += 0 if self.tie_embeddings else d * v + b * v
-    return n
-
-  def flops_per_token(self) -> float:
-    """Training FLOPs per token in the project's one convention, C = 6 N D
-    (Kaplan et al., 2020): N the non-embedding parameters, each costing 2
-    FLOPs per token forward and 4 backward. It leaves out the attention
-    score and value matmuls (PaLM adds 12 * layers * d_model * context) and
-    the output layer (6 * d_model * vocabulary), so MFU against it is lower
-    than PaLM's by their share (docs/model.md, "FLOPs").
-    """
-    return 6 * self.num_params(embeddings=False)
-
-
-CACHE_AXES = ("layers", "batch", "length", "heads", "head_dim")
-
-
-@flax.struct.dataclass
-class KVRing:
-  """The keys and values of the layers at place j of a pattern of P kinds
-  (layers j, j + P, j + 2P...) for the last W columns of the batch, W their
-  kind's window: column c in slot c % W. pos_BxW: each slot's position (-1:
-  free, or left padding)."""
-  k_ZxBxWxHxK: jax.Array
-  v_ZxBxWxHxK: jax.Array
-  pos_BxW: jax.Array
-
-  @classmethod
-  def empty(cls, cfg: GPTConfig, place: int, batch: int) -> "KVRing":
-    layers = len(range(place, cfg.num_layers, len(cfg.pattern)))
-    W = cfg.window(cfg.pattern[place])
-    shape = (layers, batch, W, cfg.num_heads, cfg.head_dim)
-    zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, cfg.dtype),
-                                               CACHE_AXES)
-    pos_BxW = nn.with_logical_constraint(
-        jnp.full((batch, W), -1, jnp.int32), ("batch", "length"))
-    return cls(zeros(), zeros(), pos_BxW)
-
-  def _slots(self, first, L: int):
-    """The slots of the last min(L, W) of columns [first, first + L): the
-    ring keeps no more, and the step attends to its own keys directly."""
-    W = self.pos_BxW.shape[1]
-    M = min(L, W)
-    return (first + L - M + jnp.arange(M)) % W, L - M
-
-  def claim(self, pos_BxL, first, fresh: bool):
-    """Columns [first, first + L) for tokens at positions pos_BxL, and which
-    keys those attend to (mask_Bx1xLxT, over the keys `update` returns):
-    those at their position and the W - 1 before it."""
-    L, W = pos_BxL.shape[1], self.pos_BxW.shape[1]
-    slots_M, skip = self._slots(first, L)
-    pos_BxW = nn.with_logical_constraint(
-        self.pos_BxW.at[:, slots_M].set(pos_BxL[:, skip:]),
-        ("batch", "length"))
-    if L == 1:
-      key_pos_BxT = pos_BxW
-    elif fresh:
-      key_pos_BxT = pos_BxL
-    else:
-      key_pos_BxT = jnp.concatenate([self.pos_BxW, pos_BxL], axis=1)
-    key_pos_Bx1x1xT = key_pos_BxT[:, None, None, :]
-    query_pos_Bx1xLx1 = pos_BxL[:, None, :, None]
-    mask_Bx1xLxT = ((key_pos_Bx1x1xT >= 0) &
-                    (key_pos_Bx1x1xT <= query_pos_Bx1xLx1) &
-                    (key_pos_Bx1x1xT > query_pos_Bx1xLx1 - W))
-    return self.replace(pos_BxW=pos_BxW), mask_Bx1xLxT
-
-  def update(self, layer, k_BxLxHxK, v_BxLxHxK, first, fresh: bool):
-    """The ring with layer `layer`'s keys and values of columns [first,
-    first + L) written, and the keys and values those attend to.
-
-    One token (decoding) writes its slot first and reads the ring, which
-    then holds its whole band: XLA writes the slot in place. A longer step
-    may overwrite keys its first tokens need, and its slots may wrap around:
-    it attends to its own keys, after those of the ring before its write
-    unless the cache is `fresh` (a prefill), and scatters its last W. (Per
-    decoding step, a scatter cost ~8% of cached decoding's speed, a read
-    before the write ~7%; the ring's keys in a prefill 1.5x its time.)"""
-    L = k_BxLxHxK.shape[1]
-    slots_M, skip = self._slots(first, L)
-
-    def update(ring_ZxBxWxHxK, new_BxLxHxK):
-      new_BxLxHxK = new_BxLxHxK.astype(ring_ZxBxWxHxK.dtype)
-      constrain = lambda x: nn.with_logical_constraint(x, CACHE_AXES)
-      if L == 1:
-        ring_ZxBxWxHxK = constrain(jax.lax.dynamic_update_slice(
-            ring_ZxBxWxHxK, new_BxLxHxK[None], (layer, 0, slots_M[0], 0, 0)))
-        return ring_ZxBxWxHxK, ring_ZxBxWxHxK[layer]
-      seen_BxTxHxK = new_BxLxHxK if fresh else jnp.concatenate(
-          [ring_ZxBxWxHxK[layer], new_BxLxHxK], axis=1)
-      # (layer, slots) index the ring apart: the update is [M, B, H, K].
-      return constrain(ring_ZxBxWxHxK.at[layer, :, slots_M].set(
-          jnp.swapaxes(new_BxLxHxK[:, skip:], 0, 1))), seen_BxTxHxK
-
-    k_ZxBxWxHxK, k_BxTxHxK = update(self.k_ZxBxWxHxK, k_BxLxHxK)
-    v_ZxBxWxHxK, v_BxTxHxK = update(self.v_ZxBxWxHxK, v_BxLxHxK)
-    return (self.replace(k_ZxBxWxHxK=k_ZxBxWxHxK, v_ZxBxWxHxK=v_ZxBxWxHxK),
-            k_BxTxHxK, v_BxTxHxK)
-
-
-@flax.struct.dataclass
-class KVCache:
-  """The keys and values of every layer for the last tokens seen.
-
-  A step claims the next L columns, the same in every row, for its tokens
-  and their positions (`claim`); each layer then attends to its ring's keys
-  and the step's own, and writes the step's into its ring (`update`).
-  Attention masks by positions alone (-1: free, or left padding), so a ring
-  keeps only its layers' window (seq_len slots for a dense layer,
-  local_window for a local one) and rolls over once the columns outgrow
-  it. Sharded like training: the batch over the data axes, the heads over
-  tensor.
-  """
-  rings: tuple[KVRing, ...]  # one per place in the attention pattern
-  length: jax.Array  # columns claimed
-  # Static: no step has written the cache yet, so a step reads no ring.
-  fresh: bool = flax.struct.field(pytree_node=False, default=True)
-
-  @classmethod
-  def empty(cls, cfg: GPTConfig, batch: int) -> "KVCache":
-    return cls(tuple(KVRing.empty(cfg, place, batch)
-                     for place in range(len(cfg.pattern))),
-               jnp.zeros((), jnp.int32))
-
-  def claim(self, pos_BxL):
-    """The next L columns for tokens at positions pos_BxL (-1: padding), and
-    per ring the mask of the keys they attend to (`KVRing.claim`)."""
-    claimed = [ring.claim(pos_BxL, self.length, self.fresh)
-               for ring in self.rings]
-    return (self.replace(rings=tuple(ring for ring, _ in claimed),
-                         length=self.length + pos_BxL.shape[1]),
-            tuple(mask for _, mask in claimed))
-
-  def update(self, place: int, layer, k_BxLxHxK, v_BxLxHxK):
-    """Ring `place`'s layer `layer` updated with the keys and values of the
-    columns claimed last, and the keys and values those attend to
-    (`KVRing.update`)."""
-    first = self.length - k_BxLxHxK.shape[1]
-    ring, k_BxTxHxK, v_BxTxHxK = self.rings[place].update(
-        layer, k_BxLxHxK, v_BxLxHxK, first, self.fresh)
-    rings = self.rings[:place] + (ring,) + self.rings[place + 1:]
-    return self.replace(rings=rings), k_BxTxHxK, v_BxTxHxK
-
-  def written(self) -> "KVCache":
-    """The cache once a step has written it (GPT's call returns this)."""
-    return self.replace(fresh=False)
-
-  def next_pos(self):
-    """pos_Bx1: each row's position after its newest token (which every
-    ring holds)."""
-    return jnp.max(self.rings[0].pos_BxW, axis=1, keepdims=True) + 1
+from model.attention import attend, einsum_f32, rotary, self_attention
+from model.config import GPTConfig, REMAT_POLICIES
+from model.kv_cache import KVCache
 
 
 def _dense_init(scale: float = 1.0):
@@ -377,125 +36,6 @@ def sinusoidal_positions(seq_len: int, d_model: int) -> jax.Array:
   pe_LD = jnp.zeros((seq_len, d_model), jnp.float32)
   pe_LD = pe_LD.at[:, 0::2].set(jnp.sin(pos_L1 * freq))
   return pe_LD.at[:, 1::2].set(jnp.cos(pos_L1 * freq[: d_model // 2]))
-
-
-def rotary(x_BxLxHxK, pos_BxL, base: float):
-  """Rotary positions (Su et al. 2021) in the half-split form of GPT-NeoX
-  and LLaMA: dimension i < K/2 and dimension i + K/2 form a pair, rotated by
-  the angle pos * base^(-2i/K). The dot product of a rotated query and key
-  then depends on their positions through the difference alone."""
-  K = x_BxLxHxK.shape[-1]
-  freq_K2 = base ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)
-  angle_BxLx1xK2 = pos_BxL[:, :, None, None].astype(jnp.float32) * freq_K2
-  cos_BxLx1xK2, sin_BxLx1xK2 = jnp.cos(angle_BxLx1xK2), jnp.sin(angle_BxLx1xK2)
-  x1_BxLxHxK2, x2_BxLxHxK2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, -1)
-  return jnp.concatenate(
-      [x1_BxLxHxK2 * cos_BxLx1xK2 - x2_BxLxHxK2 * sin_BxLx1xK2,
-       x2_BxLxHxK2 * cos_BxLx1xK2 + x1_BxLxHxK2 * sin_BxLx1xK2],
-      axis=-1).astype(x_BxLxHxK.dtype)
-
-
-def einsum_f32(spec: str, a, b):
-  """jnp.einsum(spec, a, b) in float32: of bfloat16 operands, their products
-  summed and returned in float32 (as GPU and TPU matmul units do), not
-  rounded back to bfloat16. Its backward pass is that of a bfloat16 einsum
-  whose result is cast to float32 (the cotangent rounded to bfloat16), so
-  the gradient's matmuls stay in bfloat16. Of float32 operands, the plain
-  einsum."""
-  if a.dtype == b.dtype == jnp.float32:
-    return jnp.einsum(spec, a, b)
-  return _einsum_f32(spec, a, b)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _einsum_f32(spec: str, a, b):
-  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-
-
-def _einsum_f32_forward(spec: str, a, b):
-  return _einsum_f32(spec, a, b), (a, b)
-
-
-def _einsum_f32_backward(spec: str, operands, g):
-  a, b = operands
-  g = g.astype(jnp.result_type(a, b))
-  transpose = lambda f, x: jax.linear_transpose(f, x)(g)[0]
-  return (transpose(lambda a: jnp.einsum(spec, a, b), a),
-          transpose(lambda b: jnp.einsum(spec, a, b), b))
-
-
-_einsum_f32.defvjp(_einsum_f32_forward, _einsum_f32_backward)
-
-
-def attend(q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, mask, dropout=lambda p: p):
-  """Softmax attention of scaled queries; `mask` broadcasts to [B, H, Q, T];
-  `dropout` applies to the probabilities. B may be several dimensions. The
-  scores and the softmax are float32 whatever the compute dtype."""
-  att_BxHxQxT = einsum_f32("...qhk,...thk->...hqt", q_BxQxHxK, k_BxTxHxK)
-  att_BxHxQxT = jnp.where(mask, att_BxHxQxT, jnp.finfo(jnp.float32).min)
-  probs_BxHxQxT = jax.nn.softmax(att_BxHxQxT, axis=-1).astype(v_BxTxHxK.dtype)
-  return jnp.einsum("...hqt,...thk->...qhk", dropout(probs_BxHxQxT),
-                    v_BxTxHxK)
-
-
-def causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, chunks: int,
-                     dropout=lambda p: p, mask_Bx1xLxL=None):
-  """Causal softmax attention, in `chunks` blocks of queries (and within
-  `mask_Bx1xLxL` if given).
-
-  Block [lo, hi) scores only keys [0, hi): the keys after it are masked for
-  all its queries, so skipping them is exact and saves part of the masked
-  upper triangle (a quarter of the score and value matmuls with 2 blocks).
-  """
-  L = q_BxLxHxK.shape[1]
-  q_BxLxHxK = q_BxLxHxK * (1.0 / math.sqrt(q_BxLxHxK.shape[-1]))
-  chunks = min(chunks, L)
-  bounds = [L * i // chunks for i in range(chunks + 1)]
-  out = []
-  for lo, hi in zip(bounds[:-1], bounds[1:]):
-    mask = causal_QxT = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]
-    if mask_Bx1xLxL is not None:
-      mask = causal_QxT & mask_Bx1xLxL[:, :, lo:hi, :hi]
-    out.append(attend(q_BxLxHxK[:, lo:hi], k_BxLxHxK[:, :hi],
-                      v_BxLxHxK[:, :hi], mask, dropout))
-  return jnp.concatenate(out, axis=1)
-
-
-def band_mask(L: int, window: int) -> np.ndarray:
-  """[L, L]: query i sees keys i - window + 1 to i."""
-  query_Lx1, key_1xL = np.arange(L)[:, None], np.arange(L)[None]
-  return (key_1xL <= query_Lx1) & (key_1xL > query_Lx1 - window)
-
-
-def banded_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, window: int,
-                     dropout=lambda p: p):
-  """Causal attention in which a query sees its own key and the window - 1
-  before it, computed in blocks: query block i (positions [i W, i W + W),
-  W = window) scores key blocks i - 1 and i alone, the two that hold its
-  queries' bands. 2 L W scores instead of L^2; L padded to a multiple of W.
-  """
-  B, L, H, K = q_BxLxHxK.shape
-  W, G = window, -(-L // window)  # G blocks
-  pad = lambda x, before: jnp.pad(
-      x, ((0, 0), (before, G * W - L), (0, 0), (0, 0)))
-  q_BxGxWxHxK = pad(q_BxLxHxK, 0).reshape(B, G, W, H, K) * (1.0 /
-                                                            math.sqrt(K))
-
-  def pairs(x_BxLxHxK):
-    """Key block i - 1 then key block i, for each i (a zero block before 0)."""
-    blocks_BxGxWxHxK = pad(x_BxLxHxK, W).reshape(B, G + 1, W, H, K)
-    return jnp.concatenate([blocks_BxGxWxHxK[:, :-1], blocks_BxGxWxHxK[:, 1:]],
-                           axis=2)
-
-  query_pos_Gx1xWx1 = np.arange(G * W).reshape(G, 1, W, 1)
-  key_pos_Gx1x1x2W = ((np.arange(G) - 1) * W)[:, None, None, None] + np.arange(
-      2 * W)
-  band_Gx1xWx2W = ((key_pos_Gx1x1x2W >= 0) &
-                   (key_pos_Gx1x1x2W <= query_pos_Gx1xWx1) &
-                   (key_pos_Gx1x1x2W > query_pos_Gx1xWx1 - W))
-  out_BxGxWxHxK = attend(q_BxGxWxHxK, pairs(k_BxLxHxK), pairs(v_BxLxHxK),
-                         band_Gx1xWx2W, dropout)
-  return out_BxGxWxHxK.reshape(B, G * W, H, K)[:, :L]
 
 
 def _layer_norm(cfg: GPTConfig, name: str | None = None) -> nn.LayerNorm:
@@ -551,22 +91,10 @@ class Attention(nn.Module):
                                                  v_BxLxHxK)
       out_BxLxHxK = attend(q_BxLxHxK * (1.0 / math.sqrt(K)), k_BxTxHxK,
                            v_BxTxHxK, mask_Bx1xLxT, dropout)
-    elif cfg.attention == "einsum" and L <= window:
-      out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
-                                     cfg.attention_chunks, dropout,
-                                     mask_Bx1xLxT)
-    elif cfg.attention == "einsum" and mask_Bx1xLxT is None:
-      out_BxLxHxK = banded_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, window,
-                                     dropout)
-    elif cfg.attention == "einsum":  # banded within segments: every score
-      out_BxLxHxK = attend(q_BxLxHxK * (1.0 / math.sqrt(K)), k_BxLxHxK,
-                           v_BxLxHxK, mask_Bx1xLxT & band_mask(L, window),
-                           dropout)
     else:
-      out_BxLxHxK = jax.nn.dot_product_attention(
-          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_Bx1xLxT, is_causal=True,
-          local_window_size=(window - 1, 0) if L > window else None,
-          implementation=cfg.attention)
+      out_BxLxHxK = self_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
+                                   cfg.attention, window,
+                                   cfg.attention_chunks, dropout, mask_Bx1xLxT)
     out_BxLxHxK = nn.with_logical_constraint(
         out_BxLxHxK, ("batch", "length", "heads", "head_dim"))
     # GPT-2 scales the residual projections by 1/sqrt(2 * layers) at init.
@@ -679,6 +207,18 @@ class GPT(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxL, deterministic: bool = True,
                cache: KVCache | None = None, pos_BxL=None, segment_ids=None):
+    embed, x_BxLxD, pos_BxL = self._embed(tokens_BxL, deterministic, cache,
+                                          pos_BxL)
+    x_BxLxD, cache = self._blocks(x_BxLxD, deterministic, cache, pos_BxL,
+                                  segment_ids)
+    logits_BxLxV = self._logits(x_BxLxD, embed)
+    if cache is None:
+      return logits_BxLxV
+    return logits_BxLxV, cache.written()
+
+  def _embed(self, tokens_BxL, deterministic: bool, cache, pos_BxL):
+    """The token embedding (returned for a tied readout), the input of the
+    first block, and the tokens' positions (0..L-1 unless given)."""
     cfg = self.cfg
     L = tokens_BxL.shape[1]
     embed = nn.Embed(
@@ -709,7 +249,13 @@ class GPT(nn.Module):
                                      axis=0).astype(cfg.dtype)
     x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+    return embed, x_BxLxD, pos_BxL
 
+  def _blocks(self, x_BxLxD, deterministic: bool, cache, pos_BxL,
+              segment_ids):
+    """The blocks over x_BxLxD: scanned or one by one, with the cache's
+    masks or those of the segments; returns their output and the cache."""
+    cfg = self.cfg
     places = len(cfg.pattern)
     repeats = masks = None
     if cache is not None:
@@ -736,7 +282,12 @@ class GPT(nn.Module):
         (x_BxLxD, cache), _ = _remat(cfg, Block)(cfg, i % places,
                                                  name=f"block_{i}")(
             (x_BxLxD, cache), deterministic, layer, masks, pos_BxL)
+    return x_BxLxD, cache
 
+  def _logits(self, x_BxLxD, embed: nn.Embed):
+    """The final norm and the readout: logits [B, L, V], float32, the
+    padded ids' at float32's lowest."""
+    cfg = self.cfg
     x_BxLxD = _layer_norm(cfg, name="ln_f")(x_BxLxD)
     if cfg.output_mult != 1:  # muP away from its base width
       x_BxLxD = x_BxLxD * cfg.output_mult
@@ -759,9 +310,7 @@ class GPT(nn.Module):
       real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
       logits_BxLxV = jnp.where(real_V, logits_BxLxV,
                                jnp.finfo(jnp.float32).min)
-    if cache is None:
-      return logits_BxLxV
-    return logits_BxLxV, cache.written()
+    return logits_BxLxV
 
 
 def _readout(x_BxLxD, kernel_DxV, dimension_numbers, precision=None):

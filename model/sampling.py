@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.gpt import KVCache
+from model.kv_cache import KVCache
 
 
 def sample_next(logits_BxV, rng, temperature: float, top_k: int = 0,

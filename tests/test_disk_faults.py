@@ -19,7 +19,7 @@ import threading
 import pytest
 
 from conftest import REPO, TINY_FLAGS, file_snapshot, tiny_run_config
-from data import disk, prepare, store
+from data import disk, prepare, store, work
 from data.corpus import DataError
 from trainer import checkpoint, config as config_lib, loop, metrics, modes
 
@@ -316,7 +316,7 @@ def test_prepare_out_of_space_is_never_taken_for_complete(
 
   monkeypatch.setattr(store, "write_json", write_json)
   calls = []
-  monkeypatch.setattr(prepare._Worker, "__call__",
+  monkeypatch.setattr(work.Worker, "__call__",
                       lambda self, task: calls.append(task))
   assert prepare.main(_prepare_args(corpus_dir, output)) == 0
   assert calls == []  # the finished task was not redone

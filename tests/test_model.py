@@ -14,7 +14,7 @@ import pytest
 from conftest import (REPO, param_shapes, random_params, tiny_config,
                       tiny_model_config, train_steps)
 from model import GPT, GPTConfig, KVCache, resize_vocab
-from model import gpt
+from model.attention import banded_attention, rotary
 from trainer import config as config_lib
 from trainer import objectives
 
@@ -168,7 +168,7 @@ def test_banded_attention_equals_masked_dense(length, window):
   block: the masked dense product's output, for lengths that are and are
   not multiples of the window, and windows as long as the input."""
   q, k, v = _qkv(0, length)
-  out = jax.jit(gpt.banded_attention, static_argnums=3)(q, k, v, window)
+  out = jax.jit(banded_attention, static_argnums=3)(q, k, v, window)
   np.testing.assert_allclose(out, _masked_dense_reference(q, k, v, window),
                              rtol=0, atol=1e-6)
 
@@ -181,7 +181,7 @@ def test_keys_outside_the_band_get_zero_gradient():
   q, k, v = _qkv(1, L)
   for query in (0, 3, 4, 5, 13, 23):
     grad_k, grad_v = jax.grad(
-        lambda k, v: gpt.banded_attention(q, k, v, W)[:, query].sum(),
+        lambda k, v: banded_attention(q, k, v, W)[:, query].sum(),
         argnums=(0, 1))(k, v)
     band = np.zeros(L, bool)
     band[max(0, query - W + 1):query + 1] = True
@@ -278,11 +278,11 @@ def test_rope_scores_depend_on_position_differences_alone():
   q, k, _ = _qkv(10, 12)
   pos = jnp.array([[0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144]] * 2)
   scores = lambda shift: jnp.einsum(
-      "bqhk,bthk->bhqt", gpt.rotary(q, pos + shift, 10000.0),
-      gpt.rotary(k, pos + shift, 10000.0))
+      "bqhk,bthk->bhqt", rotary(q, pos + shift, 10000.0),
+      rotary(k, pos + shift, 10000.0))
   for shift in (1, 37, 500):
     np.testing.assert_allclose(scores(shift), scores(0), rtol=0, atol=5e-5)
-  np.testing.assert_allclose(gpt.rotary(q, 0 * pos, 10000.0), q, atol=0)
+  np.testing.assert_allclose(rotary(q, 0 * pos, 10000.0), q, atol=0)
   assert np.abs(scores(0) - jnp.einsum("bqhk,bthk->bhqt", q, k)).max() > 0.1
 
 
@@ -436,14 +436,14 @@ def test_heads_must_divide_the_width():
 def test_parameters_use_the_logical_axes_mesh_rules_may_name(scan):
   """model.LOGICAL_AXES is what config checks mesh.rules against."""
   import flax.linen as nn
-  from model import gpt
+  from model.config import LOGICAL_AXES
   cfg = tiny_model_config(scan_layers=scan, tie_embeddings=False)
   boxed = jax.eval_shape(GPT(cfg).init, jax.random.key(0),
                          jnp.zeros((1, cfg.seq_len), jnp.int32))
   specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x:
                           isinstance(x, jax.sharding.PartitionSpec))
   names = {name for spec in specs for name in spec if name}
-  assert names <= set(gpt.LOGICAL_AXES)
+  assert names <= set(LOGICAL_AXES)
   assert ("layers" in names) == scan and "embed" in names
 
 

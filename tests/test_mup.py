@@ -192,7 +192,7 @@ def test_attention_scale_and_output_multiplier():
 def test_attention_implementations_agree_under_mup():
   """The einsum attention, XLA's and the cached path use the same muP
   scale: logits agree away from the base width."""
-  from model.gpt import KVCache
+  from model.kv_cache import KVCache
   cfg = config_lib.model_config(_mup_config(width=64, base=32), 37)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 37, (2, L)))
   params = jax.jit(GPT(cfg).init)(jax.random.key(0), tokens)["params"]

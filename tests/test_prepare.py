@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_run_config
-from data import loader, prepare, store
+from data import loader, prepare, store, work
 from data.corpus import DataError
 from test_data import gpt2_files  # noqa: F401 (a fixture)
 
@@ -205,7 +205,7 @@ def test_large_jsonl_is_read_in_ranges(tmp_path):
   options = prepare.Options(tokenizer="byte", seq_len=SEQ, task_bytes=1000)
   prep = prepare.build([str(tmp_path / "big.jsonl")], str(tmp_path / "out"),
                        options)
-  assert len(prepare._plan([str(tmp_path / "big.jsonl")], 1000)) > 5
+  assert len(work.plan([str(tmp_path / "big.jsonl")], 1000)) > 5
   texts = sorted(_split_documents(prep, "train") +
                  _split_documents(prep, "val"))
   assert texts == sorted(json.loads(line)["text"] for line in lines)

@@ -18,7 +18,9 @@ import ml_collections
 
 from configs import default
 from data import loader, prepare
-from model import GPTConfig, gpt
+from model import GPTConfig
+from model.config import (ATTENTIONS, DTYPES, LOGICAL_AXES, PARAMETRIZATIONS,
+                          POSITIONS, REMAT_POLICIES)
 from trainer import objectives, optim, sharding
 from trainer.errors import ConfigError
 
@@ -109,23 +111,23 @@ RULES = {
     "model.num_heads": COUNT,
     "model.d_ff": Rule(int, 0, means="0: 4 * d_model"),
     "model.seq_len": COUNT,
-    "model.position": one_of(*gpt.POSITIONS),
+    "model.position": one_of(*POSITIONS),
     "model.rope_base": Rule(float, 1, low_open=True),
     "model.tie_embeddings": FLAG,
     "model.use_bias": FLAG,
     "model.dropout": Rule(float, 0, 1, high_open=True),
     "model.scan_layers": FLAG,
-    "model.remat": one_of(*gpt.REMAT_POLICIES),
-    "model.dtype": one_of(*gpt.DTYPES),
-    "model.param_dtype": one_of(*gpt.DTYPES),
-    "model.attention": one_of(*gpt.ATTENTIONS),
+    "model.remat": one_of(*REMAT_POLICIES),
+    "model.dtype": one_of(*DTYPES),
+    "model.param_dtype": one_of(*DTYPES),
+    "model.attention": one_of(*ATTENTIONS),
     "model.attention_chunks": COUNT,
     # Its kinds and its length against scan_layers: model_is_consistent.
     "model.attention_pattern": Rule(
         str, nonempty=True, means="layer kinds, comma-separated, e.g. "
         "'dense,local'"),
     "model.local_window": COUNT,
-    "model.parametrization": one_of(*gpt.PARAMETRIZATIONS),
+    "model.parametrization": one_of(*PARAMETRIZATIONS),
     "model.mup_base_width": Rule(int, 1, means="muP's base d_model; a "
                                  "multiple of model.num_heads"),
     "model.mup_base_heads": Rule(int, 0, means="muP's base model's heads; "
@@ -273,11 +275,11 @@ def mesh_rules_name_known_axes(config) -> None:
   for entry in config.mesh.rules:
     axes = entry[1] if len(entry) == 2 else ()
     axes = (axes,) if isinstance(axes, str) or axes is None else axes
-    if (len(entry) != 2 or entry[0] not in gpt.LOGICAL_AXES or not all(
+    if (len(entry) != 2 or entry[0] not in LOGICAL_AXES or not all(
         a is None or a in sharding.MESH_AXES for a in axes)):
       raise ConfigError(
           f"mesh.rules entry {tuple(entry)!r} must be (logical axis, mesh "
-          f"axes): a logical axis of {list(gpt.LOGICAL_AXES)}, mapped to "
+          f"axes): a logical axis of {list(LOGICAL_AXES)}, mapped to "
           f"one or a tuple of {list(sharding.MESH_AXES)} (or None)")
 
 
