@@ -74,7 +74,7 @@ def directions(completer, params, prompts) -> dict:
           "neither": (n - up - down) / n}
 
 
-def main():
+def _parse_args():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--out", default="runs/bench/dpo_synthetic")
@@ -90,12 +90,12 @@ def main():
   p.add_argument("--dpo-name", default="dpo",
                  help="the dpo run's workdir under --out; with a base run "
                  "already there (same --out), only the dpo run trains")
-  args = p.parse_args()
-  root = os.path.abspath(args.out)
-  base, dpo = os.path.join(root, "base"), os.path.join(root, args.dpo_name)
-  if os.path.exists(dpo):
-    raise SystemExit(f"{dpo} exists; remove it or pick another --dpo-name")
-  val = make_data(root, args.train, args.held_out, args.seed)
+  return p.parse_args()
+
+
+def _train(args, root: str, base: str, dpo: str) -> dict:
+  """The base run (unless it is there already) and the dpo run from it;
+  train.py's wall seconds of each run trained."""
   log = os.path.join(root, "train.log")
   cache = os.path.join(root, "cache")
   walls = {}
@@ -115,7 +115,12 @@ def main():
       "train.learning_rate": args.dpo_lr, "train.warmup_steps": 10,
       "eval.every_steps": args.every, "eval.max_batches": 0,
       "checkpoint.every_steps": args.every, "checkpoint.keep": 1000}, log)
-  recs = posttrain.records(dpo)
+  return walls
+
+
+def _by_step(base: str, dpo: str, val: list, recs: list) -> list:
+  """The base model (step 0) and each kept dpo checkpoint on the held-out
+  prompts: greedy directions, sampled KL and the dpo run's eval there."""
   evals = {r["step"]: r for r in recs if "eval_loss" in r}
   prompts = [p + ">" for p in val]
   from trainer import loop
@@ -139,15 +144,10 @@ def main():
                    "kl_ref_chosen": e["eval_kl_ref_chosen"],
                    "kl_ref_rejected": e["eval_kl_ref_rejected"],
                    "eval_loss": e["eval_loss"]})
-  results = {
-      "held_out_prompts": len(val), "beta": args.beta,
-      "dpo_learning_rate": args.dpo_lr, "dpo_steps": args.dpo_steps,
-      "dpo_step_1_loss": [r for r in recs if "loss" in r][0]["loss"],
-      "by_step": rows,
-      "train_py_wall_s": {k: round(v, 1) for k, v in walls.items()}}
-  with open(os.path.join(root, f"results_{args.dpo_name}.json"), "w") as f:
-    json.dump(results, f, indent=1)
-  print(json.dumps({k: v for k, v in results.items() if k != "by_step"}))
+  return rows
+
+
+def _print_table(val: list, rows: list) -> None:
   print(f"\nheld-out prompts ({len(val)}): reward accuracy and KL to the "
         "reference (sampled responses, nats per response); greedy "
         "completions")
@@ -158,6 +158,28 @@ def main():
           f"{r.get('reward_margin', 0.0):>7.3f} {r['kl_sampled']:>6.3f} "
           f"{r['ascending']:>9.3f} {r['descending']:>10.3f} "
           f"{r['neither']:>7.3f}")
+
+
+def main():
+  args = _parse_args()
+  root = os.path.abspath(args.out)
+  base, dpo = os.path.join(root, "base"), os.path.join(root, args.dpo_name)
+  if os.path.exists(dpo):
+    raise SystemExit(f"{dpo} exists; remove it or pick another --dpo-name")
+  val = make_data(root, args.train, args.held_out, args.seed)
+  walls = _train(args, root, base, dpo)
+  recs = posttrain.records(dpo)
+  rows = _by_step(base, dpo, val, recs)
+  results = {
+      "held_out_prompts": len(val), "beta": args.beta,
+      "dpo_learning_rate": args.dpo_lr, "dpo_steps": args.dpo_steps,
+      "dpo_step_1_loss": [r for r in recs if "loss" in r][0]["loss"],
+      "by_step": rows,
+      "train_py_wall_s": {k: round(v, 1) for k, v in walls.items()}}
+  with open(os.path.join(root, f"results_{args.dpo_name}.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  print(json.dumps({k: v for k, v in results.items() if k != "by_step"}))
+  _print_table(val, rows)
 
 
 if __name__ == "__main__":

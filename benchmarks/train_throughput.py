@@ -166,7 +166,7 @@ def _load_config(path: str):
   return module.get_config()
 
 
-def main():
+def _parse_args():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--config", default="configs/default.py",
@@ -183,44 +183,42 @@ def main():
                  "(reported as jax_versus_*), in alternating rounds; or a "
                  "git revision (e.g. main): the same config with that "
                  "revision's code")
-  args = p.parse_args()
+  return p.parse_args()
 
-  config = _load_config(args.config)
-  overrides = dict(SHAPES[args.shape])
-  if "batch_size" in overrides:
-    config.train.batch_size = overrides.pop("batch_size")
-  config.model.update(overrides)
-  _override(config, args.set)
 
+def _time_in_process(config, args):
+  """(model config, compile seconds, step times per runner, per-step
+  tokens and FLOPs per token of the runners not timing the config's): the
+  config, a --versus variant and --torch's reference, in alternating rounds
+  in this process."""
   per_step = {}  # runner -> (tokens, FLOPs per token), where not the config's
-  revision = (args.versus[0] if len(args.versus) == 1 and
-              "=" not in args.versus[0] else None)
-  if revision:
-    cfg = loop.model_and_optimizer(config, args.vocab, sharding.make_mesh(
-        config.mesh))[0].cfg
-    times, compile_s, compiled = versus_revision(revision, args)
-  else:
-    cfg, compile_s, run = jax_runner(config, args.vocab)
-    runners = {"jax": run}
-    if args.versus:
-      versus = config.copy_and_resolve_references()
-      _override(versus, args.versus)
-      versus_cfg, _, runners["jax_versus"] = jax_runner(versus, args.vocab)
-      # The variant may change the batch or the model: its own tokens/FLOPs.
-      per_step["jax_versus"] = (versus.train.batch_size * versus_cfg.seq_len,
-                                versus_cfg.flops_per_token())
-    if args.torch:
-      try:
-        from benchmarks import torch_gpt
-      except ImportError:
-        sys.exit("error: --torch needs PyTorch (pip install torch); it is "
-                 "not a project dependency")
-      runners["torch"] = torch_gpt.runner(cfg, config.train.batch_size)
-    times = {name: [] for name in runners}
-    for _ in range(args.rounds):
-      for name, r in runners.items():
-        times[name].append(r(args.steps) / args.steps)
+  cfg, compile_s, run = jax_runner(config, args.vocab)
+  runners = {"jax": run}
+  if args.versus:
+    versus = config.copy_and_resolve_references()
+    _override(versus, args.versus)
+    versus_cfg, _, runners["jax_versus"] = jax_runner(versus, args.vocab)
+    # The variant may change the batch or the model: its own tokens/FLOPs.
+    per_step["jax_versus"] = (versus.train.batch_size * versus_cfg.seq_len,
+                              versus_cfg.flops_per_token())
+  if args.torch:
+    try:
+      from benchmarks import torch_gpt
+    except ImportError:
+      sys.exit("error: --torch needs PyTorch (pip install torch); it is "
+               "not a project dependency")
+    runners["torch"] = torch_gpt.runner(cfg, config.train.batch_size)
+  times = {name: [] for name in runners}
+  for _ in range(args.rounds):
+    for name, r in runners.items():
+      times[name].append(r(args.steps) / args.steps)
+  return cfg, compile_s, times, per_step
 
+
+def _result(args, config, cfg, compile_s, times, per_step, compiled) -> dict:
+  """The printed summary: the setup, the peak the MFU counts against, each
+  runner's step time, tokens/s and MFU, and the side-by-side ratios
+  (`compiled`: the two compiled steps' hashes of a --versus revision)."""
   tokens = config.train.batch_size * cfg.seq_len
   kind = jax.devices()[0].device_kind
   peak = metrics.known_peak_flops(kind) or metrics.measure_matmul_flops(
@@ -241,7 +239,7 @@ def main():
     result[f"{name}_step_ms"] = round(1e3 * step, 1)
     result[f"{name}_tokens_per_sec"] = round(n / step)
     result[f"{name}_mfu"] = round(flops * n / step / peak, 3)
-  if revision:
+  if compiled:
     # A hash of the compiled step's instructions (shapes and opcodes, in
     # order): equal hashes, the same program.
     result["compiled_step"] = compiled["jax"]
@@ -253,7 +251,30 @@ def main():
   if args.torch:
     result["jax_over_torch"] = round(
         result["jax_tokens_per_sec"] / result["torch_tokens_per_sec"], 3)
-  print(json.dumps(result, indent=1))
+  return result
+
+
+def main():
+  args = _parse_args()
+  config = _load_config(args.config)
+  overrides = dict(SHAPES[args.shape])
+  if "batch_size" in overrides:
+    config.train.batch_size = overrides.pop("batch_size")
+  config.model.update(overrides)
+  _override(config, args.set)
+
+  revision = (args.versus[0] if len(args.versus) == 1 and
+              "=" not in args.versus[0] else None)
+  if revision:
+    cfg = loop.model_and_optimizer(config, args.vocab, sharding.make_mesh(
+        config.mesh))[0].cfg
+    times, compile_s, compiled = versus_revision(revision, args)
+    per_step = {}
+  else:
+    cfg, compile_s, times, per_step = _time_in_process(config, args)
+    compiled = None
+  print(json.dumps(_result(args, config, cfg, compile_s, times, per_step,
+                           compiled), indent=1))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ import os
 import numpy as np
 import pytest
 
-from research import parens
-from research.parens import CLOSE, END, OPEN, Walk
+from research import parens, parens_data
+from research.parens_data import CLOSE, END, OPEN, Walk
 
 
 def _within(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
@@ -25,9 +25,10 @@ def _within(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
 @pytest.mark.parametrize("walk", [Walk(), Walk(max_depth=2, max_len=6)])
 def test_the_walk_yields_only_balanced_words_within_its_limits(walk):
   words = walk.sample(20_000, seed=1)
-  assert all(map(parens.is_balanced, words))
+  assert all(map(parens_data.is_balanced, words))
   assert max(map(len, words)) == walk.max_len
-  assert max(parens.prefix_depths(w).max() for w in words) == walk.max_depth
+  assert (max(parens_data.prefix_depths(w).max() for w in words)
+          == walk.max_depth)
   assert words == walk.sample(20_000, seed=1)
   assert words != walk.sample(20_000, seed=2)
 
@@ -52,7 +53,7 @@ def test_the_walk_draws_depths_as_a_biased_random_walk():
   # at depth 0), so P(max depth >= k) = 1 - q (1 - h) / (1 - (1 - q)(1 - h)).
   walk, n = Walk(max_depth=6, max_len=4000), 30_000
   words = walk.sample(n, seed=5)
-  deepest = np.array([parens.prefix_depths(w).max() for w in words])
+  deepest = np.array([parens_data.prefix_depths(w).max() for w in words])
   p, q = walk.open_prob, walk.end_prob
   r = (1 - p) / p
   for k in range(1, 7):
@@ -64,7 +65,7 @@ def test_the_walk_draws_depths_as_a_biased_random_walk():
 
 def test_packing_starts_every_window_at_a_document():
   seq_len, words = 48, Walk(max_depth=4, max_len=24).sample(4000, seed=6)
-  packed = parens.pack(words, seq_len)
+  packed = parens_data.pack(words, seq_len)
   unused = collections.Counter(words)
   unused.subtract(packed)  # each word used at most once, nearly all used
   assert min(unused.values()) >= 0 and sum(unused.values()) < 0.1 * len(words)
@@ -83,7 +84,7 @@ def test_packing_starts_every_window_at_a_document():
       elif word is not None:
         word += token
       if word is not None:
-        legal = parens.legal_next(word)[-1]
+        legal = parens_data.legal_next(word)[-1]
         assert legal[(OPEN + CLOSE + END).index(target)], (start, window)
   # The words that open windows, which scoring and sampling reproduce, are
   # drawn as the walk draws them: not longer (as words put aside would
@@ -101,7 +102,7 @@ def test_packing_puts_aside_a_word_that_does_not_fit():
   # next word in order, "(()())", not with a word put aside; the last,
   # unfillable window is dropped.
   words = ["()", "(())", "((()))", "()", "()()", "(()())", "(())", "()"]
-  packed = parens.pack(words, 12)
+  packed = parens_data.pack(words, 12)
   assert packed == ["()", "(())", "()()", "(()())", "(())"]
   assert "".join(w + END for w in packed)[12::12] == END * 2
 
@@ -110,9 +111,9 @@ def test_the_walk_itself_puts_no_mass_on_illegal_tokens():
   walk = Walk(max_depth=3, max_len=10)
   for word in walk.sample(500, seed=4):
     probs_Px3 = walk.next_probs(np.arange(len(word) + 1),
-                                parens.prefix_depths(word))
+                                parens_data.prefix_depths(word))
     np.testing.assert_allclose(probs_Px3.sum(-1), 1.0)
-    mass = parens.illegal_mass(probs_Px3, parens.legal_next(word))
+    mass = parens_data.illegal_mass(probs_Px3, parens_data.legal_next(word))
     assert np.abs(mass).max() < 1e-12, word
 
 
@@ -121,16 +122,16 @@ def test_illegal_mass_on_a_hand_made_table():
   table = np.array([[0.9, 0.1, 0.0],    # start: "("       0.1 on ")"
                     [0.3, 0.5, 0.2],    # depth 1: "(" ")"  0.2 on the end
                     [0.2, 0.15, 0.65]])  # depth 0: "(" end  0.15 on ")"
-  legal = parens.legal_next("()")
+  legal = parens_data.legal_next("()")
   assert legal.tolist() == [[True, False, False], [True, True, False],
                             [True, False, True]]
-  np.testing.assert_allclose(parens.illegal_mass(table, legal),
+  np.testing.assert_allclose(parens_data.illegal_mass(table, legal),
                              [0.1, 0.2, 0.15])
   # Mass on no token of the three (another id) is illegal too.
-  assert parens.illegal_mass(np.array([[0.5, 0.0, 0.0]]),
-                             legal[:1]) == pytest.approx(0.5)
+  assert parens_data.illegal_mass(np.array([[0.5, 0.0, 0.0]]),
+                                  legal[:1]) == pytest.approx(0.5)
   walk = Walk()
-  perfect = walk.next_probs(np.arange(3), parens.prefix_depths("()"))
+  perfect = walk.next_probs(np.arange(3), parens_data.prefix_depths("()"))
   scores = parens.heldout_scores(walk, ["()", "()"], [table, perfect])
   assert scores["illegal_mass"] == pytest.approx((0.45 / 3 + 0) / 2)
   assert scores["illegal_mass_worst"] == pytest.approx(0.2)
@@ -146,13 +147,13 @@ def test_illegal_mass_on_a_hand_made_table():
 @pytest.mark.parametrize("word", ["()", "(())", "()(())", "((()))()",
                                   "(()())"])
 def test_balanced_words(word):
-  assert parens.is_balanced(word)
+  assert parens_data.is_balanced(word)
 
 
 @pytest.mark.parametrize("word", ["", ")(", "(()", "())(", "(((", "())",
                                   "(a)", "()" + END, "())(()"])
 def test_unbalanced_words(word):
-  assert not parens.is_balanced(word)
+  assert not parens_data.is_balanced(word)
 
 
 @pytest.mark.parametrize("continuation,correct,closes", [
@@ -160,7 +161,7 @@ def test_unbalanced_words(word):
     ("))()" + END, False, 2), ("))" + END, False, 2),
     (")))()" + END, False, 3), ("(" + END, False, 0)])
 def test_greedy_completion_scoring(continuation, correct, closes):
-  row = parens.score_completion(3, continuation)
+  row = parens_data.score_completion(3, continuation)
   assert (row["correct"], row["closes"]) == (correct, closes)
 
 

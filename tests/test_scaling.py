@@ -15,7 +15,7 @@ from matplotlib import image
 
 from conftest import REPO
 from model import GPTConfig
-from research import scaling
+from research import scaling, scaling_fits, scaling_plan, scaling_plots
 
 # Like a character-level model's: losses from about 1.6 to 4.7 nats.
 TRUE = dict(E=1.2, A=40.0, B=60.0, alpha=0.35, beta=0.3)
@@ -29,7 +29,7 @@ def grid_rows(sizes, budgets, noise, seed=0):
   """A run per (size, token budget), losses from TRUE times 1 + noise."""
   rng = np.random.default_rng(seed)
   return [{"params": float(n), "tokens": float(d),
-           "loss": float(scaling.predict(TRUE, n, d)
+           "loss": float(scaling_fits.predict(TRUE, n, d)
                          * (1 + noise * rng.standard_normal()))}
           for n in sizes for d in budgets]
 
@@ -40,11 +40,11 @@ def isoflop_rows(budgets, noise, seed=0):
   rng = np.random.default_rng(seed)
   rows = []
   for c in budgets:
-    n_opt, _ = scaling.optimal_allocation(TRUE, c)
+    n_opt, _ = scaling_plan.optimal_allocation(TRUE, c)
     for n in n_opt * 1.3 * np.geomspace(1 / 4, 4, 7):
       d = c / (6 * n)
       rows.append({"params": float(n), "tokens": float(d), "budget": c,
-                   "loss": float(scaling.predict(TRUE, n, d)
+                   "loss": float(scaling_fits.predict(TRUE, n, d)
                                  * (1 + noise * rng.standard_normal()))})
   return rows
 
@@ -62,7 +62,7 @@ def test_fit_recovers_known_law():
   # tolerances: they are not tuned to this seed.
   rows = grid_rows(np.geomspace(1e4, 1e6, 10), np.geomspace(1e5, 1e8, 8),
                    noise=0.003)
-  result = scaling.fit(rows, bootstrap=20)
+  result = scaling_fits.fit(rows, bootstrap=20)
   assert abs(result["alpha"] - TRUE["alpha"]) < 0.01
   assert abs(result["beta"] - TRUE["beta"]) < 0.01
   assert abs(result["E"] - TRUE["E"]) < 0.02
@@ -70,10 +70,10 @@ def test_fit_recovers_known_law():
   logs = [np.log([r[k] for r in rows]) for k in ("params", "tokens", "loss")]
   theta = [math.log(TRUE["A"]), math.log(TRUE["B"]), math.log(TRUE["E"]),
            TRUE["alpha"], TRUE["beta"]]
-  at_truth = scaling._objective(np.array(theta), *logs)[0]
-  assert result["huber_objective"] <= at_truth * scaling.HUBER_DELTA ** 2
+  at_truth = scaling_fits._objective(np.array(theta), *logs)[0]
+  assert result["huber_objective"] <= at_truth * scaling_fits.HUBER_DELTA ** 2
   assert result["bootstrap"]["fitted"] == 20
-  for k in scaling.LAW_PARAMS:
+  for k in scaling_fits.LAW_PARAMS:
     lo, hi = result["ci95"][k]
     assert lo < hi and lo <= result[k] * 1.001 and result[k] <= hi * 1.001
   x = result["extrapolation"]
@@ -84,13 +84,13 @@ def test_fit_recovers_known_law():
 
 def test_power_law_fits_of_exact_laws():
   n = np.geomspace(1e4, 1e7, 8)
-  p = scaling.fit_power_law(n, 1.5 + 30 * n ** -0.25)
+  p = scaling_fits.fit_power_law(n, 1.5 + 30 * n ** -0.25)
   assert p["k"] == pytest.approx(0.25, abs=1e-6)
   assert p["E"] == pytest.approx(1.5, abs=1e-6)
   assert p["A"] == pytest.approx(30, rel=1e-4)
   assert p["r2"] > 1 - 1e-10
   c = np.geomspace(1e12, 1e20, 9)  # FLOPs: columns of 1e-20 without scaling
-  p = scaling.fit_power_law(c, 2.0 + 1e3 * c ** -0.12)
+  p = scaling_fits.fit_power_law(c, 2.0 + 1e3 * c ** -0.12)
   assert p["k"] == pytest.approx(0.12, abs=1e-6)
   assert p["E"] == pytest.approx(2.0, abs=1e-6)
   assert p["r2"] > 1 - 1e-10
@@ -102,7 +102,7 @@ def test_L_N_uses_the_best_run_of_each_size():
   rows = [{"params": n, "tokens": d, "loss": l + extra}
           for n, l in zip(sizes, best)
           for d, extra in ((1e6, 0.4), (1e7, 0.1), (1e8, 0.0))]
-  result = scaling.fit(rows, bootstrap=0)
+  result = scaling_fits.fit(rows, bootstrap=0)
   assert result["L_N"]["alpha"] == pytest.approx(0.25, abs=1e-5)
   assert result["L_N"]["E"] == pytest.approx(1.5, abs=1e-5)
   assert result["L_N"]["r2"] > 1 - 1e-9
@@ -114,13 +114,13 @@ def test_compute_frontier_of_a_toy_table():
   loss = [5, 4, 4.5, 4.2, 3, 3, 2.5, 2.5]
   # (2, 4.5) loses to (2, 4) at equal compute, (3, 4.2) to (2, 4), (5, 3) to
   # (5, 2.5), and (6, 2.5) is no lower than (5, 2.5).
-  assert scaling.compute_frontier(flops, loss) == [0, 1, 4, 6]
+  assert scaling_fits.compute_frontier(flops, loss) == [0, 1, 4, 6]
   # C = 6 N D: tokens that give each run the toy's compute (x 6 * 2^20),
   # in powers of two, so that equal compute is exactly equal.
   rows = [{"params": 2.0 ** (10 + i % 3), "loss": l,
            "tokens": c * 2.0 ** (10 - i % 3), "flops": 1.0}
           for i, (c, l) in enumerate(zip(flops, loss))]
-  result = scaling.fit(rows, bootstrap=0)
+  result = scaling_fits.fit(rows, bootstrap=0)
   assert [i for i, r in enumerate(result["rows"]) if r["frontier"]] == [
       0, 1, 4, 6]
   assert result["L_C"]["frontier_runs"] == 4
@@ -132,7 +132,7 @@ def test_compute_frontier_of_a_toy_table():
 def test_isoflop_budgets_are_the_designed_ones():
   """Budgets 9% apart stay apart; rows without a budget are in none."""
   budget = np.array([1.09e12, 1e12, 5e12, np.nan, 1e12, 1.09e12])
-  assert scaling.isoflop_budgets(budget) == [
+  assert scaling_fits.isoflop_budgets(budget) == [
       (1e12, [1, 4]), (1.09e12, [0, 5]), (5e12, [2])]
 
 
@@ -145,19 +145,19 @@ def test_the_bootstrap_draws_runs_with_their_branches(monkeypatch):
       run = f"{n:g},{d:g}"
       for f in (1, 0.25, 0.5):
         rows.append({"params": n, "tokens": d * f,
-                     "loss": float(scaling.predict(TRUE, n, d * f)),
+                     "loss": float(scaling_fits.predict(TRUE, n, d * f)),
                      "name": run if f == 1 else f"{run}/cooldowns/{f}",
                      "parent": None if f == 1 else run})
   seen = []
-  fit_law = scaling._fit_law
+  fit_law = scaling_fits._fit_law
 
   def recording(logN, logD, logL, **kwargs):
     seen.append(sorted(zip(logN, logD)))
     return fit_law(logN, logD, logL, **kwargs)
-  monkeypatch.setattr(scaling, "_fit_law", recording)
+  monkeypatch.setattr(scaling_fits, "_fit_law", recording)
   run_of = {(math.log(r["params"]), math.log(r["tokens"])):
             r["parent"] or r["name"] for r in rows}
-  scaling.fit(rows, bootstrap=5)
+  scaling_fits.fit(rows, bootstrap=5)
   assert len(seen) >= 6  # the fit, the extrapolation and 5 resamples
   for sample in seen[1:6]:
     counts = {}
@@ -168,11 +168,11 @@ def test_the_bootstrap_draws_runs_with_their_branches(monkeypatch):
 
 def test_isoflop_recovers_n_opt():
   budgets = np.geomspace(1e11, 1e14, 4)
-  result = scaling.fit(isoflop_rows(budgets, noise=0.002), bootstrap=0)
+  result = scaling_fits.fit(isoflop_rows(budgets, noise=0.002), bootstrap=0)
   iso = result["isoflop"]
   assert len(iso["budgets"]) == 4
   for b, c in zip(iso["budgets"], budgets):
-    n_opt, d_opt = scaling.optimal_allocation(TRUE, c)
+    n_opt, d_opt = scaling_plan.optimal_allocation(TRUE, c)
     assert b["flops"] == pytest.approx(c, rel=1e-9)
     assert b["inside"]
     assert b["params_opt"] == pytest.approx(n_opt, rel=0.1)
@@ -187,13 +187,13 @@ def test_isoflop_recovers_n_opt():
 @pytest.mark.parametrize("flops", [1e10, 1e15, 1e20])
 def test_plan_closed_form_is_the_brute_force_optimum(flops):
   n = np.exp(np.linspace(0, 50, 1_000_001))  # steps of 5e-5 in ln N
-  losses = scaling.predict(TRUE, n, flops / (6 * n))
+  losses = scaling_fits.predict(TRUE, n, flops / (6 * n))
   best = int(np.argmin(losses))
   assert 0 < best < len(n) - 1
-  n_opt, d_opt = scaling.optimal_allocation(TRUE, flops)
+  n_opt, d_opt = scaling_plan.optimal_allocation(TRUE, flops)
   assert n_opt == pytest.approx(n[best], rel=1e-4)
   assert 6 * n_opt * d_opt == pytest.approx(flops)
-  p = scaling.plan(TRUE, flops)
+  p = scaling_plan.plan(TRUE, flops)
   assert p["compute_optimal"]["loss"] == pytest.approx(losses[best], rel=1e-9)
 
 
@@ -204,7 +204,7 @@ def _non_embedding(layers, d_model):
 
 
 def test_plan_builds_the_nearest_shape():
-  p = scaling.plan(TRUE, 1e15, batch_size=16, seq_len=256)
+  p = scaling_plan.plan(TRUE, 1e15, batch_size=16, seq_len=256)
   n_opt, d_opt = (p["compute_optimal"][k] for k in ("params", "tokens"))
   s = p["shape"]
   assert s["d_model"] % 32 == 0 and s["head_dim"] in (32, 64)
@@ -226,9 +226,9 @@ def test_plan_builds_the_nearest_shape():
   assert s["steps"] == round(d_opt / (16 * 256))
   assert s["tokens"] == s["steps"] * 16 * 256
   assert s["loss"] == pytest.approx(
-      scaling.predict(TRUE, s["params"], s["tokens"]))
-  big = scaling.plan(TRUE, 1e22)["shape"]  # ~4e9 parameters
-  assert abs(math.log(big["params"] / scaling.optimal_allocation(
+      scaling_fits.predict(TRUE, s["params"], s["tokens"]))
+  big = scaling_plan.plan(TRUE, 1e22)["shape"]  # ~4e9 parameters
+  assert abs(math.log(big["params"] / scaling_plan.optimal_allocation(
       TRUE, 1e22)[0])) < math.log(1.02)
   assert 16 <= big["aspect_ratio"] <= 128
 
@@ -263,8 +263,8 @@ def test_cli_fit_writes_json_and_plots(tmp_path, capsys):
   assert max(r["params"] for r in result["rows"]) < 1e7  # running: unused
   assert result["flops_convention"] == "6ND"
   assert len(result["isoflop"]["budgets"]) == 3
-  assert set(result["ci95"]) == set(scaling.LAW_PARAMS)
-  _pngs_readable(out, scaling.PLOTS)
+  assert set(result["ci95"]) == set(scaling_fits.LAW_PARAMS)
+  _pngs_readable(out, scaling_plots.PLOTS)
 
 
 def test_cli_fit_defaults_to_the_tables_folder(tmp_path, capsys):
@@ -277,7 +277,8 @@ def test_cli_fit_defaults_to_the_tables_folder(tmp_path, capsys):
   result = json.loads((tmp_path / "fit.json").read_text())
   assert result["isoflop"] is None and result["ci95"] is None
   assert not (tmp_path / "isoflop.png").exists()
-  _pngs_readable(tmp_path, [n for n in scaling.PLOTS if n != "isoflop.png"])
+  _pngs_readable(tmp_path,
+                 [n for n in scaling_plots.PLOTS if n != "isoflop.png"])
 
 
 BAD_TABLES = {
@@ -329,7 +330,7 @@ def test_cli_plan(tmp_path, capsys):
   stdout = capsys.readouterr().out
   assert "compute-optimal" in stdout and "--config.train.steps=" in stdout
   assert json.loads(out.read_text()) == json.loads(json.dumps(
-      scaling.plan(TRUE, 1e15)))
+      scaling_plan.plan(TRUE, 1e15)))
   assert scaling.main(["plan", "--fit", str(fit_json), "--flops", "0"]) == 2
   fit_json.write_text(json.dumps({"E": 1.0}))
   assert scaling.main(["plan", "--fit", str(fit_json), "--flops", "1e15"]) == 2
@@ -346,7 +347,8 @@ def test_time_budget_ranks_sizes_by_the_loss_they_reach():
             "flops_per_token": 1e7}]
   options = scaling.time_budget(TRUE, sizes, seconds=100.0)
   for o in options:
-    expected = scaling.predict(TRUE, o["params"], o["tokens_per_sec"] * 100)
+    expected = scaling_fits.predict(TRUE, o["params"],
+                                    o["tokens_per_sec"] * 100)
     assert o["tokens"] == o["tokens_per_sec"] * 100
     assert o["loss"] == pytest.approx(float(expected))
     assert o["flops_per_sec"] == o["tokens_per_sec"] * o["flops_per_token"]
