@@ -2,7 +2,7 @@
 are cli.py's docstring):
 
   spec.py        a spec expanded into its runs and cooldown branches (Task,
-                 Sweep, load) and the folders under a root that are none
+                 Sweep, load); the folders under its root that hold none
   run_config.py  a run's config as train.py builds it from the same flags,
                  checked; its digest and FLOPs per step
   status.py      what a workdir holds: the sweep's lock, its state file, the
