@@ -384,19 +384,21 @@ def plot_transfer(summary: dict, path: str) -> None:
 
 
 def _transfer_command(args) -> int:
-  from launch import sweep
+  from launch.sweep import cli, results
+  from launch.sweep.errors import SpecError
+  from launch.sweep.spec import load
   root = args.root or os.path.join(
       "runs", "sweeps", os.path.splitext(os.path.basename(args.spec))[0])
   started = time.monotonic()
   if not args.summary_only:
-    status = sweep.main(["run", args.spec, "--root", root, "--parallel",
-                         str(args.parallel)])
+    status = cli.main(["run", args.spec, "--root", root, "--parallel",
+                       str(args.parallel)])
     if status:
       raise MupError(f"the sweep stopped with status {status} (see its "
                      "table above); the same command resumes it")
   try:
-    rows = sweep.collect(sweep.load(args.spec, root))
-  except sweep.SpecError as e:
+    rows = results.collect(load(args.spec, root))
+  except SpecError as e:
     raise MupError(str(e)) from None
   summary = transfer_summary(rows)
   # The runs' own times, summed (they ran --parallel at a time); and, when

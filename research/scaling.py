@@ -175,13 +175,14 @@ def study(spec: str, root: str, parallel: int, minutes: float,
   """The sweep of `spec` (resumed if it was interrupted), its results
   table, the fits and plots (root/fit/), and a recommendation for `minutes`
   of training on this machine (root/recommendation.json)."""
-  from launch import sweep  # here: fits and plans need no trainer
-  status = sweep.main(["run", spec, "--root", root, "--parallel",
-                       str(parallel)])
+  from launch.sweep import cli, results  # here: fits and plans need no trainer
+  from launch.sweep.spec import load
+  status = cli.main(["run", spec, "--root", root, "--parallel",
+                     str(parallel)])
   if status:
     raise ScalingError(f"the sweep stopped with status {status} (see its "
                        "table above); the same command resumes it")
-  rows = sweep.collect(sweep.load(spec, root))
+  rows = results.collect(load(spec, root))
   result = fit(rows)
   out = os.path.join(root, "fit")
   os.makedirs(out, exist_ok=True)

@@ -1,4 +1,4 @@
-"""launch/sweep.py: specs expand into the expected runs in a fixed order; a
+"""launch/sweep/: specs expand into the expected runs in a fixed order; a
 bad spec stops with one line before anything is written; a sweep killed
 midway and started again skips what is done, resumes what was cut off and
 ends with the results of a sweep that never stopped (~1-2 minutes on 2
@@ -20,7 +20,12 @@ import pytest
 from conftest import (REPO, TINY_OVERRIDES, dead_pid, last_logged_step,
                       train_py_processes)
 from configs import default
-from launch import sweep
+from launch.sweep.cli import main
+from launch.sweep.queue import Queue
+from launch.sweep.results import collect
+from launch.sweep.spec import load
+from launch.sweep.status import LOCK, LOG, STATE, Lock, _state
+from trainer.workdir_lock import HOST, STALE_S
 
 TIMEOUT_S = 240  # for any one wait: far beyond a healthy sweep
 
@@ -93,7 +98,7 @@ def test_grid_and_zip_expand_first_axis_slowest(tmp_path):
                          "train.learning_rate": [1e-3, 2e-3]}},
                {"zip": {"model.num_layers": [1, 2],
                         "model.num_heads": [2, 4]}}]})
-  runs = sweep.load(spec, str(tmp_path / "root")).runs
+  runs = load(spec, str(tmp_path / "root")).runs
   assert [r.swept for r in runs] == [
       {"model.d_model": d, "train.learning_rate": lr, "model.num_layers": n,
        "model.num_heads": h}
@@ -127,7 +132,7 @@ def test_list_and_seeds_and_names_that_repeat(tmp_path):
                 {"train.batch_size": 32, "train.learning_rate": 1,
                  "data.holdout": ["hamlet", "lear"]}]},
       {"seeds": [0, 1]}]}
-  runs = sweep.load(_spec(tmp_path, body), "root").runs
+  runs = load(_spec(tmp_path, body), "root").runs
   assert [r.swept for r in runs] == [
       {"train.batch_size": 16, "train.seed": 0},
       {"train.batch_size": 16, "train.seed": 1},
@@ -138,10 +143,10 @@ def test_list_and_seeds_and_names_that_repeat(tmp_path):
   assert runs[2].name.startswith(
       "batch_size=32,learning_rate=1,holdout=_hamlet_,_lear_,seed=0-")
   assert "--config.data.holdout=('hamlet', 'lear')" in runs[2].args
-  again = sweep.load(_spec(tmp_path, body, "again"), "root").runs
+  again = load(_spec(tmp_path, body, "again"), "root").runs
   assert [r.name for r in again] == [r.name for r in runs]
   body["axes"][1] = {"seeds": [0, 2]}
-  changed = sweep.load(_spec(tmp_path, body, "changed"), "root").runs
+  changed = load(_spec(tmp_path, body, "changed"), "root").runs
   assert changed[0].name == runs[0].name
   assert changed[1].name.rsplit("-", 1)[1] != runs[1].name.rsplit("-", 1)[1]
 
@@ -153,7 +158,7 @@ def test_random_draws_are_seeded_and_in_bounds(tmp_path):
             "train.learning_rate": ["log_uniform", 1e-4, 1e-2],
             "train.b2": ["uniform", 0.9, 0.99],
             "model.d_model": ["choice", [48, 96]]}}}]}, f"random{seed}")
-    return [r.swept for r in sweep.load(spec, "root").runs]
+    return [r.swept for r in load(spec, "root").runs]
 
   first = draws(3)
   assert draws(3) == first
@@ -176,7 +181,7 @@ def test_cooldown_branches_follow_each_run(tmp_path):
   spec = _spec(tmp_path, {**BASE, "overrides": {
       "train.steps": 100, "train.schedule": "wsd", "train.warmup_steps": 10},
       "axes": [{"seeds": [0, 1]}], "cooldowns": [0.25, 0.5, 0.75]})
-  tasks = sweep.load(spec, str(tmp_path / "root")).tasks
+  tasks = load(spec, str(tmp_path / "root")).tasks
   assert [(t.kind, t.name.split("/", 1)[-1], t.steps) for t in tasks] == [
       ("run", tasks[0].name, 100), ("cooldown", "cooldowns/20+5", 25),
       ("cooldown", "cooldowns/40+10", 50), ("cooldown", "cooldowns/60+15", 75),
@@ -196,7 +201,7 @@ def test_cooldown_branches_follow_each_run(tmp_path):
   capped = _spec(tmp_path, {**BASE, "overrides": {
       "train.steps": 20, "train.schedule": "wsd"}, "cooldowns": [0.5]},
       "capped")
-  assert sweep.load(capped, "root").tasks[1].name.endswith("/cooldowns/8+2")
+  assert load(capped, "root").tasks[1].name.endswith("/cooldowns/8+2")
 
 
 def test_a_run_is_named_by_its_config_not_its_base_path(tmp_path):
@@ -215,8 +220,7 @@ def test_a_run_is_named_by_its_config_not_its_base_path(tmp_path):
     spec = _spec(tmp_path, {"base": base, "overrides": {"train.steps": 400},
                             "axes": [{"seeds": [0, 1]}],
                             "cooldowns": cooldowns})
-    names[base, len(cooldowns)] = [r.name for r in sweep.load(spec,
-                                                              "root").runs]
+    names[base, len(cooldowns)] = [r.name for r in load(spec, "root").runs]
   assert len({tuple(v) for k, v in names.items() if k[0] != str(other)}) == 1
   assert not set(names[str(other), 1]) & set(names[str(copy), 1])
 
@@ -230,7 +234,7 @@ def test_budgets_set_the_steps_of_each_run_and_branch(tmp_path):
       "axes": [{"zip": {"model.d_model": [32, 64],
                         "model.num_heads": [1, 2]}}],
       "budgets": [1e12, 3e12], "cooldowns": [0.5]})
-  loaded = sweep.load(spec, str(tmp_path / "root"))
+  loaded = load(spec, str(tmp_path / "root"))
   for run, (d, c) in zip(loaded.runs, [(32, 1e12), (32, 3e12), (64, 1e12),
                                        (64, 3e12)]):
     n = 3 * (12 * d * d + 13 * d) + 2 * d  # non-embedding, by hand
@@ -248,14 +252,14 @@ def test_old_run_folders_are_named(tmp_path, capsys):
   listed."""
   spec = _spec(tmp_path, {**BASE, "axes": [{"seeds": [0, 1]}]})
   root = tmp_path / "root"
-  run = sweep.load(spec, str(root)).runs[0]
+  run = load(spec, str(root)).runs[0]
   from trainer import config as config_lib
   for folder, seed in (("seed=0-abcdef", 0), ("seed=5-123456", 5)):
     config = default.get_config()
     config.train.update(steps=100, seed=seed)
     os.makedirs(root / folder)
     config_lib.save(config_lib.capped_warmup(config)[0], str(root / folder))
-  assert sweep.main(["status", spec, "--root", str(root)]) == 0
+  assert main(["status", spec, "--root", str(root)]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert lines[:2] == [
       f"note: seed=0-abcdef holds the config of run {run.name} (named before "
@@ -277,11 +281,11 @@ def test_the_queue_starts_the_costliest_ready_tasks_first(tmp_path,
   branches after the runs (not ready until their run's checkpoint)."""
   spec = _spec(tmp_path, {**WSD, "axes": [{"grid": {
       "model.d_model": [48, 192]}}], "cooldowns": [0.8]})
-  loaded = sweep.load(spec, str(tmp_path / "root"))
+  loaded = load(spec, str(tmp_path / "root"))
   narrow, narrow_branch, wide, wide_branch = loaded.tasks
   assert wide.cost > narrow.cost > narrow_branch.cost > 0
   assert wide.cost / wide_branch.cost == 100 / 16  # its own steps only
-  queue = sweep.Queue(loaded, parallel=4, retries=0, display=None)
+  queue = Queue(loaded, parallel=4, retries=0, display=None)
   monkeypatch.setattr(queue, "_try_start",
                       lambda task: queue.running.update({task.name: task}))
   queue._start()
@@ -328,7 +332,7 @@ def test_bad_spec_is_one_line_and_writes_nothing(case, tmp_path, capsys):
   body, message = BAD_SPECS[case]
   spec, root = _spec(tmp_path, body), tmp_path / "root"
   for command in ("run", "status", "collect", "slurm"):
-    assert sweep.main([command, spec, "--root", str(root)]) == 2
+    assert main([command, spec, "--root", str(root)]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("error: ") and err.count("\n") == 1
     assert message in err, err
@@ -343,7 +347,7 @@ def test_bad_command_lines(tmp_path, capsys, monkeypatch):
       (["run", spec, "--retries", "x"], "invalid int value"),
       (["slurm", spec], "sbatch not found"),
       (["run", str(tmp_path / "nope.py")], "no such file")):
-    assert sweep.main([*argv, "--root", str(root)]) == 2
+    assert main([*argv, "--root", str(root)]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("error: ") and err.count("\n") == 1
     assert message in err, err
@@ -376,7 +380,7 @@ def _write_run(task, info: dict, records: list, checkpoint: int) -> None:
 
 def test_collect_rows_of_done_partial_and_unstarted_runs(tmp_path):
   spec = _spec(tmp_path, {**BASE, "axes": [{"seeds": [0, 1, 2]}]})
-  done, partial, unstarted = sweep.load(spec, str(tmp_path / "root")).runs
+  done, partial, unstarted = load(spec, str(tmp_path / "root")).runs
   info = {"params": 1000, "params_non_embedding": 800,
           "flops_per_token": 5000.0, "tokens_per_step": 64, "vocab_size": 37,
           "steps": 100, "code": {"commit": "abc", "clean": True}}
@@ -390,7 +394,7 @@ def test_collect_rows_of_done_partial_and_unstarted_runs(tmp_path):
       {"step": 100, "loss": 2.0, "tokens_per_sec": 1200.0},
       {"step": 100, "eval_loss": 2.75, "eval_bits_per_byte": 3.75}],
       checkpoint=100)
-  rows = sweep.collect(sweep.load(spec, str(tmp_path / "root")))
+  rows = collect(load(spec, str(tmp_path / "root")))
   assert rows == _read_json_rows(tmp_path / "root" / "results.json")
   # Every eval of a run scores the same text: the best is the best of all.
   assert (rows[0]["best_eval_loss"], rows[1]["best_eval_loss"]) == (2.5, 2.5)
@@ -430,10 +434,10 @@ def test_cooldown_branch_runs_and_counts_all_its_tokens(
   proc = _start("run", spec, "--root", root, "--parallel", 2)
   out, err = _finish(proc)
   assert proc.returncode == 0, out + err
-  run, branch = sweep.load(spec, str(root)).tasks
+  run, branch = load(spec, str(root)).tasks
   assert branch.name == f"{run.name}/cooldowns/5+1"
   assert f"cooldown branch from {run.workdir}/checkpoints/5" in _log(branch)
-  assert sweep.main(["collect", spec, "--root", str(root)]) == 0
+  assert main(["collect", spec, "--root", str(root)]) == 0
   rows = _read_json_rows(root / "results.json")
   with open(os.path.join(branch.workdir, "run.json")) as f:
     tokens_per_step = json.load(f)["tokens_per_step"]
@@ -468,13 +472,13 @@ def test_slurm_array_task_i_runs_run_i(tmp_path, capsys):
       "data.holdout": ("hamlet", "lear")}, "axes": [
           {"grid": {"train.learning_rate": [1e-3, 2e-3, 4e-3]}}]})
   root = tmp_path / "root"
-  assert sweep.main(["slurm", spec, "--root", str(root), "--dry-run",
-                     "--parallel", "2"]) == 0
+  assert main(["slurm", spec, "--root", str(root), "--dry-run",
+               "--parallel", "2"]) == 0
   script = root / "sweep.sbatch"
   assert capsys.readouterr().out == f"sbatch {script}\n"
   assert os.listdir(root) == ["sweep.sbatch"]
   assert "#SBATCH --array=0-2%2" in script.read_text().splitlines()
-  runs = sweep.load(spec, str(root)).runs
+  runs = load(spec, str(root)).runs
   for i, run in enumerate(runs):
     task = _array_task(script, i)
     assert task.returncode == 0, task.stderr
@@ -493,14 +497,14 @@ def test_slurm_cooldowns_follow_the_runs(tmp_path, capsys, monkeypatch):
       "train.steps": 100, "train.schedule": "wsd", "train.warmup_steps": 10},
       "axes": [{"seeds": [0, 1]}], "cooldowns": [0.5, 0.75]})
   root = tmp_path / "root"
-  assert sweep.main(["slurm", spec, "--root", str(root), "--dry-run"]) == 0
+  assert main(["slurm", spec, "--root", str(root), "--dry-run"]) == 0
   runs, cooldowns = root / "sweep.sbatch", root / "cooldowns.sbatch"
   assert capsys.readouterr().out == (
       f"sbatch {runs}\n"
       f"sbatch '--dependency=afterok:<job id of the first>' {cooldowns}\n")
   assert "#SBATCH --array=0-1" in runs.read_text().splitlines()
   assert "#SBATCH --array=0-3" in cooldowns.read_text().splitlines()
-  branches = [t for t in sweep.load(spec, str(root)).tasks if t.parent]
+  branches = [t for t in load(spec, str(root)).tasks if t.parent]
   for i, branch in enumerate(branches):
     srun = shlex.split(_array_task(cooldowns, i).stdout.splitlines()[1])
     assert srun[srun.index("train.py") + 1:] == branch.args
@@ -511,7 +515,7 @@ def test_slurm_cooldowns_follow_the_runs(tmp_path, capsys, monkeypatch):
       f"#!/bin/bash\necho \"$*\" >> {calls}\necho '4242;cluster'\n")
   (bin_dir / "sbatch").chmod(0o755)
   monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-  assert sweep.main(["slurm", spec, "--root", str(root)]) == 0
+  assert main(["slurm", spec, "--root", str(root)]) == 0
   assert calls.read_text().splitlines() == [
       f"--parsable {runs}",
       f"--parsable --dependency=afterok:4242 {cooldowns}"]
@@ -522,12 +526,12 @@ def test_slurm_cooldowns_follow_the_runs(tmp_path, capsys, monkeypatch):
 
 # --- locks -------------------------------------------------------------------
 
-def _write_lock(workdir, host=sweep.HOST, sweep_pid=None, child_pid=None,
+def _write_lock(workdir, host=HOST, sweep_pid=None, child_pid=None,
                 age_s=0.0):
   now = time.time()
   lock = {"host": host, "sweep_pid": sweep_pid, "child_pid": child_pid,
           "started": now - age_s, "heartbeat": now - age_s}
-  (workdir / sweep.LOCK).write_text(json.dumps(lock))
+  (workdir / LOCK).write_text(json.dumps(lock))
   return lock
 
 
@@ -540,26 +544,26 @@ def test_live_lock_is_respected_and_stale_locks_are_taken_over(tmp_path,
       (dict(host="elsewhere", sweep_pid=dead), False),  # pids unknowable there
       (dict(sweep_pid=dead, child_pid=dead), True),
       # Here the pids decide: an owner stopped for minutes is still alive.
-      (dict(sweep_pid=live_pid, age_s=sweep.STALE_S + 1), False),
-      (dict(host="elsewhere", sweep_pid=dead, age_s=sweep.STALE_S + 1), True)]
+      (dict(sweep_pid=live_pid, age_s=STALE_S + 1), False),
+      (dict(host="elsewhere", sweep_pid=dead, age_s=STALE_S + 1), True)]
   for i, (fields, stale) in enumerate(cases):
     workdir = tmp_path / str(i)
     workdir.mkdir()
     found = _write_lock(workdir, **fields)
-    lock, seen = sweep.Lock.acquire(str(workdir))
+    lock, seen = Lock.acquire(str(workdir))
     assert seen == found, fields
     assert (lock is not None) == stale, fields
-    owner = json.loads((workdir / sweep.LOCK).read_text())
+    owner = json.loads((workdir / LOCK).read_text())
     assert owner == (lock.owner if stale else found)
     if stale:
-      assert owner["host"] == sweep.HOST
+      assert owner["host"] == HOST
       assert owner["sweep_pid"] == os.getpid()
       # Taken: a second taker finds a live owner (this process).
-      assert sweep.Lock.acquire(str(workdir)) == (None, owner)
+      assert Lock.acquire(str(workdir)) == (None, owner)
       assert lock.renew(child_pid=live_pid)
       lock.release()
-      assert not (workdir / sweep.LOCK).exists()
-    assert sorted(os.listdir(workdir)) == [sweep.LOCK] * (not stale)
+      assert not (workdir / LOCK).exists()
+    assert sorted(os.listdir(workdir)) == [LOCK] * (not stale)
 
 
 def test_a_run_locked_by_a_live_process_waits_for_it(tmp_path, corpus_dir,
@@ -568,16 +572,16 @@ def test_a_run_locked_by_a_live_process_waits_for_it(tmp_path, corpus_dir,
   spec = _spec(tmp_path, {"base": "configs/default.py",
                           "overrides": _tiny(corpus_dir, data_cache)})
   root, log = tmp_path / "root", tmp_path / "sweep.out"
-  (task,) = sweep.load(spec, str(root)).tasks
+  (task,) = load(spec, str(root)).tasks
   os.makedirs(task.workdir)
   _write_lock(root / task.name, sweep_pid=sleeper.pid)
   proc = _start("run", spec, "--root", root, log=log)
   try:
-    waiting = (f"waiting {task.name}: locked by {sweep.HOST} pid "
+    waiting = (f"waiting {task.name}: locked by {HOST} pid "
                f"{sleeper.pid} (train.py pid None)\n")
     _wait_for(lambda: waiting in log.read_text() or proc.poll() is not None,
               "waiting line")
-    assert os.listdir(task.workdir) == [sweep.LOCK]  # nothing started
+    assert os.listdir(task.workdir) == [LOCK]  # nothing started
     sleeper.kill()
     sleeper.wait()
     _finish(proc)
@@ -587,18 +591,18 @@ def test_a_run_locked_by_a_live_process_waits_for_it(tmp_path, corpus_dir,
   out = log.read_text()
   assert proc.returncode == 0, out
   assert waiting in out
-  assert (f"took over {task.name}: the lock of {sweep.HOST} pid "
+  assert (f"took over {task.name}: the lock of {HOST} pid "
           f"{sleeper.pid}") in out
   assert f"done {task.name}" in out
   assert task.done()
-  assert not os.path.exists(os.path.join(task.workdir, sweep.LOCK))
+  assert not os.path.exists(os.path.join(task.workdir, LOCK))
   assert not leftovers
 
 
 # --- kill and restart --------------------------------------------------------
 
 def _log(task) -> str:
-  with open(os.path.join(task.workdir, sweep.LOG)) as f:
+  with open(os.path.join(task.workdir, LOG)) as f:
     return f.read()
 
 
@@ -625,9 +629,9 @@ def test_killed_sweep_restarts_where_it_stopped(tmp_path, corpus_dir,
   proc = _start(*command("reference"))
   out, err = _finish(proc)
   assert proc.returncode == 0, err
-  assert sweep.main(["collect", spec, "--root", str(roots["reference"])]) == 0
+  assert main(["collect", spec, "--root", str(roots["reference"])]) == 0
 
-  runs = sweep.load(spec, str(roots["killed"])).runs
+  runs = load(spec, str(roots["killed"])).runs
   proc = _start(*command("killed"))
   try:
     # Halfway: a checkpoint, and no step after 6 of 12 logged (committed
@@ -651,14 +655,14 @@ def test_killed_sweep_restarts_where_it_stopped(tmp_path, corpus_dir,
     assert "preempted: stopped by SIGTERM after step" in _log(run)
 
   # collect and status on the stopped sweep: unfinished rows are partial.
-  assert sweep.main(["collect", spec, "--root", str(roots["killed"])]) == 0
+  assert main(["collect", spec, "--root", str(roots["killed"])]) == 0
   rows = {r["name"]: r for r in _read_csv(roots["killed"] / "results.csv")}
   for run in runs:
-    started = os.path.exists(os.path.join(run.workdir, sweep.STATE))
+    started = os.path.exists(os.path.join(run.workdir, STATE))
     assert rows[run.name]["partial"] == str(run not in done)
     assert rows[run.name]["status"] == (
         "done" if run in done else "interrupted" if started else "queued")
-  assert sweep.main(["status", spec, "--root", str(roots["killed"])]) == 0
+  assert main(["status", spec, "--root", str(roots["killed"])]) == 0
   table = capsys.readouterr().out
   assert f"{len(done)} done" in table and "0 running" in table
 
@@ -666,7 +670,7 @@ def test_killed_sweep_restarts_where_it_stopped(tmp_path, corpus_dir,
   out, err = _finish(proc)
   assert proc.returncode == 0, err
   for run in done:  # skipped: no new attempt
-    assert sweep._state(run.workdir)["attempts"] == 1
+    assert _state(run.workdir)["attempts"] == 1
     assert _log(run).count("=== ") == 1
     assert f"start {run.name}" not in out
   for run in cut:  # resumed from its checkpoint
@@ -675,7 +679,7 @@ def test_killed_sweep_restarts_where_it_stopped(tmp_path, corpus_dir,
     assert f"took over {run.name}" in out
   assert all(r.done() for r in runs)
 
-  assert sweep.main(["collect", spec, "--root", str(roots["killed"])]) == 0
+  assert main(["collect", spec, "--root", str(roots["killed"])]) == 0
   expected, got = (_read_csv(roots[name] / "results.csv")
                    for name in ("reference", "killed"))
   for row in expected + got:  # timings and places differ

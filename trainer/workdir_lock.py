@@ -10,8 +10,8 @@ hosts' locks: a lost node frees it after STALE_S). flock is not used: it
 does not always hold across the hosts of a shared file system.
 
 train.py's train and cooldown modes hold `<workdir>/workdir.lock`
-(WorkdirLock); launch/sweep.py holds `<workdir>/sweep.lock` while it runs a
-train.py there (launch.sweep.Lock). This module imports no JAX.
+(WorkdirLock); launch/sweep/ holds `<workdir>/sweep.lock` while it runs a
+train.py there (launch.sweep.status.Lock). This module imports no JAX.
 """
 
 import datetime
