@@ -54,9 +54,10 @@ def replacing(path: str, mode: str = "w", **open_args):
 
 
 def write_json(path: str, value, indent: int = 1, **dump_args) -> None:
-  """`value` as JSON, written whole (replacing)."""
+  """`value` as JSON and a newline, written whole (replacing)."""
   with replacing(path) as f:
     json.dump(value, f, indent=indent, **dump_args)
+    f.write("\n")
 
 
 def write_errno(error: BaseException | None) -> int | None:

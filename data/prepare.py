@@ -249,7 +249,7 @@ def _build(inputs, files, output, options) -> Prepared:
           f"one sequence of {need} (seq_len + 1); use more text, a larger "
           "validation fraction or holdout, or a smaller --seq-len")
   if meta != old:
-    store.write_json(os.path.join(output, store.META), meta)
+    disk.write_json(os.path.join(output, store.META), meta)
   work.collect_garbage(output, {t.key for t in tasks})
   return load(output)
 

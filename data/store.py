@@ -1,5 +1,5 @@
 """What a prepared directory of either kind (prepare.py's token shards,
-examples.py's examples) is made with: its meta.json, written atomically;
+examples.py's examples) is made with: its meta.json (written whole: data.disk);
 one preparation of it at a time; the split of a document; the key of its
 inputs."""
 
@@ -49,12 +49,3 @@ def read_json(path: str) -> dict | None:
     return None
   with open(path) as f:
     return json.load(f)
-
-
-def write_json(path: str, value: dict) -> None:
-  """Atomically: a reader sees the old file or the whole new one."""
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + ".tmp", path)

@@ -13,7 +13,7 @@ import multiprocessing
 import os
 import re
 
-from data import corpus, shards, store, tokenizers
+from data import corpus, disk, shards, store, tokenizers
 
 SHARDS = "shards"
 
@@ -98,7 +98,7 @@ class Worker:
       splits[split]["shards"] = writers[split].close()
     record = {"key": task.key, "input_bytes": task.bytes,
               "empty_documents": empty, "splits": splits}
-    store.write_json(prefix + ".json", record)
+    disk.write_json(prefix + ".json", record)
     return record
 
 

@@ -38,7 +38,8 @@ import time
 
 import numpy as np
 
-from research.scaling import write_json
+from data import disk
+
 
 SLOPE_LIMIT = 0.1  # the largest log-log slope muP's coordinates may have
 PARAMETRIZATIONS = ("standard", "mup")
@@ -259,7 +260,8 @@ def _coord_check_command(args) -> int:
   except ConfigError as e:
     raise MupError(str(e)) from None
   os.makedirs(args.out, exist_ok=True)
-  write_json(os.path.join(args.out, "coord_check.json"), result)
+  disk.write_json(os.path.join(args.out, "coord_check.json"), result,
+                  indent=2)
   plot_coord_check(result, os.path.join(args.out, "coord_check.png"))
   print(coord_check_table(result))
   print(f"muP: largest slope {result['mup_max_slope']:+.3f} "
@@ -412,7 +414,7 @@ def _transfer_command(args) -> int:
                                           children.ru_stime, 1)
   out = args.out or root
   os.makedirs(out, exist_ok=True)
-  write_json(os.path.join(out, "transfer.json"), summary)
+  disk.write_json(os.path.join(out, "transfer.json"), summary, indent=2)
   table = transfer_table(summary)
   with open(os.path.join(out, "transfer.md"), "w") as f:
     f.write(table + "\n")

@@ -40,13 +40,13 @@ rerun reuses the prepared corpus and resumes or keeps finished models.
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
 
 import numpy as np
 
+from data import disk
 from data.corpus import DataError
 from research.parens_data import (CLOSE, END, OPEN, ParensError, Walk,
                                   illegal_mass, is_balanced, legal_next,
@@ -259,10 +259,7 @@ def run(out: str, walk: Walk, train_docs: int, val_docs: int,
   results.update(wall_s=time.perf_counter() - clock,
                  load_average_before=load_before,
                  load_average_after=os.getloadavg(), cpus=os.cpu_count())
-  with open(os.path.join(out, "results.json.tmp"), "w") as f:
-    json.dump(results, f, indent=1)
-  os.replace(os.path.join(out, "results.json.tmp"),
-             os.path.join(out, "results.json"))
+  disk.write_json(os.path.join(out, "results.json"), results)
   return results
 
 

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from data import prepare
+from data import disk, prepare
 from data.tokenizers import CHAR_EOT
 
 OPEN, CLOSE, END = "(", ")", CHAR_EOT  # END: how the char tokenizer spells EOT
@@ -205,6 +205,5 @@ def _write_if_changed(path: str, text: str) -> None:
     with open(path) as f:
       if f.read() == text:
         return
-  with open(path + ".tmp", "w") as f:
+  with disk.replacing(path) as f:
     f.write(text)
-  os.replace(path + ".tmp", path)

@@ -70,6 +70,7 @@ import json
 import os
 import sys
 
+from data import disk
 from research.scaling_fits import (LAW_PARAMS, ScalingError, fit,
                                    fit_summary, predict, read_table)
 from research.scaling_plan import plan, plan_table
@@ -77,15 +78,6 @@ from research.scaling_plots import write_plots
 
 
 # ------------------------------------------------------------------ the CLI
-
-
-def write_json(path: str, obj) -> None:
-  """Written whole or not at all: a reader never sees half a file."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, path)
 
 
 def _fit_command(args) -> None:
@@ -97,7 +89,7 @@ def _fit_command(args) -> None:
   try:
     os.makedirs(out, exist_ok=True)
     paths = write_plots(result, out)
-    write_json(os.path.join(out, "fit.json"), result)
+    disk.write_json(os.path.join(out, "fit.json"), result, indent=2)
   except OSError as e:
     raise ScalingError(f"cannot write to {out}: {e.strerror}") from e
   print(fit_summary(result))
@@ -119,7 +111,7 @@ def _plan_command(args) -> None:
   print(plan_table(p))
   if args.out:
     try:
-      write_json(args.out, p)
+      disk.write_json(args.out, p, indent=2)
     except OSError as e:
       raise ScalingError(f"cannot write {args.out}: {e.strerror}") from e
     print(f"wrote {args.out}")
@@ -187,7 +179,7 @@ def study(spec: str, root: str, parallel: int, minutes: float,
   out = os.path.join(root, "fit")
   os.makedirs(out, exist_ok=True)
   paths = write_plots(result, out)
-  write_json(os.path.join(out, "fit.json"), result)
+  disk.write_json(os.path.join(out, "fit.json"), result, indent=2)
   print(fit_summary(result))
   print(f"wrote {os.path.join(out, 'fit.json')} and "
         + ", ".join(os.path.basename(p) for p in paths))
@@ -207,8 +199,9 @@ def study(spec: str, root: str, parallel: int, minutes: float,
   print(f"\nthe same time in FLOPs, at the {largest['flops_per_sec'] / 1e9:.1f}"
         f" GFLOP/s the largest size ran at: {compute['flops']:.3g}")
   print(plan_table(compute))
-  write_json(os.path.join(root, "recommendation.json"),
-              {"minutes": minutes, "by_time": options, "by_flops": compute})
+  disk.write_json(os.path.join(root, "recommendation.json"),
+                  {"minutes": minutes, "by_time": options,
+                   "by_flops": compute}, indent=2)
   print(f"\nrecommended for {minutes:g} minutes here: {options[0]['shape']} "
         f"(predicted held-out loss {options[0]['loss']:.4f})")
 

@@ -298,14 +298,14 @@ def test_prepare_out_of_space_is_never_taken_for_complete(
   assert not output.exists()
 
   monkeypatch.setattr(prepare.shards.Writer, "_finish_shard", finish)
-  write_json = store.write_json
+  write_json = disk.write_json
 
-  def full_at_meta(path, value):
+  def full_at_meta(path, value, **kwargs):
     if path.endswith(store.META):
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path + ".tmp")
-    write_json(path, value)
+    write_json(path, value, **kwargs)
 
-  monkeypatch.setattr(store, "write_json", full_at_meta)
+  monkeypatch.setattr(disk, "write_json", full_at_meta)
   assert prepare.main(_prepare_args(corpus_dir, output)) == 74
   line, = capsys.readouterr().err.splitlines()
   assert line.endswith(f"; the finished part is kept (without "
@@ -314,7 +314,7 @@ def test_prepare_out_of_space_is_never_taken_for_complete(
   with pytest.raises(DataError, match="no finished preparation"):
     prepare.load(str(output))
 
-  monkeypatch.setattr(store, "write_json", write_json)
+  monkeypatch.setattr(disk, "write_json", write_json)
   calls = []
   monkeypatch.setattr(work.Worker, "__call__",
                       lambda self, task: calls.append(task))

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from conftest import param_shapes, random_params, tiny_config
-from configs import default
 from model import roles
 from trainer import config as config_lib, loop, optim, sharding
 from trainer import state as state_lib

@@ -8,12 +8,12 @@ import subprocess
 import sys
 import time
 
+from data import disk
 from launch.local import REPO, exit_status
 from launch.sweep.spec import Sweep, Task
 from launch.sweep.status import LOG, STATE, Lock, Metrics, _state
 from launch.sweep.table import _duration, _number
 from trainer.workdir_lock import HEARTBEAT_S, HOST
-from trainer.workdir_lock import write_json as _write_json
 
 PREEMPTED = 75       # train.py saved and stopped; the same command resumes
 DETERMINISTIC = {2: "bad input", 3: "diverged"}  # retrying cannot help
@@ -72,7 +72,7 @@ class Attempt:
       return
     self.state.update(status=status, **exit_info, wall_s=round(
         self.wall_before + time.monotonic() - self.started, 1))
-    _write_json(os.path.join(self.task.workdir, STATE), self.state)
+    disk.write_json(os.path.join(self.task.workdir, STATE), self.state)
 
   def stop(self) -> None:
     if not self.stopped and self.proc.poll() is None:

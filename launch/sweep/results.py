@@ -5,10 +5,10 @@ import csv
 import os
 import statistics
 
+from data import disk
 from launch.sweep.spec import Sweep
 from launch.sweep.status import Metrics, _state, _status
 from trainer.workdir_lock import read_json as _read_json
-from trainer.workdir_lock import write_json as _write_json
 
 
 def results(sweep: Sweep) -> list:
@@ -56,10 +56,9 @@ def collect(sweep: Sweep) -> list:
   rows = results(sweep)
   os.makedirs(sweep.root, exist_ok=True)
   path = os.path.join(sweep.root, "results.csv")
-  with open(path + ".tmp", "w", newline="") as f:
+  with disk.replacing(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-  os.replace(path + ".tmp", path)
-  _write_json(os.path.join(sweep.root, "results.json"), rows)
+  disk.write_json(os.path.join(sweep.root, "results.json"), rows)
   return rows
