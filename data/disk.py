@@ -21,11 +21,13 @@ import shutil
 import socket
 import threading
 
+from errors import Stop
+
 ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class WriteFailed(Exception):
+class WriteFailed(Stop):
   """A write failed for want of space or permission; what was saved before
   is unchanged, and the same command resumes once the cause is fixed."""
   exit_code = 74

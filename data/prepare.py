@@ -43,6 +43,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tqdm
 
+import errors
 from data import corpus, disk, examples, shards, store, tokenizers, work
 from data.corpus import DataError
 
@@ -366,6 +367,7 @@ def _meta(inputs, files, tok, request, options, records) -> dict:
 
 # ---------------------------------------------------------------- command
 
+@errors.command
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
       prog="python -m data.prepare",
@@ -415,13 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = disk.write_errno(e)
     if code is None:
       raise
-    print("error: " + disk.failure(f"preparing {args.output}",
-                                   e.filename or args.output, code),
-          file=sys.stderr)
-    return disk.WriteFailed.exit_code
-  except (DataError, disk.WriteFailed) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return getattr(e, "exit_code", 2)
+    raise disk.WriteFailed(disk.failure(f"preparing {args.output}",
+                                        e.filename or args.output,
+                                        code)) from e
   print(summary)
   return 0
 

@@ -17,7 +17,6 @@ plan is the same with and without it).
 
 import json
 import math
-import sys
 import time
 
 import flax.linen as nn
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
+import errors
 from trainer import config as config_lib, loop, sharding
 from trainer import state as state_lib
 from trainer.errors import ConfigError
@@ -117,17 +117,14 @@ def summary(r: dict) -> str:
   ])
 
 
+@errors.command
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   # Before any backend starts: fake CPU devices, even on an accelerator host.
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", _DEVICES.value)
-  try:
-    report = measure(_CONFIG.value)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  report = measure(_CONFIG.value)
   print(json.dumps(report) if _JSON.value else summary(report))
 
 

@@ -39,14 +39,12 @@ import time
 import numpy as np
 
 from data import disk
+import errors
+from errors import BadInput
 
 
 SLOPE_LIMIT = 0.1  # the largest log-log slope muP's coordinates may have
 PARAMETRIZATIONS = ("standard", "mup")
-
-
-class MupError(ValueError):
-  """Bad input: one line, exit status 2."""
 
 
 # ---------------------------------------------------------------- slopes
@@ -249,16 +247,12 @@ def plot_coord_check(result: dict, path: str) -> None:
 
 def _coord_check_command(args) -> int:
   if len(args.widths) < 2 or min(args.widths) < 1:
-    raise MupError("--widths needs at least two positive widths")
+    raise BadInput("--widths needs at least two positive widths")
   if any(w % args.heads for w in args.widths):
-    raise MupError(f"every width must be a multiple of --heads={args.heads}")
+    raise BadInput(f"every width must be a multiple of --heads={args.heads}")
   if args.steps < 0 or not args.seeds:
-    raise MupError("--steps must be >= 0 and --seeds non-empty")
-  from trainer.errors import ConfigError
-  try:
-    result = run_coord_check(args)
-  except ConfigError as e:
-    raise MupError(str(e)) from None
+    raise BadInput("--steps must be >= 0 and --seeds non-empty")
+  result = run_coord_check(args)
   os.makedirs(args.out, exist_ok=True)
   disk.write_json(os.path.join(args.out, "coord_check.json"), result,
                   indent=2)
@@ -290,7 +284,7 @@ def transfer_summary(rows: list) -> dict:
       loss = float("nan")
     grid.setdefault(p, {}).setdefault(w, {})[lr] = loss
   if set(grid) != set(PARAMETRIZATIONS):
-    raise MupError("the results need runs of both parametrizations "
+    raise BadInput("the results need runs of both parametrizations "
                    f"{list(PARAMETRIZATIONS)}, found {sorted(grid)}")
   lrs = sorted({lr for p in grid.values() for w in p.values() for lr in w})
   out = {"learning_rates": lrs, "parametrizations": {}}
@@ -387,7 +381,6 @@ def plot_transfer(summary: dict, path: str) -> None:
 
 def _transfer_command(args) -> int:
   from launch.sweep import cli, results
-  from launch.sweep.errors import SpecError
   from launch.sweep.spec import load
   root = args.root or os.path.join(
       "runs", "sweeps", os.path.splitext(os.path.basename(args.spec))[0])
@@ -396,12 +389,9 @@ def _transfer_command(args) -> int:
     status = cli.main(["run", args.spec, "--root", root, "--parallel",
                        str(args.parallel)])
     if status:
-      raise MupError(f"the sweep stopped with status {status} (see its "
+      raise BadInput(f"the sweep stopped with status {status} (see its "
                      "table above); the same command resumes it")
-  try:
-    rows = results.collect(load(args.spec, root))
-  except SpecError as e:
-    raise MupError(str(e)) from None
+  rows = results.collect(load(args.spec, root))
   summary = transfer_summary(rows)
   # The runs' own times, summed (they ran --parallel at a time); and, when
   # this command ran the sweep, its wall time and its train.py processes'
@@ -448,9 +438,10 @@ def _ints(text: str) -> list:
 
 class _Parser(argparse.ArgumentParser):
   def error(self, message):
-    raise MupError(message)
+    raise BadInput(message)
 
 
+@errors.command
 def main(argv: list | None = None) -> int:
   parser = _Parser(prog="python -m research.mup", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -484,14 +475,10 @@ def main(argv: list | None = None) -> int:
   t.add_argument("--out", help="where the summary goes (default: the root)")
   t.add_argument("--summary-only", action="store_true",
                  help="summarize the runs there are; start none")
-  try:
-    args = parser.parse_args(argv)
-    if args.command == "coord_check":
-      return _coord_check_command(args)
-    return _transfer_command(args)
-  except MupError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  args = parser.parse_args(argv)
+  if args.command == "coord_check":
+    return _coord_check_command(args)
+  return _transfer_command(args)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ import time
 import numpy as np
 
 from data import prepare
-from data.corpus import DataError
+import errors
+from errors import BadInput
 
 FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)  # KenLM's, for D1, D2, D3+
 MAX_ORDER = 16
@@ -81,10 +82,6 @@ SPELL_ORDER = 5
 SPELL_MARK = 256  # around spellings (bytes are 0-255)
 LETTERS = " abcdefghijklmnopqrstuvwxyz"
 LETTER_ORDERS = (1, 2, 3, 4, 5)
-
-
-class NgramError(ValueError):
-  """Bad input: reported as one line."""
 
 
 def modified_discounts(counts: np.ndarray) -> tuple[tuple, bool]:
@@ -214,7 +211,7 @@ class KneserNey:
 def _checked(tokens, vocab_size: int) -> np.ndarray:
   tokens = np.asarray(tokens, np.int64)
   if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-    raise NgramError(f"token ids must lie in [0, {vocab_size})")
+    raise BadInput(f"token ids must lie in [0, {vocab_size})")
   return tokens
 
 
@@ -224,7 +221,7 @@ def fit_orders(tokens, orders, vocab_size: int,
   lower orders (continuation counts) and differ in their highest."""
   tokens = _checked(tokens, vocab_size)
   if len(tokens) * vocab_size >= 2**62:
-    raise NgramError(f"{len(tokens):,} tokens of {vocab_size:,} ids are too "
+    raise BadInput(f"{len(tokens):,} tokens of {vocab_size:,} ids are too "
                      "many for 64-bit n-gram keys")
   keys, counts, continuations = _count(tokens, max(orders), vocab_size)
   contexts = [1] + [len(k) for k in keys[:-1]]
@@ -373,7 +370,7 @@ def parse_orders(text: str) -> tuple[int, ...]:
   except ValueError:
     orders = set()
   if not orders or min(orders) < 1 or max(orders) > MAX_ORDER:
-    raise NgramError(f"--orders {text!r}: give orders within 1-{MAX_ORDER}, "
+    raise BadInput(f"--orders {text!r}: give orders within 1-{MAX_ORDER}, "
                      "like 1-8, 3 or 1,2,5")
   return tuple(sorted(orders))
 
@@ -458,6 +455,7 @@ def print_table(results: dict) -> None:
           f"{words[n]['bits_per_byte']:>15.4f}")
 
 
+@errors.command
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m research.ngram", description=__doc__,
@@ -484,16 +482,15 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seed", type=int, default=0,
                       help="of the generated letters (default %(default)s)")
   args = parser.parse_args(argv)
+  orders = parse_orders(args.orders)
+  if os.path.isfile(args.out):
+    raise BadInput(f"--out {args.out} is a file; give a folder")
   try:
-    orders = parse_orders(args.orders)
-    if os.path.isfile(args.out):
-      raise NgramError(f"--out {args.out} is a file; give a folder")
     results = run(args.source, args.tokenizer, tuple(args.holdout),
                   args.cache_dir, orders, args.discounting, args.out,
                   args.seed)
-  except (DataError, NgramError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except OSError as e:  # a folder or file that cannot be read or written
+    raise BadInput(str(e)) from e
   print_table(results)
   print(f"\n{results['val_tokens']:,} validation tokens, "
         f"{results['val_bytes']:,} bytes; {results['total_s']:.1f} s; "

@@ -47,11 +47,11 @@ import time
 import numpy as np
 
 from data import disk
-from data.corpus import DataError
-from research.parens_data import (CLOSE, END, OPEN, ParensError, Walk,
-                                  illegal_mass, is_balanced, legal_next,
-                                  prefix_depths, prepare_corpus,
-                                  score_completion)
+import errors
+from errors import BadInput
+from research.parens_data import (CLOSE, END, OPEN, Walk, illegal_mass,
+                                  is_balanced, legal_next, prefix_depths,
+                                  prepare_corpus, score_completion)
 
 MODELS = {"one_block": 1, "two_blocks": 2}  # workdir name -> num_layers
 
@@ -76,7 +76,7 @@ def parse_override(text: str, config) -> tuple[str, object]:
   field, sep, raw = text.partition("=")
   section, _, name = field.partition(".")
   if not sep or section not in config or name not in config[section]:
-    raise ParensError(f"--set {text!r}: give FIELD=VALUE with a field of "
+    raise BadInput(f"--set {text!r}: give FIELD=VALUE with a field of "
                       "configs/parens.py, e.g. train.learning_rate=1e-3")
   kind = type(config[section][name])
   try:
@@ -87,7 +87,7 @@ def parse_override(text: str, config) -> tuple[str, object]:
     else:
       raise ValueError(f"a {kind.__name__} field")
   except (KeyError, ValueError) as e:
-    raise ParensError(f"--set {text!r}: not a {kind.__name__} "
+    raise BadInput(f"--set {text!r}: not a {kind.__name__} "
                       f"({e})") from None
   return field, value
 
@@ -217,7 +217,7 @@ def run(out: str, walk: Walk, train_docs: int, val_docs: int,
   clock, load_before = time.perf_counter(), os.getloadavg()
   seq_len = model_config("", 1, overrides).model.seq_len
   if seq_len < max(walk.max_len, 8 * walk.max_depth + 1) + 1:
-    raise ParensError(
+    raise BadInput(
         f"model.seq_len={seq_len} cannot hold the longest document "
         f"({walk.max_len} + the end) or the deepest greedy completion (an "
         f"end, {4 * walk.max_depth} opens, as many closes and the end); "
@@ -304,6 +304,7 @@ def print_table(results: dict) -> None:
           f"{m['greedy_correct_up_to_depth']:>14}")
 
 
+@errors.command
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m research.parens", description=__doc__,
@@ -334,28 +335,23 @@ def main(argv: list[str] | None = None) -> int:
                       "configs/parens.py for both models, e.g. "
                       "train.learning_rate=1e-3 (repeatable)")
   args = parser.parse_args(argv)
-  from trainer.errors import ConfigError, Diverged
-  try:
-    for flag in ("steps", "train_docs", "val_docs", "samples", "max_depth",
-                 "max_len"):
-      if getattr(args, flag) < (flag != "steps"):
-        raise ParensError(f"--{flag.replace('_', '-')} must be at least "
-                          f"{int(flag != 'steps')}")
-    if args.max_len < 2:
-      raise ParensError("--max-len must be at least 2 (the shortest "
-                        "document, \"()\")")
-    overrides = dict(parse_override(text, model_config("", 1, {}))
-                     for text in args.set)
-    if args.steps:
-      overrides["train.steps"] = args.steps
-    if os.path.isfile(args.out):
-      raise ParensError(f"--out {args.out} is a file; give a folder")
-    walk = Walk(max_depth=args.max_depth, max_len=args.max_len)
-    results = run(args.out, walk, args.train_docs, args.val_docs,
-                  args.samples, args.seed, overrides)
-  except (ParensError, DataError, ConfigError, Diverged) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return getattr(e, "exit_code", 2)
+  for flag in ("steps", "train_docs", "val_docs", "samples", "max_depth",
+               "max_len"):
+    if getattr(args, flag) < (flag != "steps"):
+      raise BadInput(f"--{flag.replace('_', '-')} must be at least "
+                     f"{int(flag != 'steps')}")
+  if args.max_len < 2:
+    raise BadInput("--max-len must be at least 2 (the shortest document, "
+                   "\"()\")")
+  overrides = dict(parse_override(text, model_config("", 1, {}))
+                   for text in args.set)
+  if args.steps:
+    overrides["train.steps"] = args.steps
+  if os.path.isfile(args.out):
+    raise BadInput(f"--out {args.out} is a file; give a folder")
+  walk = Walk(max_depth=args.max_depth, max_len=args.max_len)
+  results = run(args.out, walk, args.train_docs, args.val_docs,
+                args.samples, args.seed, overrides)
   print_table(results)
   print(f"\n{results['wall_s']:.0f} s wall on {results['cpus']} CPUs, load "
         f"average {results['load_average_before'][0]:.1f} before and "

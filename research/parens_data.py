@@ -10,13 +10,10 @@ import os
 import numpy as np
 
 from data import disk, prepare
+from errors import BadInput
 from data.tokenizers import CHAR_EOT
 
 OPEN, CLOSE, END = "(", ")", CHAR_EOT  # END: how the char tokenizer spells EOT
-
-
-class ParensError(Exception):
-  """Bad input: the message says what is wrong and how to fix it."""
 
 
 # ------------------------------------------------------------------ the data
@@ -193,7 +190,7 @@ def prepare_corpus(out: str, walk: Walk, train_docs: int, val_docs: int,
   for split in ("train", "val"):
     tokens = np.asarray(data.tokens(split))
     if not np.all(tokens[seq_len::seq_len] == data.tokenizer.eot_id):
-      raise ParensError(f"{data.path}: the {split} windows do not start at "
+      raise BadInput(f"{data.path}: the {split} windows do not start at "
                         "documents (the preparation reordered them); delete "
                         f"{out} and run again")
   return data, {"train": packed["train"], "val": drawn["val"],

@@ -71,8 +71,10 @@ import os
 import sys
 
 from data import disk
-from research.scaling_fits import (LAW_PARAMS, ScalingError, fit,
-                                   fit_summary, predict, read_table)
+import errors
+from errors import BadInput
+from research.scaling_fits import (LAW_PARAMS, fit, fit_summary, predict,
+                                   read_table)
 from research.scaling_plan import plan, plan_table
 from research.scaling_plots import write_plots
 
@@ -82,7 +84,7 @@ from research.scaling_plots import write_plots
 
 def _fit_command(args) -> None:
   if args.bootstrap < 0:
-    raise ScalingError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    raise BadInput(f"--bootstrap must be >= 0, got {args.bootstrap}")
   result = fit(read_table(args.table), bootstrap=args.bootstrap,
                seed=args.seed)
   out = args.out or os.path.dirname(os.path.abspath(args.table))
@@ -91,7 +93,7 @@ def _fit_command(args) -> None:
     paths = write_plots(result, out)
     disk.write_json(os.path.join(out, "fit.json"), result, indent=2)
   except OSError as e:
-    raise ScalingError(f"cannot write to {out}: {e.strerror}") from e
+    raise BadInput(f"cannot write to {out}: {e.strerror}") from e
   print(fit_summary(result))
   print(f"wrote {os.path.join(out, 'fit.json')} and "
         + ", ".join(os.path.basename(p) for p in paths))
@@ -102,18 +104,18 @@ def _plan_command(args) -> None:
     with open(args.fit) as f:
       fit_result = json.load(f)
   except OSError as e:
-    raise ScalingError(f"cannot read {args.fit}: {e.strerror}") from e
+    raise BadInput(f"cannot read {args.fit}: {e.strerror}") from e
   except ValueError as e:
-    raise ScalingError(f"{args.fit} is not JSON: {e}") from e
+    raise BadInput(f"{args.fit} is not JSON: {e}") from e
   if not isinstance(fit_result, dict):
-    raise ScalingError(f"{args.fit} is not a fit.json of `fit`")
+    raise BadInput(f"{args.fit} is not a fit.json of `fit`")
   p = plan(fit_result, args.flops, args.batch_size, args.seq_len)
   print(plan_table(p))
   if args.out:
     try:
       disk.write_json(args.out, p, indent=2)
     except OSError as e:
-      raise ScalingError(f"cannot write {args.out}: {e.strerror}") from e
+      raise BadInput(f"cannot write {args.out}: {e.strerror}") from e
     print(f"wrote {args.out}")
 
 
@@ -172,7 +174,7 @@ def study(spec: str, root: str, parallel: int, minutes: float,
   status = cli.main(["run", spec, "--root", root, "--parallel",
                      str(parallel)])
   if status:
-    raise ScalingError(f"the sweep stopped with status {status} (see its "
+    raise BadInput(f"the sweep stopped with status {status} (see its "
                        "table above); the same command resumes it")
   rows = results.collect(load(spec, root))
   result = fit(rows)
@@ -206,6 +208,7 @@ def study(spec: str, root: str, parallel: int, minutes: float,
         f"(predicted held-out loss {options[0]['loss']:.4f})")
 
 
+@errors.command
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m research.scaling", description=__doc__,
@@ -246,16 +249,12 @@ def main(argv: list[str] | None = None) -> int:
   st.add_argument("--seq-len", type=int, default=128,
                   help="tokens per sequence (default %(default)s)")
   args = parser.parse_args(argv)
-  try:
-    if args.command == "study":
-      stem = os.path.splitext(os.path.basename(args.spec))[0]
-      study(args.spec, args.root or os.path.join("runs", "sweeps", stem),
-            args.parallel, args.minutes, args.batch_size, args.seq_len)
-    else:
-      (_fit_command if args.command == "fit" else _plan_command)(args)
-  except ScalingError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if args.command == "study":
+    stem = os.path.splitext(os.path.basename(args.spec))[0]
+    study(args.spec, args.root or os.path.join("runs", "sweeps", stem),
+          args.parallel, args.minutes, args.batch_size, args.seq_len)
+  else:
+    (_fit_command if args.command == "fit" else _plan_command)(args)
   return 0
 
 

@@ -10,6 +10,8 @@ import numpy as np
 from scipy import optimize
 from threadpoolctl import threadpool_limits
 
+from errors import BadInput
+
 LAW = "L(N, D) = E + A / N^alpha + B / D^beta"
 LAW_PARAMS = ("E", "A", "B", "alpha", "beta")
 HUBER_DELTA = 1e-3
@@ -30,10 +32,6 @@ _BOOTSTRAP_GRID_STARTS = 1
 _BOUNDS = [(-50.0, 200.0)] * 2 + [(-20.0, 20.0)] + [(0.0, 3.0)] * 2
 
 
-class ScalingError(ValueError):
-  """Bad input: `main` prints it as one line and exits with status 2."""
-
-
 # ---------------------------------------------------------------- the table
 
 
@@ -49,7 +47,7 @@ def read_table(path: str) -> list[dict]:
       header = reader.fieldnames or []
       missing = [c for c in ("params", "tokens", "loss") if c not in header]
       if missing:
-        raise ScalingError(
+        raise BadInput(
             f"{path} lacks {', '.join(missing)}: a table needs the columns "
             "params, tokens and loss (optional: budget, name, parent, "
             "status)")
@@ -70,26 +68,26 @@ def read_table(path: str) -> list[dict]:
           row[column] = (record.get(column) or "").strip() or None
         rows.append(row)
   except OSError as e:
-    raise ScalingError(f"cannot read {path}: {e.strerror}") from e
+    raise BadInput(f"cannot read {path}: {e.strerror}") from e
   except (csv.Error, UnicodeDecodeError) as e:
-    raise ScalingError(f"{path} is not a readable CSV file: {e}") from e
+    raise BadInput(f"{path} is not a readable CSV file: {e}") from e
   return rows
 
 
 def _number(text: str | None, column: str, path: str, line: int) -> float:
   if text is None or not text.strip():
-    raise ScalingError(f"{path}, line {line}: no {column}")
+    raise BadInput(f"{path}, line {line}: no {column}")
   try:
     return float(text)
   except ValueError:
-    raise ScalingError(f"{path}, line {line}: {column} is {text!r}, not a "
+    raise BadInput(f"{path}, line {line}: {column} is {text!r}, not a "
                        "number") from None
 
 
 def _runs(rows: list[dict]) -> dict:
   """The runs that count, as arrays N, D, L, C (6 N D), budget (nan where
   none), the run of each row (an index) and the number of rows skipped for
-  their status; ScalingError for rows a fit cannot use."""
+  their status; BadInput for rows a fit cannot use."""
   used = [(i, r) for i, r in enumerate(rows)
           if r.get("status", "done") == "done"]
   for i, r in used:
@@ -99,20 +97,20 @@ def _runs(rows: list[dict]) -> dict:
       if value is None and column == "budget":
         continue
       if value is None:
-        raise ScalingError(f"{where}: no {column}")
+        raise BadInput(f"{where}: no {column}")
       if not (math.isfinite(value) and value > 0):
-        raise ScalingError(f"{where}: {column} must be a positive number, "
+        raise BadInput(f"{where}: {column} must be a positive number, "
                            f"got {value}")
   N, D, L = (np.array([r[c] for _, r in used], float)
              for c in ("params", "tokens", "loss"))
   skipped = len(rows) - len(used)
   note = f" ({skipped} skipped: status not done)" if skipped else ""
   if len(used) < MIN_RUNS:
-    raise ScalingError(f"{len(used)} runs{note}; a fit needs at least "
+    raise BadInput(f"{len(used)} runs{note}; a fit needs at least "
                        f"{MIN_RUNS}")
   for name, values in (("params", N), ("tokens", D)):
     if len(np.unique(values)) < 2:
-      raise ScalingError(f"every run has the same {name}; a fit needs runs "
+      raise BadInput(f"every run has the same {name}; a fit needs runs "
                          f"of at least 2 different {name}")
   budget = np.array([r.get("budget") or np.nan for _, r in used], float)
   keys = [r.get("parent") or r.get("name") or ("row", i) for i, r in used]

@@ -5,7 +5,8 @@ import bisect
 import itertools
 import math
 
-from research.scaling_fits import LAW_PARAMS, ScalingError, predict
+from errors import BadInput
+from research.scaling_fits import LAW_PARAMS, predict
 
 ASPECT_RANGE = (16, 128)  # d_model / num_layers of the shapes plan builds
 
@@ -61,15 +62,15 @@ def plan(fit_result: dict, flops: float, batch_size: int = 32,
   try:
     law = {k: float(fit_result[k]) for k in LAW_PARAMS}
   except (KeyError, TypeError, ValueError):
-    raise ScalingError("the fit needs numbers E, A, B, alpha and beta (a "
+    raise BadInput("the fit needs numbers E, A, B, alpha and beta (a "
                        "fit.json of `fit`)") from None
   if not all(math.isfinite(v) and v > 0 for v in law.values()):
-    raise ScalingError(f"the fit's E, A, B, alpha and beta must be positive, "
+    raise BadInput(f"the fit's E, A, B, alpha and beta must be positive, "
                        f"got {law}")
   if not (math.isfinite(flops) and flops > 0):
-    raise ScalingError(f"--flops must be a positive number, got {flops}")
+    raise BadInput(f"--flops must be a positive number, got {flops}")
   if batch_size < 1 or seq_len < 1:
-    raise ScalingError("--batch-size and --seq-len must be positive")
+    raise BadInput("--batch-size and --seq-len must be positive")
   n_opt, d_opt = optimal_allocation(law, flops)
   shape = nearest_shape(n_opt)
   steps = max(1, round(d_opt / (batch_size * seq_len)))

@@ -32,8 +32,8 @@ import json
 import os
 import sys
 
+import errors
 from data import examples, loader, prepare, tokenizers
-from data.corpus import DataError
 from trainer import config as config_lib
 from trainer.errors import ConfigError
 
@@ -233,6 +233,7 @@ def _summary(runs: list[DataOrder], recomputed: bool) -> str:
   return f"ok: {'; '.join(parts)}; {checked}none skipped or repeated{same}"
 
 
+@errors.command
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m trainer.audit", description=__doc__,
@@ -243,16 +244,12 @@ def main(argv=None) -> int:
                       help="also check every batch against the config and "
                       "data (reads them all again)")
   args = parser.parse_args(argv)
-  try:
-    runs = [read(w) for w in (args.workdir, args.other_workdir) if w]
-    findings = []
-    for run in runs:
-      findings += check(run)
-      if args.recompute:
-        findings += recompute(run)
-  except (ConfigError, DataError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  runs = [read(w) for w in (args.workdir, args.other_workdir) if w]
+  findings = []
+  for run in runs:
+    findings += check(run)
+    if args.recompute:
+      findings += recompute(run)
   if len(runs) == 2:
     findings += compare(*runs)
   print("\n".join(findings) if findings else _summary(runs, args.recompute))

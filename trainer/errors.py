@@ -2,10 +2,11 @@
 a traceback, and exits with the class's status (documented in
 docs/running.md)."""
 
+from errors import BadInput, Stop
 
-class ConfigError(Exception):
+
+class ConfigError(BadInput):
   """A bad config value or flag; the message says how to fix it."""
-  exit_code = 2
 
 
 class WorkdirInUse(ConfigError):
@@ -13,13 +14,13 @@ class WorkdirInUse(ConfigError):
   this one stops before writing anything there."""
 
 
-class Diverged(Exception):
+class Diverged(Stop):
   """The loss or gradients became non-finite; nothing after the last good
   checkpoint was saved."""
   exit_code = 3
 
 
-class Preempted(Exception):
+class Preempted(Stop):
   """SIGTERM: the run saved a checkpoint at the current step and stopped;
   the same command resumes it."""
   exit_code = 75  # EX_TEMPFAIL: try again

@@ -25,6 +25,7 @@ import safetensors
 import safetensors.numpy
 from absl import logging
 
+import errors
 from configs import default
 from data import disk, tokenizers
 from model import GPTConfig
@@ -277,6 +278,7 @@ def export_gpt2(workdir: str, hf_dir: str) -> int:
 
 # ---------------------------------------------------------------- command
 
+@errors.command
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(
       prog="python -m trainer.hf_gpt2",
@@ -297,20 +299,16 @@ def main(argv=None) -> int:
   exp.add_argument("hf_dir")
   args = p.parse_args(argv)
   logging.set_verbosity(logging.WARNING)
-  try:
-    if args.command == "import":
-      cfg = import_gpt2(args.hf_dir, args.workdir, args.scan_layers)
-      print(f"imported {args.hf_dir} ({cfg.num_layers} layers x "
-            f"{cfg.d_model} x {cfg.num_heads} heads, context {cfg.seq_len}, "
-            f"vocab {cfg.vocab_size} padded to {cfg.padded_vocab_size}: "
-            f"{cfg.num_params() / 1e6:.2f}M params) to {args.workdir}")
-    else:
-      step = export_gpt2(args.workdir, args.hf_dir)
-      print(f"exported the parameters of step {step} of {args.workdir} to "
-            f"{args.hf_dir}")
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if args.command == "import":
+    cfg = import_gpt2(args.hf_dir, args.workdir, args.scan_layers)
+    print(f"imported {args.hf_dir} ({cfg.num_layers} layers x "
+          f"{cfg.d_model} x {cfg.num_heads} heads, context {cfg.seq_len}, "
+          f"vocab {cfg.vocab_size} padded to {cfg.padded_vocab_size}: "
+          f"{cfg.num_params() / 1e6:.2f}M params) to {args.workdir}")
+  else:
+    step = export_gpt2(args.workdir, args.hf_dir)
+    print(f"exported the parameters of step {step} of {args.workdir} to "
+          f"{args.hf_dir}")
   return 0
 
 

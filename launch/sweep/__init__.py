@@ -12,5 +12,4 @@ are cli.py's docstring):
   results.py     results.csv and results.json
   slurm.py       SLURM job array scripts
   cli.py         the command line
-  errors.py      SpecError
 """

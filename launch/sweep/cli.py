@@ -69,9 +69,9 @@ in each workdir keeps two sweep processes off one run. See docs/sweeps.md.
 
 import argparse
 import os
-import sys
 
-from launch.sweep.errors import SpecError
+import errors
+from errors import BadInput
 from launch.sweep.queue import Queue
 from launch.sweep.results import collect
 from launch.sweep.slurm import slurm
@@ -82,7 +82,7 @@ from launch.sweep.table import Display, _counts, _rows, _table
 
 class _Parser(argparse.ArgumentParser):
   def error(self, message):
-    raise SpecError(message)  # one line, like every other bad input
+    raise BadInput(message)  # one line, like every other bad input
 
 
 def _command_run(sweep: Sweep, args) -> int:
@@ -127,6 +127,7 @@ COMMANDS = {
     "slurm": (_command_slurm, "write (and submit) SLURM job array scripts")}
 
 
+@errors.command
 def main(argv: list) -> int:
   parser = _Parser(prog="python -m launch.sweep", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,13 +146,9 @@ def main(argv: list) -> int:
                             help="array tasks at a time (0: no limit)")
   sub["slurm"].add_argument("--dry-run", action="store_true",
                             help="write the scripts, print the commands")
-  try:
-    args = parser.parse_args(argv)
-    if args.command == "run" and (args.parallel < 1 or args.retries < 0):
-      raise SpecError("--parallel must be at least 1 and --retries at least 0")
-    if args.command == "slurm" and args.parallel < 0:
-      raise SpecError("--parallel must be at least 0")
-    return COMMANDS[args.command][0](load(args.spec, args.root), args)
-  except SpecError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  args = parser.parse_args(argv)
+  if args.command == "run" and (args.parallel < 1 or args.retries < 0):
+    raise BadInput("--parallel must be at least 1 and --retries at least 0")
+  if args.command == "slurm" and args.parallel < 0:
+    raise BadInput("--parallel must be at least 0")
+  return COMMANDS[args.command][0](load(args.spec, args.root), args)

@@ -10,7 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from launch.local import REPO
-from launch.sweep.errors import SpecError
+from errors import BadInput
 
 
 def _step_flops(config) -> float:
@@ -44,7 +44,7 @@ def _check_branch(config, cooldown: dict, run_workdir: str,
     config_lib.validate(config_lib.cooldown_branch(saved, fields,
                                                    run_workdir)[0])
   except ConfigError as e:
-    raise SpecError(f"{where}: {e}") from None
+    raise BadInput(f"{where}: {e}") from None
 
 
 def _tuples(value):
@@ -84,14 +84,14 @@ def _config(base: str, values: dict, where: str):
       flag_values(argv)
     config = holder.value
   except (AttributeError, KeyError) as e:
-    raise SpecError(
+    raise BadInput(
         f"{where}: unknown config field ({_first_line(e)})") from None
   except (flags.Error, TypeError, ValueError) as e:
-    raise SpecError(f"{where}: {_first_line(e)}") from None
+    raise BadInput(f"{where}: {_first_line(e)}") from None
   try:
     config_lib.validate(config)
   except ConfigError as e:
-    raise SpecError(f"{where}: {e}") from None
+    raise BadInput(f"{where}: {e}") from None
   return config
 
 
@@ -114,7 +114,7 @@ def _canonical(base: str, values: dict, where: str):
     for key in field.split("."):
       parsed = parsed[key]
     if parsed != value or (type(parsed) is bool) != (type(value) is bool):
-      raise SpecError(f"{where}: {field}={value!r} reads back as {parsed!r}; "
+      raise BadInput(f"{where}: {field}={value!r} reads back as {parsed!r}; "
                       "give a value of the field's type "
                       f"({type(parsed).__name__})")
     canonical[field] = parsed

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from launch.local import REPO
-from launch.sweep.errors import SpecError
+from errors import BadInput
 from launch.sweep.spec import Sweep, _checkpoint
 
 
@@ -50,7 +50,7 @@ def slurm(sweep: Sweep, parallel: int, dry_run: bool) -> int:
   <root>/cooldowns.sbatch (once the first has succeeded); submits them or,
   with dry_run, prints how."""
   if not dry_run and not shutil.which("sbatch"):
-    raise SpecError("sbatch not found on PATH; with --dry-run the scripts "
+    raise BadInput("sbatch not found on PATH; with --dry-run the scripts "
                     "are written and the submit commands printed")
   stem = os.path.splitext(os.path.basename(sweep.spec))[0]
   arrays = [("sweep", sweep.runs, "runs")]

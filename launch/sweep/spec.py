@@ -11,7 +11,7 @@ import re
 import shlex
 
 from launch.local import REPO
-from launch.sweep.errors import SpecError
+from errors import BadInput
 from launch.sweep.run_config import (_budget_steps, _canonical, _check_branch,
                                      _flags, _step_flops, config_digest)
 
@@ -58,22 +58,22 @@ def _checkpoint(workdir: str, step: int) -> str:
 
 
 def load(spec_path: str, root: str | None = None) -> Sweep:
-  """Expands and checks a spec; raises SpecError."""
+  """Expands and checks a spec; raises BadInput."""
   if not os.path.isfile(spec_path):
-    raise SpecError(f"{spec_path}: no such file")
+    raise BadInput(f"{spec_path}: no such file")
   module_spec = importlib.util.spec_from_file_location("sweep_spec", spec_path)
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
     spec = module.get_sweep()
   except Exception as e:  # noqa: BLE001 - whatever the file does wrong
-    raise SpecError(f"{spec_path}: {type(e).__name__}: {e}") from None
+    raise BadInput(f"{spec_path}: {type(e).__name__}: {e}") from None
   stem = os.path.splitext(os.path.basename(spec_path))[0]
   root = os.path.abspath(root or os.path.join("runs", "sweeps", stem))
   try:
     return _expand(spec, spec_path, root)
-  except SpecError as e:
-    raise SpecError(f"{spec_path}: {e}") from None
+  except BadInput as e:
+    raise BadInput(f"{spec_path}: {e}") from None
 
 
 def _expand(spec, spec_path: str, root: str) -> Sweep:
@@ -94,7 +94,7 @@ def _expand(spec, spec_path: str, root: str) -> Sweep:
       swept[BUDGET] = flops_budget
     name = _run_name(swept, labels, digest)
     if name in names:
-      raise SpecError(f"runs {names[name]} and {index} have the same config "
+      raise BadInput(f"runs {names[name]} and {index} have the same config "
                       f"({name}); make every run differ")
     names[name] = index
     workdir = os.path.join(root, name)
@@ -114,33 +114,33 @@ def _parse(spec) -> tuple:
   """(base, overrides, the points of each axis (the budgets' last), the
   swept fields), checked: each field is set in one place."""
   if not isinstance(spec, dict):
-    raise SpecError("get_sweep() must return a dict")
+    raise BadInput("get_sweep() must return a dict")
   unknown = set(spec) - {"base", "overrides", "axes", "budgets",
                          "cooldowns"}
   if unknown:
-    raise SpecError(f"unknown keys {sorted(unknown)}; a spec has base, "
+    raise BadInput(f"unknown keys {sorted(unknown)}; a spec has base, "
                     "overrides, axes, budgets and cooldowns")
   base = spec.get("base")
   if not isinstance(base, str) or not os.path.isfile(
       os.path.join(REPO, base)):
-    raise SpecError(f"base config {base!r} is not a file (a path relative to "
+    raise BadInput(f"base config {base!r} is not a file (a path relative to "
                     "the repository root, e.g. configs/default.py)")
   overrides = _fields(spec.get("overrides", {}), "overrides", allow_empty=True)
   axes = spec.get("axes", [])
   if not isinstance(axes, list):
-    raise SpecError("axes must be a list")
+    raise BadInput("axes must be a list")
   points = [_axis_points(axis, i) for i, axis in enumerate(axes)]
   owner = {field: "overrides" for field in overrides}
   for i, axis_points in enumerate(points):
     for field in dict.fromkeys(f for point in axis_points for f in point):
       if field in owner:
-        raise SpecError(f"{field} is set by {owner[field]} and by axis {i}; "
+        raise BadInput(f"{field} is set by {owner[field]} and by axis {i}; "
                         "set each field in one place")
       owner[field] = f"axis {i}"
   flops_budgets = _flops_budgets(spec.get("budgets", []))
   if flops_budgets:
     if "train.steps" in owner:
-      raise SpecError(f"train.steps is set by {owner['train.steps']} and by "
+      raise BadInput(f"train.steps is set by {owner['train.steps']} and by "
                       "budgets; set each field in one place")
     points.append([{BUDGET: c} for c in flops_budgets])
     owner[BUDGET] = "budgets"
@@ -192,7 +192,7 @@ def _flops_budgets(budgets) -> list:
   if not isinstance(budgets, list) or not all(
       isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0
       and math.isfinite(c) for c in budgets):
-    raise SpecError("budgets must be a list of positive FLOP counts (each "
+    raise BadInput("budgets must be a list of positive FLOP counts (each "
                     "run trains at each: an IsoFLOP design)")
   return [float(c) for c in budgets]
 
@@ -200,10 +200,10 @@ def _flops_budgets(budgets) -> list:
 def _fields(mapping, where: str, allow_empty: bool = False) -> dict:
   """{dotted config field: value}, checked for shape only."""
   if not isinstance(mapping, dict) or not (mapping or allow_empty):
-    raise SpecError(f"{where} must be a non-empty dict of config fields")
+    raise BadInput(f"{where} must be a non-empty dict of config fields")
   for field in mapping:
     if not isinstance(field, str) or "." not in field:
-      raise SpecError(f"{where}: {field!r} is not a dotted config field "
+      raise BadInput(f"{where}: {field!r} is not a dotted config field "
                       "such as train.learning_rate")
   return dict(mapping)
 
@@ -212,7 +212,7 @@ def _value_lists(mapping, where: str) -> dict:
   fields = _fields(mapping, where)
   for field, values in fields.items():
     if not isinstance(values, (list, tuple)) or not values:
-      raise SpecError(f"{where}: {field} needs a non-empty list of values")
+      raise BadInput(f"{where}: {field} needs a non-empty list of values")
   return fields
 
 
@@ -221,7 +221,7 @@ def _axis_points(axis, i: int) -> list:
   kinds = ("grid", "zip", "list", "random", "seeds")
   if not isinstance(axis, dict) or len(axis) != 1 or next(
       iter(axis)) not in kinds:
-    raise SpecError(f"axis {i} must be a dict with one key of {kinds}")
+    raise BadInput(f"axis {i} must be a dict with one key of {kinds}")
   kind, body = next(iter(axis.items()))
   where = f"axis {i} ({kind})"
   if kind == "grid":
@@ -232,17 +232,17 @@ def _axis_points(axis, i: int) -> list:
     fields = _value_lists(body, where)
     lengths = {field: len(values) for field, values in fields.items()}
     if len(set(lengths.values())) > 1:
-      raise SpecError(f"{where}: lists of different lengths {lengths}")
+      raise BadInput(f"{where}: lists of different lengths {lengths}")
     return [dict(zip(fields, values)) for values in zip(*fields.values())]
   if kind == "list":
     if not isinstance(body, list) or not body:
-      raise SpecError(f"{where} needs a non-empty list of override dicts")
+      raise BadInput(f"{where} needs a non-empty list of override dicts")
     return [_fields(point, where) for point in body]
   if kind == "random":
     return _random_points(body, where)
   if not isinstance(body, list) or not body or not all(
       isinstance(s, int) for s in body):
-    raise SpecError(f"{where} needs a non-empty list of integer seeds")
+    raise BadInput(f"{where} needs a non-empty list of integer seeds")
   return [{"train.seed": seed} for seed in body]
 
 
@@ -250,15 +250,15 @@ def _random_points(body, where: str) -> list:
   """n draws from random.Random(seed), field after field: the same spec
   draws the same values on every machine and Python version."""
   if not isinstance(body, dict) or set(body) - {"n", "seed", "fields"}:
-    raise SpecError(f"{where} needs a dict with n, seed and fields")
+    raise BadInput(f"{where} needs a dict with n, seed and fields")
   n, seed = body.get("n"), body.get("seed", 0)
   if not isinstance(n, int) or n < 1 or not isinstance(seed, int):
-    raise SpecError(f"{where}: n must be a positive integer and seed an "
+    raise BadInput(f"{where}: n must be a positive integer and seed an "
                     "integer")
   fields = _fields(body.get("fields"), f"{where} fields")
   for field, law in fields.items():
     if not _is_law(law):
-      raise SpecError(
+      raise BadInput(
           f"{where}: {field}: {law!r} is not [\"uniform\", low, high], "
           "[\"log_uniform\", low, high] (0 < low) or [\"choice\", [values]]")
   rng = random.Random(seed)
@@ -292,7 +292,7 @@ def _draw(rng: random.Random, law):
 def _budgets(budgets) -> list:
   if not isinstance(budgets, list) or not all(
       isinstance(b, (int, float)) and 0 < b < 1 for b in budgets):
-    raise SpecError("cooldowns must be a list of budgets between 0 and 1 "
+    raise BadInput("cooldowns must be a list of budgets between 0 and 1 "
                     "(fractions of train.steps; 1 is the run itself)")
   return budgets
 
@@ -301,14 +301,14 @@ def _branch_points(config, budgets: list, where: str) -> list:
   """(from_step, decay steps) of each budget of a run."""
   t = config.train
   if t.schedule != "wsd":
-    raise SpecError(f"{where}: cooldowns need train.schedule='wsd', not "
+    raise BadInput(f"{where}: cooldowns need train.schedule='wsd', not "
                     f"{t.schedule!r}")
   points = []
   for budget in budgets:
     total = round(budget * t.steps)
     steps = max(1, round(t.decay_fraction * total))
     if (total - steps, steps) in points:
-      raise SpecError(f"{where}: cooldown budgets {budgets} give the same "
+      raise BadInput(f"{where}: cooldown budgets {budgets} give the same "
                       f"branch twice ({total - steps}+{steps})")
     points.append((total - steps, steps))
   return points

@@ -1,0 +1,38 @@
+"""How a command stops on what it cannot go on with: one line, an exit
+status, no traceback.
+
+Stop is raised where the problem is found, with a message that says what is
+wrong and what to do; `command` (around each command line's main) prints it
+as `error: <message>` and returns its exit status. BadInput (status 2) is
+the one error for input a command cannot use (a config, flag, data set,
+checkpoint or spec); subclasses exist where a caller tells them apart
+(trainer.errors.ConfigError, data.corpus.DataError). Other stops carry
+their own status (data.disk.WriteFailed 74, trainer.errors.Diverged 3,
+trainer.errors.Preempted 75); docs/running.md lists them.
+"""
+
+import functools
+import sys
+
+
+class Stop(Exception):
+  """Ends a command with one line and `exit_code`."""
+  exit_code = 1
+
+
+class BadInput(Stop):
+  """Input a command cannot use; the message says how to fix it."""
+  exit_code = 2
+
+
+def command(main):
+  """Decorates main(...) -> exit status: a Stop raised in it is printed as
+  `error: <message>` on stderr and its exit_code returned."""
+  @functools.wraps(main)
+  def wrapped(*args, **kwargs):
+    try:
+      return main(*args, **kwargs)
+    except Stop as e:
+      print(f"error: {e}", file=sys.stderr)
+      return e.exit_code
+  return wrapped
