@@ -46,8 +46,9 @@ class Completer:
   greedily until end-of-text. A context manager (the run's mesh)."""
 
   def __init__(self, workdir: str):
-    from trainer import config as config_lib, loop
-    self.run = loop.build(config_lib.load_saved(workdir), workdir, splits=())
+    from trainer import config as config_lib, run as run_lib
+    self.run = run_lib.build(config_lib.load_saved(workdir), workdir,
+                             splits=())
     self.tokenizer = self.run.tokenizer
 
   def __enter__(self):

@@ -22,6 +22,7 @@ from conftest import REPO, TINY_FLAGS, file_snapshot, tiny_run_config
 from data import disk, prepare, store
 from data.corpus import DataError
 from trainer import checkpoint, config as config_lib, loop, metrics, modes
+from trainer import run as run_lib
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 TIMEOUT = 300
@@ -247,7 +248,7 @@ def test_reading_a_run_while_it_saves_touches_nothing(run_dir, tmp_path,
     assert release.wait(TIMEOUT)
     record(self)
 
-  run = loop.build(config, workdir, splits=())
+  run = run_lib.build(config, workdir, splits=())
   # Only the trainer's saves are held (its callback is bound when built).
   monkeypatch.setattr(checkpoint.Checkpointer, "_record_checksums", held_open)
   trainer = checkpoint.Checkpointer(workdir, keep=3)
@@ -255,7 +256,7 @@ def test_reading_a_run_while_it_saves_touches_nothing(run_dir, tmp_path,
   try:
     with run.context():
       _, state = run.restore_latest(trainer)
-      trainer.save(9, state, loop.run_info(config, 9))
+      trainer.save(9, state, run_lib.run_info(config, 9))
       assert held.wait(TIMEOUT)
       before = file_snapshot(workdir)
       assert any(".orbax-checkpoint-tmp" in path for path in before)

@@ -25,7 +25,7 @@ from conftest import REPO, param_shapes, tiny_model_config
 from data import tokenizers
 from model import GPT
 from model import hf_gpt2 as mapping
-from trainer import config as config_lib, hf_gpt2, loop, sharding
+from trainer import config as config_lib, hf_gpt2, run as run_lib, sharding
 from trainer import objectives
 from trainer import state as state_lib
 
@@ -417,13 +417,14 @@ def test_init_from_an_import_starts_from_its_params(old, tmp_path, capsys,
   config.model.vocab_multiple = 128
   config.checkpoint.init_from = imported
   mesh = sharding.make_mesh(config.mesh)
-  model, tx, rules, shardings = loop.model_and_optimizer(config, 288, mesh)
-  run = loop.Run(config, str(tmp_path / "tuned"), None,
-                 tokenizers.load_dir(os.path.join(imported, loop.TOKENIZER)),
-                 model, tx, mesh, rules, shardings, None, None)
+  model, tx, rules, shardings = run_lib.model_and_optimizer(config, 288, mesh)
+  run = run_lib.Run(config, str(tmp_path / "tuned"), None,
+                    tokenizers.load_dir(os.path.join(imported,
+                                                     run_lib.TOKENIZER)),
+                    model, tx, mesh, rules, shardings, None, None)
   with jax.set_mesh(mesh):
     state = state_lib.init_state(model, tx, shardings, seed=0)
-    state = loop._init_from(run, state, imported)
+    state = run_lib._init_from(run, state, imported)
   assert f"starting from the parameters of {imported}/checkpoints/0" in (
       capsys.readouterr().out)
   params = jax.device_get(state.params)
@@ -450,7 +451,7 @@ def test_an_import_is_used_with_its_own_tokenizer(tmp_path, capsys,
   rows = json.loads(result.stdout.strip().splitlines()[-1])
   assert len(rows) == 5 and all(r["id"] < 288 for r in rows)
   _, logits = _logits(imported, tokenizers.load_dir(os.path.join(
-      imported, loop.TOKENIZER)).encode("Hello world")[None])
+      imported, run_lib.TOKENIZER)).encode("Hello world")[None])
   assert rows[0]["id"] == int(np.argmax(logits[0, -1]))
   tuned = run(f"--config.checkpoint.init_from={imported}",
               f"--config.data.source={corpus_dir}",
@@ -478,7 +479,7 @@ def test_import_fine_tune_and_sample(tmp_path, capsys, corpus_dir):
   data = str(tmp_path / "data")
   prepared = run("-m", "data.prepare", "--input", corpus_dir, "--output",
                  data, "--tokenizer", "gpt2", "--tokenizer-files",
-                 os.path.join(imported, loop.TOKENIZER), "--seq-len", "64",
+                 os.path.join(imported, run_lib.TOKENIZER), "--seq-len", "64",
                  "--holdout", "hamlet")
   assert prepared.returncode == 0, prepared.stderr[-2000:]
   tuned = str(tmp_path / "tuned")

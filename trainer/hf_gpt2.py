@@ -29,7 +29,7 @@ from configs import default
 from data import tokenizers
 from model import GPTConfig
 from model import hf_gpt2 as mapping
-from trainer import checkpoint, loop, metrics, sharding
+from trainer import checkpoint, metrics, run as run_lib, sharding
 from trainer import config as config_lib
 from trainer import state as state_lib
 from trainer.errors import ConfigError
@@ -173,7 +173,7 @@ def import_gpt2(hf_dir: str, workdir: str, scan_layers: bool = False):
   config_lib.save(config, workdir)
   metrics.write_run_summary(workdir, cfg, config.train)
   if tok is not None:
-    directory = os.path.join(workdir, loop.TOKENIZER)
+    directory = os.path.join(workdir, run_lib.TOKENIZER)
     os.makedirs(directory, exist_ok=True)
     for name in tokenizer_files:
       shutil.copyfile(os.path.join(hf_dir, name), os.path.join(directory, name))
@@ -233,7 +233,8 @@ def load_params(workdir: str):
       workdir, config, source.saved_shapes(step)["params.Embed_0.embedding"])
   config.mesh = default.get_config().mesh
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  model, tx, _, shardings = loop.model_and_optimizer(config, vocab_size, mesh)
+  model, tx, _, shardings = run_lib.model_and_optimizer(config, vocab_size,
+                                                        mesh)
   target = state_lib.abstract_state(model, tx, shardings)
   with jax.set_mesh(mesh):
     step, state = source.restore_latest_valid(target, params_only=True)
@@ -250,7 +251,7 @@ def export_gpt2(workdir: str, hf_dir: str) -> int:
                         "directory")
   if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
     raise ConfigError(f"{hf_dir} is a file; give a directory")
-  tokenizer_dir = os.path.join(workdir, loop.TOKENIZER)
+  tokenizer_dir = os.path.join(workdir, run_lib.TOKENIZER)
   eot_id, tokenizer_files = None, []
   if os.path.isfile(os.path.join(tokenizer_dir, tokenizers.SPEC)):
     try:

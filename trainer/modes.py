@@ -15,8 +15,8 @@ import numpy as np
 from data import tokenizers
 from trainer import checkpoint, config as config_lib, metrics
 from trainer.errors import ConfigError
-from trainer.loop import (TOKENIZER, build, check_workdir, evaluate_params,
-                          load_reference, log, run_info, sample_text)
+from trainer.run import (TOKENIZER, build, check_workdir, evaluate_params,
+                         load_reference, log, run_info, sample_text)
 
 
 def _newest_params(run):
