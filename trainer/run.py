@@ -126,11 +126,50 @@ def _prepare(config, tokenizer):
     return prepare.prepare(d.source, d.tokenizer, tuple(d.holdout),
                            d.cache_dir, d.val_fraction)
   if tokenizer is None and config.checkpoint.init_from:
-    tokenizer = tokenizers.load_dir(
-        os.path.join(config.checkpoint.init_from, TOKENIZER))
+    tokenizer = saved_tokenizer(config.checkpoint.init_from)
   return examples.prepare_source(d.source, config.train.objective,
                                  tokenizer or d.tokenizer, tuple(d.holdout),
                                  d.cache_dir, d.val_fraction)
+
+
+TOKENIZER = "tokenizer"  # <workdir>/tokenizer/: the model's, saved by train
+
+
+def saved_tokenizer(workdir: str):
+  """The tokenizer of the model in `workdir` (its tokenizer/, saved by
+  train or an import), or None where there is none."""
+  return tokenizers.load_dir(os.path.join(workdir, TOKENIZER))
+
+
+def _tokenizer_and_data(config, workdir: str, splits):
+  """(tokenizer, data) of a run: the tokenizer of the workdir's model, else
+  that of the corpus; the data of config.data where `splits` are read or
+  the workdir holds no tokenizer (else None). A corpus prepared with
+  another tokenizer than the model's is refused; the sample settings are
+  checked against the tokenizer."""
+  tokenizer = saved_tokenizer(workdir)
+  data = None
+  if splits or tokenizer is None:
+    data = _prepare(config, tokenizer)
+    tokenizer = tokenizer or data.tokenizer
+    _check_same_tokenizer(tokenizer, workdir, data.tokenizer, data.path)
+  config_lib.check_with_tokenizer(config, tokenizer)
+  return tokenizer, data
+
+
+def _check_same_tokenizer(model_tokenizer, model_dir: str, tokenizer,
+                          corpus: str) -> None:
+  """`tokenizer`, the one `corpus` was prepared with, must be that of the
+  model in `model_dir`."""
+  if not tokenizers.same(model_tokenizer, tokenizer):
+    hint = (f"--tokenizer gpt2 --tokenizer-files "
+            f"{os.path.join(model_dir, TOKENIZER)}" if model_tokenizer.kind ==
+            "bpe" else f"--tokenizer {model_tokenizer.kind}")
+    raise ConfigError(
+        f"the model of {model_dir} uses a "
+        f"{tokenizers.describe(model_tokenizer)}, but {corpus} was prepared "
+        f"with a {tokenizers.describe(tokenizer)}; use a corpus prepared with "
+        f"the model's tokenizer (python -m data.prepare {hint})")
 
 
 def build(config, workdir: str, splits=("train", "val"),
@@ -153,13 +192,7 @@ def build(config, workdir: str, splits=("train", "val"),
   # Before the data is prepared (model_and_optimizer checks it all again).
   sharding.check_layout(mesh.shape, config_lib.model_config(config, 1),
                         config.train.batch_size, config.train.grad_accum_steps)
-  tokenizer = tokenizers.load_dir(os.path.join(workdir, TOKENIZER))
-  data = None
-  if splits or tokenizer is None:
-    data = _prepare(config, tokenizer)
-    tokenizer = tokenizer or data.tokenizer
-    _check_same_tokenizer(tokenizer, workdir, data.tokenizer, data.path)
-  config_lib.check_with_tokenizer(config, tokenizer)
+  tokenizer, data = _tokenizer_and_data(config, workdir, splits)
   model, tx, rules, shardings = model_and_optimizer(
       config, tokenizer.vocab_size, mesh)
   sources = {}
@@ -178,22 +211,6 @@ def build(config, workdir: str, splits=("train", "val"),
              state_lib.make_eval_step(model, config.train.objective,
                                       config.train.dpo_beta),
              sources)
-
-
-TOKENIZER = "tokenizer"  # <workdir>/tokenizer/: the model's, saved by train
-
-
-def _check_same_tokenizer(model_tokenizer, model_dir: str, tokenizer,
-                          corpus: str) -> None:
-  if not tokenizers.same(model_tokenizer, tokenizer):
-    hint = (f"--tokenizer gpt2 --tokenizer-files "
-            f"{os.path.join(model_dir, TOKENIZER)}" if model_tokenizer.kind ==
-            "bpe" else f"--tokenizer {model_tokenizer.kind}")
-    raise ConfigError(
-        f"the model of {model_dir} uses a "
-        f"{tokenizers.describe(model_tokenizer)}, but {corpus} was prepared "
-        f"with a {tokenizers.describe(tokenizer)}; use a corpus prepared with "
-        f"the model's tokenizer (python -m data.prepare {hint})")
 
 
 def log(message: str) -> None:
@@ -350,7 +367,7 @@ def _init_from(run: Run, state, workdir: str):
   vocabulary padded to another size there (a run from before
   model.vocab_multiple: unpadded) is restored unsplit, as saved, then cut or
   padded to this run's."""
-  model_tokenizer = tokenizers.load_dir(os.path.join(workdir, TOKENIZER))
+  model_tokenizer = saved_tokenizer(workdir)
   if model_tokenizer is not None:
     _check_same_tokenizer(model_tokenizer, workdir, run.tokenizer,
                           run.config.data.source)
