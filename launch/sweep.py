@@ -404,14 +404,14 @@ def _check_branch(config, cooldown: dict, run_workdir: str,
   """Builds a branch's config as train.py --mode=cooldown does from the
   run's saved config (its warmup capped as the run caps it), and checks it:
   e.g. that it starts after the warmup."""
-  from trainer import config as config_lib
+  from trainer import config as config_lib, saved_config
   from trainer.errors import ConfigError
   saved = config_lib.capped_warmup(config)[0]
   fields = config.cooldown.copy_and_resolve_references()
   fields.update(cooldown)
   try:
-    config_lib.validate(config_lib.cooldown_branch(saved, fields,
-                                                   run_workdir)[0])
+    config_lib.validate(saved_config.cooldown_branch(saved, fields,
+                                                     run_workdir)[0])
   except ConfigError as e:
     raise SpecError(f"{where}: {e}") from None
 
@@ -524,7 +524,7 @@ def strays(sweep: Sweep) -> list:
   run's config.json but is no run of the spec: a run of an edited spec, or
   one named before names hashed the config (then the run whose config it
   holds, if any, is named)."""
-  from trainer import config as config_lib
+  from trainer import saved_config
   from trainer.errors import ConfigError
   names = {t.name for t in sweep.runs}
   by_digest = {t.name.rsplit("-", 1)[-1]: t.name for t in sweep.runs}
@@ -536,7 +536,7 @@ def strays(sweep: Sweep) -> list:
         os.path.join(workdir, "config.json")):
       continue
     try:
-      digest = config_digest(config_lib.load_saved(workdir))[:6]
+      digest = config_digest(saved_config.load_saved(workdir))[:6]
     except (ValueError, ConfigError):  # not JSON, or not a config's
       digest = None
     found.append((folder, by_digest.get(digest)))

@@ -21,8 +21,8 @@ import pytest
 from conftest import REPO, TINY_FLAGS, file_snapshot, tiny_run_config
 from data import disk, prepare, store
 from data.corpus import DataError
-from trainer import checkpoint, config as config_lib, loop, metrics, modes
-from trainer import run as run_lib
+from trainer import checkpoint, loop, metrics, modes
+from trainer import run as run_lib, saved_config
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 TIMEOUT = 300
@@ -213,7 +213,7 @@ def test_a_metrics_write_on_a_full_disk_names_the_last_checkpoint(
     write(self, step, record)
 
   monkeypatch.setattr(metrics.MetricsWriter, "write", full_at_10)
-  config = config_lib.load_saved(workdir)
+  config = saved_config.load_saved(workdir)
   config.train.steps = 12
   with pytest.raises(disk.WriteFailed) as failed:
     loop.train(config, workdir)
@@ -238,7 +238,7 @@ def test_reading_a_run_while_it_saves_touches_nothing(run_dir, tmp_path,
   commits whole."""
   workdir = str(tmp_path / "run")
   shutil.copytree(run_dir, workdir)
-  config = config_lib.load_saved(workdir)
+  config = saved_config.load_saved(workdir)
   config.sample.max_new_tokens = 3
   release, held = threading.Event(), threading.Event()
   record = checkpoint.Checkpointer._record_checksums

@@ -26,7 +26,7 @@ from data import tokenizers
 from model import GPT
 from model import hf_gpt2 as mapping
 from trainer import config as config_lib, hf_gpt2, run as run_lib, sharding
-from trainer import objectives
+from trainer import objectives, saved_config
 from trainer import state as state_lib
 
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "hf_gpt2_tiny")
@@ -190,7 +190,7 @@ def test_import_then_export_is_bit_exact(scan, tmp_path, capsys):
   assert _main(capsys, "import", FIXTURE, workdir, *flags)[0] == 0
 
   # The workdir: a run's config, one params-only checkpoint, the tokenizer.
-  config = config_lib.load_saved(workdir)
+  config = saved_config.load_saved(workdir)
   config_lib.validate(config)
   assert dict(config.model) == {
       **dict(hf_gpt2.run_config({}).model), "vocab_size": 288,
@@ -208,7 +208,7 @@ def test_import_then_export_is_bit_exact(scan, tmp_path, capsys):
   assert tok.vocab_size == 288 and tok.eot_id == 0
   if scan:  # as a trained run's config has it (the tokenizer's): run.json
     config.model.vocab_size = 0  # says how many rows are not padding
-    config_lib.save(config, workdir)
+    saved_config.save(config, workdir)
 
   status, out, err = _main(capsys, "export", workdir, exported)
   assert status == 0, err
@@ -376,7 +376,7 @@ def test_export_refuses_what_gpt2_cannot_hold(field, value, message, tmp_path,
   os.makedirs(workdir)
   config = hf_gpt2.run_config({})
   config.model[field] = value
-  config_lib.save(config, workdir)
+  saved_config.save(config, workdir)
   exported = tmp_path / "exported"
   status, out, err = _main(capsys, "export", workdir, str(exported))
   assert status == 2 and not out
@@ -387,9 +387,9 @@ def test_export_refuses_what_gpt2_cannot_hold(field, value, message, tmp_path,
 def test_export_of_a_checkpoint_its_config_does_not_fit(tmp_path, capsys):
   workdir = str(tmp_path / "run")
   assert _main(capsys, "import", FIXTURE, workdir)[0] == 0
-  config = config_lib.load_saved(workdir)
+  config = saved_config.load_saved(workdir)
   config.model.d_model = 64
-  config_lib.save(config, workdir)
+  saved_config.save(config, workdir)
   exported = tmp_path / "exported"
   status, _, err = _main(capsys, "export", workdir, str(exported))
   assert status == 2 and len(err.splitlines()) == 1
@@ -412,7 +412,7 @@ def test_init_from_an_import_starts_from_its_params(old, tmp_path, capsys,
     imported = _import_from_before_padding(tmp_path, monkeypatch)
   else:
     assert _main(capsys, "import", FIXTURE, imported)[0] == 0
-  config = config_lib.load_saved(imported)
+  config = saved_config.load_saved(imported)
   assert config.model.vocab_multiple == (1 if old else 128)
   config.model.vocab_multiple = 128
   config.checkpoint.init_from = imported

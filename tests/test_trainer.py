@@ -15,7 +15,7 @@ from data import loader
 from model import (GPT, GPTConfig, generate, generate_uncached,
                    window_start)
 from model.sampling import sample_next
-from trainer import config as config_lib, loop, run as run_lib
+from trainer import config as config_lib, loop, run as run_lib, saved_config
 from trainer import state as state_lib
 from trainer.errors import ConfigError
 
@@ -171,7 +171,7 @@ def test_resume_continues_exactly(corpus_dir, data_cache, tmp_path):
   workdir = str(tmp_path / "run")
   loop.train(config, workdir)
   first = metrics_records(workdir)
-  assert config_lib.load_saved(workdir).train.warmup_steps == 1
+  assert saved_config.load_saved(workdir).train.warmup_steps == 1
   peak = config.train.learning_rate
   assert [r["learning_rate"] for r in first if "loss" in r][:2] == [
       0, pytest.approx(peak)]

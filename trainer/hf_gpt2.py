@@ -30,7 +30,7 @@ from data import tokenizers
 from model import GPTConfig
 from model import hf_gpt2 as mapping
 from trainer import checkpoint, metrics, run as run_lib, sharding
-from trainer import config as config_lib
+from trainer import config as config_lib, saved_config
 from trainer import state as state_lib
 from trainer.errors import ConfigError
 
@@ -170,7 +170,7 @@ def import_gpt2(hf_dir: str, workdir: str, scan_layers: bool = False):
       "config": json.loads(config.to_json()), "step": 0,
       "imported_from": os.path.abspath(hf_dir)})
   target.close()
-  config_lib.save(config, workdir)
+  saved_config.save(config, workdir)
   metrics.write_run_summary(workdir, cfg, config.train)
   if tok is not None:
     directory = os.path.join(workdir, run_lib.TOKENIZER)
@@ -223,7 +223,7 @@ def _vocab_size(workdir: str, config, embedding_shape: tuple) -> int:
 def load_params(workdir: str):
   """(config, GPTConfig, step, params as numpy) of the newest checkpoint of
   a run or import that restores."""
-  config = config_lib.load_saved(workdir)
+  config = saved_config.load_saved(workdir)
   source = checkpoint.Checkpointer(workdir, keep=1, read_only=True)
   step = source.latest_step()
   if step is None:
@@ -244,7 +244,7 @@ def load_params(workdir: str):
 
 def export_gpt2(workdir: str, hf_dir: str) -> int:
   """Writes HF_DIR from WORKDIR's newest params; returns their step."""
-  _check_gpt2_layout(config_lib.load_saved(workdir).model)
+  _check_gpt2_layout(saved_config.load_saved(workdir).model)
   for name in ("config.json", _WEIGHTS):
     if os.path.exists(os.path.join(hf_dir, name)):
       raise ConfigError(f"{hf_dir} already holds {name}; give a new "

@@ -17,8 +17,8 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from data import loader, tokenizers
-from trainer import audit, checkpoint, config as config_lib, metrics, optim
-from trainer import objectives, sharding, workdir_lock
+from trainer import audit, checkpoint, metrics, objectives, optim
+from trainer import saved_config, sharding, workdir_lock
 from trainer import state as state_lib
 from trainer.errors import Diverged, Preempted, WorkdirInUse
 from trainer.run import (REFERENCE, TOKENIZER, Run, build,
@@ -74,7 +74,7 @@ def train(config, workdir: str) -> dict:
     lock = _lock_workdir(workdir)
     if lock is not None:  # last: once every file is written
       stack.callback(lock.release)
-    run = build(config_lib.as_the_run_keeps(config, workdir), workdir)
+    run = build(saved_config.as_the_run_keeps(config, workdir), workdir)
     # Also when stopped before run.context(): the removal of a cut-short
     # save that the checkpointer started must end before the process does.
     stack.callback(run.checkpointer.close)
@@ -98,12 +98,12 @@ def _train(run: Run, stop, lock) -> dict:
       return {}
     start_resumed = start is not None
     if start_resumed:
-      config_lib.check_resumable(config, workdir)
+      saved_config.check_resumable(config, workdir)
       log(f"resuming from {run.checkpointer.directory} at step {start}")
     else:
       start, state = first_state(run)
     if jax.process_index() == 0:  # only once the state is known to fit
-      config_lib.save(config, workdir)
+      saved_config.save(config, workdir)
       metrics.write_run_summary(workdir, run.model.cfg, t)
       tokenizers.save_dir(run.tokenizer, os.path.join(workdir, TOKENIZER))
     ref_params = (_reference(run, state, resumed=start_resumed)

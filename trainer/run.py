@@ -21,7 +21,7 @@ import tqdm
 from data import examples, loader, prepare, tokenizers
 from model import GPT, generate, resize_vocab
 from trainer import checkpoint, config as config_lib, objectives, optim
-from trainer import sharding
+from trainer import saved_config, sharding
 from trainer import state as state_lib
 from trainer.errors import ConfigError
 
@@ -341,7 +341,7 @@ def _padded_as_saved(run: Run, workdir: str):
   or None where that pads the vocabulary to the same size."""
   if not os.path.isfile(os.path.join(workdir, "config.json")):
     return None
-  multiple = config_lib.load_saved(workdir).model.vocab_multiple
+  multiple = saved_config.load_saved(workdir).model.vocab_multiple
   saved = dataclasses.replace(run.model.cfg, vocab_multiple=multiple)
   return (None if saved.padded_vocab_size == run.model.cfg.padded_vocab_size
           else saved)
