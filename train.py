@@ -82,6 +82,7 @@ def main(argv):
   from data.corpus import DataError
   from data.disk import WriteFailed
   from trainer import config as config_lib, distributed, loop, modes
+  from trainer import saved_config
   from trainer.errors import ConfigError, Diverged, Preempted
 
   config_file = config_flags.get_config_filename(flags.FLAGS["config"])
@@ -98,13 +99,13 @@ def main(argv):
     if mode == "train":
       loop.train(config, workdir)
       return
-    run_config = config_lib.for_mode(
-        config_lib.load_saved(workdir), config,
+    run_config = saved_config.for_mode(
+        saved_config.load_saved(workdir), config,
         config_flags.get_override_values(flags.FLAGS["config"]), mode,
         workdir)
     if mode == "cooldown":
-      loop.train(*config_lib.cooldown_branch(run_config, config.cooldown,
-                                             workdir))
+      loop.train(*saved_config.cooldown_branch(run_config, config.cooldown,
+                                               workdir))
     elif mode == "eval":
       result = modes.evaluate(run_config, workdir)
       _show(result, " ".join(f"{k}={v:.4f}" if isinstance(v, float) else

@@ -24,14 +24,14 @@ import jax
 import numpy as np
 
 from configs import gpt2_small
-from trainer import checkpoint, loop, sharding
+from trainer import checkpoint, run as run_lib, sharding
 from trainer import state as state_lib
 
 
 def random_state(config, seed: int = 0):
   """The config's train state with random leaves (the step as saved)."""
   mesh = sharding.make_mesh(config.mesh)
-  model, tx, _, shardings = loop.model_and_optimizer(
+  model, tx, _, shardings = run_lib.model_and_optimizer(
       config, config.model.vocab_size, mesh)
   abstract = state_lib.abstract_state(model, tx, shardings)
   rng = np.random.default_rng(seed)

@@ -123,13 +123,13 @@ def _by_step(base: str, dpo: str, val: list, recs: list) -> list:
   prompts: greedy directions, sampled KL and the dpo run's eval there."""
   evals = {r["step"]: r for r in recs if "eval_loss" in r}
   prompts = [p + ">" for p in val]
-  from trainer import loop
+  from trainer import run as run_lib
   with posttrain.Completer(base) as completer:
     rows = [{"step": 0, **directions(
         completer, completer.params(completer.steps()[-1]), val),
              "reward_accuracy": 0.0, "kl_sampled": 0.0}]
   with posttrain.Completer(dpo) as completer:
-    ref = loop.load_reference(completer.run, dpo)
+    ref = run_lib.load_reference(completer.run, dpo)
     for step in completer.steps():
       params = completer.params(step)
       kl = completer.sampled_kl(params, ref, prompts, max_new_tokens=9)

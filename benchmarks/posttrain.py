@@ -46,8 +46,9 @@ class Completer:
   greedily until end-of-text. A context manager (the run's mesh)."""
 
   def __init__(self, workdir: str):
-    from trainer import config as config_lib, loop
-    self.run = loop.build(config_lib.load_saved(workdir), workdir, splits=())
+    from trainer import run as run_lib, saved_config
+    self.run = run_lib.build(saved_config.load_saved(workdir), workdir,
+                             splits=())
     self.tokenizer = self.run.tokenizer
 
   def __enter__(self):

@@ -34,7 +34,7 @@ import tempfile
 
 import jax
 
-from trainer import loop, metrics, sharding
+from trainer import metrics, run as run_lib, sharding
 from trainer.timing import jax_runner
 
 SHAPES = {
@@ -74,10 +74,13 @@ tt._override(config, args["set"])
 _, compile_s, run = tt.jax_runner(config, args["vocab"])
 import hashlib, re
 import flax.linen as nn, jax, numpy as np
-from trainer import loop, sharding, state as state_lib
+from trainer import sharding, state as state_lib
+try:
+  from trainer.run import model_and_optimizer
+except ImportError:  # a revision from before trainer/run.py
+  from trainer.loop import model_and_optimizer
 mesh = sharding.make_mesh(config.mesh)
-model, tx, rules, shardings = loop.model_and_optimizer(config, args["vocab"],
-                                                       mesh)
+model, tx, rules, shardings = model_and_optimizer(config, args["vocab"], mesh)
 shape = (config.train.batch_size, config.model.seq_len + 1)
 with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
   step = state_lib.make_train_step(model, tx, shardings, grad_accum_steps=1,
@@ -266,7 +269,7 @@ def main():
   revision = (args.versus[0] if len(args.versus) == 1 and
               "=" not in args.versus[0] else None)
   if revision:
-    cfg = loop.model_and_optimizer(config, args.vocab, sharding.make_mesh(
+    cfg = run_lib.model_and_optimizer(config, args.vocab, sharding.make_mesh(
         config.mesh))[0].cfg
     times, compile_s, compiled = versus_revision(revision, args)
     per_step = {}

@@ -20,7 +20,7 @@ import os
 from absl import flags
 
 from configs import shakespeare_4x128
-from trainer import config as config_lib, loop
+from trainer import loop, saved_config
 
 
 def branch_points(budgets, decay_fraction):
@@ -58,13 +58,13 @@ def main():
   stable.checkpoint.keep_steps = tuple(sorted({s for s, _ in points}))
   stable_dir = os.path.join(args.root, "stable")
   loop.train(stable, stable_dir)
-  saved = config_lib.load_saved(stable_dir)
+  saved = saved_config.load_saved(stable_dir)
   rows = []
   for budget, (start, steps) in zip(args.budgets, points):
     cooldown = base.cooldown.copy_and_resolve_references()
     cooldown.update(from_step=start, steps=steps)
-    branch, branch_dir = config_lib.cooldown_branch(saved, cooldown,
-                                                    stable_dir)
+    branch, branch_dir = saved_config.cooldown_branch(saved, cooldown,
+                                                      stable_dir)
     loop.train(branch, branch_dir)
     cosine = base.copy_and_resolve_references()
     cosine.train.steps = budget

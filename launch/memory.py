@@ -26,7 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import errors
-from trainer import config as config_lib, loop, sharding
+from trainer import config as config_lib, run as run_lib, sharding
 from trainer import state as state_lib
 from trainer.errors import ConfigError
 
@@ -56,7 +56,7 @@ def measure(config) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   t = config.train
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-  model, tx, rules, shardings = loop.model_and_optimizer(
+  model, tx, rules, shardings = run_lib.model_and_optimizer(
       config, config.model.vocab_size, mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = state_lib.abstract_state(model, tx, shardings)

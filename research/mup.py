@@ -139,7 +139,7 @@ def run_coord_check(args) -> dict:
   import flax.linen as nn
   import jax
   from data import prepare
-  from trainer import loop, sharding
+  from trainer import run as run_lib, sharding
   from trainer import state as state_lib
 
   first = _config("standard", args.widths[0], args, 0)
@@ -159,8 +159,8 @@ def run_coord_check(args) -> dict:
     for w_index, width in enumerate(args.widths):
       config = _config(p, width, args, args.seeds[0])
       mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-      model, tx, rules, shardings = loop.model_and_optimizer(config, vocab,
-                                                             mesh)
+      model, tx, rules, shardings = run_lib.model_and_optimizer(config, vocab,
+                                                                mesh)
       batch_sharding = sharding.batch_sharding(mesh)
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         step = state_lib.make_train_step(model, tx, shardings,

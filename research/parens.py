@@ -164,8 +164,8 @@ def evaluate(config, workdir: str, walk: Walk, val_words: list[str],
   on samples and on greedy completions of "((((..." up to 4x max_depth."""
   import jax
   from model import generate
-  from trainer import loop
-  run = loop.build(config, workdir, splits=())
+  from trainer import run as run_lib
+  run = run_lib.build(config, workdir, splits=())
   tok, model = run.tokenizer, run.model
   depths = range(1, 4 * walk.max_depth + 1)
   paths = [OPEN * d + CLOSE * d for d in depths]

@@ -142,12 +142,12 @@ def measure_sizes(rows: list[dict], rounds: int = 3, steps: int = 4) -> list:
   each sees the same machine (the runs' own logs ran two at a time beside
   other work). Medians."""
   import statistics
-  from trainer import config as config_lib
+  from trainer import saved_config
   from trainer import timing
   runners = []
   for row in rows:
     if row["kind"] == "run" and row["status"] == "done":
-      config = config_lib.load_saved(row["workdir"])
+      config = saved_config.load_saved(row["workdir"])
       with open(os.path.join(row["workdir"], "run.json")) as f:
         info = json.load(f)
       run = timing.jax_runner(config, info["vocab_size"])[2]

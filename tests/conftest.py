@@ -119,10 +119,11 @@ def train_steps(config, batches, *, seed=0, vocab=37, grad_accum_steps=1,
   state."""
   import flax.linen as nn
   import jax
-  from trainer import loop, sharding
+  from trainer import run as run_lib, sharding
   from trainer import state as state_lib
   mesh = sharding.make_mesh(config.mesh, devices)
-  model, tx, rules, shardings = loop.model_and_optimizer(config, vocab, mesh)
+  model, tx, rules, shardings = run_lib.model_and_optimizer(config, vocab,
+                                                            mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   losses, grad_norms = [], []
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

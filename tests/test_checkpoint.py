@@ -17,7 +17,7 @@ import pytest
 
 from conftest import file_snapshot, metrics_records, tiny_run_config
 from configs import default
-from trainer import checkpoint, config as config_lib, loop, modes
+from trainer import checkpoint, loop, modes, saved_config
 from trainer.errors import ConfigError
 
 STEPS = 12
@@ -183,7 +183,7 @@ def test_damaged_newest_falls_back_and_is_left_alone(run_dir, tmp_path,
   _damage(_step_dir(workdir, STEPS), how)
   before = file_snapshot(workdir)
   with caplog.at_level(logging.WARNING):
-    result = modes.evaluate(config_lib.load_saved(workdir), workdir)
+    result = modes.evaluate(saved_config.load_saved(workdir), workdir)
   assert result["step"] == 10
   warned = [r.getMessage() for r in caplog.records]
   assert any(f"checkpoints/{STEPS} cannot be restored (DamagedCheckpoint: "
@@ -218,8 +218,8 @@ def test_cooldown_from_a_damaged_step_is_refused(run_dir, tmp_path):
   before = file_snapshot(parent)
   cooldown = default.get_config().cooldown
   cooldown.update(from_step=STEPS, steps=2)
-  config, workdir = config_lib.cooldown_branch(
-      config_lib.load_saved(parent), cooldown, parent)
+  config, workdir = saved_config.cooldown_branch(
+      saved_config.load_saved(parent), cooldown, parent)
   with pytest.raises(ConfigError) as error:
     loop.train(config, workdir)
   message = str(error.value)
@@ -254,7 +254,7 @@ def test_a_checkpoint_saved_without_checksums_restores(run_dir, tmp_path,
   assert not os.path.exists(os.path.join(_step_dir(workdir, 10),
                                          checkpoint.CHECKSUMS))
   with caplog.at_level(logging.WARNING):
-    result = modes.evaluate(config_lib.load_saved(workdir), workdir)
+    result = modes.evaluate(saved_config.load_saved(workdir), workdir)
   assert result["step"] == 10
   assert any("checkpoints/10 has no checksums (saved before they were "
              "recorded); restoring it unverified" in r.getMessage()

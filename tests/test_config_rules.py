@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from configs import default
 from data import tokenizers
-from trainer import config as config_lib
+from trainer import config as config_lib, saved_config
 from trainer.errors import ConfigError
 
 
@@ -220,14 +220,14 @@ def test_a_saved_config_from_before_a_field_keeps_its_behaviour(tmp_path):
   del tree["model"]["vocab_multiple"], tree["eval"]["max_batches"]
   del tree["train"]["schedule"], tree["data"]["order_version"]
   (tmp_path / "config.json").write_text(json.dumps(tree))
-  saved = config_lib.load_saved(str(tmp_path))
+  saved = saved_config.load_saved(str(tmp_path))
   assert saved.model.vocab_multiple == 1
   assert saved.eval.max_batches == default.get_config().eval.max_batches
   assert saved.train.schedule == "cosine" and saved.data.order_version == 1
   assert default.get_config().data.order_version == 2
   config_lib.validate(saved)
   # A resume keeps the run's epoch order, whatever the command line says.
-  kept = config_lib.as_the_run_keeps(default.get_config(), str(tmp_path))
+  kept = saved_config.as_the_run_keeps(default.get_config(), str(tmp_path))
   assert kept.data.order_version == 1 and kept.train.schedule == "wsd"
-  config_lib.save(default.get_config(), str(tmp_path))
-  assert config_lib.load_saved(str(tmp_path)).model.vocab_multiple == 128
+  saved_config.save(default.get_config(), str(tmp_path))
+  assert saved_config.load_saved(str(tmp_path)).model.vocab_multiple == 128

@@ -21,7 +21,8 @@ import pytest
 from conftest import REPO, TINY_FLAGS, file_snapshot, tiny_run_config
 from data import disk, prepare, store, work
 from data.corpus import DataError
-from trainer import checkpoint, config as config_lib, loop, metrics, modes
+from trainer import checkpoint, loop, metrics, modes
+from trainer import run as run_lib, saved_config
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 TIMEOUT = 300
@@ -212,7 +213,7 @@ def test_a_metrics_write_on_a_full_disk_names_the_last_checkpoint(
     write(self, step, record)
 
   monkeypatch.setattr(metrics.MetricsWriter, "write", full_at_10)
-  config = config_lib.load_saved(workdir)
+  config = saved_config.load_saved(workdir)
   config.train.steps = 12
   with pytest.raises(disk.WriteFailed) as failed:
     loop.train(config, workdir)
@@ -237,7 +238,7 @@ def test_reading_a_run_while_it_saves_touches_nothing(run_dir, tmp_path,
   commits whole."""
   workdir = str(tmp_path / "run")
   shutil.copytree(run_dir, workdir)
-  config = config_lib.load_saved(workdir)
+  config = saved_config.load_saved(workdir)
   config.sample.max_new_tokens = 3
   release, held = threading.Event(), threading.Event()
   record = checkpoint.Checkpointer._record_checksums
@@ -247,7 +248,7 @@ def test_reading_a_run_while_it_saves_touches_nothing(run_dir, tmp_path,
     assert release.wait(TIMEOUT)
     record(self)
 
-  run = loop.build(config, workdir, splits=())
+  run = run_lib.build(config, workdir, splits=())
   # Only the trainer's saves are held (its callback is bound when built).
   monkeypatch.setattr(checkpoint.Checkpointer, "_record_checksums", held_open)
   trainer = checkpoint.Checkpointer(workdir, keep=3)
@@ -255,7 +256,7 @@ def test_reading_a_run_while_it_saves_touches_nothing(run_dir, tmp_path,
   try:
     with run.context():
       _, state = run.restore_latest(trainer)
-      trainer.save(9, state, loop.run_info(config, 9))
+      trainer.save(9, state, run_lib.run_info(config, 9))
       assert held.wait(TIMEOUT)
       before = file_snapshot(workdir)
       assert any(".orbax-checkpoint-tmp" in path for path in before)

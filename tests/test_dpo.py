@@ -219,13 +219,13 @@ def test_grad_accumulation_leaves_the_metrics_unchanged():
   target counts)."""
   import flax.linen as nn
   from conftest import tiny_config
-  from trainer import loop, sharding
+  from trainer import run as run_lib, sharding
   from trainer import state as state_lib
   _, source = _pairs(seed=3, n=8)
   batch = _batch(source)
   config = tiny_config(objective="dpo", batch_size=8)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  model, tx, rules, shardings = loop.model_and_optimizer(config, 37, mesh)
+  model, tx, rules, shardings = run_lib.model_and_optimizer(config, 37, mesh)
   ref = random_params(model.cfg, seed=5, std=0.3)
   logged = []
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -25,8 +25,8 @@ from conftest import REPO, param_shapes, tiny_model_config
 from data import tokenizers
 from model import GPT
 from model import hf_gpt2 as mapping
-from trainer import config as config_lib, hf_gpt2, loop, sharding
-from trainer import objectives
+from trainer import config as config_lib, hf_gpt2, run as run_lib, sharding
+from trainer import objectives, saved_config
 from trainer import state as state_lib
 
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "hf_gpt2_tiny")
@@ -190,7 +190,7 @@ def test_import_then_export_is_bit_exact(scan, tmp_path, capsys):
   assert _main(capsys, "import", FIXTURE, workdir, *flags)[0] == 0
 
   # The workdir: a run's config, one params-only checkpoint, the tokenizer.
-  config = config_lib.load_saved(workdir)
+  config = saved_config.load_saved(workdir)
   config_lib.validate(config)
   assert dict(config.model) == {
       **dict(hf_gpt2.run_config({}).model), "vocab_size": 288,
@@ -208,7 +208,7 @@ def test_import_then_export_is_bit_exact(scan, tmp_path, capsys):
   assert tok.vocab_size == 288 and tok.eot_id == 0
   if scan:  # as a trained run's config has it (the tokenizer's): run.json
     config.model.vocab_size = 0  # says how many rows are not padding
-    config_lib.save(config, workdir)
+    saved_config.save(config, workdir)
 
   status, out, err = _main(capsys, "export", workdir, exported)
   assert status == 0, err
@@ -376,7 +376,7 @@ def test_export_refuses_what_gpt2_cannot_hold(field, value, message, tmp_path,
   os.makedirs(workdir)
   config = hf_gpt2.run_config({})
   config.model[field] = value
-  config_lib.save(config, workdir)
+  saved_config.save(config, workdir)
   exported = tmp_path / "exported"
   status, out, err = _main(capsys, "export", workdir, str(exported))
   assert status == 2 and not out
@@ -387,9 +387,9 @@ def test_export_refuses_what_gpt2_cannot_hold(field, value, message, tmp_path,
 def test_export_of_a_checkpoint_its_config_does_not_fit(tmp_path, capsys):
   workdir = str(tmp_path / "run")
   assert _main(capsys, "import", FIXTURE, workdir)[0] == 0
-  config = config_lib.load_saved(workdir)
+  config = saved_config.load_saved(workdir)
   config.model.d_model = 64
-  config_lib.save(config, workdir)
+  saved_config.save(config, workdir)
   exported = tmp_path / "exported"
   status, _, err = _main(capsys, "export", workdir, str(exported))
   assert status == 2 and len(err.splitlines()) == 1
@@ -412,18 +412,19 @@ def test_init_from_an_import_starts_from_its_params(old, tmp_path, capsys,
     imported = _import_from_before_padding(tmp_path, monkeypatch)
   else:
     assert _main(capsys, "import", FIXTURE, imported)[0] == 0
-  config = config_lib.load_saved(imported)
+  config = saved_config.load_saved(imported)
   assert config.model.vocab_multiple == (1 if old else 128)
   config.model.vocab_multiple = 128
   config.checkpoint.init_from = imported
   mesh = sharding.make_mesh(config.mesh)
-  model, tx, rules, shardings = loop.model_and_optimizer(config, 288, mesh)
-  run = loop.Run(config, str(tmp_path / "tuned"), None,
-                 tokenizers.load_dir(os.path.join(imported, loop.TOKENIZER)),
-                 model, tx, mesh, rules, shardings, None, None)
+  model, tx, rules, shardings = run_lib.model_and_optimizer(config, 288, mesh)
+  run = run_lib.Run(config, str(tmp_path / "tuned"), None,
+                    tokenizers.load_dir(os.path.join(imported,
+                                                     run_lib.TOKENIZER)),
+                    model, tx, mesh, rules, shardings, None, None)
   with jax.set_mesh(mesh):
     state = state_lib.init_state(model, tx, shardings, seed=0)
-    state = loop._init_from(run, state, imported)
+    state = run_lib._init_from(run, state, imported)
   assert f"starting from the parameters of {imported}/checkpoints/0" in (
       capsys.readouterr().out)
   params = jax.device_get(state.params)
@@ -450,7 +451,7 @@ def test_an_import_is_used_with_its_own_tokenizer(tmp_path, capsys,
   rows = json.loads(result.stdout.strip().splitlines()[-1])
   assert len(rows) == 5 and all(r["id"] < 288 for r in rows)
   _, logits = _logits(imported, tokenizers.load_dir(os.path.join(
-      imported, loop.TOKENIZER)).encode("Hello world")[None])
+      imported, run_lib.TOKENIZER)).encode("Hello world")[None])
   assert rows[0]["id"] == int(np.argmax(logits[0, -1]))
   tuned = run(f"--config.checkpoint.init_from={imported}",
               f"--config.data.source={corpus_dir}",
@@ -478,7 +479,7 @@ def test_import_fine_tune_and_sample(tmp_path, capsys, corpus_dir):
   data = str(tmp_path / "data")
   prepared = run("-m", "data.prepare", "--input", corpus_dir, "--output",
                  data, "--tokenizer", "gpt2", "--tokenizer-files",
-                 os.path.join(imported, loop.TOKENIZER), "--seq-len", "64",
+                 os.path.join(imported, run_lib.TOKENIZER), "--seq-len", "64",
                  "--holdout", "hamlet")
   assert prepared.returncode == 0, prepared.stderr[-2000:]
   tuned = str(tmp_path / "tuned")

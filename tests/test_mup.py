@@ -16,7 +16,8 @@ import pytest
 from conftest import param_shapes, tiny_config, tiny_model_config
 from model import GPT, roles
 from research import mup
-from trainer import config as config_lib, loop, optim, sharding
+from trainer import config as config_lib, optim, run as run_lib, sharding
+from trainer import saved_config
 from trainer import state as state_lib
 from trainer.errors import ConfigError
 
@@ -49,7 +50,7 @@ def _init_and_step(config, batch):
   state, the step's program as StableHLO text without its outputs' names)
   of the config, as train.py builds and steps it."""
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  model, tx, rules, shardings = loop.model_and_optimizer(config, 37, mesh)
+  model, tx, rules, shardings = run_lib.model_and_optimizer(config, 37, mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = state_lib.init_state(model, tx, shardings, seed=0)
     init = jax.device_get(state.params)
@@ -313,7 +314,7 @@ def test_export_to_gpt2_refuses_mup_away_from_its_base_width(tmp_path,
   os.makedirs(workdir)
   config = hf_gpt2.run_config({"d_model": 96, "num_heads": 3})
   config.model.update(parametrization="mup", mup_base_width=48)
-  config_lib.save(config, workdir)
+  saved_config.save(config, workdir)
   exported = tmp_path / "exported"
   assert hf_gpt2.main(["export", workdir, str(exported)]) == 2
   assert capsys.readouterr().err == (

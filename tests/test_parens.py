@@ -192,9 +192,9 @@ MODEL_KEYS = {
 
 def _untrained_illegal_mass(workdir: str, config, words: list[str]) -> float:
   """The illegal mass of the run's model at its initialization."""
-  from trainer import loop
+  from trainer import run as run_lib
   from trainer import state as state_lib
-  run = loop.build(config, workdir, splits=())
+  run = run_lib.build(config, workdir, splits=())
   with run.context():
     state = state_lib.init_state(run.model, run.tx, run.shardings, 0)
     probs = parens.next_token_probs(run.model, state.params, run.tokenizer,

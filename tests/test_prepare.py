@@ -247,7 +247,7 @@ def test_bits_per_byte_equals_hand_computation(tmp_path, data_cache):
   the nats of its targets over the UTF-8 bytes of the text they spell (EOT
   spells none)."""
   import jax
-  from trainer import loop
+  from trainer import run as run_lib
   from trainer import state as state_lib
   val_docs = {"v1": "Val one: naïve 🙂 text.", "v2": "V2 — ∑ and more"}
   for name, text in val_docs.items():
@@ -259,12 +259,12 @@ def test_bits_per_byte_equals_hand_computation(tmp_path, data_cache):
   val = np.asarray(made.tokens("val")).astype(np.int32)
   config = tiny_run_config(made.path, data_cache, steps=6)
   config.model.seq_len = len(val) - 1
-  run = loop.build(config, str(tmp_path / "run"))
+  run = run_lib.build(config, str(tmp_path / "run"))
   try:
     assert run.data.path == made.path
     with run.context():
       params = state_lib.init_state(run.model, run.tx, run.shardings, 0).params
-      result = loop.evaluate_params(run, params, max_batches=0)
+      result = run_lib.evaluate_params(run, params, max_batches=0)
   finally:
     run.checkpointer.close()
   logits = np.asarray(jax.jit(run.model.apply)({"params": params},

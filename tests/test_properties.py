@@ -15,7 +15,7 @@ from configs import default
 from conftest import random_params, tiny_config, tiny_model_config
 from launch import memory
 from model import GPT
-from trainer import loop, sharding
+from trainer import run as run_lib, sharding
 from trainer import state as state_lib
 
 B, L = 4, 16
@@ -84,7 +84,7 @@ def test_bfloat16_logits_are_rounded_and_params_stay_float32():
   config = tiny_config()
   config.model.dtype = "bfloat16"
   mesh = sharding.make_mesh(config.mesh)
-  model, tx, rules, shardings = loop.model_and_optimizer(config, 37, mesh)
+  model, tx, rules, shardings = run_lib.model_and_optimizer(config, 37, mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = state_lib.abstract_state(model, tx, shardings)
     step = state_lib.make_train_step(model, tx, shardings, grad_accum_steps=1,

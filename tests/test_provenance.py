@@ -8,8 +8,7 @@ import subprocess
 import pytest
 
 from conftest import REPO, TINY_FLAGS, run_train_py, tiny_run_config
-from trainer import config as config_lib
-from trainer import metrics
+from trainer import metrics, saved_config
 from trainer.errors import ConfigError
 
 
@@ -38,7 +37,7 @@ def test_a_resume_with_another_learning_rate_is_refused(corpus_dir,
 
 def _saved_run(tmp_path, **changes):
   config = tiny_run_config("corpus", "", steps=10)
-  config_lib.save(config, str(tmp_path))
+  saved_config.save(config, str(tmp_path))
   for field, value in changes.items():
     section, name = field.split(".")
     config[section][name] = value
@@ -46,13 +45,13 @@ def _saved_run(tmp_path, **changes):
 
 
 def test_what_a_resume_may_change(tmp_path):
-  config_lib.check_resumable(_saved_run(
+  saved_config.check_resumable(_saved_run(
       tmp_path, **{"train.steps": 20, "eval.every_steps": 7,
                    "checkpoint.keep_steps": (4,), "sample.prompt": "x",
                    "mesh.data": 1, "perf.peak_flops": 2.0}), str(tmp_path))
   with pytest.raises(ConfigError, match=r"model.d_model \(the run's 32, now "
                      r"64\), train.seed \(the run's 0, now 1\);"):
-    config_lib.check_resumable(_saved_run(
+    saved_config.check_resumable(_saved_run(
         tmp_path, **{"model.d_model": 64, "train.seed": 1}), str(tmp_path))
   # The eval text is the run's: its size may not change, its batching may.
   def subset(max_batches, batch_size):
@@ -60,16 +59,16 @@ def test_what_a_resume_may_change(tmp_path):
     config.eval.update(max_batches=max_batches, batch_size=batch_size)
     return config
 
-  config_lib.save(subset(2, 8), str(tmp_path))
-  config_lib.check_resumable(subset(2, 8), str(tmp_path))
-  config_lib.check_resumable(subset(4, 4), str(tmp_path))  # the same 16
+  saved_config.save(subset(2, 8), str(tmp_path))
+  saved_config.check_resumable(subset(2, 8), str(tmp_path))
+  saved_config.check_resumable(subset(4, 4), str(tmp_path))  # the same 16
   with pytest.raises(ConfigError, match=r"evals score 16 items of the "
                      r"validation split; eval.max_batches=3 and "
                      r"eval.batch_size=8 would score 24 items"):
-    config_lib.check_resumable(subset(3, 8), str(tmp_path))
+    saved_config.check_resumable(subset(3, 8), str(tmp_path))
   with pytest.raises(ConfigError, match=r"would score the whole validation "
                      r"split, and every eval of a run scores the same text"):
-    config_lib.check_resumable(subset(0, 8), str(tmp_path))
+    saved_config.check_resumable(subset(0, 8), str(tmp_path))
 
 
 def test_code_version_without_git(monkeypatch):

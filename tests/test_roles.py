@@ -12,7 +12,7 @@ import pytest
 
 from conftest import param_shapes, random_params, tiny_config
 from model import roles
-from trainer import config as config_lib, loop, optim, sharding
+from trainer import config as config_lib, optim, run as run_lib, sharding
 from trainer import state as state_lib
 
 # What every block holds, by its path inside the block: (role, decayed,
@@ -128,7 +128,7 @@ def _after_steps(scan: bool, params, batches):
   unrolled layout."""
   config = _config_for(scan)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  model, tx, rules, shardings = loop.model_and_optimizer(config, 37, mesh)
+  model, tx, rules, shardings = run_lib.model_and_optimizer(config, 37, mesh)
   if scan:
     params = _stacked(params, config.model.num_layers)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -11,7 +11,7 @@ import pytest
 from conftest import (TINY_FLAGS, file_snapshot, metrics_records,
                       run_train_py)
 from configs import default
-from trainer import audit, config as config_lib, optim
+from trainer import audit, config as config_lib, optim, saved_config
 from trainer.errors import ConfigError
 
 
@@ -70,7 +70,7 @@ def test_constant_never_decays():
 
 def test_branch_schedule_is_the_parent_up_to_its_start():
   parent = _config(schedule="wsd", decay_fraction=0.2)
-  branch, workdir = config_lib.cooldown_branch(
+  branch, workdir = saved_config.cooldown_branch(
       parent, _cooldown(from_step=40, steps=10), "runs/p")
   assert workdir == os.path.join("runs/p", "cooldowns", "40+10")
   assert branch.train.steps == 50 and parent.train.steps == 100
@@ -100,17 +100,17 @@ def _cooldown(**fields):
 ])
 def test_bad_branches_are_refused(parent, cooldown, message):
   with pytest.raises(ConfigError, match=message):
-    config_lib.cooldown_branch(_config(**parent), _cooldown(**cooldown),
-                               "runs/p")
+    saved_config.cooldown_branch(_config(**parent), _cooldown(**cooldown),
+                                 "runs/p")
 
 
 def test_a_branch_does_not_branch_again():
   parent = _config(schedule="wsd")
-  branch, _ = config_lib.cooldown_branch(
+  branch, _ = saved_config.cooldown_branch(
       parent, _cooldown(from_step=40, steps=10), "runs/p")
   with pytest.raises(ConfigError, match="is itself a cooldown branch"):
-    config_lib.cooldown_branch(branch, _cooldown(from_step=20, steps=5),
-                               "runs/p/cooldowns/40+10")
+    saved_config.cooldown_branch(branch, _cooldown(from_step=20, steps=5),
+                                 "runs/p/cooldowns/40+10")
 
 
 @pytest.mark.parametrize("fields, warmup, notice", [
@@ -142,7 +142,7 @@ def test_a_warmup_longer_than_the_run_is_capped(fields, warmup, notice):
 
 def test_a_branch_keeps_its_parents_warmup():
   parent = _config(schedule="wsd")
-  branch, _ = config_lib.cooldown_branch(
+  branch, _ = saved_config.cooldown_branch(
       parent, _cooldown(from_step=10, steps=5), "runs/p")
   config_lib.validate(branch)
   assert config_lib.capped_warmup(branch) == (branch, "")

@@ -52,7 +52,7 @@ def _gpt2_vocabulary_shards() -> dict:
   over tensor 2, 4 and 8, from abstract shapes; and the error without
   padding."""
   from configs import gpt2_small
-  from trainer import loop, sharding
+  from trainer import run as run_lib, sharding
   from trainer.errors import ConfigError
   shards = {}
   for tensor in (2, 4, 8, 0):
@@ -62,7 +62,7 @@ def _gpt2_vocabulary_shards() -> dict:
     config.model.vocab_multiple = 128 if tensor else 1
     mesh = sharding.make_mesh(config.mesh)
     try:
-      shardings = loop.model_and_optimizer(config, 50257, mesh)[3]
+      shardings = run_lib.model_and_optimizer(config, 50257, mesh)[3]
     except ConfigError as e:
       shards["unpadded"] = str(e)
       continue

@@ -253,12 +253,12 @@ def test_old_run_folders_are_named(tmp_path, capsys):
   spec = _spec(tmp_path, {**BASE, "axes": [{"seeds": [0, 1]}]})
   root = tmp_path / "root"
   run = load(spec, str(root)).runs[0]
-  from trainer import config as config_lib
+  from trainer import config as config_lib, saved_config
   for folder, seed in (("seed=0-abcdef", 0), ("seed=5-123456", 5)):
     config = default.get_config()
     config.train.update(steps=100, seed=seed)
     os.makedirs(root / folder)
-    config_lib.save(config_lib.capped_warmup(config)[0], str(root / folder))
+    saved_config.save(config_lib.capped_warmup(config)[0], str(root / folder))
   assert main(["status", spec, "--root", str(root)]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert lines[:2] == [

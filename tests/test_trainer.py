@@ -15,7 +15,7 @@ from data import loader
 from model import (GPT, GPTConfig, generate, generate_uncached,
                    window_start)
 from model.sampling import sample_next
-from trainer import config as config_lib, loop
+from trainer import config as config_lib, loop, run as run_lib, saved_config
 from trainer import state as state_lib
 from trainer.errors import ConfigError
 
@@ -75,7 +75,7 @@ def test_nonfinite_updates_are_skipped_up_to_the_limit():
   from trainer import sharding
   config = tiny_config(skip_nonfinite_updates=2)
   mesh = sharding.make_mesh(config.mesh)
-  model, tx, rules, shardings = loop.model_and_optimizer(config, 37, mesh)
+  model, tx, rules, shardings = run_lib.model_and_optimizer(config, 37, mesh)
   batch = np.random.default_rng(3).integers(0, 37, (4, L + 1)).astype(np.int32)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = state_lib.init_state(model, tx, shardings, seed=0)
@@ -129,7 +129,7 @@ def test_eval_step_sums_with_padding_mask():
 def test_build_applies_config_and_eval_bits_per_byte(corpus_dir, data_cache,
                                                      tmp_path):
   config = tiny_run_config(corpus_dir, data_cache, steps=6)
-  run = loop.build(config, str(tmp_path / "run"))
+  run = run_lib.build(config, str(tmp_path / "run"))
   try:
     vocab = run.data.meta["vocab_size"]
     assert run.model.cfg == GPTConfig(vocab_size=vocab, num_layers=1,
@@ -139,8 +139,8 @@ def test_build_applies_config_and_eval_bits_per_byte(corpus_dir, data_cache,
     assert run.data.meta["documents"]["val"] == ["hamlet"]
     with run.context():
       params = state_lib.init_state(run.model, run.tx, run.shardings, 0).params
-      result = loop.evaluate_params(run, params, max_batches=0)
-      partial = loop.evaluate_params(run, params, max_batches=2)
+      result = run_lib.evaluate_params(run, params, max_batches=0)
+      partial = run_lib.evaluate_params(run, params, max_batches=2)
   finally:
     run.checkpointer.close()
 
@@ -171,7 +171,7 @@ def test_resume_continues_exactly(corpus_dir, data_cache, tmp_path):
   workdir = str(tmp_path / "run")
   loop.train(config, workdir)
   first = metrics_records(workdir)
-  assert config_lib.load_saved(workdir).train.warmup_steps == 1
+  assert saved_config.load_saved(workdir).train.warmup_steps == 1
   peak = config.train.learning_rate
   assert [r["learning_rate"] for r in first if "loss" in r][:2] == [
       0, pytest.approx(peak)]

@@ -34,7 +34,7 @@ import sys
 
 import errors
 from data import examples, loader, prepare, tokenizers
-from trainer import config as config_lib
+from trainer import saved_config
 from trainer.errors import ConfigError
 
 FILE = "data_order.jsonl"
@@ -107,7 +107,7 @@ class DataOrder:
 
 def read(workdir: str) -> DataOrder:
   path = os.path.join(workdir, FILE)
-  config = config_lib.load_saved(workdir)
+  config = saved_config.load_saved(workdir)
   if not os.path.isfile(path):
     raise ConfigError(f"{workdir!r} holds no {FILE}; only runs trained with "
                       "data.fingerprint=True record their batches")

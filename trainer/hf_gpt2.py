@@ -30,8 +30,8 @@ from configs import default
 from data import disk, tokenizers
 from model import GPTConfig
 from model import hf_gpt2 as mapping
-from trainer import checkpoint, loop, metrics, sharding
-from trainer import config as config_lib
+from trainer import checkpoint, metrics, run as run_lib, sharding
+from trainer import config as config_lib, saved_config
 from trainer import state as state_lib
 from trainer.errors import ConfigError
 
@@ -171,10 +171,10 @@ def import_gpt2(hf_dir: str, workdir: str, scan_layers: bool = False):
       "config": json.loads(config.to_json()), "step": 0,
       "imported_from": os.path.abspath(hf_dir)})
   target.close()
-  config_lib.save(config, workdir)
+  saved_config.save(config, workdir)
   metrics.write_run_summary(workdir, cfg, config.train)
   if tok is not None:
-    directory = os.path.join(workdir, loop.TOKENIZER)
+    directory = os.path.join(workdir, run_lib.TOKENIZER)
     os.makedirs(directory, exist_ok=True)
     for name in tokenizer_files:
       shutil.copyfile(os.path.join(hf_dir, name), os.path.join(directory, name))
@@ -224,7 +224,7 @@ def _vocab_size(workdir: str, config, embedding_shape: tuple) -> int:
 def load_params(workdir: str):
   """(config, GPTConfig, step, params as numpy) of the newest checkpoint of
   a run or import that restores."""
-  config = config_lib.load_saved(workdir)
+  config = saved_config.load_saved(workdir)
   source = checkpoint.Checkpointer(workdir, keep=1, read_only=True)
   step = source.latest_step()
   if step is None:
@@ -234,7 +234,8 @@ def load_params(workdir: str):
       workdir, config, source.saved_shapes(step)["params.Embed_0.embedding"])
   config.mesh = default.get_config().mesh
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  model, tx, _, shardings = loop.model_and_optimizer(config, vocab_size, mesh)
+  model, tx, _, shardings = run_lib.model_and_optimizer(config, vocab_size,
+                                                        mesh)
   target = state_lib.abstract_state(model, tx, shardings)
   with jax.set_mesh(mesh):
     step, state = source.restore_latest_valid(target, params_only=True)
@@ -244,14 +245,14 @@ def load_params(workdir: str):
 
 def export_gpt2(workdir: str, hf_dir: str) -> int:
   """Writes HF_DIR from WORKDIR's newest params; returns their step."""
-  _check_gpt2_layout(config_lib.load_saved(workdir).model)
+  _check_gpt2_layout(saved_config.load_saved(workdir).model)
   for name in ("config.json", _WEIGHTS):
     if os.path.exists(os.path.join(hf_dir, name)):
       raise ConfigError(f"{hf_dir} already holds {name}; give a new "
                         "directory")
   if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
     raise ConfigError(f"{hf_dir} is a file; give a directory")
-  tokenizer_dir = os.path.join(workdir, loop.TOKENIZER)
+  tokenizer_dir = os.path.join(workdir, run_lib.TOKENIZER)
   eot_id, tokenizer_files = None, []
   if os.path.isfile(os.path.join(tokenizer_dir, tokenizers.SPEC)):
     try:

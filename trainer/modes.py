@@ -1,6 +1,6 @@
 """What train.py does with a trained run (or an exported or imported one):
 eval, sample, next, export. Each rebuilds the model from the run's saved
-config (trainer.config.for_mode) and restores its newest params. They
+config (trainer.saved_config.for_mode) and restores its newest params. They
 only read the run's workdir (its checkpoints are opened read-only: a
 trainer may be saving there), so they are safe beside a running job; export
 writes to a directory of its own."""
@@ -13,10 +13,10 @@ import jax
 import numpy as np
 
 from data import tokenizers
-from trainer import checkpoint, config as config_lib, metrics
+from trainer import checkpoint, config as config_lib, metrics, saved_config
 from trainer.errors import ConfigError
-from trainer.loop import (TOKENIZER, build, check_workdir, evaluate_params,
-                          load_reference, log, run_info, sample_text)
+from trainer.run import (TOKENIZER, build, check_workdir, evaluate_params,
+                         load_reference, log, run_info, sample_text)
 
 
 def _newest_params(run):
@@ -106,7 +106,7 @@ def export(config, workdir: str, export_dir: str) -> int:
         config, step, exported_from=f"{run.checkpointer.directory}/{step}"))
     target.close()
   if jax.process_index() == 0:
-    config_lib.save(config, export_dir)
+    saved_config.save(config, export_dir)
     metrics.write_run_summary(export_dir, run.model.cfg, config.train)
     tokenizers.save_dir(run.tokenizer, os.path.join(export_dir, TOKENIZER))
   log(f"exported the parameters of step {step} to {export_dir}")

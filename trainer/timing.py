@@ -7,15 +7,15 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from trainer import loop, sharding
+from trainer import run as run_lib, sharding
 from trainer import state as state_lib
 
 
 def jax_runner(config, vocab_size):
   """Returns (model config, compile seconds, run(steps) -> seconds)."""
   mesh = sharding.make_mesh(config.mesh)
-  model, tx, rules, shardings = loop.model_and_optimizer(config, vocab_size,
-                                                         mesh)
+  model, tx, rules, shardings = run_lib.model_and_optimizer(
+      config, vocab_size, mesh)
   rng = np.random.default_rng(0)
   shape = (config.train.batch_size, config.model.seq_len + 1)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -35,14 +35,14 @@ def _check_branch(config, cooldown: dict, run_workdir: str,
   """Builds a branch's config as train.py --mode=cooldown does from the
   run's saved config (its warmup capped as the run caps it), and checks it:
   e.g. that it starts after the warmup."""
-  from trainer import config as config_lib
+  from trainer import config as config_lib, saved_config
   from trainer.errors import ConfigError
   saved = config_lib.capped_warmup(config)[0]
   fields = config.cooldown.copy_and_resolve_references()
   fields.update(cooldown)
   try:
-    config_lib.validate(config_lib.cooldown_branch(saved, fields,
-                                                   run_workdir)[0])
+    config_lib.validate(saved_config.cooldown_branch(saved, fields,
+                                                     run_workdir)[0])
   except ConfigError as e:
     raise BadInput(f"{where}: {e}") from None
 

@@ -337,7 +337,7 @@ def strays(sweep: Sweep) -> list:
   run's config.json but is no run of the spec: a run of an edited spec, or
   one named before names hashed the config (then the run whose config it
   holds, if any, is named)."""
-  from trainer import config as config_lib
+  from trainer import saved_config
   from trainer.errors import ConfigError
   names = {t.name for t in sweep.runs}
   by_digest = {t.name.rsplit("-", 1)[-1]: t.name for t in sweep.runs}
@@ -349,7 +349,7 @@ def strays(sweep: Sweep) -> list:
         os.path.join(workdir, "config.json")):
       continue
     try:
-      digest = config_digest(config_lib.load_saved(workdir))[:6]
+      digest = config_digest(saved_config.load_saved(workdir))[:6]
     except (ValueError, ConfigError):  # not JSON, or not a config's
       digest = None
     found.append((folder, by_digest.get(digest)))
