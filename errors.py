@@ -16,8 +16,9 @@ import sys
 
 
 class Stop(Exception):
-  """Ends a command with one line and `exit_code`."""
+  """Ends a command with one line, `<prefix>: <message>`, and `exit_code`."""
   exit_code = 1
+  prefix = "error"
 
 
 class BadInput(Stop):
@@ -25,14 +26,17 @@ class BadInput(Stop):
   exit_code = 2
 
 
-def command(main):
+def command(main, debug: bool = False):
   """Decorates main(...) -> exit status: a Stop raised in it is printed as
-  `error: <message>` on stderr and its exit_code returned."""
+  one line on stderr and its exit_code returned. With `debug`, errors (not
+  a preemption) propagate, traceback and all."""
   @functools.wraps(main)
   def wrapped(*args, **kwargs):
     try:
       return main(*args, **kwargs)
     except Stop as e:
-      print(f"error: {e}", file=sys.stderr)
+      if debug and e.prefix == "error":
+        raise
+      print(f"{e.prefix}: {e}", file=sys.stderr)
       return e.exit_code
   return wrapped

@@ -20,6 +20,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import errors
+
 
 def _flag_error(error: Exception, prefix: str = ""):
   """A bad flag or --config.* override: one line and exit 2."""
@@ -76,14 +78,18 @@ _PROCESS_ID = flags.DEFINE_integer(
 
 
 def main(argv):
+  """Runs the mode; a Stop (bad input, divergence, a failed write,
+  preemption) ends it with one line and its exit status, a traceback only
+  with --debug."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  return errors.command(_run, debug=_DEBUG.value)()
+
+
+def _run():
   # Imported here so that absl has parsed the flags (Grain workers need them).
-  from data.corpus import DataError
-  from data.disk import WriteFailed
   from trainer import config as config_lib, distributed, loop, modes
   from trainer import saved_config
-  from trainer.errors import ConfigError, Diverged, Preempted
 
   config_file = config_flags.get_config_filename(flags.FLAGS["config"])
   if not os.path.isfile(config_file):
@@ -93,39 +99,30 @@ def main(argv):
   config_name = os.path.splitext(os.path.basename(config_file))[0]
   workdir = _WORKDIR.value or os.path.join("runs", config_name)
   mode = _MODE.value
-  try:
-    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value,
-                           _NUM_PROCESSES.value, _PROCESS_ID.value)
-    if mode == "train":
-      loop.train(config, workdir)
-      return
-    run_config = saved_config.for_mode(
-        saved_config.load_saved(workdir), config,
-        config_flags.get_override_values(flags.FLAGS["config"]), mode,
-        workdir)
-    if mode == "cooldown":
-      loop.train(*saved_config.cooldown_branch(run_config, config.cooldown,
-                                               workdir))
-    elif mode == "eval":
-      result = modes.evaluate(run_config, workdir)
-      _show(result, " ".join(f"{k}={v:.4f}" if isinstance(v, float) else
-                             f"{k}={v}" for k, v in result.items()))
-    elif mode == "sample":
-      modes.sample(run_config, workdir)
-    elif mode == "next":
-      rows = modes.next_tokens(run_config, workdir)
-      _show(rows, modes.next_table(config_lib.prompt_text(run_config), rows))
-    else:
-      modes.export(run_config, workdir,
-                   _EXPORT_DIR.value or os.path.join(workdir, "export"))
-  except Preempted as e:
-    print(f"preempted: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
-  except (ConfigError, DataError, Diverged, WriteFailed) as e:
-    if _DEBUG.value:
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(getattr(e, "exit_code", 2))
+  distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value,
+                         _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if mode == "train":
+    loop.train(config, workdir)
+    return
+  run_config = saved_config.for_mode(
+      saved_config.load_saved(workdir), config,
+      config_flags.get_override_values(flags.FLAGS["config"]), mode,
+      workdir)
+  if mode == "cooldown":
+    loop.train(*saved_config.cooldown_branch(run_config, config.cooldown,
+                                             workdir))
+  elif mode == "eval":
+    result = modes.evaluate(run_config, workdir)
+    _show(result, " ".join(f"{k}={v:.4f}" if isinstance(v, float) else
+                           f"{k}={v}" for k, v in result.items()))
+  elif mode == "sample":
+    modes.sample(run_config, workdir)
+  elif mode == "next":
+    rows = modes.next_tokens(run_config, workdir)
+    _show(rows, modes.next_table(config_lib.prompt_text(run_config), rows))
+  else:
+    modes.export(run_config, workdir,
+                 _EXPORT_DIR.value or os.path.join(workdir, "export"))
 
 
 def _show(result, text: str) -> None:

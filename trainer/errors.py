@@ -24,3 +24,4 @@ class Preempted(Stop):
   """SIGTERM: the run saved a checkpoint at the current step and stopped;
   the same command resumes it."""
   exit_code = 75  # EX_TEMPFAIL: try again
+  prefix = "preempted"
