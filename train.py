@@ -21,6 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import errors
+import layout
 
 
 def _flag_error(error: Exception, prefix: str = ""):
@@ -122,7 +123,7 @@ def _run():
     _show(rows, modes.next_table(config_lib.prompt_text(run_config), rows))
   else:
     modes.export(run_config, workdir,
-                 _EXPORT_DIR.value or os.path.join(workdir, "export"))
+                 _EXPORT_DIR.value or os.path.join(workdir, layout.EXPORT))
 
 
 def _show(result, text: str) -> None:

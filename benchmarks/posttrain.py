@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import layout
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -37,7 +39,7 @@ def train_py(workdir: str, overrides: dict, log: str) -> float:
 
 
 def records(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+  with open(os.path.join(workdir, layout.METRICS)) as f:
     return [json.loads(line) for line in f]
 
 

@@ -19,6 +19,7 @@ import os
 
 from absl import flags
 
+import layout
 from configs import shakespeare_4x128
 from trainer import loop, saved_config
 
@@ -34,7 +35,7 @@ def branch_points(budgets, decay_fraction):
 
 def _final_eval(workdir):
   """The held-out loss of the run's last eval (on the whole split)."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+  with open(os.path.join(workdir, layout.METRICS)) as f:
     records = [json.loads(line) for line in f]
   return [r for r in records if "eval_loss" in r][-1]["eval_loss"]
 

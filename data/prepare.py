@@ -44,6 +44,7 @@ import numpy as np
 import tqdm
 
 import errors
+import layout
 from data import corpus, disk, examples, shards, store, tokenizers, work
 from data.corpus import DataError
 
@@ -448,7 +449,7 @@ def _prepare_examples(args) -> str:
   tokenizer = args.tokenizer
   if args.tokenizer_from:
     tokenizer = (tokenizers.load_dir(os.path.join(args.tokenizer_from,
-                                                  "tokenizer")) or
+                                                  layout.TOKENIZER)) or
                  load(args.tokenizer_from).tokenizer)
   elif args.tokenizer == "gpt2":
     tokenizer = _gpt2(args.tokenizer_files)

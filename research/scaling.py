@@ -70,6 +70,7 @@ import json
 import os
 import sys
 
+import layout
 from data import disk
 import errors
 from errors import BadInput
@@ -148,7 +149,7 @@ def measure_sizes(rows: list[dict], rounds: int = 3, steps: int = 4) -> list:
   for row in rows:
     if row["kind"] == "run" and row["status"] == "done":
       config = saved_config.load_saved(row["workdir"])
-      with open(os.path.join(row["workdir"], "run.json")) as f:
+      with open(os.path.join(row["workdir"], layout.RUN)) as f:
         info = json.load(f)
       run = timing.jax_runner(config, info["vocab_size"])[2]
       runners.append(({

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+import layout
 from conftest import REPO, TINY_FLAGS, run_train_py
 from trainer import audit
 
@@ -36,7 +37,7 @@ def clean(corpus_dir, tmp_path_factory):
 
 
 def _records(workdir) -> list[dict]:
-  with open(os.path.join(workdir, audit.FILE)) as f:
+  with open(os.path.join(workdir, layout.DATA_ORDER)) as f:
     return [json.loads(line) for line in f]
 
 
@@ -91,7 +92,7 @@ def _tampered(clean, tmp_path, edit) -> str:
   """A copy of the clean run whose record went through edit(lines)."""
   workdir = str(tmp_path / "run")
   shutil.copytree(clean[0], workdir)
-  path = os.path.join(workdir, audit.FILE)
+  path = os.path.join(workdir, layout.DATA_ORDER)
   with open(path) as f:
     lines = f.readlines()
   with open(path, "w") as f:
@@ -103,7 +104,7 @@ def test_skipped_steps_are_found(clean, tmp_path, capsys):
   workdir = _tampered(clean, tmp_path, lambda lines: lines[:3] + lines[5:])
   code, out = _audit(capsys, workdir)
   assert code == 1
-  assert out == [f"{workdir}/{audit.FILE}: steps 4-5 are missing"]
+  assert out == [f"{workdir}/{layout.DATA_ORDER}: steps 4-5 are missing"]
 
 
 def test_a_batch_seen_twice_in_an_epoch_is_found(clean, tmp_path, capsys):
@@ -113,7 +114,7 @@ def test_a_batch_seen_twice_in_an_epoch_is_found(clean, tmp_path, capsys):
                            "fingerprint": records[1]["fingerprint"]}) + "\n"
     return lines
   workdir = _tampered(clean, tmp_path, edit)
-  path = f"{workdir}/{audit.FILE}"
+  path = f"{workdir}/{layout.DATA_ORDER}"
   code, out = _audit(capsys, workdir, "--recompute")
   assert code == 1
   assert out == [
@@ -129,7 +130,7 @@ def test_a_replay_with_another_batch_and_a_bad_line_are_found(clean, tmp_path,
   replay = {**records[6], "fingerprint": records[0]["fingerprint"][::-1]}
   workdir = _tampered(clean, tmp_path, lambda lines: lines + [
       json.dumps(replay) + "\n", '{"step": 8, "epoch": 0}\n'])
-  path = f"{workdir}/{audit.FILE}"
+  path = f"{workdir}/{layout.DATA_ORDER}"
   code, out = _audit(capsys, workdir)
   assert code == 1
   assert out == [
@@ -154,9 +155,9 @@ def test_runs_with_other_seeds_differ_from_step_one(clean, corpus_dir,
 
 def test_bad_input_is_one_line_and_status_2(clean, tmp_path, capsys):
   workdir = _tampered(clean, tmp_path, lambda lines: lines)
-  os.remove(os.path.join(workdir, audit.FILE))
+  os.remove(os.path.join(workdir, layout.DATA_ORDER))
   for where, message in ((str(tmp_path / "none"), "holds no trained run"),
-                         (workdir, f"holds no {audit.FILE}")):
+                         (workdir, f"holds no {layout.DATA_ORDER}")):
     assert audit.main([where]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in (
@@ -165,7 +166,7 @@ def test_bad_input_is_one_line_and_status_2(clean, tmp_path, capsys):
 
 def test_a_line_cut_short_by_a_kill_is_dropped(tmp_path):
   """Whole records stay; the next one starts its own line."""
-  path = tmp_path / audit.FILE
+  path = tmp_path / layout.DATA_ORDER
   path.write_text('{"step": 1, "epoch": 0, "fingerprint": "ab"}\n'
                   '{"step": 2, "ep')
   log = audit.DataOrderLog(str(tmp_path), global_batch=4, num_windows=10,

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+import layout
 from conftest import (REPO, TINY_FLAGS, dead_pid, file_snapshot,
                       last_logged_step, metrics_records, run_train_py,
                       tiny_run_config)
@@ -40,7 +41,7 @@ def _write_lock(workdir, pid, host=workdir_lock.HOST, age_s=0.0,
 
 
 def _lock_path(workdir) -> str:
-  return os.path.join(workdir, workdir_lock.LOCK)
+  return os.path.join(workdir, layout.LOCK)
 
 
 # --- the lock alone -----------------------------------------------------------

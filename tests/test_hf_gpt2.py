@@ -21,6 +21,7 @@ import pytest
 import safetensors.numpy
 import tokenizers as hf_tokenizers
 
+import layout
 from conftest import REPO, param_shapes, tiny_model_config
 from data import tokenizers
 from model import GPT
@@ -420,7 +421,7 @@ def test_init_from_an_import_starts_from_its_params(old, tmp_path, capsys,
   model, tx, rules, shardings = run_lib.model_and_optimizer(config, 288, mesh)
   run = run_lib.Run(config, str(tmp_path / "tuned"), None,
                     tokenizers.load_dir(os.path.join(imported,
-                                                     run_lib.TOKENIZER)),
+                                                     layout.TOKENIZER)),
                     model, tx, mesh, rules, shardings, None, None)
   with jax.set_mesh(mesh):
     state = state_lib.init_state(model, tx, shardings, seed=0)
@@ -451,7 +452,7 @@ def test_an_import_is_used_with_its_own_tokenizer(tmp_path, capsys,
   rows = json.loads(result.stdout.strip().splitlines()[-1])
   assert len(rows) == 5 and all(r["id"] < 288 for r in rows)
   _, logits = _logits(imported, tokenizers.load_dir(os.path.join(
-      imported, run_lib.TOKENIZER)).encode("Hello world")[None])
+      imported, layout.TOKENIZER)).encode("Hello world")[None])
   assert rows[0]["id"] == int(np.argmax(logits[0, -1]))
   tuned = run(f"--config.checkpoint.init_from={imported}",
               f"--config.data.source={corpus_dir}",
@@ -479,7 +480,7 @@ def test_import_fine_tune_and_sample(tmp_path, capsys, corpus_dir):
   data = str(tmp_path / "data")
   prepared = run("-m", "data.prepare", "--input", corpus_dir, "--output",
                  data, "--tokenizer", "gpt2", "--tokenizer-files",
-                 os.path.join(imported, run_lib.TOKENIZER), "--seq-len", "64",
+                 os.path.join(imported, layout.TOKENIZER), "--seq-len", "64",
                  "--holdout", "hamlet")
   assert prepared.returncode == 0, prepared.stderr[-2000:]
   tuned = str(tmp_path / "tuned")

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+import layout
 from conftest import (REPO, TINY_FLAGS, file_snapshot, last_logged_step,
                       metrics_records, run_train_py)
 from trainer import audit
@@ -52,7 +53,7 @@ def _params(workdir, step) -> dict:
 
 def _data_order(workdir) -> list[tuple]:
   """(step, fingerprint) of each record of data_order.jsonl."""
-  with open(os.path.join(workdir, audit.FILE)) as f:
+  with open(os.path.join(workdir, layout.DATA_ORDER)) as f:
     return [(r["step"], r["fingerprint"]) for r in map(json.loads, f)]
 
 

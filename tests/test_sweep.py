@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+import layout
 from conftest import (REPO, TINY_OVERRIDES, dead_pid, last_logged_step,
                       train_py_processes)
 from configs import default
@@ -24,7 +25,7 @@ from launch.sweep.cli import main
 from launch.sweep.queue import Queue
 from launch.sweep.results import collect
 from launch.sweep.spec import load
-from launch.sweep.status import LOCK, LOG, STATE, Lock, _state
+from launch.sweep.status import Lock, _state
 from trainer.workdir_lock import HOST, STALE_S
 
 TIMEOUT_S = 240  # for any one wait: far beyond a healthy sweep
@@ -531,7 +532,7 @@ def _write_lock(workdir, host=HOST, sweep_pid=None, child_pid=None,
   now = time.time()
   lock = {"host": host, "sweep_pid": sweep_pid, "child_pid": child_pid,
           "started": now - age_s, "heartbeat": now - age_s}
-  (workdir / LOCK).write_text(json.dumps(lock))
+  (workdir / layout.SWEEP_LOCK).write_text(json.dumps(lock))
   return lock
 
 
@@ -553,7 +554,7 @@ def test_live_lock_is_respected_and_stale_locks_are_taken_over(tmp_path,
     lock, seen = Lock.acquire(str(workdir))
     assert seen == found, fields
     assert (lock is not None) == stale, fields
-    owner = json.loads((workdir / LOCK).read_text())
+    owner = json.loads((workdir / layout.SWEEP_LOCK).read_text())
     assert owner == (lock.owner if stale else found)
     if stale:
       assert owner["host"] == HOST
@@ -562,8 +563,8 @@ def test_live_lock_is_respected_and_stale_locks_are_taken_over(tmp_path,
       assert Lock.acquire(str(workdir)) == (None, owner)
       assert lock.renew(child_pid=live_pid)
       lock.release()
-      assert not (workdir / LOCK).exists()
-    assert sorted(os.listdir(workdir)) == [LOCK] * (not stale)
+      assert not (workdir / layout.SWEEP_LOCK).exists()
+    assert sorted(os.listdir(workdir)) == [layout.SWEEP_LOCK] * (not stale)
 
 
 def test_a_run_locked_by_a_live_process_waits_for_it(tmp_path, corpus_dir,
@@ -581,7 +582,7 @@ def test_a_run_locked_by_a_live_process_waits_for_it(tmp_path, corpus_dir,
                f"{sleeper.pid} (train.py pid None)\n")
     _wait_for(lambda: waiting in log.read_text() or proc.poll() is not None,
               "waiting line")
-    assert os.listdir(task.workdir) == [LOCK]  # nothing started
+    assert os.listdir(task.workdir) == [layout.SWEEP_LOCK]  # nothing started
     sleeper.kill()
     sleeper.wait()
     _finish(proc)
@@ -595,14 +596,14 @@ def test_a_run_locked_by_a_live_process_waits_for_it(tmp_path, corpus_dir,
           f"{sleeper.pid}") in out
   assert f"done {task.name}" in out
   assert task.done()
-  assert not os.path.exists(os.path.join(task.workdir, LOCK))
+  assert not os.path.exists(os.path.join(task.workdir, layout.SWEEP_LOCK))
   assert not leftovers
 
 
 # --- kill and restart --------------------------------------------------------
 
 def _log(task) -> str:
-  with open(os.path.join(task.workdir, LOG)) as f:
+  with open(os.path.join(task.workdir, layout.SWEEP_LOG)) as f:
     return f.read()
 
 
@@ -658,7 +659,7 @@ def test_killed_sweep_restarts_where_it_stopped(tmp_path, corpus_dir,
   assert main(["collect", spec, "--root", str(roots["killed"])]) == 0
   rows = {r["name"]: r for r in _read_csv(roots["killed"] / "results.csv")}
   for run in runs:
-    started = os.path.exists(os.path.join(run.workdir, STATE))
+    started = os.path.exists(os.path.join(run.workdir, layout.SWEEP_STATE))
     assert rows[run.name]["partial"] == str(run not in done)
     assert rows[run.name]["status"] == (
         "done" if run in done else "interrupted" if started else "queued")

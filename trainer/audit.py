@@ -33,11 +33,11 @@ import os
 import sys
 
 import errors
+import layout
 from data import examples, loader, prepare, tokenizers
 from trainer import saved_config
 from trainer.errors import ConfigError
 
-FILE = "data_order.jsonl"
 
 
 class DataOrderLog:
@@ -50,7 +50,7 @@ class DataOrderLog:
     self.global_batch, self.num_windows = global_batch, num_windows
     if not enabled:
       return
-    path = os.path.join(workdir, FILE)
+    path = os.path.join(workdir, layout.DATA_ORDER)
     _drop_cut_line(path)
     self._file = open(path, "a")
 
@@ -106,11 +106,12 @@ class DataOrder:
 
 
 def read(workdir: str) -> DataOrder:
-  path = os.path.join(workdir, FILE)
+  path = os.path.join(workdir, layout.DATA_ORDER)
   config = saved_config.load_saved(workdir)
   if not os.path.isfile(path):
-    raise ConfigError(f"{workdir!r} holds no {FILE}; only runs trained with "
-                      "data.fingerprint=True record their batches")
+    raise ConfigError(f"{workdir!r} holds no {layout.DATA_ORDER}; only runs "
+                      "trained with data.fingerprint=True record their "
+                      "batches")
   records, findings = [], []
   with open(path) as f:
     for number, line in enumerate(f, 1):
@@ -176,7 +177,7 @@ def recompute(run: DataOrder) -> list[str]:
   else:  # examples, with the run's tokenizer
     data = examples.prepare_source(
         c.data.source, c.train.objective, tokenizers.load_dir(
-            os.path.join(run.workdir, "tokenizer")) or c.data.tokenizer,
+            os.path.join(run.workdir, layout.TOKENIZER)) or c.data.tokenizer,
         tuple(c.data.holdout), c.data.cache_dir, c.data.val_fraction)
   source = loader.source_for(c, data, "train", data.tokenizer.eot_id)
   batch = c.train.batch_size

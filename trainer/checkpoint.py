@@ -50,6 +50,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+import layout
 from data import disk
 from trainer.errors import ConfigError
 
@@ -94,7 +95,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int, keep_best: bool = False,
                read_only: bool = False, keep_steps=()):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = os.path.join(os.path.abspath(workdir), layout.CHECKPOINTS)
     self.read_only = read_only
     self._saving = None  # the step whose save is under way
     self._needed = None  # its estimated size in bytes

@@ -26,6 +26,7 @@ import safetensors.numpy
 from absl import logging
 
 import errors
+import layout
 from configs import default
 from data import disk, tokenizers
 from model import GPTConfig
@@ -135,7 +136,7 @@ def run_config(fields: dict):
 def _check_new_workdir(workdir: str) -> None:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"{workdir} is a file; give a directory")
-  if os.path.exists(os.path.join(workdir, "checkpoints")):
+  if os.path.exists(os.path.join(workdir, layout.CHECKPOINTS)):
     raise ConfigError(f"{workdir} already holds checkpoints; give a new "
                       "directory")
 
@@ -174,7 +175,7 @@ def import_gpt2(hf_dir: str, workdir: str, scan_layers: bool = False):
   saved_config.save(config, workdir)
   metrics.write_run_summary(workdir, cfg, config.train)
   if tok is not None:
-    directory = os.path.join(workdir, run_lib.TOKENIZER)
+    directory = os.path.join(workdir, layout.TOKENIZER)
     os.makedirs(directory, exist_ok=True)
     for name in tokenizer_files:
       shutil.copyfile(os.path.join(hf_dir, name), os.path.join(directory, name))
@@ -209,7 +210,7 @@ def _vocab_size(workdir: str, config, embedding_shape: tuple) -> int:
   if config.model.vocab_size:
     return config.model.vocab_size
   try:
-    with open(os.path.join(workdir, "run.json")) as f:
+    with open(os.path.join(workdir, layout.RUN)) as f:
       return json.load(f)["vocab_size"]
   except (OSError, ValueError, KeyError):
     pass
@@ -252,7 +253,7 @@ def export_gpt2(workdir: str, hf_dir: str) -> int:
                         "directory")
   if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
     raise ConfigError(f"{hf_dir} is a file; give a directory")
-  tokenizer_dir = os.path.join(workdir, run_lib.TOKENIZER)
+  tokenizer_dir = os.path.join(workdir, layout.TOKENIZER)
   eot_id, tokenizer_files = None, []
   if os.path.isfile(os.path.join(tokenizer_dir, tokenizers.SPEC)):
     try:

@@ -16,15 +16,15 @@ import tqdm
 
 from jax.experimental import multihost_utils
 
+import layout
 from data import loader, tokenizers
 from trainer import audit, checkpoint, metrics, objectives, optim
 from trainer import saved_config, sharding, workdir_lock
 from trainer import state as state_lib
 from trainer.errors import Diverged, Preempted, WorkdirInUse
-from trainer.run import (REFERENCE, TOKENIZER, Run, build,
-                         check_resumed_padding, check_workdir, eval_line,
-                         evaluate_params, first_state, load_reference, log,
-                         run_info, sample_text)
+from trainer.run import (Run, build, check_resumed_padding, check_workdir,
+                         eval_line, evaluate_params, first_state,
+                         load_reference, log, run_info, sample_text)
 
 
 def _describe(run: Run, rows: slice) -> str:
@@ -105,7 +105,8 @@ def _train(run: Run, stop, lock) -> dict:
     if jax.process_index() == 0:  # only once the state is known to fit
       saved_config.save(config, workdir)
       metrics.write_run_summary(workdir, run.model.cfg, t)
-      tokenizers.save_dir(run.tokenizer, os.path.join(workdir, TOKENIZER))
+      tokenizers.save_dir(run.tokenizer,
+                          os.path.join(workdir, layout.TOKENIZER))
     ref_params = (_reference(run, state, resumed=start_resumed)
                   if run.objective == "dpo" else None)
     # The data continue at the step the state is at (data.loader).
@@ -154,7 +155,7 @@ def _finish_complete(run: Run, start: int, state, stack) -> None:
   """A run whose checkpoint `start` is its last: its final sample, where it
   was stopped before writing it; else nothing is written."""
   t, workdir = run.config.train, run.workdir
-  if os.path.exists(_sample_path(workdir, start)):  # nothing is written
+  if os.path.exists(layout.sample(workdir, start)):  # nothing is written
     log(f"{workdir} is complete at step {start} (train.steps="
         f"{t.steps}); nothing written. To train it further, raise "
         "--config.train.steps; to use it, --mode=eval or --mode=sample")
@@ -227,17 +228,13 @@ def _lock_workdir(workdir: str):
   return lock
 
 
-def _sample_path(workdir: str, step: int) -> str:
-  return os.path.join(workdir, "samples", f"step_{step}.txt")
-
-
 def _write_sample(run: Run, params, step: int, writer) -> None:
   """The final sample: samples/step_<step>.txt, the last file a run writes
   (whole or not at all), and TensorBoard's text. A run whose final
   checkpoint has none was stopped before it: the same command writes it."""
   text = sample_text(run, params)
   if jax.process_index() == 0:
-    path = _sample_path(run.workdir, step)
+    path = layout.sample(run.workdir, step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
       f.write(text)
@@ -359,7 +356,7 @@ def _reference(run: Run, state, resumed: bool):
   <workdir>/reference/ (readable like an export), and a resumed run reads
   them from there, so that a resume does not depend on init_from staying
   as it was."""
-  directory = os.path.join(run.workdir, REFERENCE)
+  directory = os.path.join(run.workdir, layout.REFERENCE)
   if resumed:
     return load_reference(run, run.workdir)
   if run.config.cooldown.steps > 0:

@@ -15,6 +15,7 @@ from tensorboardX import summary as tb_summary
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import RecordWriter
 
+import layout
 from data import disk
 from trainer import objectives
 
@@ -106,8 +107,7 @@ def write_run_summary(workdir: str, model_cfg, train_cfg) -> None:
              "vocab_size_padded": model_cfg.padded_vocab_size,
              "steps": train_cfg.steps,
              "code": code_version()}
-  with open(os.path.join(workdir, "run.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  disk.write_json(os.path.join(workdir, layout.RUN), summary)
 
 
 class MetricsWriter:
@@ -121,8 +121,8 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.tensorboard = os.path.join(workdir, "tensorboard")
+    self.path = os.path.join(workdir, layout.METRICS)
+    self.tensorboard = os.path.join(workdir, layout.TENSORBOARD)
     if not self.enabled:
       return
     with _writing("writing the metrics", self.path):

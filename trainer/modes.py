@@ -12,10 +12,11 @@ import sys
 import jax
 import numpy as np
 
+import layout
 from data import tokenizers
 from trainer import checkpoint, config as config_lib, metrics, saved_config
 from trainer.errors import ConfigError
-from trainer.run import (TOKENIZER, build, check_workdir, evaluate_params,
+from trainer.run import (build, check_workdir, evaluate_params,
                          load_reference, log, run_info, sample_text)
 
 
@@ -96,7 +97,7 @@ def export(config, workdir: str, export_dir: str) -> int:
   --mode=eval, --mode=sample and checkpoint.init_from read like any run's."""
   run = build(config, workdir, splits=(), read_only=True)
   check_workdir(export_dir)
-  if os.path.exists(os.path.join(export_dir, "checkpoints")):
+  if os.path.exists(os.path.join(export_dir, layout.CHECKPOINTS)):
     raise ConfigError(f"--export_dir={export_dir} already holds checkpoints; "
                       "choose a new directory")
   with run.context():
@@ -108,6 +109,7 @@ def export(config, workdir: str, export_dir: str) -> int:
   if jax.process_index() == 0:
     saved_config.save(config, export_dir)
     metrics.write_run_summary(export_dir, run.model.cfg, config.train)
-    tokenizers.save_dir(run.tokenizer, os.path.join(export_dir, TOKENIZER))
+    tokenizers.save_dir(run.tokenizer,
+                        os.path.join(export_dir, layout.TOKENIZER))
   log(f"exported the parameters of step {step} to {export_dir}")
   return step

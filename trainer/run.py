@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import tqdm
 
+import layout
 from data import examples, loader, prepare, tokenizers
 from model import GPT, generate, resize_vocab
 from trainer import checkpoint, config as config_lib, objectives, optim
@@ -132,13 +133,12 @@ def _prepare(config, tokenizer):
                                  d.cache_dir, d.val_fraction)
 
 
-TOKENIZER = "tokenizer"  # <workdir>/tokenizer/: the model's, saved by train
 
 
 def saved_tokenizer(workdir: str):
   """The tokenizer of the model in `workdir` (its tokenizer/, saved by
   train or an import), or None where there is none."""
-  return tokenizers.load_dir(os.path.join(workdir, TOKENIZER))
+  return tokenizers.load_dir(os.path.join(workdir, layout.TOKENIZER))
 
 
 def _tokenizer_and_data(config, workdir: str, splits):
@@ -163,8 +163,9 @@ def _check_same_tokenizer(model_tokenizer, model_dir: str, tokenizer,
   model in `model_dir`."""
   if not tokenizers.same(model_tokenizer, tokenizer):
     hint = (f"--tokenizer gpt2 --tokenizer-files "
-            f"{os.path.join(model_dir, TOKENIZER)}" if model_tokenizer.kind ==
-            "bpe" else f"--tokenizer {model_tokenizer.kind}")
+            f"{os.path.join(model_dir, layout.TOKENIZER)}"
+            if model_tokenizer.kind == "bpe" else
+            f"--tokenizer {model_tokenizer.kind}")
     raise ConfigError(
         f"the model of {model_dir} uses a "
         f"{tokenizers.describe(model_tokenizer)}, but {corpus} was prepared "
@@ -339,7 +340,7 @@ def _padded_as_saved(run: Run, workdir: str):
   """This run's model config with the vocabulary padding of the run saved
   in `workdir` (a config.json from before model.vocab_multiple means 1),
   or None where that pads the vocabulary to the same size."""
-  if not os.path.isfile(os.path.join(workdir, "config.json")):
+  if not os.path.isfile(os.path.join(workdir, layout.CONFIG)):
     return None
   multiple = saved_config.load_saved(workdir).model.vocab_multiple
   saved = dataclasses.replace(run.model.cfg, vocab_multiple=multiple)
@@ -396,13 +397,12 @@ def _init_from(run: Run, state, workdir: str):
   return state.replace(params=params)
 
 
-REFERENCE = "reference"  # <workdir>/reference/: a dpo run's frozen params
 
 
 def load_reference(run: Run, workdir: str):
   """The dpo reference params saved in `workdir` (its reference/)."""
-  source = checkpoint.Checkpointer(os.path.join(workdir, REFERENCE), keep=1,
-                                   read_only=True)
+  source = checkpoint.Checkpointer(os.path.join(workdir, layout.REFERENCE),
+                                   keep=1, read_only=True)
   try:
     if 0 not in source.steps():
       raise ConfigError(

@@ -8,7 +8,9 @@ import os
 
 import ml_collections
 
+import layout
 from configs import default
+from data import disk
 from trainer import optim
 from trainer.errors import ConfigError
 
@@ -62,7 +64,7 @@ KEPT_BY_THE_RUN = ("data.order_version",)
 def as_the_run_keeps(config, workdir: str) -> ml_collections.ConfigDict:
   """`config` with the KEPT_BY_THE_RUN fields of the run in `workdir`, if
   one is there (a run saved before a field gets BEFORE_FIELD's value)."""
-  if not os.path.exists(os.path.join(workdir, "config.json")):
+  if not os.path.exists(os.path.join(workdir, layout.CONFIG)):
     return config
   saved, config = load_saved(workdir), config.copy_and_resolve_references()
   for field in KEPT_BY_THE_RUN:
@@ -74,7 +76,7 @@ def as_the_run_keeps(config, workdir: str) -> ml_collections.ConfigDict:
 def check_resumable(config, workdir: str) -> None:
   """Refuses to resume the run in `workdir` with a config (as the run would
   use it) that differs from its config.json outside RESUMABLE."""
-  if not os.path.exists(os.path.join(workdir, "config.json")):
+  if not os.path.exists(os.path.join(workdir, layout.CONFIG)):
     return
   run = load_saved(workdir)
   if eval_subset(run) != eval_subset(config):
@@ -125,7 +127,7 @@ def _plain(value):
 
 
 def save(config, workdir: str) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
+  with disk.replacing(os.path.join(workdir, layout.CONFIG)) as f:
     f.write(config.to_json(indent=1))
 
 
@@ -139,7 +141,7 @@ def load_saved(workdir: str) -> ml_collections.ConfigDict:
   """A run's config.json; fields added to the code since it was written take
   their defaults, which keep its behaviour (BEFORE_FIELD's values where the
   default would not)."""
-  path = os.path.join(workdir, "config.json")
+  path = os.path.join(workdir, layout.CONFIG)
   if not os.path.exists(path):
     raise ConfigError(f"{workdir!r} holds no trained run (no config.json); "
                       "train one there first with --mode=train")
@@ -186,8 +188,7 @@ def cooldown_branch(parent, cooldown, parent_workdir: str
   config = ml_collections.ConfigDict(parent.to_dict())
   config.train.steps = start + steps
   config.checkpoint.keep_steps = ()
-  workdir = cooldown.workdir or os.path.join(
-      parent_workdir, "cooldowns", f"{start}+{steps}")
+  workdir = cooldown.workdir or layout.cooldown(parent_workdir, start, steps)
   config.cooldown.update(from_step=start, steps=steps, shape=cooldown.shape,
                          workdir=workdir,
                          parent=os.path.abspath(parent_workdir))

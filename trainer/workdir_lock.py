@@ -20,13 +20,13 @@ import os
 import threading
 import time
 
+import layout
 from data import disk
 from trainer.errors import WorkdirInUse
 
 HOST = disk.HOST
 HEARTBEAT_S = 5  # how often an owner renews its lock
 STALE_S = 120    # a lock not renewed for this long is stale
-LOCK = "workdir.lock"
 
 
 def read_json(path: str) -> dict | None:
@@ -173,7 +173,7 @@ class WorkdirLock(LockFile):
     created = _missing(workdir)
     os.makedirs(workdir, exist_ok=True)
     now, pid = time.time(), os.getpid()
-    lock, found = cls.take(os.path.join(workdir, LOCK), {
+    lock, found = cls.take(os.path.join(workdir, layout.LOCK), {
         "host": HOST, "pid": pid, "pid_start": start_ticks(pid),
         "started": now, "heartbeat": now})
     if lock is None:

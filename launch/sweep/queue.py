@@ -8,10 +8,11 @@ import subprocess
 import sys
 import time
 
+import layout
 from data import disk
 from launch.local import REPO, exit_status
 from launch.sweep.spec import Sweep, Task
-from launch.sweep.status import LOG, STATE, Lock, Metrics, _state
+from launch.sweep.status import Lock, Metrics, _state
 from launch.sweep.table import _duration, _number
 from trainer.workdir_lock import HEARTBEAT_S, HOST
 
@@ -46,7 +47,7 @@ class Attempt:
     self.wall_before = self.state["wall_s"]
     self.started = time.monotonic()
     argv = [sys.executable, "train.py", *task.args]
-    self.log = os.path.join(task.workdir, LOG)
+    self.log = os.path.join(task.workdir, layout.SWEEP_LOG)
     with open(self.log, "a") as log:
       log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt "
                 f"{self.state['attempts']} on {HOST}: {shlex.join(argv)}\n")
@@ -72,7 +73,8 @@ class Attempt:
       return
     self.state.update(status=status, **exit_info, wall_s=round(
         self.wall_before + time.monotonic() - self.started, 1))
-    disk.write_json(os.path.join(self.task.workdir, STATE), self.state)
+    disk.write_json(os.path.join(self.task.workdir, layout.SWEEP_STATE),
+                    self.state)
 
   def stop(self) -> None:
     if not self.stopped and self.proc.poll() is None:

@@ -5,6 +5,7 @@ import csv
 import os
 import statistics
 
+import layout
 from data import disk
 from launch.sweep.spec import Sweep
 from launch.sweep.status import Metrics, _state, _status
@@ -17,7 +18,7 @@ def results(sweep: Sweep) -> list:
   rows = []
   for task in sweep.tasks:
     state, m = _state(task.workdir), Metrics(task.workdir).update()
-    info = _read_json(os.path.join(task.workdir, "run.json")) or {}
+    info = _read_json(os.path.join(task.workdir, layout.RUN)) or {}
     tokens = _times(info.get("tokens_per_step"), m.step)
     status = _status(task, state)
     best = min(m.evals, key=lambda r: r["eval_loss"], default={})

@@ -7,9 +7,10 @@ import shutil
 import subprocess
 import sys
 
+import layout
 from launch.local import REPO
 from errors import BadInput
-from launch.sweep.spec import Sweep, _checkpoint
+from launch.sweep.spec import Sweep
 
 
 def _sbatch_resources() -> list:
@@ -25,7 +26,7 @@ def array_script(tasks: list, job_name: str, what: str, root: str,
   """A job array whose task i runs tasks[i] through launch/slurm.sbatch (so
   each may span several nodes); one already done exits at once."""
   cases = "\n".join(
-      f"  {i}) final={shlex.quote(_checkpoint(t.workdir, t.steps))}\n"
+      f"  {i}) final={shlex.quote(layout.checkpoint(t.workdir, t.steps))}\n"
       f"     args=({shlex.join(t.args)}) ;;" for i, t in enumerate(tasks))
   limit = f"%{parallel}" if parallel else ""
   return "\n".join([

@@ -10,6 +10,7 @@ import random
 import re
 import shlex
 
+import layout
 from launch.local import REPO
 from errors import BadInput
 from launch.sweep.run_config import (_budget_steps, _canonical, _check_branch,
@@ -36,11 +37,12 @@ class Task:
     return "cooldown" if self.parent else "run"
 
   def done(self) -> bool:
-    return os.path.isdir(_checkpoint(self.workdir, self.steps))
+    return os.path.isdir(layout.checkpoint(self.workdir, self.steps))
 
   def ready(self) -> bool:
     return (self.parent is None or self.parent.done() or
-            os.path.isdir(_checkpoint(self.parent.workdir, self.from_step)))
+            os.path.isdir(layout.checkpoint(self.parent.workdir,
+                                            self.from_step)))
 
 
 @dataclasses.dataclass
@@ -50,11 +52,6 @@ class Sweep:
   runs: list           # the Tasks of the runs, in expansion order
   tasks: list          # each run followed by its branches
   fields: list         # the swept fields, in order of appearance
-
-
-def _checkpoint(workdir: str, step: int) -> str:
-  """Orbax renames a checkpoint into place only once it is committed."""
-  return os.path.join(workdir, "checkpoints", str(step))
 
 
 def load(spec_path: str, root: str | None = None) -> Sweep:
@@ -174,7 +171,7 @@ def _branches(run: Task, config, budgets: list, branch_points: list,
   """The Tasks of a run's cooldown branches, each checked."""
   tasks = []
   for fraction, (from_step, steps) in zip(budgets, branch_points):
-    branch = f"{run.name}/cooldowns/{from_step}+{steps}"
+    branch = layout.cooldown(run.name, from_step, steps)
     cooldown = {"from_step": from_step, "steps": steps,
                 "workdir": os.path.join(root, branch)}
     _check_branch(config, cooldown, run.workdir, f"{where}, {branch}")
@@ -346,7 +343,7 @@ def strays(sweep: Sweep) -> list:
                        else ()):
     workdir = os.path.join(sweep.root, folder)
     if folder in names or not os.path.isfile(
-        os.path.join(workdir, "config.json")):
+        os.path.join(workdir, layout.CONFIG)):
       continue
     try:
       digest = config_digest(saved_config.load_saved(workdir))[:6]

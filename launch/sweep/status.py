@@ -5,14 +5,12 @@ import json
 import os
 import time
 
+import layout
 from launch.sweep.spec import Task
 from trainer import workdir_lock
 from trainer.workdir_lock import HOST
 from trainer.workdir_lock import read_json as _read_json
 
-LOCK = "sweep.lock"
-STATE = "sweep_state.json"
-LOG = "sweep.log"
 
 
 class Lock(workdir_lock.LockFile):
@@ -30,19 +28,19 @@ class Lock(workdir_lock.LockFile):
     """(lock or None, the lock found there, if any): None while a live
     owner holds it."""
     now = time.time()
-    return cls.take(os.path.join(workdir, LOCK), {
+    return cls.take(os.path.join(workdir, layout.SWEEP_LOCK), {
         "host": HOST, "sweep_pid": os.getpid(), "child_pid": None,
         "started": now, "heartbeat": now})
 
 
 def _held(workdir: str) -> bool:
-  return Lock.holder(os.path.join(workdir, LOCK)) is not None
+  return Lock.holder(os.path.join(workdir, layout.SWEEP_LOCK)) is not None
 
 
 def _state(workdir: str) -> dict:
   """<workdir>/sweep_state.json: attempts, status, last_exit, last_error,
   wall_s (over all attempts)."""
-  return _read_json(os.path.join(workdir, STATE)) or {}
+  return _read_json(os.path.join(workdir, layout.SWEEP_STATE)) or {}
 
 
 STATUSES = ("queued", "running", "interrupted", "done", "failed")
@@ -56,7 +54,7 @@ def _status(task: Task, state: dict) -> str:
     return "running"
   if state.get("status") == "failed":
     return "failed"
-  if state or os.path.isdir(os.path.join(task.workdir, "checkpoints")):
+  if state or os.path.isdir(os.path.join(task.workdir, layout.CHECKPOINTS)):
     return "interrupted"
   return "queued"
 
@@ -67,7 +65,7 @@ class Metrics:
   read afresh."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = os.path.join(workdir, layout.METRICS)
     self._reset(None)
 
   def _reset(self, inode) -> None:
