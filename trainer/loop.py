@@ -108,7 +108,7 @@ def _train(run: Run, stop, lock) -> dict:
       tokenizers.save_dir(run.tokenizer,
                           os.path.join(workdir, layout.TOKENIZER))
     ref_params = (_reference(run, state, resumed=start_resumed)
-                  if run.objective == "dpo" else None)
+                  if run.uses_reference else None)
     # The data continue at the step the state is at (data.loader).
     source = run.sources["train"]
     fingerprints = config.data.fingerprint and jax.process_index() == 0

@@ -37,7 +37,7 @@ def evaluate(config, workdir: str) -> dict:
   run = build(config, workdir, splits=("val",), read_only=True)
   with run.context():
     step, params = _newest_params(run)
-    ref = load_reference(run, workdir) if run.objective == "dpo" else None
+    ref = load_reference(run, workdir) if run.uses_reference else None
     return {"step": step,
             **evaluate_params(run, params, config.eval.max_batches, ref),
             "data": run.data.path, "workdir": workdir}

@@ -48,6 +48,11 @@ class Run:
   def objective(self) -> str:
     return self.config.train.objective
 
+  @property
+  def uses_reference(self) -> bool:
+    """Whether its steps take frozen reference params (dpo)."""
+    return objectives.OBJECTIVES[self.objective].uses_reference
+
   def context(self):
     """Mesh and logical-axis rules, active whenever a step is traced; on exit,
     even by an error, pending checkpoint writes are finished, and a write
@@ -236,7 +241,7 @@ def evaluate_params(run: Run, params, max_batches: int,
   batch_sharding = sharding.batch_sharding(run.mesh)
   data_parallel = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
   batch_size = math.ceil(run.config.eval.batch_size / data_parallel) * data_parallel
-  extra = (ref_params,) if run.objective == "dpo" else ()
+  extra = (ref_params,) if run.uses_reference else ()
   total = None
   max_items = max_batches * run.config.eval.batch_size  # any mesh alike
   for batch, mask in loader.eval_batches(source, batch_size, max_items):

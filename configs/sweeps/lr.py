@@ -23,6 +23,6 @@ def get_sweep():
       "base": "configs/default.py",
       "overrides": {"train.steps": 300, "eval.every_steps": 100,
                     "checkpoint.every_steps": 100},
-      "axes": [{"grid": {"model.d_model": [64, 128],
+      "axes": [{"grid": {"model.d_model": [48, 96],
                          "train.learning_rate": [4e-3, 1.6e-2, 6.4e-2]}}],
   }
