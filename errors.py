@@ -11,6 +11,7 @@ their own status (data.disk.WriteFailed 74, trainer.errors.Diverged 3,
 trainer.errors.Preempted 75); docs/running.md lists them.
 """
 
+import argparse
 import functools
 import sys
 
@@ -24,6 +25,13 @@ class Stop(Exception):
 class BadInput(Stop):
   """Input a command cannot use; the message says how to fix it."""
   exit_code = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse's, with a bad command line a BadInput: one line, status 2."""
+
+  def error(self, message):
+    raise BadInput(message)
 
 
 def command(main, debug: bool = False):

@@ -39,10 +39,12 @@ HOST = socket.gethostname()
 @contextlib.contextmanager
 def replacing(path: str, mode: str = "w", **open_args):
   """A file to write that replaces `path` once written whole and synced: a
-  reader sees the old file or the new one, never a part. The temporary is
-  this process's and thread's own, on any host sharing the file system, and
-  is removed if the write fails."""
+  reader sees the old file or the new one, never a part. Text is UTF-8.
+  The temporary is this process's and thread's own, on any host sharing the
+  file system, and is removed if the write fails."""
   tmp = f"{path}.{HOST}.{os.getpid()}.{threading.get_ident()}.tmp"
+  if "b" not in mode:
+    open_args.setdefault("encoding", "utf-8")
   try:
     with open(tmp, mode, **open_args) as f:
       yield f

@@ -168,8 +168,7 @@ class BPETokenizer(_Tokenizer):
     return {"kind": self.kind, "file": self.FILE, "sha256": digest}
 
   def save(self, directory: str) -> None:
-    with disk.replacing(os.path.join(directory, self.FILE), "w",
-                        encoding="utf-8") as f:
+    with disk.replacing(os.path.join(directory, self.FILE)) as f:
       f.write(self.to_str())
 
 

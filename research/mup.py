@@ -436,15 +436,11 @@ def _ints(text: str) -> list:
         f"{text!r} is not a comma-separated list of integers") from None
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    raise BadInput(message)
-
-
 @errors.command
 def main(argv: list | None = None) -> int:
-  parser = _Parser(prog="python -m research.mup", description=__doc__,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = errors.ArgumentParser(
+      prog="python -m research.mup", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True)
   c = commands.add_parser("coord_check", help="mean |activation| per layer "
                           "vs width, standard vs muP")

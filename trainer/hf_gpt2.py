@@ -270,9 +270,9 @@ def export_gpt2(workdir: str, hf_dir: str) -> int:
     shutil.copyfile(os.path.join(tokenizer_dir, name),
                     os.path.join(hf_dir, name))
   weights = os.path.join(hf_dir, _WEIGHTS)
-  with disk.replacing(weights, "wb") as f:
-    f.write(safetensors.numpy.save(mapping.gpt2_from_params(params, cfg),
-                                   metadata={"format": "pt"}))
+  with disk.replacing(weights, "wb") as f:  # written by name, not in memory
+    safetensors.numpy.save_file(mapping.gpt2_from_params(params, cfg),
+                                f.name, metadata={"format": "pt"})
   disk.write_json(os.path.join(hf_dir, "config.json"),
                   mapping.hf_config(cfg, eot_id), indent=2)
   return step

@@ -17,7 +17,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 import layout
-from data import loader, tokenizers
+from data import disk, loader, tokenizers
 from trainer import audit, checkpoint, metrics, objectives, optim
 from trainer import saved_config, sharding, workdir_lock
 from trainer import state as state_lib
@@ -236,9 +236,8 @@ def _write_sample(run: Run, params, step: int, writer) -> None:
   if jax.process_index() == 0:
     path = layout.sample(run.workdir, step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    with disk.replacing(path) as f:
       f.write(text)
-    os.replace(path + ".tmp", path)
     writer.text("sample", text, step)
   log(f"--- sample (temperature {run.config.sample.temperature}) ---\n"
       f"{text}")

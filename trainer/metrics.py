@@ -71,7 +71,8 @@ def flops_per_token(model_cfg, objective: str) -> float:
   2 N more, the frozen reference model's forward pass over the same
   tokens."""
   flops = model_cfg.flops_per_token()
-  return flops * 4 / 3 if objective == "dpo" else flops
+  return (flops * 4 / 3 if objectives.OBJECTIVES[objective].uses_reference
+          else flops)
 
 
 def code_version() -> dict:

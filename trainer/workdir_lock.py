@@ -115,7 +115,10 @@ class LockFile:
 
   def renew(self, **fields) -> bool:
     """A new heartbeat (and `fields`); False if the lock was taken over
-    meanwhile (this process looked dead, e.g. stopped for over STALE_S)."""
+    meanwhile (this process looked dead, e.g. stopped for over STALE_S). A
+    takeover written between the check and the write is written over: the
+    taker's next beat then finds the lock not its own and stops the taker,
+    so one writer remains."""
     if not self.ours():
       return False
     self.owner.update(fields, heartbeat=time.time())

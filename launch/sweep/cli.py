@@ -80,11 +80,6 @@ from launch.sweep.status import Metrics
 from launch.sweep.table import Display, _counts, _rows, _table
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    raise BadInput(message)  # one line, like every other bad input
-
-
 def _command_run(sweep: Sweep, args) -> int:
   os.makedirs(sweep.root, exist_ok=True)
   done = sum(t.done() for t in sweep.tasks)
@@ -129,8 +124,9 @@ COMMANDS = {
 
 @errors.command
 def main(argv: list) -> int:
-  parser = _Parser(prog="python -m launch.sweep", description=__doc__,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = errors.ArgumentParser(
+      prog="python -m launch.sweep", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True)
   sub = {}
   for name, (_, text) in COMMANDS.items():
