@@ -21,18 +21,22 @@ def write_jsonl(path: str, records) -> None:
 
 
 def train_py(workdir: str, overrides: dict, log: str) -> float:
-  """Runs `python train.py --config.K=V ... --workdir=WORKDIR` (its output
-  appended to `log`) and returns its wall time in seconds, startup, data
-  preparation and compilation included."""
+  """Runs `python train.py --config.K=V ... --workdir=WORKDIR` (run_logged)."""
   args = [f"--config.{k}={v!r}" if isinstance(v, tuple) else
           f"--config.{k}={v}" for k, v in overrides.items()]
+  return run_logged(args + [f"--workdir={workdir}"], log)
+
+
+def run_logged(args: list[str], log: str) -> float:
+  """Runs `python train.py ARGS` (its output appended to `log`) and returns
+  its wall time in seconds, startup, data preparation and compilation
+  included; a failure exits with its status and the log."""
   t = time.perf_counter()
   with open(log, "a") as f:
-    f.write(f"$ python train.py {' '.join(args)} --workdir={workdir}\n")
+    f.write(f"$ python train.py {' '.join(args)}\n")
     f.flush()
-    code = subprocess.run([sys.executable, "train.py", *args,
-                           f"--workdir={workdir}"], cwd=REPO, stdout=f,
-                          stderr=subprocess.STDOUT).returncode
+    code = subprocess.run([sys.executable, "train.py", *args], cwd=REPO,
+                          stdout=f, stderr=subprocess.STDOUT).returncode
   if code:
     sys.exit(f"train.py failed (status {code}); see {log}")
   return time.perf_counter() - t

@@ -21,10 +21,12 @@ TAGS = {
     "tokens_per_sec": "perf/tokens_per_sec",
     "tokens_per_sec_per_device": "perf/tokens_per_sec_per_device",
     "step_time_ms": "perf/step_time_ms", "data_wait_ms": "perf/data_wait_ms",
-    "mfu": "perf/mfu", "eval_loss": "eval/loss",
+    "mfu": "perf/mfu", "train_time_s": "perf/train_time_s",
+    "train_cpu_s": "perf/train_cpu_s", "eval_loss": "eval/loss",
     "eval_perplexity": "eval/perplexity",
     "eval_bits_per_byte": "eval/bits_per_byte", "eval_tokens": "eval/tokens",
     "eval_items": "eval/items", "eval_split_items": "eval/split_items",
+    "eval_time_s": "eval/time_s",
 }
 
 
@@ -89,3 +91,22 @@ def test_mfu_is_hand_counted_flops_over_step_time_and_peak(run_dir):
                                                 rel=1e-9)
     assert r["mfu"] == pytest.approx(
         flops_per_token * tokens_per_step / step_time / peak, rel=1e-9)
+
+
+def test_train_time_adds_up_the_step_times_and_leaves_out_evals(run_dir):
+  """Every step is logged here, each its own window: train_time_s is the
+  sum of the step times after the first (which compiles), and the evals at
+  steps 3 and 6, timed on their own, are not in it."""
+  records = metrics_records(run_dir)
+  steps = [r for r in records if "loss" in r]
+  evals = [r for r in records if "eval_loss" in r]
+  assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+  assert [r["step"] for r in evals] == [3, 6]
+  assert steps[0]["train_time_s"] == steps[0]["train_cpu_s"] == 0.0
+  total = 0.0
+  for r in steps[1:]:
+    total += r["step_time_ms"] / 1e3
+    assert r["train_time_s"] == pytest.approx(total, rel=1e-9)
+  cpu = [r["train_cpu_s"] for r in steps]
+  assert cpu == sorted(cpu) and cpu[-1] > 0
+  assert all(r["eval_time_s"] > 0 for r in evals)

@@ -186,9 +186,11 @@ def _after_step(run: Run, state, done_step: int, logger, ref_params, stop,
     logger.flush()
   last_eval = None
   if do_eval:
+    t0 = time.perf_counter()
     last_eval = evaluate_params(run, state.params,
                                 config.eval.max_batches, ref_params)
-    logger.writer.write(done_step, last_eval)
+    logger.writer.write(done_step, {
+        **last_eval, "eval_time_s": time.perf_counter() - t0})
     log(f"step {done_step}: {eval_line(last_eval)}")
   if do_save:
     run.checkpointer.save(
@@ -246,7 +248,10 @@ def _write_sample(run: Run, params, step: int, writer) -> None:
 class StepLogger:
   """Writes finished steps' metrics (metrics.jsonl, TensorBoard, the progress
   bar). A step's metrics are fetched one step late, while the next step
-  already runs, and timed from one fetched step to the next. A non-finite
+  already runs, and timed from one fetched step to the next; train_time_s
+  and train_cpu_s add up those times (wall and this process's CPU) since
+  the process's first step, which compiles and is left out, as evals and
+  saves are (benchmarks.speedrun reads them). A non-finite
   loss or gradient stops the run, unless its update was skipped
   (train.skip_nonfinite_updates)."""
 
@@ -263,11 +268,13 @@ class StepLogger:
                          dynamic_ncols=True,
                          disable=jax.process_index() != 0)
     self.pending = None  # (step, its metrics still on the device)
+    self.train_s = self.train_cpu_s = 0.0
     self.restart_window()
 
   def restart_window(self, now: float | None = None) -> None:
     """Times the steps from `now` on (evals and saves stay out of it)."""
     self.window_start = time.perf_counter() if now is None else now
+    self.mark = (self.window_start, time.process_time())
     self.window_steps = 0
     self.data_wait = 0.0  # seconds waited for batches in this window
 
@@ -294,14 +301,19 @@ class StepLogger:
           "last good checkpoint is "
           f"{f'{self.run.checkpointer.directory}/{last}' if last else 'none'}"
           "; lower train.learning_rate or raise train.warmup_steps")
-    now = time.perf_counter()
+    now, cpu = time.perf_counter(), time.process_time()
     elapsed = now - self.window_start
     first = step == self.start + 1  # its time includes compilation
     self.window_steps += 0 if first else 1
+    if not first:
+      self.train_s += now - self.mark[0]
+      self.train_cpu_s += cpu - self.mark[1]
+    self.mark = (now, cpu)
     if first or step % t.log_every_steps == 0 or step == t.steps:
       record = {"loss": done["loss"], "grad_norm": done["grad_norm"],
                 "learning_rate": float(self.schedule(step - 1)),
-                "tokens_seen": step * self.tokens_per_step}
+                "tokens_seen": step * self.tokens_per_step,
+                "train_time_s": self.train_s, "train_cpu_s": self.train_cpu_s}
       if "skipped_updates" in done:
         record["skipped_updates"] = int(done["skipped_updates"])
       record.update({k: float(v) for k, v in done.items()
