@@ -41,7 +41,7 @@ class KVRing:
     M = min(L, W)
     return (first + L - M + jnp.arange(M)) % W, L - M
 
-  def claim(self, pos_BxL, first, fresh: bool):
+  def claim(self, pos_BxL, first, fresh: bool, span: int):
     """Columns [first, first + L) for tokens at positions pos_BxL, and which
     keys those attend to (mask_Bx1xLxT, over the keys `update` returns):
     those at their position and the W - 1 before it."""
@@ -51,7 +51,7 @@ class KVRing:
         self.pos_BxW.at[:, slots_M].set(pos_BxL[:, skip:]),
         ("batch", "length"))
     if L == 1:
-      key_pos_BxT = pos_BxW
+      key_pos_BxT = pos_BxW[:, :span]
     elif fresh:
       key_pos_BxT = pos_BxL
     else:
@@ -63,12 +63,14 @@ class KVRing:
                     (key_pos_Bx1x1xT > query_pos_Bx1xLx1 - W))
     return self.replace(pos_BxW=pos_BxW), mask_Bx1xLxT
 
-  def update(self, layer, k_BxLxHxK, v_BxLxHxK, first, fresh: bool):
+  def update(self, layer, k_BxLxHxK, v_BxLxHxK, first, fresh: bool,
+             span: int):
     """The ring with layer `layer`'s keys and values of columns [first,
     first + L) written, and the keys and values those attend to.
 
-    One token (decoding) writes its slot first and reads the ring, which
-    then holds its whole band: XLA writes the slot in place. A longer step
+    One token (decoding) writes its slot first and reads the ring's first
+    `span` slots, which then hold its whole band: XLA writes the slot in
+    place. A longer step
     may overwrite keys its first tokens need, and its slots may wrap around:
     it attends to its own keys, after those of the ring before its write
     unless the cache is `fresh` (a prefill), and scatters its last W. (Per
@@ -83,7 +85,7 @@ class KVRing:
       if L == 1:
         ring_ZxBxWxHxK = constrain(jax.lax.dynamic_update_slice(
             ring_ZxBxWxHxK, new_BxLxHxK[None], (layer, 0, slots_M[0], 0, 0)))
-        return ring_ZxBxWxHxK, ring_ZxBxWxHxK[layer]
+        return ring_ZxBxWxHxK, ring_ZxBxWxHxK[layer, :, :span]
       seen_BxTxHxK = new_BxLxHxK if fresh else jnp.concatenate(
           [ring_ZxBxWxHxK[layer], new_BxLxHxK], axis=1)
       # (layer, slots) index the ring apart: the update is [M, B, H, K].
@@ -113,6 +115,10 @@ class KVCache:
   length: jax.Array  # columns claimed
   # Static: no step has written the cache yet, so a step reads no ring.
   fresh: bool = flax.struct.field(pytree_node=False, default=True)
+  # Static: a decoding step reads only the first `span` slots of each ring
+  # (None: all), enough while the columns written, its own included, fit
+  # (`spanning`): it skips the work of slots not yet written.
+  span: int | None = flax.struct.field(pytree_node=False, default=None)
 
   @classmethod
   def empty(cls, cfg: GPTConfig, batch: int) -> "KVCache":
@@ -123,7 +129,7 @@ class KVCache:
   def claim(self, pos_BxL):
     """The next L columns for tokens at positions pos_BxL (-1: padding), and
     per ring the mask of the keys they attend to (`KVRing.claim`)."""
-    claimed = [ring.claim(pos_BxL, self.length, self.fresh)
+    claimed = [ring.claim(pos_BxL, self.length, self.fresh, self.span)
                for ring in self.rings]
     return (self.replace(rings=tuple(ring for ring, _ in claimed),
                          length=self.length + pos_BxL.shape[1]),
@@ -135,9 +141,19 @@ class KVCache:
     (`KVRing.update`)."""
     first = self.length - k_BxLxHxK.shape[1]
     ring, k_BxTxHxK, v_BxTxHxK = self.rings[place].update(
-        layer, k_BxLxHxK, v_BxLxHxK, first, self.fresh)
+        layer, k_BxLxHxK, v_BxLxHxK, first, self.fresh, self.span)
     rings = self.rings[:place] + (ring,) + self.rings[place + 1:]
     return self.replace(rings=rings), k_BxTxHxK, v_BxTxHxK
+
+  def spanning(self, columns: int, seq_len: int) -> "KVCache":
+    """The cache for a decoding step after which it holds `columns` columns
+    (a host-side count): its span is the power of two from 64 up that
+    covers them, so that few spans (each a compiled step) cover a context,
+    none reading more than twice the slots written; past seq_len, all. A
+    ring's first `columns` slots hold them until it rolls over, and then a
+    span of W or more reads the whole ring."""
+    span = max(64, 1 << (columns - 1).bit_length())
+    return self.replace(span=None if span >= seq_len else span)
 
   def written(self) -> "KVCache":
     """The cache once a step has written it (GPT's call returns this)."""

@@ -165,8 +165,9 @@ def generate(model, params, prompts, rng, *, max_new_tokens: int,
     # pending_B (still on the device) is column n; dispatch column n + 1.
     if n + 1 < N:
       window, last_window = policy(n + 1), window
-      if window == last_window:
-        next_B, cache = decode(params, cache, pending_B, rng, n + 1)
+      if window == last_window:  # the cache then holds [window, n]
+        next_B, cache = decode(params, cache.spanning(n + 1 - window, S),
+                               pending_B, rng, n + 1)
       else:
         next_B, cache = restart(n + 1, window, jnp.concatenate(
             [buf_BxN[:, window:n], pending_B[:, None]], axis=1))

@@ -114,6 +114,31 @@ def test_rolling_cache_matches_full_forward_past_the_context():
   assert np.abs(last[:, -1] - full[:, -1]).max() > 1e-3
 
 
+def test_decoding_reads_only_the_slots_written():
+  """A context of 200 (a dense ring of 200 slots, a local one of 100):
+  decoding steps read the first 64, then 128 slots, then all (256 >= 200),
+  the local ring all of its slots once it rolls over (after 100 columns),
+  and their logits stay those of the full forward at every position."""
+  cfg = tiny_model_config(seq_len=200, attention_pattern="dense,local",
+                          local_window=100, position="rope")
+  model, params = GPT(cfg), random_params(cfg, seed=1, std=0.3)
+  tokens = np.random.default_rng(3).integers(0, 37, (2, 200)).astype(np.int32)
+  full = np.asarray(jax.jit(model.apply)({"params": params}, tokens))
+  step = jax.jit(lambda tokens, pos, cache: model.apply(
+      {"params": params}, tokens, cache=cache, pos_BxL=pos))
+  P = 30
+  _, cache = step(tokens[:, :P], np.tile(np.arange(P), (2, 1)),
+                  KVCache.empty(cfg, 2))
+  spans = set()
+  for t in range(P, 200):
+    cache = cache.spanning(t + 1, cfg.seq_len)
+    spans.add(cache.span)
+    logits, cache = step(tokens[:, t:t + 1], np.full((2, 1), t), cache)
+    np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=0, atol=5e-5,
+                               err_msg=f"position {t}, span {cache.span}")
+  assert spans == {64, 128, None}
+
+
 def test_context_policy():
   """Up to the context the window holds everything; past it, it restarts on
   the last half and grows back to the context before the next restart. A
