@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from model.attention import attend, einsum_f32, rotary, self_attention
-from model.config import GPTConfig, REMAT_POLICIES
+from model.config import ACTIVATIONS, GPTConfig, REMAT_POLICIES
 from model.kv_cache import KVCache
 
 
@@ -38,12 +38,32 @@ def sinusoidal_positions(seq_len: int, d_model: int) -> jax.Array:
   return pe_LD.at[:, 1::2].set(jnp.cos(pos_L1 * freq[: d_model // 2]))
 
 
-def _layer_norm(cfg: GPTConfig, name: str | None = None) -> nn.LayerNorm:
+def _rms_norm(cfg: GPTConfig, axis: str, name: str | None = None):
+  """RMSNorm over the last axis (logical name `axis`): a gain, no bias,
+  LayerNorm's epsilon."""
+  return nn.RMSNorm(
+      epsilon=1e-5, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis,)))
+
+
+def _norm(cfg: GPTConfig, name: str | None = None) -> nn.Module:
+  """The norm of cfg.norm over d_model: GPT-2's LayerNorm, or RMSNorm."""
+  if cfg.norm == "rmsnorm":
+    return _rms_norm(cfg, "embed", name)
   return nn.LayerNorm(
       epsilon=1e-5, use_bias=cfg.use_bias, dtype=cfg.dtype,
       param_dtype=cfg.param_dtype, name=name,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+def _projection_init(cfg: GPTConfig):
+  """The init of the residual projections (attention's and the MLP's
+  output): GPT-2 scales them by 1/sqrt(2 * layers); zero_init_proj starts
+  them at zero, so that each block starts as the identity."""
+  if cfg.zero_init_proj:
+    return nn.initializers.zeros
+  return _dense_init(cfg.hidden_init_scale / math.sqrt(2 * cfg.num_layers))
 
 
 class Attention(nn.Module):
@@ -78,6 +98,9 @@ class Attention(nn.Module):
                            zeros)
     qkv_BxLx3xHxK = qkv_Nx3xHxK.reshape(B, L, 3, H, K)
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+    if cfg.qk_norm:  # before rotary positions and the cache
+      q_BxLxHxK = _rms_norm(cfg, "head_dim", "q_norm")(q_BxLxHxK)
+      k_BxLxHxK = _rms_norm(cfg, "head_dim", "k_norm")(k_BxLxHxK)
     if cfg.position == "rope":
       q_BxLxHxK = rotary(q_BxLxHxK, pos_BxL, cfg.rope_base)
       k_BxLxHxK = rotary(k_BxLxHxK, pos_BxL, cfg.rope_base)
@@ -97,10 +120,8 @@ class Attention(nn.Module):
                                    cfg.attention_chunks, dropout, mask_Bx1xLxT)
     out_BxLxHxK = nn.with_logical_constraint(
         out_BxLxHxK, ("batch", "length", "heads", "head_dim"))
-    # GPT-2 scales the residual projections by 1/sqrt(2 * layers) at init.
     w_HxKxD = param("out_kernel", (H, K, D), ("heads", "head_dim", "embed"),
-                    _dense_init(cfg.hidden_init_scale /
-                                math.sqrt(2 * cfg.num_layers)))
+                    _projection_init(cfg))
     y_NxD = jnp.einsum("nhk,hkd->nd", out_BxLxHxK.reshape(B * L, H, K),
                        w_HxKxD)
     if cfg.use_bias:
@@ -126,15 +147,14 @@ class MLP(nn.Module):
         x_BxLxD.reshape(B * L, D))
     h_BxLxF = nn.with_logical_constraint(h_NxF.reshape(B, L, -1),
                                          ("batch", "length", "mlp"))
-    h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)  # GPT-2's tanh GELU
-    y_NxD = dense(D, ("mlp", "embed"), _dense_init(
-        cfg.hidden_init_scale / math.sqrt(2 * cfg.num_layers)))(
-                      h_BxLxF.reshape(B * L, -1))
+    h_BxLxF = ACTIVATIONS[cfg.activation](h_BxLxF)
+    y_NxD = dense(D, ("mlp", "embed"), _projection_init(cfg))(
+        h_BxLxF.reshape(B * L, -1))
     return y_NxD.reshape(B, L, D)
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)),
+  """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)),
   at place `place` of the attention pattern.
 
   Carries (x, cache): with a KVCache, attention updates its ring's layer
@@ -149,10 +169,10 @@ class Block(nn.Module):
     x_BxLxD, cache = carry
     drop = nn.Dropout(self.cfg.dropout)
     y_BxLxD, cache = Attention(self.cfg, self.place)(
-        _layer_norm(self.cfg)(x_BxLxD), deterministic, pos_BxL, cache, layer,
+        _norm(self.cfg)(x_BxLxD), deterministic, pos_BxL, cache, layer,
         None if masks is None else masks[self.place])
     x_BxLxD = x_BxLxD + drop(y_BxLxD, deterministic)
-    x_BxLxD = x_BxLxD + drop(MLP(self.cfg)(_layer_norm(self.cfg)(x_BxLxD)),
+    x_BxLxD = x_BxLxD + drop(MLP(self.cfg)(_norm(self.cfg)(x_BxLxD)),
                              deterministic)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     return (x_BxLxD, cache), None
@@ -285,10 +305,10 @@ class GPT(nn.Module):
     return x_BxLxD, cache
 
   def _logits(self, x_BxLxD, embed: nn.Embed):
-    """The final norm and the readout: logits [B, L, V], float32, the
-    padded ids' at float32's lowest."""
+    """The final norm and the readout: logits [B, L, V], float32, soft-capped
+    if cfg.logit_softcap, the padded ids' at float32's lowest."""
     cfg = self.cfg
-    x_BxLxD = _layer_norm(cfg, name="ln_f")(x_BxLxD)
+    x_BxLxD = _norm(cfg, name="ln_f")(x_BxLxD)
     if cfg.output_mult != 1:  # muP away from its base width
       x_BxLxD = x_BxLxD * cfg.output_mult
     # The readout sums in float32 (einsum_f32): no logit is rounded to the
@@ -300,12 +320,16 @@ class GPT(nn.Module):
       logits_BxLxV = nn.Dense(
           cfg.padded_vocab_size, use_bias=cfg.use_bias, dtype=cfg.dtype,
           param_dtype=cfg.param_dtype, name="lm_head", dot_general=_readout,
-          kernel_init=nn.with_logical_partitioning(_dense_init(),
-                                                   ("embed", "vocab")),
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.zeros if cfg.zero_init_proj else _dense_init(),
+              ("embed", "vocab")),
           bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                                  ("vocab",)))(x_BxLxD)
     logits_BxLxV = nn.with_logical_constraint(
         logits_BxLxV, ("batch", "length", "vocab"))
+    if cfg.logit_softcap:  # Gemma 2's soft cap, on the float32 logits
+      c = cfg.logit_softcap
+      logits_BxLxV = c * jnp.tanh(logits_BxLxV.astype(jnp.float32) / c)
     if cfg.padded_vocab_size > cfg.vocab_size:  # no probability, no gradient
       real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
       logits_BxLxV = jnp.where(real_V, logits_BxLxV,

@@ -16,7 +16,7 @@ POSITION = "position"  # the learned position table
 HIDDEN = "hidden"  # attention and MLP kernels: width x width matrices
 HEAD = "head"  # the untied readout's kernel
 BIAS = "bias"  # any bias of a projection, the readout's included
-NORM = "norm"  # a LayerNorm's gain or bias
+NORM = "norm"  # a LayerNorm's gain or bias, an RMSNorm's gain
 ROLES = (EMBEDDING, POSITION, HIDDEN, HEAD, BIAS, NORM)
 
 
@@ -35,7 +35,8 @@ def role(path) -> str:
     path = names(path)
   *modules, name = path
   module = modules[-1] if modules else ""
-  if module == "ln_f" or module.startswith("LayerNorm"):
+  if (module in ("ln_f", "q_norm", "k_norm") or
+      module.startswith(("LayerNorm", "RMSNorm"))):
     return NORM
   if name == "embedding":
     return EMBEDDING
