@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
       activation="gelu",   # the MLP's: "gelu" (tanh) | "relu2" (ReLU squared)
       zero_init_proj=False,  # attention and MLP outputs, untied head: start at 0
       logit_softcap=0.0,   # c > 0: logits = c * tanh(logits / c); 0: off
+      value_embeds=0,      # N tables added to the values of the first and last N layers
   ))
 
   c.data = ml_collections.ConfigDict(dict(

@@ -65,6 +65,7 @@ class GPTConfig:
   activation: str = "gelu"  # a key of ACTIVATIONS
   zero_init_proj: bool = False  # the output projections start at zero
   logit_softcap: float = 0.0  # c > 0: logits = c * tanh(logits / c)
+  value_embeds: int = 0  # value-embedding tables (value_embed_tables)
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -86,6 +87,12 @@ class GPTConfig:
       raise ValueError(
           f"model.position='rope' rotates pairs of dimensions: head_dim = "
           f"d_model / num_heads = {self.head_dim} must be even")
+    if 2 * self.value_embeds > self.num_layers:
+      raise ValueError(
+          f"model.value_embeds={self.value_embeds} tables go to the first "
+          f"and the last {self.value_embeds} layers, more than "
+          f"model.num_layers={self.num_layers}: set at most "
+          f"{self.num_layers // 2}")
     if self.vocab_multiple < 1:
       raise ValueError(f"model.vocab_multiple={self.vocab_multiple} must be "
                        ">= 1 (1: no padding)")
@@ -174,6 +181,15 @@ class GPTConfig:
     return 1 / self.width_mult
 
   @property
+  def value_embed_tables(self) -> tuple[int, ...]:
+    """Each layer's value-embedding table, -1 for none: with E tables (the
+    modded-nanogpt speedrun's value embeddings), table i is added to the
+    values of layer i and of layer num_layers - E + i."""
+    E, first_of_last = self.value_embeds, self.num_layers - self.value_embeds
+    return tuple(i if i < E else i - first_of_last if i >= first_of_last
+                 else -1 for i in range(self.num_layers))
+
+  @property
   def pattern(self) -> tuple[str, ...]:
     return tuple(kind.strip() for kind in self.attention_pattern.split(","))
 
@@ -207,7 +223,8 @@ class GPTConfig:
 
   def num_params(self, embeddings: bool = True, padded: bool = False) -> int:
     """Closed-form parameter count of this architecture: the real
-    vocabulary's embedding (and output layer, if untied), or with `padded`
+    vocabulary's embedding, value embeddings and output layer (if untied),
+    or with `padded`
     the padded one, as the param tree holds it. Without `embeddings`, no
     vocabulary or position table: the N of scaling laws, the same padded or
     not."""
@@ -220,7 +237,7 @@ class GPTConfig:
     block = attn + mlp + 2 * norm
     n = self.num_layers * block + norm  # blocks + final norm
     if embeddings:
-      n += v * d
+      n += v * d * (1 + self.value_embeds)
       n += self.seq_len * d if self.position == "learned" else 0
       n += 0 if self.tie_embeddings else d * v + b * v
     return n

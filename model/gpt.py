@@ -73,12 +73,13 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, deterministic: bool, pos_BxL, cache=None,
-               layer=None, mask_Bx1xLxT=None):
+               layer=None, mask_Bx1xLxT=None, value_embed_BxLxD=None):
     """Tokens at positions pos_BxL. With a `cache`, they also attend to the
     keys and values of their ring's layer `layer` under `mask_Bx1xLxT`, and
     theirs go into it; returns the output and the cache. Without one,
     `mask_Bx1xLxT` (if given: packed sequences' segments) narrows the causal
-    (or banded) mask further."""
+    (or banded) mask further. `value_embed_BxLxD`, if given, is added to the
+    values (before the cache stores them)."""
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
     H, K = cfg.num_heads, cfg.head_dim
@@ -98,6 +99,8 @@ class Attention(nn.Module):
                            zeros)
     qkv_BxLx3xHxK = qkv_Nx3xHxK.reshape(B, L, 3, H, K)
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+    if value_embed_BxLxD is not None:
+      v_BxLxHxK = v_BxLxHxK + value_embed_BxLxD.reshape(B, L, H, K)
     if cfg.qk_norm:  # before rotary positions and the cache
       q_BxLxHxK = _rms_norm(cfg, "head_dim", "q_norm")(q_BxLxHxK)
       k_BxLxHxK = _rms_norm(cfg, "head_dim", "k_norm")(k_BxLxHxK)
@@ -159,18 +162,20 @@ class Block(nn.Module):
 
   Carries (x, cache): with a KVCache, attention updates its ring's layer
   `layer` (one cache through all layers, so that XLA updates it in place);
-  `masks` holds each ring's."""
+  `masks` holds each ring's. With value embeddings, `table` picks this
+  layer's (value_embed)."""
   cfg: GPTConfig
   place: int = 0
 
   @nn.compact
   def __call__(self, carry, deterministic: bool, layer=None, masks=None,
-               pos_BxL=None):
+               pos_BxL=None, value_embeds_ExBxLxD=None, table=None):
     x_BxLxD, cache = carry
     drop = nn.Dropout(self.cfg.dropout)
     y_BxLxD, cache = Attention(self.cfg, self.place)(
         _norm(self.cfg)(x_BxLxD), deterministic, pos_BxL, cache, layer,
-        None if masks is None else masks[self.place])
+        None if masks is None else masks[self.place],
+        value_embed(value_embeds_ExBxLxD, table))
     x_BxLxD = x_BxLxD + drop(y_BxLxD, deterministic)
     x_BxLxD = x_BxLxD + drop(MLP(self.cfg)(_norm(self.cfg)(x_BxLxD)),
                              deterministic)
@@ -192,11 +197,24 @@ class Pattern(nn.Module):
 
   @nn.compact
   def __call__(self, carry, deterministic: bool, layer=None, masks=None,
-               pos_BxL=None):
+               pos_BxL=None, value_embeds_ExBxLxD=None, tables=None):
     for place in range(len(self.cfg.pattern)):
       carry, _ = Block(self.cfg, place, name=f"block_{place}")(
-          carry, deterministic, layer, masks, pos_BxL)
+          carry, deterministic, layer, masks, pos_BxL, value_embeds_ExBxLxD,
+          None if tables is None else tables[place])
     return carry, None
+
+
+def value_embed(value_embeds_ExBxLxD, table):
+  """The lookup in value-embedding table `table` (a layer's: -1 for none),
+  or None without value embeddings. Under nn.scan (or remat) `table` is
+  traced: the lookup of table 0 then, zeroed where `table` is -1."""
+  if value_embeds_ExBxLxD is None:
+    return None
+  if isinstance(table, int):
+    return None if table < 0 else value_embeds_ExBxLxD[table]
+  return jnp.where(table >= 0, value_embeds_ExBxLxD[jnp.maximum(table, 0)],
+                   0).astype(value_embeds_ExBxLxD.dtype)
 
 
 def _remat(cfg: GPTConfig, module):
@@ -230,7 +248,7 @@ class GPT(nn.Module):
     embed, x_BxLxD, pos_BxL = self._embed(tokens_BxL, deterministic, cache,
                                           pos_BxL)
     x_BxLxD, cache = self._blocks(x_BxLxD, deterministic, cache, pos_BxL,
-                                  segment_ids)
+                                  segment_ids, self._value_embeds(tokens_BxL))
     logits_BxLxV = self._logits(x_BxLxD, embed)
     if cache is None:
       return logits_BxLxV
@@ -271,13 +289,30 @@ class GPT(nn.Module):
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     return embed, x_BxLxD, pos_BxL
 
+  def _value_embeds(self, tokens_BxL):
+    """The lookups of the tokens in the value_embeds tables, [E, B, L, D]
+    (modded-nanogpt's value embeddings), or None without them."""
+    cfg = self.cfg
+    if not cfg.value_embeds:
+      return None
+    tables_ExVxD = self.param(
+        "value_embeds", nn.with_logical_partitioning(
+            _dense_init(), (None, "vocab", "embed")),
+        (cfg.value_embeds, cfg.padded_vocab_size, cfg.d_model),
+        cfg.param_dtype)
+    # Gathered over embed first, as the token table (_embed).
+    tables_ExVxD = nn.with_logical_constraint(tables_ExVxD,
+                                              (None, "vocab", None))
+    return jnp.take(tables_ExVxD, tokens_BxL, axis=1).astype(cfg.dtype)
+
   def _blocks(self, x_BxLxD, deterministic: bool, cache, pos_BxL,
-              segment_ids):
+              segment_ids, value_embeds_ExBxLxD):
     """The blocks over x_BxLxD: scanned or one by one, with the cache's
-    masks or those of the segments; returns their output and the cache."""
+    masks or those of the segments and the value embeddings' lookups;
+    returns their output and the cache."""
     cfg = self.cfg
     places = len(cfg.pattern)
-    repeats = masks = None
+    repeats = masks = tables = None
     if cache is not None:
       cache, masks = cache.claim(pos_BxL)
       repeats = jnp.arange(cfg.num_layers // places)
@@ -285,23 +320,30 @@ class GPT(nn.Module):
       same_segment_Bx1xLxL = (segment_ids[:, None, :, None] ==
                               segment_ids[:, None, None, :])
       masks = (same_segment_Bx1xLxL,) * places
+    if value_embeds_ExBxLxD is not None:
+      tables = cfg.value_embed_tables
     if cfg.scan_layers:
+      if tables is not None:  # per repeat, per place of the pattern
+        tables = jnp.array(tables).reshape(-1, places)
+        tables = tables if places > 1 else tables[:, 0]
       # A pattern of one kind scans its blocks; a longer one, its repeats.
       (x_BxLxD, cache), _ = nn.scan(
           _remat(cfg, Block if places == 1 else Pattern),
           variable_axes={"params": 0}, split_rngs={"params": True,
                                                    "dropout": True},
-          in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast),
+          in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, nn.broadcast,
+                   0),
           length=cfg.num_layers // places,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, name="blocks")((x_BxLxD, cache), deterministic, repeats, masks,
-                            pos_BxL)
+                            pos_BxL, value_embeds_ExBxLxD, tables)
     else:
       for i in range(cfg.num_layers):
         layer = None if cache is None else i // places  # in its ring
         (x_BxLxD, cache), _ = _remat(cfg, Block)(cfg, i % places,
                                                  name=f"block_{i}")(
-            (x_BxLxD, cache), deterministic, layer, masks, pos_BxL)
+            (x_BxLxD, cache), deterministic, layer, masks, pos_BxL,
+            value_embeds_ExBxLxD, None if tables is None else tables[i])
     return x_BxLxD, cache
 
   def _logits(self, x_BxLxD, embed: nn.Embed):
@@ -346,7 +388,7 @@ def _readout(x_BxLxD, kernel_DxV, dimension_numbers, precision=None):
 
 # The parameters with a vocabulary axis, by path, and that axis.
 VOCAB_AXIS = {("Embed_0", "embedding"): 0, ("lm_head", "kernel"): 1,
-              ("lm_head", "bias"): 0}
+              ("lm_head", "bias"): 0, ("value_embeds",): 1}
 
 
 def resize_vocab(params, size: int):

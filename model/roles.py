@@ -11,7 +11,8 @@ play no part, so a scanned and an unrolled model get the same roles.
 
 import jax
 
-EMBEDDING = "embedding"  # the token table (also the readout when tied)
+EMBEDDING = "embedding"  # the token table (the readout if tied), value_embeds
+
 POSITION = "position"  # the learned position table
 HIDDEN = "hidden"  # attention and MLP kernels: width x width matrices
 HEAD = "head"  # the untied readout's kernel
@@ -38,7 +39,7 @@ def role(path) -> str:
   if (module in ("ln_f", "q_norm", "k_norm") or
       module.startswith(("LayerNorm", "RMSNorm"))):
     return NORM
-  if name == "embedding":
+  if name in ("embedding", "value_embeds"):
     return EMBEDDING
   if name == "wpe":
     return POSITION

@@ -53,8 +53,8 @@ VARIANTS = {
     "dense-local": LOCAL,
     "local-dense-scan-rope": dict(LOCAL, attention_pattern="local,dense",
                                   scan_layers=True, position="rope"),
-    "recipe-dense-local-rope": dict(RECIPE, **LOCAL, position="rope"),
-    "recipe-scan": dict(RECIPE, scan_layers=True),
+    "recipe-dense-local-scan-rope": dict(RECIPE, **LOCAL, position="rope",
+                                         scan_layers=True),
 }
 
 

@@ -376,10 +376,13 @@ def test_a_workdir_with_checkpoints_is_refused(tmp_path, capsys):
     ("activation", "relu2", "model.activation='relu2': GPT-2's layout holds "
      "model.activation='gelu' only"),
     ("logit_softcap", 30.0, "model.logit_softcap=30.0: GPT-2's layout holds "
-     "model.logit_softcap=0.0 only")],
+     "model.logit_softcap=0.0 only"),
+    ("value_embeds", 1, "model.value_embeds=1: GPT-2's layout holds "
+     "model.value_embeds=0 only")],
                          ids=["position", "rope", "use_bias",
                               "tie_embeddings", "attention_pattern", "norm",
-                              "qk_norm", "activation", "logit_softcap"])
+                              "qk_norm", "activation", "logit_softcap",
+                              "value_embeds"])
 def test_export_refuses_what_gpt2_cannot_hold(field, value, message, tmp_path,
                                               capsys):
   workdir = str(tmp_path / "run")

@@ -350,6 +350,7 @@ def test_num_params_matches_param_tree(overrides):
 
   def embedding(vocab):
     n = vocab * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    n += cfg.value_embeds * vocab * cfg.d_model
     n += cfg.seq_len * cfg.d_model if cfg.position == "learned" else 0
     return n + (0 if cfg.tie_embeddings or not cfg.use_bias else vocab)
 

@@ -46,6 +46,7 @@ OUTSIDE = {
     "ln_f/bias": ("norm", False, False),
     "lm_head/kernel": ("head", True, False),
     "lm_head/bias": ("bias", False, False),
+    "value_embeds": ("embedding", True, False),
 }
 
 
@@ -101,6 +102,8 @@ def test_every_parameters_role_decay_and_learning_rate(name):
     del want["lm_head/kernel"], want["lm_head/bias"]
   if config.model.position != "learned":
     del want["wpe"]
+  if not config.model.value_embeds:
+    del want["value_embeds"]
   assert _table(config) == want
 
 

@@ -135,6 +135,8 @@ RULES = {
     "model.activation": one_of(*ACTIVATIONS),
     "model.zero_init_proj": FLAG,
     "model.logit_softcap": Rule(float, 0, means="0: off"),
+    "model.value_embeds": Rule(int, 0, means="0: none; at most half the "
+                               "layers"),
     "data.source": TEXT,
     "data.tokenizer": one_of(*prepare.KINDS),
     "data.holdout": Rule(tuple, items=Rule(str, nonempty=True)),
