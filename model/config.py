@@ -118,7 +118,9 @@ class GPTConfig:
     (what the Tensor Programs' limits need); zero_init_proj sets an init
     constant, not its scaling with width (Tensor Programs V starts the
     readout at zero); logit_softcap is a fixed function of the logits,
-    whose updates output_mult already keeps width-independent."""
+    whose updates output_mult already keeps width-independent; the
+    value_embeds tables map the vocabulary to the width, as the token
+    table does, and take its (input-layer) scaling."""
     if self.d_ff:
       raise ValueError(
           "model.parametrization='mup' scales the MLP with d_model: set "

@@ -163,7 +163,7 @@ class Block(nn.Module):
   Carries (x, cache): with a KVCache, attention updates its ring's layer
   `layer` (one cache through all layers, so that XLA updates it in place);
   `masks` holds each ring's. With value embeddings, `table` picks this
-  layer's (value_embed)."""
+  layer's (_layer_value_embed)."""
   cfg: GPTConfig
   place: int = 0
 
@@ -175,7 +175,7 @@ class Block(nn.Module):
     y_BxLxD, cache = Attention(self.cfg, self.place)(
         _norm(self.cfg)(x_BxLxD), deterministic, pos_BxL, cache, layer,
         None if masks is None else masks[self.place],
-        value_embed(value_embeds_ExBxLxD, table))
+        _layer_value_embed(value_embeds_ExBxLxD, table))
     x_BxLxD = x_BxLxD + drop(y_BxLxD, deterministic)
     x_BxLxD = x_BxLxD + drop(MLP(self.cfg)(_norm(self.cfg)(x_BxLxD)),
                              deterministic)
@@ -205,7 +205,7 @@ class Pattern(nn.Module):
     return carry, None
 
 
-def value_embed(value_embeds_ExBxLxD, table):
+def _layer_value_embed(value_embeds_ExBxLxD, table):
   """The lookup in value-embedding table `table` (a layer's: -1 for none),
   or None without value embeddings. Under nn.scan (or remat) `table` is
   traced: the lookup of table 0 then, zeroed where `table` is -1."""
@@ -214,7 +214,7 @@ def value_embed(value_embeds_ExBxLxD, table):
   if isinstance(table, int):
     return None if table < 0 else value_embeds_ExBxLxD[table]
   return jnp.where(table >= 0, value_embeds_ExBxLxD[jnp.maximum(table, 0)],
-                   0).astype(value_embeds_ExBxLxD.dtype)
+                   0)
 
 
 def _remat(cfg: GPTConfig, module):
