@@ -266,7 +266,10 @@ def test_attention_pattern_cycles_over_the_layers():
      "model.num_layers=3 must be a multiple of the 2 layers"),
     (dict(position="rope", d_model=30, num_heads=2),
      "model.position='rope' rotates pairs of dimensions: head_dim = d_model "
-     "/ num_heads = 15 must be even")])
+     "/ num_heads = 15 must be even"),
+    (dict(value_embeds=2, num_layers=3), "model.value_embeds=2 tables go to "
+     "the first and the last 2 layers, more than model.num_layers=3: set at "
+     "most 1")])
 def test_config_refuses_what_the_layers_cannot_be(fields, message):
   with pytest.raises(ValueError, match=message):
     tiny_model_config(**fields)
