@@ -226,10 +226,9 @@ class GPTConfig:
   def num_params(self, embeddings: bool = True, padded: bool = False) -> int:
     """Closed-form parameter count of this architecture: the real
     vocabulary's embedding, value embeddings and output layer (if untied),
-    or with `padded`
-    the padded one, as the param tree holds it. Without `embeddings`, no
-    vocabulary or position table: the N of scaling laws, the same padded or
-    not."""
+    or with `padded` the padded one, as the param tree holds it. Without
+    `embeddings`, no vocabulary or position table: the N of scaling laws,
+    the same padded or not."""
     d, f, b = self.d_model, self.mlp_dim, int(self.use_bias)
     v = self.padded_vocab_size if padded else self.vocab_size
     attn = d * 3 * d + 3 * d * b + d * d + d * b

@@ -12,7 +12,6 @@ play no part, so a scanned and an unrolled model get the same roles.
 import jax
 
 EMBEDDING = "embedding"  # the token table (the readout if tied), value_embeds
-
 POSITION = "position"  # the learned position table
 HIDDEN = "hidden"  # attention and MLP kernels: width x width matrices
 HEAD = "head"  # the untied readout's kernel
