@@ -48,6 +48,13 @@ def get_config() -> ml_collections.ConfigDict:
       parametrization="standard",  # or "mup" (docs/mup.md)
       mup_base_width=96,   # muP: the d_model where it equals "standard"
       mup_base_heads=0,    # muP: the base model's heads, kept at every width; 0: num_heads
+      # The modern recipe (docs/model.md); each default is GPT-2's.
+      norm="layernorm",    # or "rmsnorm" (a gain, no bias): every norm of the model
+      qk_norm=False,       # RMSNorm of each head's queries and keys
+      activation="gelu",   # the MLP's: "gelu" (tanh) | "relu2" (ReLU squared)
+      zero_init_proj=False,  # attention and MLP outputs, untied head: start at 0
+      logit_softcap=0.0,   # c > 0: logits = c * tanh(logits / c); 0: off
+      value_embeds=0,      # N tables added to the values of the first and last N layers
   ))
 
   c.data = ml_collections.ConfigDict(dict(

@@ -5,6 +5,7 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 
 REMAT_POLICIES = {
     "none": None,
@@ -12,6 +13,13 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 POSITIONS = ("learned", "sinusoidal", "rope")
+NORMS = ("layernorm", "rmsnorm")
+# The MLP's nonlinearity: GPT-2's tanh GELU, or ReLU squared (Primer, So et
+# al. 2021; the modded-nanogpt speedrun).
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+}
 LAYER_KINDS = ("dense", "local")
 PARAMETRIZATIONS = ("standard", "mup")
 ATTENTIONS = ("einsum", "xla", "cudnn")
@@ -51,6 +59,13 @@ class GPTConfig:
   parametrization: str = "standard"  # one of PARAMETRIZATIONS
   mup_base_width: int = 96  # muP: the d_model at which it equals standard
   mup_base_heads: int = 0  # muP: the base model's heads (0: num_heads)
+  # The modern recipe (docs/model.md); each default is GPT-2's.
+  norm: str = "layernorm"  # one of NORMS: every norm of the model
+  qk_norm: bool = False  # RMSNorm of each head's queries and keys
+  activation: str = "gelu"  # a key of ACTIVATIONS
+  zero_init_proj: bool = False  # the output projections start at zero
+  logit_softcap: float = 0.0  # c > 0: logits = c * tanh(logits / c)
+  value_embeds: int = 0  # value-embedding tables (value_embed_tables)
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -72,6 +87,12 @@ class GPTConfig:
       raise ValueError(
           f"model.position='rope' rotates pairs of dimensions: head_dim = "
           f"d_model / num_heads = {self.head_dim} must be even")
+    if 2 * self.value_embeds > self.num_layers:
+      raise ValueError(
+          f"model.value_embeds={self.value_embeds} tables go to the first "
+          f"and the last {self.value_embeds} layers, more than "
+          f"model.num_layers={self.num_layers}: set at most "
+          f"{self.num_layers // 2}")
     if self.vocab_multiple < 1:
       raise ValueError(f"model.vocab_multiple={self.vocab_multiple} must be "
                        ">= 1 (1: no padding)")
@@ -87,7 +108,19 @@ class GPTConfig:
   def _check_mup(self):
     """muP scales every hidden width with d_model, the heads' size among
     them: the MLP's width is 4 * d_model and the heads stay those of the
-    base model (attention_mult assumes head_dim grows with the width)."""
+    base model (attention_mult assumes head_dim grows with the width).
+
+    The modern recipe keeps muP's guarantees, so it refuses none of it: an
+    RMSNorm gain, like a LayerNorm's, is a vector whose coordinates stay
+    O(1) at every width; qk_norm makes each query and key coordinate O(1),
+    which muP's 1 / head_dim attention scale assumes of them anyway; relu2
+    is, like GELU, a fixed nonlinearity of polynomially bounded derivative
+    (what the Tensor Programs' limits need); zero_init_proj sets an init
+    constant, not its scaling with width (Tensor Programs V starts the
+    readout at zero); logit_softcap is a fixed function of the logits,
+    whose updates output_mult already keeps width-independent; the
+    value_embeds tables map the vocabulary to the width, as the token
+    table does, and take its (input-layer) scaling."""
     if self.d_ff:
       raise ValueError(
           "model.parametrization='mup' scales the MLP with d_model: set "
@@ -150,6 +183,15 @@ class GPTConfig:
     return 1 / self.width_mult
 
   @property
+  def value_embed_tables(self) -> tuple[int, ...]:
+    """Each layer's value-embedding table, -1 for none: with E tables (the
+    modded-nanogpt speedrun's value embeddings), table i is added to the
+    values of layer i and of layer num_layers - E + i."""
+    E, first_of_last = self.value_embeds, self.num_layers - self.value_embeds
+    return tuple(i if i < E else i - first_of_last if i >= first_of_last
+                 else -1 for i in range(self.num_layers))
+
+  @property
   def pattern(self) -> tuple[str, ...]:
     return tuple(kind.strip() for kind in self.attention_pattern.split(","))
 
@@ -183,19 +225,20 @@ class GPTConfig:
 
   def num_params(self, embeddings: bool = True, padded: bool = False) -> int:
     """Closed-form parameter count of this architecture: the real
-    vocabulary's embedding (and output layer, if untied), or with `padded`
-    the padded one, as the param tree holds it. Without `embeddings`, no
-    vocabulary or position table: the N of scaling laws, the same padded or
-    not."""
+    vocabulary's embedding, value embeddings and output layer (if untied),
+    or with `padded` the padded one, as the param tree holds it. Without
+    `embeddings`, no vocabulary or position table: the N of scaling laws,
+    the same padded or not."""
     d, f, b = self.d_model, self.mlp_dim, int(self.use_bias)
     v = self.padded_vocab_size if padded else self.vocab_size
     attn = d * 3 * d + 3 * d * b + d * d + d * b
+    attn += 2 * self.head_dim if self.qk_norm else 0  # two RMSNorm gains
     mlp = d * f + f * b + f * d + d * b
-    norms = 2 * d * (1 + b)
-    block = attn + mlp + norms
-    n = self.num_layers * block + d * (1 + b)  # blocks + final norm
+    norm = d * (1 + b) if self.norm == "layernorm" else d  # RMSNorm: no bias
+    block = attn + mlp + 2 * norm
+    n = self.num_layers * block + norm  # blocks + final norm
     if embeddings:
-      n += v * d
+      n += v * d * (1 + self.value_embeds)
       n += self.seq_len * d if self.position == "learned" else 0
       n += 0 if self.tie_embeddings else d * v + b * v
     return n

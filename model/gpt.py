@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from model.attention import attend, einsum_f32, rotary, self_attention
-from model.config import GPTConfig, REMAT_POLICIES
+from model.config import ACTIVATIONS, GPTConfig, REMAT_POLICIES
 from model.kv_cache import KVCache
 
 
@@ -38,12 +38,32 @@ def sinusoidal_positions(seq_len: int, d_model: int) -> jax.Array:
   return pe_LD.at[:, 1::2].set(jnp.cos(pos_L1 * freq[: d_model // 2]))
 
 
-def _layer_norm(cfg: GPTConfig, name: str | None = None) -> nn.LayerNorm:
+def _rms_norm(cfg: GPTConfig, axis: str, name: str | None = None):
+  """RMSNorm over the last axis (logical name `axis`): a gain, no bias,
+  LayerNorm's epsilon."""
+  return nn.RMSNorm(
+      epsilon=1e-5, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis,)))
+
+
+def _norm(cfg: GPTConfig, name: str | None = None) -> nn.Module:
+  """The norm of cfg.norm over d_model: GPT-2's LayerNorm, or RMSNorm."""
+  if cfg.norm == "rmsnorm":
+    return _rms_norm(cfg, "embed", name)
   return nn.LayerNorm(
       epsilon=1e-5, use_bias=cfg.use_bias, dtype=cfg.dtype,
       param_dtype=cfg.param_dtype, name=name,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+def _projection_init(cfg: GPTConfig):
+  """The init of the residual projections (attention's and the MLP's
+  output): GPT-2 scales them by 1/sqrt(2 * layers); zero_init_proj starts
+  them at zero, so that each block starts as the identity."""
+  if cfg.zero_init_proj:
+    return nn.initializers.zeros
+  return _dense_init(cfg.hidden_init_scale / math.sqrt(2 * cfg.num_layers))
 
 
 class Attention(nn.Module):
@@ -53,12 +73,13 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, deterministic: bool, pos_BxL, cache=None,
-               layer=None, mask_Bx1xLxT=None):
+               layer=None, mask_Bx1xLxT=None, value_embed_BxLxD=None):
     """Tokens at positions pos_BxL. With a `cache`, they also attend to the
     keys and values of their ring's layer `layer` under `mask_Bx1xLxT`, and
     theirs go into it; returns the output and the cache. Without one,
     `mask_Bx1xLxT` (if given: packed sequences' segments) narrows the causal
-    (or banded) mask further."""
+    (or banded) mask further. `value_embed_BxLxD`, if given, is added to the
+    values (before the cache stores them)."""
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
     H, K = cfg.num_heads, cfg.head_dim
@@ -78,6 +99,11 @@ class Attention(nn.Module):
                            zeros)
     qkv_BxLx3xHxK = qkv_Nx3xHxK.reshape(B, L, 3, H, K)
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+    if value_embed_BxLxD is not None:
+      v_BxLxHxK = v_BxLxHxK + value_embed_BxLxD.reshape(B, L, H, K)
+    if cfg.qk_norm:  # before rotary positions and the cache
+      q_BxLxHxK = _rms_norm(cfg, "head_dim", "q_norm")(q_BxLxHxK)
+      k_BxLxHxK = _rms_norm(cfg, "head_dim", "k_norm")(k_BxLxHxK)
     if cfg.position == "rope":
       q_BxLxHxK = rotary(q_BxLxHxK, pos_BxL, cfg.rope_base)
       k_BxLxHxK = rotary(k_BxLxHxK, pos_BxL, cfg.rope_base)
@@ -97,10 +123,8 @@ class Attention(nn.Module):
                                    cfg.attention_chunks, dropout, mask_Bx1xLxT)
     out_BxLxHxK = nn.with_logical_constraint(
         out_BxLxHxK, ("batch", "length", "heads", "head_dim"))
-    # GPT-2 scales the residual projections by 1/sqrt(2 * layers) at init.
     w_HxKxD = param("out_kernel", (H, K, D), ("heads", "head_dim", "embed"),
-                    _dense_init(cfg.hidden_init_scale /
-                                math.sqrt(2 * cfg.num_layers)))
+                    _projection_init(cfg))
     y_NxD = jnp.einsum("nhk,hkd->nd", out_BxLxHxK.reshape(B * L, H, K),
                        w_HxKxD)
     if cfg.use_bias:
@@ -126,33 +150,34 @@ class MLP(nn.Module):
         x_BxLxD.reshape(B * L, D))
     h_BxLxF = nn.with_logical_constraint(h_NxF.reshape(B, L, -1),
                                          ("batch", "length", "mlp"))
-    h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)  # GPT-2's tanh GELU
-    y_NxD = dense(D, ("mlp", "embed"), _dense_init(
-        cfg.hidden_init_scale / math.sqrt(2 * cfg.num_layers)))(
-                      h_BxLxF.reshape(B * L, -1))
+    h_BxLxF = ACTIVATIONS[cfg.activation](h_BxLxF)
+    y_NxD = dense(D, ("mlp", "embed"), _projection_init(cfg))(
+        h_BxLxF.reshape(B * L, -1))
     return y_NxD.reshape(B, L, D)
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)),
+  """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)),
   at place `place` of the attention pattern.
 
   Carries (x, cache): with a KVCache, attention updates its ring's layer
   `layer` (one cache through all layers, so that XLA updates it in place);
-  `masks` holds each ring's."""
+  `masks` holds each ring's. With value embeddings, `table` picks this
+  layer's (_layer_value_embed)."""
   cfg: GPTConfig
   place: int = 0
 
   @nn.compact
   def __call__(self, carry, deterministic: bool, layer=None, masks=None,
-               pos_BxL=None):
+               pos_BxL=None, value_embeds_ExBxLxD=None, table=None):
     x_BxLxD, cache = carry
     drop = nn.Dropout(self.cfg.dropout)
     y_BxLxD, cache = Attention(self.cfg, self.place)(
-        _layer_norm(self.cfg)(x_BxLxD), deterministic, pos_BxL, cache, layer,
-        None if masks is None else masks[self.place])
+        _norm(self.cfg)(x_BxLxD), deterministic, pos_BxL, cache, layer,
+        None if masks is None else masks[self.place],
+        _layer_value_embed(value_embeds_ExBxLxD, table))
     x_BxLxD = x_BxLxD + drop(y_BxLxD, deterministic)
-    x_BxLxD = x_BxLxD + drop(MLP(self.cfg)(_layer_norm(self.cfg)(x_BxLxD)),
+    x_BxLxD = x_BxLxD + drop(MLP(self.cfg)(_norm(self.cfg)(x_BxLxD)),
                              deterministic)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     return (x_BxLxD, cache), None
@@ -172,11 +197,24 @@ class Pattern(nn.Module):
 
   @nn.compact
   def __call__(self, carry, deterministic: bool, layer=None, masks=None,
-               pos_BxL=None):
+               pos_BxL=None, value_embeds_ExBxLxD=None, tables=None):
     for place in range(len(self.cfg.pattern)):
       carry, _ = Block(self.cfg, place, name=f"block_{place}")(
-          carry, deterministic, layer, masks, pos_BxL)
+          carry, deterministic, layer, masks, pos_BxL, value_embeds_ExBxLxD,
+          None if tables is None else tables[place])
     return carry, None
+
+
+def _layer_value_embed(value_embeds_ExBxLxD, table):
+  """The lookup in value-embedding table `table` (a layer's: -1 for none),
+  or None without value embeddings. Under nn.scan (or remat) `table` is
+  traced: the lookup of table 0 then, zeroed where `table` is -1."""
+  if value_embeds_ExBxLxD is None:
+    return None
+  if isinstance(table, int):
+    return None if table < 0 else value_embeds_ExBxLxD[table]
+  return jnp.where(table >= 0, value_embeds_ExBxLxD[jnp.maximum(table, 0)],
+                   0)
 
 
 def _remat(cfg: GPTConfig, module):
@@ -210,7 +248,7 @@ class GPT(nn.Module):
     embed, x_BxLxD, pos_BxL = self._embed(tokens_BxL, deterministic, cache,
                                           pos_BxL)
     x_BxLxD, cache = self._blocks(x_BxLxD, deterministic, cache, pos_BxL,
-                                  segment_ids)
+                                  segment_ids, self._value_embeds(tokens_BxL))
     logits_BxLxV = self._logits(x_BxLxD, embed)
     if cache is None:
       return logits_BxLxV
@@ -251,13 +289,30 @@ class GPT(nn.Module):
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     return embed, x_BxLxD, pos_BxL
 
+  def _value_embeds(self, tokens_BxL):
+    """The lookups of the tokens in the value_embeds tables, [E, B, L, D]
+    (modded-nanogpt's value embeddings), or None without them."""
+    cfg = self.cfg
+    if not cfg.value_embeds:
+      return None
+    tables_ExVxD = self.param(
+        "value_embeds", nn.with_logical_partitioning(
+            _dense_init(), (None, "vocab", "embed")),
+        (cfg.value_embeds, cfg.padded_vocab_size, cfg.d_model),
+        cfg.param_dtype)
+    # Gathered over embed first, as the token table (_embed).
+    tables_ExVxD = nn.with_logical_constraint(tables_ExVxD,
+                                              (None, "vocab", None))
+    return jnp.take(tables_ExVxD, tokens_BxL, axis=1).astype(cfg.dtype)
+
   def _blocks(self, x_BxLxD, deterministic: bool, cache, pos_BxL,
-              segment_ids):
+              segment_ids, value_embeds_ExBxLxD):
     """The blocks over x_BxLxD: scanned or one by one, with the cache's
-    masks or those of the segments; returns their output and the cache."""
+    masks or those of the segments and the value embeddings' lookups;
+    returns their output and the cache."""
     cfg = self.cfg
     places = len(cfg.pattern)
-    repeats = masks = None
+    repeats = masks = tables = None
     if cache is not None:
       cache, masks = cache.claim(pos_BxL)
       repeats = jnp.arange(cfg.num_layers // places)
@@ -265,30 +320,37 @@ class GPT(nn.Module):
       same_segment_Bx1xLxL = (segment_ids[:, None, :, None] ==
                               segment_ids[:, None, None, :])
       masks = (same_segment_Bx1xLxL,) * places
+    if value_embeds_ExBxLxD is not None:
+      tables = cfg.value_embed_tables
     if cfg.scan_layers:
+      if tables is not None:  # per repeat, per place of the pattern
+        tables = jnp.array(tables).reshape(-1, places)
+        tables = tables if places > 1 else tables[:, 0]
       # A pattern of one kind scans its blocks; a longer one, its repeats.
       (x_BxLxD, cache), _ = nn.scan(
           _remat(cfg, Block if places == 1 else Pattern),
           variable_axes={"params": 0}, split_rngs={"params": True,
                                                    "dropout": True},
-          in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast),
+          in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, nn.broadcast,
+                   0),
           length=cfg.num_layers // places,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, name="blocks")((x_BxLxD, cache), deterministic, repeats, masks,
-                            pos_BxL)
+                            pos_BxL, value_embeds_ExBxLxD, tables)
     else:
       for i in range(cfg.num_layers):
         layer = None if cache is None else i // places  # in its ring
         (x_BxLxD, cache), _ = _remat(cfg, Block)(cfg, i % places,
                                                  name=f"block_{i}")(
-            (x_BxLxD, cache), deterministic, layer, masks, pos_BxL)
+            (x_BxLxD, cache), deterministic, layer, masks, pos_BxL,
+            value_embeds_ExBxLxD, None if tables is None else tables[i])
     return x_BxLxD, cache
 
   def _logits(self, x_BxLxD, embed: nn.Embed):
-    """The final norm and the readout: logits [B, L, V], float32, the
-    padded ids' at float32's lowest."""
+    """The final norm and the readout: logits [B, L, V], float32, soft-capped
+    if cfg.logit_softcap, the padded ids' at float32's lowest."""
     cfg = self.cfg
-    x_BxLxD = _layer_norm(cfg, name="ln_f")(x_BxLxD)
+    x_BxLxD = _norm(cfg, name="ln_f")(x_BxLxD)
     if cfg.output_mult != 1:  # muP away from its base width
       x_BxLxD = x_BxLxD * cfg.output_mult
     # The readout sums in float32 (einsum_f32): no logit is rounded to the
@@ -300,12 +362,16 @@ class GPT(nn.Module):
       logits_BxLxV = nn.Dense(
           cfg.padded_vocab_size, use_bias=cfg.use_bias, dtype=cfg.dtype,
           param_dtype=cfg.param_dtype, name="lm_head", dot_general=_readout,
-          kernel_init=nn.with_logical_partitioning(_dense_init(),
-                                                   ("embed", "vocab")),
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.zeros if cfg.zero_init_proj else _dense_init(),
+              ("embed", "vocab")),
           bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                                  ("vocab",)))(x_BxLxD)
     logits_BxLxV = nn.with_logical_constraint(
         logits_BxLxV, ("batch", "length", "vocab"))
+    if cfg.logit_softcap:  # Gemma 2's soft cap, on the float32 logits
+      c = cfg.logit_softcap
+      logits_BxLxV = c * jnp.tanh(logits_BxLxV.astype(jnp.float32) / c)
     if cfg.padded_vocab_size > cfg.vocab_size:  # no probability, no gradient
       real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
       logits_BxLxV = jnp.where(real_V, logits_BxLxV,
@@ -322,7 +388,7 @@ def _readout(x_BxLxD, kernel_DxV, dimension_numbers, precision=None):
 
 # The parameters with a vocabulary axis, by path, and that axis.
 VOCAB_AXIS = {("Embed_0", "embedding"): 0, ("lm_head", "kernel"): 1,
-              ("lm_head", "bias"): 0}
+              ("lm_head", "bias"): 0, ("value_embeds",): 1}
 
 
 def resize_vocab(params, size: int):

@@ -11,12 +11,12 @@ play no part, so a scanned and an unrolled model get the same roles.
 
 import jax
 
-EMBEDDING = "embedding"  # the token table (also the readout when tied)
+EMBEDDING = "embedding"  # the token table (the readout if tied), value_embeds
 POSITION = "position"  # the learned position table
 HIDDEN = "hidden"  # attention and MLP kernels: width x width matrices
 HEAD = "head"  # the untied readout's kernel
 BIAS = "bias"  # any bias of a projection, the readout's included
-NORM = "norm"  # a LayerNorm's gain or bias
+NORM = "norm"  # a LayerNorm's gain or bias, an RMSNorm's gain
 ROLES = (EMBEDDING, POSITION, HIDDEN, HEAD, BIAS, NORM)
 
 
@@ -35,9 +35,10 @@ def role(path) -> str:
     path = names(path)
   *modules, name = path
   module = modules[-1] if modules else ""
-  if module == "ln_f" or module.startswith("LayerNorm"):
+  if (module in ("ln_f", "q_norm", "k_norm") or
+      module.startswith(("LayerNorm", "RMSNorm"))):
     return NORM
-  if name == "embedding":
+  if name in ("embedding", "value_embeds"):
     return EMBEDDING
   if name == "wpe":
     return POSITION

@@ -17,6 +17,7 @@ import pytest
 from conftest import random_params, tiny_model_config
 from model import (GPT, KVCache, generate, generate_uncached, resize_vocab,
                    window_start)
+from test_recipe import RECIPE
 
 S = 16  # the tiny models' context
 LENGTHS = (3, 20, 1, 9)  # one prompt longer than the context
@@ -52,6 +53,8 @@ VARIANTS = {
     "dense-local": LOCAL,
     "local-dense-scan-rope": dict(LOCAL, attention_pattern="local,dense",
                                   scan_layers=True, position="rope"),
+    "recipe-dense-local-scan-rope": dict(RECIPE, **LOCAL, position="rope",
+                                         scan_layers=True),
 }
 
 

@@ -368,9 +368,21 @@ def test_a_workdir_with_checkpoints_is_refused(tmp_path, capsys):
      "holds model.tie_embeddings=True only"),
     ("attention_pattern", "dense,local", "model.attention_pattern="
      "'dense,local': GPT-2's layout holds model.attention_pattern='dense' "
-     "only")],
+     "only"),
+    ("norm", "rmsnorm", "model.norm='rmsnorm': GPT-2's layout holds "
+     "model.norm='layernorm' only"),
+    ("qk_norm", True, "model.qk_norm=True: GPT-2's layout holds "
+     "model.qk_norm=False only"),
+    ("activation", "relu2", "model.activation='relu2': GPT-2's layout holds "
+     "model.activation='gelu' only"),
+    ("logit_softcap", 30.0, "model.logit_softcap=30.0: GPT-2's layout holds "
+     "model.logit_softcap=0.0 only"),
+    ("value_embeds", 1, "model.value_embeds=1: GPT-2's layout holds "
+     "model.value_embeds=0 only")],
                          ids=["position", "rope", "use_bias",
-                              "tie_embeddings", "attention_pattern"])
+                              "tie_embeddings", "attention_pattern", "norm",
+                              "qk_norm", "activation", "logit_softcap",
+                              "value_embeds"])
 def test_export_refuses_what_gpt2_cannot_hold(field, value, message, tmp_path,
                                               capsys):
   workdir = str(tmp_path / "run")

@@ -15,6 +15,7 @@ from conftest import (REPO, param_shapes, random_params, tiny_config,
                       tiny_model_config, train_steps)
 from model import GPT, GPTConfig, KVCache, resize_vocab
 from model.attention import banded_attention, rotary
+from test_recipe import RECIPE
 from trainer import config as config_lib
 from trainer import objectives
 
@@ -226,13 +227,16 @@ def _to_scan(params, places: int):
   return {**rest, "blocks": scanned}
 
 
-@pytest.mark.parametrize("attention", ["einsum", "xla"])
-def test_alternating_pattern_scanned_equals_unrolled(attention):
+@pytest.mark.parametrize("attention, recipe", [("einsum", {}), ("xla", {}),
+                                               ("einsum", RECIPE)],
+                         ids=["einsum", "xla", "recipe"])
+def test_alternating_pattern_scanned_equals_unrolled(attention, recipe):
   """4 layers of "dense,local": scanned over the 2 repeats of the pattern,
-  with the same weights, the logits of the unrolled layers; XLA's attention
-  (its local_window_size) gives those of the einsum one's blocks."""
+  with the same weights, the logits of the unrolled layers (the modern
+  recipe's too); XLA's attention (its local_window_size) gives those of the
+  einsum one's blocks."""
   fields = dict(num_layers=4, attention_pattern="dense,local",
-                local_window=5, attention=attention)
+                local_window=5, attention=attention, **recipe)
   cfg = tiny_model_config(**fields)
   params = random_params(cfg, seed=8, std=0.3)
   tokens = _tokens(9)
@@ -262,7 +266,10 @@ def test_attention_pattern_cycles_over_the_layers():
      "model.num_layers=3 must be a multiple of the 2 layers"),
     (dict(position="rope", d_model=30, num_heads=2),
      "model.position='rope' rotates pairs of dimensions: head_dim = d_model "
-     "/ num_heads = 15 must be even")])
+     "/ num_heads = 15 must be even"),
+    (dict(value_embeds=2, num_layers=3), "model.value_embeds=2 tables go to "
+     "the first and the last 2 layers, more than model.num_layers=3: set at "
+     "most 1")])
 def test_config_refuses_what_the_layers_cannot_be(fields, message):
   with pytest.raises(ValueError, match=message):
     tiny_model_config(**fields)
@@ -331,6 +338,8 @@ PARAM_VARIANTS = {
     "3-layers-4-heads": dict(num_layers=3, num_heads=4, seq_len=24),
     "rope": dict(position="rope"),
     "scan-dense-local": dict(scan_layers=True, attention_pattern="dense,local"),
+    "recipe-padded": dict(RECIPE, vocab_multiple=16),
+    "recipe-scan-no-bias": dict(RECIPE, scan_layers=True, use_bias=False),
 }
 
 
@@ -344,6 +353,7 @@ def test_num_params_matches_param_tree(overrides):
 
   def embedding(vocab):
     n = vocab * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    n += cfg.value_embeds * vocab * cfg.d_model
     n += cfg.seq_len * cfg.d_model if cfg.position == "learned" else 0
     return n + (0 if cfg.tie_embeddings or not cfg.use_bias else vocab)
 
@@ -434,10 +444,13 @@ def test_heads_must_divide_the_width():
 
 @pytest.mark.parametrize("scan", [False, True], ids=["layers", "scan"])
 def test_parameters_use_the_logical_axes_mesh_rules_may_name(scan):
-  """model.LOGICAL_AXES is what config checks mesh.rules against."""
+  """model.LOGICAL_AXES is what config checks mesh.rules against; the
+  recipe's norms name theirs (queries' and keys' gains: head_dim)."""
   import flax.linen as nn
+  from configs import default
   from model.config import LOGICAL_AXES
-  cfg = tiny_model_config(scan_layers=scan, tie_embeddings=False)
+  from trainer import sharding
+  cfg = tiny_model_config(scan_layers=scan, **RECIPE)
   boxed = jax.eval_shape(GPT(cfg).init, jax.random.key(0),
                          jnp.zeros((1, cfg.seq_len), jnp.int32))
   specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x:
@@ -445,6 +458,18 @@ def test_parameters_use_the_logical_axes_mesh_rules_may_name(scan):
   names = {name for spec in specs for name in spec if name}
   assert names <= set(LOGICAL_AXES)
   assert ("layers" in names) == scan and "embed" in names
+  attention = nn.get_partition_spec(boxed)["params"][
+      "blocks" if scan else "block_0"]["Attention_0"]
+  for norm in ("q_norm", "k_norm"):
+    assert tuple(attention[norm]["scale"]) == (
+        ("layers", "head_dim") if scan else ("head_dim",))
+  # The default rules split the value embeddings as the token table.
+  rules = sharding.logical_rules(default.get_config().mesh)
+  specs = nn.get_partition_spec(boxed)["params"]
+  assert (nn.logical_to_mesh_axes(specs["value_embeds"], rules) ==
+          jax.sharding.PartitionSpec(None, "tensor", "fsdp"))
+  assert nn.logical_to_mesh_axes(specs["Embed_0"]["embedding"], rules) == (
+      jax.sharding.PartitionSpec("tensor", "fsdp"))
 
 
 def test_padding_trains_as_the_unpadded_model():

@@ -14,6 +14,7 @@ from conftest import param_shapes, random_params, tiny_config
 from model import roles
 from trainer import config as config_lib, optim, run as run_lib, sharding
 from trainer import state as state_lib
+from test_recipe import RECIPE
 
 # What every block holds, by its path inside the block: (role, decayed,
 # learning rate scaled by muP's 1 / width_mult).
@@ -31,6 +32,12 @@ BLOCK = {
     "MLP_0/Dense_1/kernel": ("hidden", True, True),
     "MLP_0/Dense_1/bias": ("bias", False, False),
 }
+# A block with model.norm="rmsnorm" and qk_norm: gains alone.
+RMS_BLOCK = {**{path: want for path, want in BLOCK.items()
+                if not path.startswith("LayerNorm")},
+             **{path: ("norm", False, False) for path in (
+                 "RMSNorm_0/scale", "RMSNorm_1/scale",
+                 "Attention_0/q_norm/scale", "Attention_0/k_norm/scale")}}
 # And the rest of the model.
 OUTSIDE = {
     "Embed_0/embedding": ("embedding", True, False),
@@ -39,6 +46,7 @@ OUTSIDE = {
     "ln_f/bias": ("norm", False, False),
     "lm_head/kernel": ("head", True, False),
     "lm_head/bias": ("bias", False, False),
+    "value_embeds": ("embedding", True, False),
 }
 
 
@@ -59,6 +67,11 @@ TABLES = {
     "mup-untied": (_config("default", parametrization="mup", d_model=384,
                            mup_base_width=96, tie_embeddings=False),
                    ("block_0/", "block_1/", "block_2/"), 0.25),
+    "mup-recipe": (_config("default", parametrization="mup", d_model=384,
+                           mup_base_width=96, **RECIPE),
+                   ("block_0/", "block_1/", "block_2/"), 0.25),
+    "recipe-scanned": (_config("default", scan_layers=True, **RECIPE),
+                       ("blocks/",), 1.0),
 }
 
 
@@ -79,21 +92,25 @@ def _table(config) -> dict:
 def test_every_parameters_role_decay_and_learning_rate(name):
   config, prefixes, hidden_lr = TABLES[name]
   config_lib.validate(config)
+  rms = config.model.norm == "rmsnorm"
   want = {prefix + tail: (role, decay, hidden_lr if scaled else 1.0)
           for prefix in prefixes for tail, (role, decay, scaled)
-          in BLOCK.items()}
+          in (RMS_BLOCK if rms else BLOCK).items()}
   want.update({path: (role, decay, 1.0) for path, (role, decay, _)
-               in OUTSIDE.items()})
+               in OUTSIDE.items() if not (rms and path == "ln_f/bias")})
   if config.model.tie_embeddings:
     del want["lm_head/kernel"], want["lm_head/bias"]
   if config.model.position != "learned":
     del want["wpe"]
+  if not config.model.value_embeds:
+    del want["value_embeds"]
   assert _table(config) == want
 
 
 def test_roles_come_from_names_not_shapes():
   """A layers axis changes no role; a name no rule covers is refused."""
   assert roles.role(("blocks", "LayerNorm_0", "scale")) == roles.NORM
+  assert roles.role(("blocks", "Attention_0", "q_norm", "scale")) == roles.NORM
   assert roles.role(("block_3", "Attention_0", "qkv_bias")) == roles.BIAS
   assert roles.role(("lm_head", "kernel")) == roles.HEAD
   with pytest.raises(ValueError, match="parameter block_0/gate has no role"):

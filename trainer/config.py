@@ -17,8 +17,8 @@ import ml_collections
 from configs import default
 from data import loader, prepare
 from model import GPTConfig
-from model.config import (ATTENTIONS, DTYPES, LOGICAL_AXES, PARAMETRIZATIONS,
-                          POSITIONS, REMAT_POLICIES)
+from model.config import (ACTIVATIONS, ATTENTIONS, DTYPES, LOGICAL_AXES,
+                          NORMS, PARAMETRIZATIONS, POSITIONS, REMAT_POLICIES)
 from trainer import objectives, optim, sharding
 from trainer.errors import ConfigError
 
@@ -130,6 +130,13 @@ RULES = {
                                  "multiple of model.num_heads"),
     "model.mup_base_heads": Rule(int, 0, means="muP's base model's heads; "
                                  "0: model.num_heads"),
+    "model.norm": one_of(*NORMS),
+    "model.qk_norm": FLAG,
+    "model.activation": one_of(*ACTIVATIONS),
+    "model.zero_init_proj": FLAG,
+    "model.logit_softcap": Rule(float, 0, means="0: off"),
+    "model.value_embeds": Rule(int, 0, means="0: none; at most half the "
+                               "layers"),
     "data.source": TEXT,
     "data.tokenizer": one_of(*prepare.KINDS),
     "data.holdout": Rule(tuple, items=Rule(str, nonempty=True)),

@@ -191,7 +191,10 @@ def import_gpt2(hf_dir: str, workdir: str, scan_layers: bool = False):
 def _check_gpt2_layout(model) -> None:
   """Refuses what GPT2LMHeadModel cannot hold, naming the field."""
   for field, gpt2 in (("position", "learned"), ("use_bias", True),
-                      ("tie_embeddings", True), ("attention_pattern", "dense")):
+                      ("tie_embeddings", True), ("attention_pattern", "dense"),
+                      ("norm", "layernorm"), ("qk_norm", False),
+                      ("activation", "gelu"), ("logit_softcap", 0.0),
+                      ("value_embeds", 0)):
     if model[field] != gpt2:
       raise ConfigError(f"model.{field}={model[field]!r}: GPT-2's layout "
                         f"holds model.{field}={gpt2!r} only")
