@@ -35,14 +35,15 @@ def _grads(params, seed):
       lambda p: rng.normal(0, 1e-2, p.shape).astype(np.float32), params)
 
 
-def _updates(config, params, grads):
-  """The optimizer's updates after a step for each of `grads` (eagerly: op
-  by op, so that the same operations give the same bits in both
+def _updates(config, params, grads, jit=False):
+  """The optimizer's updates after a step for each of `grads` (eagerly
+  unless `jit`: op by op, the same operations give the same bits in two
   optimizers)."""
   tx = optim.make_optimizer(config)
+  update = jax.jit(tx.update) if jit else tx.update
   state = tx.init(params)
   for g in grads:
-    updates, state = tx.update(g, state, params)
+    updates, state = update(g, state, params)
   return updates
 
 
@@ -116,10 +117,10 @@ def test_scanned_and_unrolled_models_get_the_same_updates(params):
   unrolled model's are."""
   layers = _config().model.num_layers
   grads = [_grads(params, 0), _grads(params, 1)]
-  unrolled = _updates(_config(scan=False), params, grads)
+  unrolled = _updates(_config(scan=False), params, grads, jit=True)
   stack = lambda tree: _stacked(tree, layers)
   scanned = _unstacked(_updates(_config(scan=True), stack(params),
-                                list(map(stack, grads))), layers)
+                                list(map(stack, grads)), jit=True), layers)
   for (path, u), s in zip(jax.tree_util.tree_leaves_with_path(unrolled),
                           jax.tree.leaves(scanned)):
     np.testing.assert_allclose(s, u, rtol=1e-4, atol=1e-7,
