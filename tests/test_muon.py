@@ -1,8 +1,9 @@
 """Muon (train.optimizer="muon"): the hidden kernels' updates are
 orthogonalized matrices of RMS 0.2 x the rate, one per Q, K, V and layer,
 the same scanned or unrolled; every other parameter's update is AdamW's bit
-for bit; the config rules. (Exact resume: tests/test_trainer.py; meshes:
-tests/test_sharding.py.)"""
+for bit; a resume with the other optimizer is refused. (Exact resume:
+tests/test_trainer.py; meshes: tests/test_sharding.py; the config rules:
+tests/test_config_rules.py.)"""
 
 import os
 
@@ -143,29 +144,6 @@ def test_dimension_numbers_come_from_names_and_ranks():
   with pytest.raises(ValueError, match="hidden parameter block_0/gate_kernel "
                      "has no Muon axes"):
     dims(("block_0", "gate_kernel"), (8, 8))
-
-
-@pytest.mark.parametrize("fields, message", [
-    (dict(optimizer="sgd"),
-     "train.optimizer='sgd' must be one of ['adamw', 'muon']"),
-    (dict(optimizer="muon", parametrization="mup"),
-     "train.optimizer='muon' does not apply muP's per-layer Adam learning "
-     "rates: use model.parametrization='standard' with it, or "
-     "train.optimizer='adamw'"),
-    (dict(muon_learning_rate=0.02),
-     "train.muon_learning_rate=0.02 applies to train.optimizer='muon', not "
-     "'adamw'; leave it at 0.0046"),
-    (dict(optimizer="muon", muon_momentum=1.0),
-     "train.muon_momentum=1.0 must be a finite number in [0, 1)"),
-])
-def test_bad_muon_configs_are_refused(fields, message):
-  config = tiny_config()
-  if "parametrization" in fields:
-    config.model.parametrization = fields.pop("parametrization")
-  config.train.update(fields)
-  with pytest.raises(ConfigError) as e:
-    config_lib.validate(config)
-  assert str(e.value) == message
 
 
 def test_a_run_resumes_with_its_own_optimizer(tmp_path):

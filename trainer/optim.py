@@ -202,6 +202,7 @@ def scale_to_rms(rms: float) -> optax.GradientTransformation:
 
 
 def _muon(config) -> optax.GradientTransformation:
+  """Muon's chain for the hidden kernels (the module's docstring)."""
   t = config.train
   return optax.chain(
       optax.contrib.scale_by_muon(beta=t.muon_momentum, nesterov=True,
