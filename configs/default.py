@@ -90,6 +90,10 @@ def get_config() -> ml_collections.ConfigDict:
       min_lr_ratio=0.1,      # the decay ends at this fraction of the peak
       b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.1,      # matrices only
+      optimizer="adamw",     # "adamw" | "muon": Muon for the attention and MLP
+                             # kernels, AdamW for the rest (docs/optimizer.md)
+      muon_learning_rate=4.6e-3,  # muon: the kernels' peak, on learning_rate's schedule
+      muon_momentum=0.95,    # muon: its Nesterov momentum
       grad_clip=1.0,
       skip_nonfinite_updates=0,  # 0: stop at a non-finite loss; N: skip up to N in a row
       seed=0,

@@ -174,6 +174,14 @@ CROSS_CASES = [
     ("dpo_without_dropout", dict(train__objective="dpo", model__dropout=0.1),
      "train.objective='dpo' scores the policy and its reference alike, "
      "without dropout: set model.dropout=0, not 0.1"),
+    ("muon_fields", dict(train__optimizer="muon",
+                         model__parametrization="mup"),
+     "train.optimizer='muon' does not apply muP's per-layer Adam learning "
+     "rates: use model.parametrization='standard' with it, or "
+     "train.optimizer='adamw'"),
+    ("muon_fields", dict(train__muon_learning_rate=0.02),
+     "train.muon_learning_rate=0.02 applies to train.optimizer='muon', not "
+     "'adamw'; leave it at "),
     ("model_is_consistent",
      dict(model__parametrization="mup", model__d_ff=100),
      "model.parametrization='mup' scales the MLP with d_model: set "

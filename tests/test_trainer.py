@@ -162,12 +162,15 @@ def test_build_applies_config_and_eval_bits_per_byte(corpus_dir, data_cache,
   assert partial["eval_tokens"] == 2 * config.eval.batch_size * L
 
 
-def test_resume_continues_exactly(corpus_dir, data_cache, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(corpus_dir, data_cache, tmp_path, optimizer):
   """Steps 4-6 replayed from the step-3 checkpoint (state and data iterator)
-  give bitwise the same losses as the uninterrupted run; a warmup longer
-  than the run is capped to a fifth of it in both, as config.json says."""
+  give bitwise the same losses as the uninterrupted run, with either
+  optimizer's state; a warmup longer than the run is capped to a fifth of
+  it in both, as config.json says."""
   config = tiny_run_config(corpus_dir, data_cache, steps=6)
   config.train.warmup_steps = 50
+  config.train.optimizer = optimizer
   workdir = str(tmp_path / "run")
   loop.train(config, workdir)
   first = metrics_records(workdir)

@@ -163,6 +163,9 @@ RULES = {
     "train.b2": Rule(float, 0, 1, high_open=True),
     "train.eps": Rule(float, 0, low_open=True),
     "train.weight_decay": Rule(float, 0),
+    "train.optimizer": one_of(*optim.OPTIMIZERS),  # and see muon_fields
+    "train.muon_learning_rate": Rule(float, 0, low_open=True),
+    "train.muon_momentum": Rule(float, 0, 1, high_open=True),
     "train.grad_clip": Rule(float, 0, low_open=True),
     "train.skip_nonfinite_updates": Rule(
         int, 0, means="0: stop at a non-finite loss"),
@@ -346,9 +349,25 @@ def dpo_without_dropout(config) -> None:
                       f"model.dropout=0, not {config.model.dropout}")
 
 
+def muon_fields(config) -> None:
+  """Muon's fields apply to train.optimizer='muon' alone; and muP's
+  per-layer multipliers are for Adam's steps, not Muon's."""
+  t, default_train = config.train, default.get_config().train
+  if t.optimizer == "muon" and config.model.parametrization == "mup":
+    raise ConfigError("train.optimizer='muon' does not apply muP's per-layer "
+                      "Adam learning rates: use model.parametrization="
+                      "'standard' with it, or train.optimizer='adamw'")
+  for name in ("muon_learning_rate", "muon_momentum"):
+    if t.optimizer != "muon" and t[name] != default_train[name]:
+      raise ConfigError(f"train.{name}={t[name]!r} applies to train.optimizer"
+                        f"='muon', not {t.optimizer!r}; leave it at "
+                        f"{default_train[name]!r}")
+
+
 CROSS_CHECKS = (batch_splits_into_microbatches, keep_steps_inside_the_run,
                 cooldown_only_in_a_branch, cosine_steps_after_the_warmup,
                 objective_fields_for_their_objective, dpo_without_dropout,
+                muon_fields,
                 one_mesh_axis_free, mesh_rules_name_known_axes,
                 model_is_consistent, top_k_within_vocabulary)
 
