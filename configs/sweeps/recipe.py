@@ -21,7 +21,6 @@ ROWS = [
     ("untied_zero_init", {"model.tie_embeddings": False,
                           "model.zero_init_proj": True}),
     ("softcap", {"model.logit_softcap": 15.0}),
-    ("value_embeds", {"model.value_embeds": 1}),
     ("muon", {"train.optimizer": "muon", "train.muon_learning_rate": 0.02}),
 ]
 
