@@ -23,11 +23,12 @@ The update's scale is Moonshot's "consistent RMS" (Liu et al. 2025): an
 orthogonalized fan_in x fan_out matrix, times 0.2 * sqrt(max(fan_in,
 fan_out)), has RMS 0.2, about AdamW's. So one muon_learning_rate gives
 every kernel the same step per entry whatever its shape (the MLP's D x 4D
-and 4D x D alike, where modded-nanogpt's sqrt(max(1, fan_out / fan_in))
-gives the down projection half the up projection's), the rate is on
-AdamW's scale (and follows the same width rule), and weight decay means
-what it means under AdamW: decoupled, muon_learning_rate * weight_decay of
-each kernel per step. Its rate follows learning_rate's schedule, scaled to
+and 4D x D alike, where optax's default, modded-nanogpt's sqrt(max(1,
+fan_out / fan_in)), gives the down projection half the up projection's);
+the rate is on AdamW's scale, and weight decay means what it means under
+AdamW: decoupled, muon_learning_rate * weight_decay of each kernel per
+step (at modded-nanogpt's rates of 0.02-0.05 on its scale, a decay several
+times AdamW's). Its rate follows learning_rate's schedule, scaled to
 muon_learning_rate.
 
 Every schedule is linear warmup, then a constant phase, then a decay of some
