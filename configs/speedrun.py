@@ -4,7 +4,9 @@ matrices, ReLU squared, RMSNorm, QK-norm and an untied output head (not
 zero-initialized: a zero-initialized untied head cost ~0.3 nats there).
 
 Command:  python -m benchmarks.speedrun --config=configs/speedrun.py
-Measured: docs/performance.md, "The speedrun".
+Measured: held-out 1.5824 nats/char at step 2,400 (first at or below 1.583)
+          after 601.5 s of training on a quiet 2-core AMD EPYC, seed 0
+          (2026-12-07; docs/performance.md, "The recipe and the speedrun").
 """
 
 from configs import default
