@@ -9,12 +9,12 @@ Trains the config (with --set's overrides) as a user does, `python train.py`,
 one workdir per seed (train.seed 0, 1, ...) under --root, evaluating the whole
 validation split every --every steps. For each seed it reports the training
 time until the held-out loss first reaches --target: wall and CPU seconds of
-the steps alone (the loop's train_time_s and train_cpu_s: compilation, evals
-and saves left out; the evals' time is reported apart), with the steps and
-tokens; then the final loss and the whole process's wall time. Over seeds:
-the mean and the spread (min to max). The default target, 1.583 nats per
-character, is the held-out loss of a counted 6-gram with modified
-Kneser-Ney smoothing (`python -m research.ngram`; docs/ngram.md).
+the steps alone (the loop's train_time_s and train_cpu_time_s:
+compilation, evals and saves left out; the evals' time is reported apart),
+with the steps and tokens; then the final loss and the whole process's wall
+time. Over seeds: the mean and the spread (min to max). The default target,
+1.583 nats per character, is the held-out loss of a counted 6-gram with
+modified Kneser-Ney smoothing (`python -m research.ngram`; docs/ngram.md).
 
 A workdir is named by the config and its overrides, so that a second
 invocation reuses finished runs and resumes unfinished ones; a resumed run's
@@ -81,7 +81,8 @@ def time_to_target(records: list[dict], target: float) -> dict:
   at = steps[reached["step"]]
   return {**out, "reached": True, "step": reached["step"],
           "loss": reached["eval_loss"], "tokens": at["tokens_seen"],
-          "train_s": at["train_time_s"], "train_cpu_s": at["train_cpu_s"]}
+          "train_s": at["train_time_s"],
+          "train_cpu_s": at["train_cpu_time_s"]}
 
 
 def _run_seed(args, seed: int) -> dict:

@@ -22,7 +22,7 @@ TAGS = {
     "tokens_per_sec_per_device": "perf/tokens_per_sec_per_device",
     "step_time_ms": "perf/step_time_ms", "data_wait_ms": "perf/data_wait_ms",
     "mfu": "perf/mfu", "train_time_s": "perf/train_time_s",
-    "train_cpu_s": "perf/train_cpu_s", "eval_loss": "eval/loss",
+    "train_cpu_time_s": "perf/train_cpu_time_s", "eval_loss": "eval/loss",
     "eval_perplexity": "eval/perplexity",
     "eval_bits_per_byte": "eval/bits_per_byte", "eval_tokens": "eval/tokens",
     "eval_items": "eval/items", "eval_split_items": "eval/split_items",
@@ -102,11 +102,11 @@ def test_train_time_adds_up_the_step_times_and_leaves_out_evals(run_dir):
   evals = [r for r in records if "eval_loss" in r]
   assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
   assert [r["step"] for r in evals] == [3, 6]
-  assert steps[0]["train_time_s"] == steps[0]["train_cpu_s"] == 0.0
+  assert steps[0]["train_time_s"] == steps[0]["train_cpu_time_s"] == 0.0
   total = 0.0
   for r in steps[1:]:
     total += r["step_time_ms"] / 1e3
     assert r["train_time_s"] == pytest.approx(total, rel=1e-9)
-  cpu = [r["train_cpu_s"] for r in steps]
+  cpu = [r["train_cpu_time_s"] for r in steps]
   assert cpu == sorted(cpu) and cpu[-1] > 0
   assert all(r["eval_time_s"] > 0 for r in evals)

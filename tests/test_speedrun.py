@@ -11,11 +11,11 @@ def _records(evals: dict, every: int = 100, steps: int = 400) -> list[dict]:
   """Step records every `every` steps (0.5 s and 1 CPU s per step after the
   first) and the given evals {step: loss}."""
   records = [{"step": 1, "loss": 4.0, "tokens_seen": 64, "train_time_s": 0.0,
-              "train_cpu_s": 0.0}]
+              "train_cpu_time_s": 0.0}]
   for step in range(every, steps + 1, every):
     records.append({"step": step, "loss": 2.0, "tokens_seen": 64 * step,
                     "train_time_s": 0.5 * (step - 1),
-                    "train_cpu_s": 1.0 * (step - 1)})
+                    "train_cpu_time_s": 1.0 * (step - 1)})
     if step in evals:
       records.append({"step": step, "eval_loss": evals[step],
                       "eval_time_s": 2.0})

@@ -249,7 +249,7 @@ class StepLogger:
   """Writes finished steps' metrics (metrics.jsonl, TensorBoard, the progress
   bar). A step's metrics are fetched one step late, while the next step
   already runs, and timed from one fetched step to the next; train_time_s
-  and train_cpu_s add up those times (wall and this process's CPU) since
+  and train_cpu_time_s add up those times (wall and this process's CPU) since
   the process's first step, which compiles and is left out, as evals and
   saves are (benchmarks.speedrun reads them). A non-finite
   loss or gradient stops the run, unless its update was skipped
@@ -313,7 +313,8 @@ class StepLogger:
       record = {"loss": done["loss"], "grad_norm": done["grad_norm"],
                 "learning_rate": float(self.schedule(step - 1)),
                 "tokens_seen": step * self.tokens_per_step,
-                "train_time_s": self.train_s, "train_cpu_s": self.train_cpu_s}
+                "train_time_s": self.train_s,
+                "train_cpu_time_s": self.train_cpu_s}
       if "skipped_updates" in done:
         record["skipped_updates"] = int(done["skipped_updates"])
       record.update({k: float(v) for k, v in done.items()

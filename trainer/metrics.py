@@ -56,7 +56,7 @@ def peak_flops_per_device(configured: float = 0.0) -> float:
 
 _PERF_KEYS = ("tokens_per_sec", "tokens_per_sec_per_device", "step_time_ms",
               "data_wait_ms", "mfu", "first_step_time_s", "train_time_s",
-              "train_cpu_s")
+              "train_cpu_time_s")
 
 
 def _tensorboard_tag(key: str) -> str:
