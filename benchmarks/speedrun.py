@@ -65,6 +65,11 @@ def time_to_target(records: list[dict], target: float) -> dict:
   the final eval, and the evals' time. The clock restarts in a resumed run:
   it is then not timed (a ValueError)."""
   steps = {r["step"]: r for r in records if "loss" in r}
+  if not all({"train_time_s", "train_cpu_time_s"} <= set(r)
+             for r in steps.values()):
+    raise ValueError("its metrics.jsonl has no training clock (train_time_s "
+                     "and train_cpu_time_s); remove its workdir and run it "
+                     "again")
   clock = [r["train_time_s"] for _, r in sorted(steps.items())]
   if clock != sorted(clock):
     raise ValueError("the run was resumed, so its clock restarted; remove "

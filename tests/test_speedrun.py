@@ -44,6 +44,13 @@ def test_a_resumed_run_is_not_timed():
     speedrun.time_to_target(records, 1.583)
 
 
+def test_a_run_without_the_clock_is_not_timed():
+  records = _records({400: 1.5})
+  del records[2]["train_cpu_time_s"]  # logged by an older version
+  with pytest.raises(ValueError, match="has no training clock"):
+    speedrun.time_to_target(records, 1.583)
+
+
 def test_workdirs_differ_by_overrides_and_seed():
   args = lambda *s: type("A", (), {"config": "configs/default.py",
                                    "set": list(s), "every": 200,
