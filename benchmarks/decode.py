@@ -22,7 +22,6 @@ sampling otherwise, never stopping early.
 """
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.train_throughput import load_config
 from model import GPT, generate, generate_uncached
 from trainer import config as config_lib
 
@@ -83,13 +83,6 @@ def _hf(cfg, prompts, new_tokens, temperature):
                      max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                      use_cache=True, pad_token_id=0, **sampling)
   return run
-
-
-def _load_config(path: str):
-  spec = importlib.util.spec_from_file_location("benchmarked_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def _parse_args():
@@ -149,7 +142,7 @@ def _time_batch(model, params, prompts, args) -> dict:
 
 def main():
   args = _parse_args()
-  cfg = config_lib.model_config(_load_config(args.config), args.vocab)
+  cfg = config_lib.model_config(load_config(args.config), args.vocab)
   model = GPT(cfg)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros(
       (1, cfg.seq_len), jnp.int32))["params"]

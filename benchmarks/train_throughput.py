@@ -56,7 +56,7 @@ def _override(config, items) -> None:
 
 
 # Run in a revision's tree: its own jax_runner, driven over stdin/stdout
-# (loading the config by hand: older revisions lack _load_config).
+# (loading the config by hand: older revisions lack load_config).
 _DRIVER = r"""
 import importlib.util, json, sys
 sys.path.insert(0, ".")
@@ -162,7 +162,7 @@ def versus_revision(revision: str, args):
   return times, compile_s, compiled
 
 
-def _load_config(path: str):
+def load_config(path: str):
   spec = importlib.util.spec_from_file_location("benchmarked_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -259,7 +259,7 @@ def _result(args, config, cfg, compile_s, times, per_step, compiled) -> dict:
 
 def main():
   args = _parse_args()
-  config = _load_config(args.config)
+  config = load_config(args.config)
   overrides = dict(SHAPES[args.shape])
   if "batch_size" in overrides:
     config.train.batch_size = overrides.pop("batch_size")
