@@ -21,6 +21,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Tests that run train.py in several processes joined through
+# jax.distributed: with `pytest -n 2 --dist loadgroup` (the README's command)
+# they run one at a time on one worker, so that two of them never share the
+# cores while their collectives wait on each other.
+PROCESSES = pytest.mark.xdist_group("processes")
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 

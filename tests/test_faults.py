@@ -15,7 +15,7 @@ import time
 import pytest
 
 import layout
-from conftest import (REPO, TINY_FLAGS, dead_pid, file_snapshot,
+from conftest import (PROCESSES, REPO, TINY_FLAGS, dead_pid, file_snapshot,
                       last_logged_step, metrics_records, run_train_py,
                       tiny_run_config)
 from data import disk
@@ -134,6 +134,7 @@ def _one_error_line(result_or_text) -> str:
   return lines[-1]
 
 
+@PROCESSES
 def test_a_second_writer_stops_before_writing_anything(corpus_dir, tmp_path,
                                                        sleeper):
   """A live holder (here a process that writes nothing, so that every file

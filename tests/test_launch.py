@@ -16,10 +16,12 @@ import time
 import numpy as np
 import pytest
 
-from conftest import (REPO, TINY_FLAGS, last_logged_step, metrics_records,
-                      run_train_py, train_py_processes)
+from conftest import (PROCESSES, REPO, TINY_FLAGS, last_logged_step,
+                      metrics_records, run_train_py, train_py_processes)
 from launch import local
 from trainer import audit
+
+pytestmark = PROCESSES
 
 TIMEOUT_S = 240  # for any one wait: far beyond a healthy run
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import layout
-from conftest import (REPO, TINY_FLAGS, file_snapshot, last_logged_step,
-                      metrics_records, run_train_py)
+from conftest import (PROCESSES, REPO, TINY_FLAGS, file_snapshot,
+                      last_logged_step, metrics_records, run_train_py)
 from trainer import audit
 
 STEPS = 120
@@ -302,6 +302,7 @@ def _sigterm_after(proc, workdir, step) -> int:
   return max(_steps(workdir))
 
 
+@PROCESSES
 def test_resume_on_other_process_and_worker_counts(corpus_dir, tmp_path):
   """Stopped on 1 process x 1 device with 2 data workers, resumed and
   stopped on 2 processes x 2 devices, finished on 1 process x 4 devices: the

@@ -10,8 +10,10 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, TINY_FLAGS, file_snapshot, run_train_py
+from conftest import PROCESSES, REPO, TINY_FLAGS, file_snapshot, run_train_py
 from launch import local
+
+pytestmark = PROCESSES
 
 TIMEOUT = 240
 
