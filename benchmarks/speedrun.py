@@ -16,19 +16,28 @@ time. Over seeds: the mean and the spread (min to max). The default target,
 1.583 nats per character, is the held-out loss of a counted 6-gram with
 modified Kneser-Ney smoothing (`python -m research.ngram`; docs/ngram.md).
 
-A workdir is named by the config and its overrides, so that a second
-invocation reuses finished runs and resumes unfinished ones; a resumed run's
-clock starts again, so its seed is reported as not timed.
+Losses are nats per byte of held-out text (eval_bits_per_byte * ln 2),
+whatever the tokenizer: per character on the built-in corpus, which is
+ASCII, so a character model's eval_loss and a BPE model's are compared
+on the same text.
+
+A workdir is named by the config's file name and a hash of its fields, the
+overrides and --every, so that a second invocation of the same config reuses
+finished runs and resumes unfinished ones (a resumed run's clock starts
+again, so its seed is reported as not timed), and an edited config trains
+anew.
 """
 
 import argparse
 import hashlib
 import json
+import math
 import os
 import statistics
 import sys
 
 from benchmarks import posttrain
+from benchmarks.train_throughput import load_config
 
 TARGET = 1.583  # nats/char: the modified Kneser-Ney 6-gram's (docs/ngram.md)
 
@@ -39,7 +48,7 @@ def _parse_args():
   p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                  help="config overrides, e.g. train.steps=2400")
   p.add_argument("--target", type=float, default=TARGET,
-                 help="held-out loss to reach, nats per token")
+                 help="held-out loss to reach, nats per byte")
   p.add_argument("--seeds", type=int, default=1)
   p.add_argument("--every", type=int, default=200,
                  help="steps between evals of the whole validation split")
@@ -52,11 +61,16 @@ def _parse_args():
 
 
 def workdir(args, seed: int) -> str:
-  """<root>/<config>-<hash of the overrides>/seed_<seed>."""
+  """<root>/<config>-<hash of its fields and the overrides>/seed_<seed>."""
   name = os.path.splitext(os.path.basename(args.config))[0]
-  key = json.dumps([args.config, args.set, args.every])
+  key = json.dumps([load_config(args.config).to_json(), args.set, args.every])
   digest = hashlib.sha256(key.encode()).hexdigest()[:8]
   return os.path.join(args.root, f"{name}-{digest}", f"seed_{seed}")
+
+
+def nats_per_byte(record: dict) -> float:
+  """An eval record's held-out loss per byte of text, in nats."""
+  return record["eval_bits_per_byte"] * math.log(2)
 
 
 def time_to_target(records: list[dict], target: float) -> dict:
@@ -78,14 +92,14 @@ def time_to_target(records: list[dict], target: float) -> dict:
   if not evals:
     raise ValueError("the run logged no eval")
   out = {"final_step": evals[-1]["step"],
-         "final_loss": evals[-1]["eval_loss"],
+         "final_loss": nats_per_byte(evals[-1]),
          "eval_s": sum(r["eval_time_s"] for r in evals)}
-  reached = next((r for r in evals if r["eval_loss"] <= target), None)
+  reached = next((r for r in evals if nats_per_byte(r) <= target), None)
   if reached is None:
     return {**out, "reached": False}
   at = steps[reached["step"]]
   return {**out, "reached": True, "step": reached["step"],
-          "loss": reached["eval_loss"], "tokens": at["tokens_seen"],
+          "loss": nats_per_byte(reached), "tokens": at["tokens_seen"],
           "train_s": at["train_time_s"],
           "train_cpu_s": at["train_cpu_time_s"]}
 

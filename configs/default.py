@@ -60,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source="shakespeare",  # or raw text (a directory, file or glob of .txt/.jsonl[.gz]),
                              # or a directory from `python -m data.prepare` (its tokenizer and split apply)
-      tokenizer="char",      # raw sources: "char" | "byte" | "bpe" (8192 ids)
+      tokenizer="char",      # raw sources: "char" | "byte" | "bpe"
+      bpe_vocab_size=8192,   # tokenizer="bpe": its ids, the 256 bytes and EOT included
       holdout=("hamlet", "tempest"),  # raw sources: documents (file names) held out; () = by hash
       val_fraction=0.01,     # raw sources with holdout=(): fraction held out by a hash of the text
       cache_dir="",          # "": $GPT_JAX_CACHE or ~/.cache/gpt_jax

@@ -341,12 +341,13 @@ def is_prepared(path: str) -> bool:
 
 
 def prepare_source(source: str, fmt: str, tokenizer, holdout=(),
-                   cache_dir: str = "", val_fraction: float = 0.01
-                   ) -> Prepared:
+                   cache_dir: str = "", val_fraction: float = 0.01,
+                   bpe_vocab_size: int = 8192) -> Prepared:
   """config.data.source for train.objective=sft or dpo: a directory made by
   `python -m data.prepare --format FMT`, or raw JSONL (a file, directory or
   glob) prepared once into <cache_dir>/examples/ with `tokenizer` (an
-  object, or the kind to fit) and reused while the files stay the same."""
+  object, or the kind to fit: a "bpe" of bpe_vocab_size ids) and reused
+  while the files stay the same."""
   if is_prepared(source):
     data = load(source)
     if data.format != fmt:
@@ -368,7 +369,7 @@ def prepare_source(source: str, fmt: str, tokenizer, holdout=(),
   spec = (tokenizers.fingerprint(tokenizer) if not isinstance(tokenizer, str)
           else tokenizer)
   key = store.digest(VERSION, fmt, identity, spec, list(holdout),
-                     val_fraction)[:16]
+                     val_fraction, bpe_vocab_size)[:16]
   label = re.sub(r"[^\w.-]", "_", corpus.name(source.rstrip("/")))
   cache_dir = cache_dir or corpus.default_cache_dir()
   output = os.path.join(cache_dir, "examples", f"{label}-{fmt}-{key}")
@@ -376,4 +377,5 @@ def prepare_source(source: str, fmt: str, tokenizer, holdout=(),
   with store.locked(output):  # one process prepares, others wait
     if is_prepared(output):
       return load(output)
-    return build([source], output, fmt, tokenizer, holdout, val_fraction)
+    return build([source], output, fmt, tokenizer, holdout, val_fraction,
+                 bpe_vocab_size)

@@ -138,7 +138,8 @@ def _shard_bytes(meta: dict) -> dict[str, int]:
 
 
 def prepare(source: str, tokenizer: str, holdout: tuple[str, ...],
-            cache_dir: str = "", val_fraction: float = 0.01) -> Prepared:
+            cache_dir: str = "", val_fraction: float = 0.01,
+            bpe_vocab_size: int = Options.vocab_size) -> Prepared:
   """The data of config.data: a directory made by `python -m data.prepare`
   (its own tokenizer and split apply), or raw text ('shakespeare', or a
   directory, file or glob of .txt / .jsonl files) prepared once into
@@ -158,12 +159,18 @@ def prepare(source: str, tokenizer: str, holdout: tuple[str, ...],
         "python -m data.prepare; point it at one")
   files = corpus.find_files(inputs)
   options = Options(tokenizer=tokenizer, holdout=tuple(holdout),
-                    val_fraction=val_fraction)
+                    val_fraction=val_fraction, vocab_size=bpe_vocab_size)
   key = store.digest([store.file_identity(corpus.Piece(f)) for f in files],
                       dataclasses.asdict(options))[:16]
   label = re.sub(r"[^\w.-]", "_", corpus.name(source.rstrip("/")))
   return build(inputs, os.path.join(cache_dir, "prepared",
                                     f"{label}-{tokenizer}-{key}"), options)
+
+
+def of_config(data) -> Prepared:
+  """prepare() of a config's data section (a next-token run's text)."""
+  return prepare(data.source, data.tokenizer, tuple(data.holdout),
+                 data.cache_dir, data.val_fraction, data.bpe_vocab_size)
 
 
 def build(inputs: Sequence[str], output: str, options: Options) -> Prepared:

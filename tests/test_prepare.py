@@ -242,6 +242,22 @@ def test_utf8_replace_policy(tmp_path):
 
 # ---------------------------------------------------------------- training
 
+def test_a_configs_bpe_vocabulary_size_is_the_tokenizers(tmp_path, corpus_dir):
+  """data.bpe_vocab_size of a config reaches the BPE fitted to its raw
+  source; each size is prepared apart, and a character run ignores it."""
+  config = tiny_run_config(corpus_dir, str(tmp_path / "cache"), steps=1)
+  config.data.tokenizer = "bpe"
+  made = {}
+  for size in (270, 300):
+    config.data.bpe_vocab_size = size
+    made[size] = prepare.of_config(config.data)
+    assert made[size].tokenizer.vocab_size == size
+  assert made[270].path != made[300].path
+  assert len(made[300].tokens("train")) < len(made[270].tokens("train"))
+  config.data.tokenizer = "char"
+  assert prepare.of_config(config.data).tokenizer.kind == "char"
+
+
 def test_bits_per_byte_equals_hand_computation(tmp_path, data_cache):
   """A BPE corpus whose validation split is one window: bits per byte are
   the nats of its targets over the UTF-8 bytes of the text they spell (EOT

@@ -171,14 +171,13 @@ def recompute(run: DataOrder) -> list[str]:
   the run's config and data give."""
   c = run.config
   if c.train.objective == "next-token":
-    data = prepare.prepare(c.data.source, c.data.tokenizer,
-                           tuple(c.data.holdout), c.data.cache_dir,
-                           c.data.val_fraction)
+    data = prepare.of_config(c.data)
   else:  # examples, with the run's tokenizer
     data = examples.prepare_source(
         c.data.source, c.train.objective, tokenizers.load_dir(
             os.path.join(run.workdir, layout.TOKENIZER)) or c.data.tokenizer,
-        tuple(c.data.holdout), c.data.cache_dir, c.data.val_fraction)
+        tuple(c.data.holdout), c.data.cache_dir, c.data.val_fraction,
+        c.data.bpe_vocab_size)
   source = loader.source_for(c, data, "train", data.tokenizer.eot_id)
   batch = c.train.batch_size
   ids = loader.window_ids(len(source), batch, c.train.seed,

@@ -139,6 +139,8 @@ RULES = {
                                "layers"),
     "data.source": TEXT,
     "data.tokenizer": one_of(*prepare.KINDS),
+    "data.bpe_vocab_size": Rule(int, 257, means="the 256 bytes, EOT and "
+                                "the merges"),
     "data.holdout": Rule(tuple, items=Rule(str, nonempty=True)),
     "data.val_fraction": Rule(float, 0, 1, low_open=True, high_open=True),
     "data.cache_dir": Rule(str, means="'': $GPT_JAX_CACHE or ~/.cache/gpt_jax"),

@@ -129,13 +129,13 @@ def _prepare(config, tokenizer):
   them."""
   d = config.data
   if config.train.objective == "next-token":
-    return prepare.prepare(d.source, d.tokenizer, tuple(d.holdout),
-                           d.cache_dir, d.val_fraction)
+    return prepare.of_config(d)
   if tokenizer is None and config.checkpoint.init_from:
     tokenizer = saved_tokenizer(config.checkpoint.init_from)
   return examples.prepare_source(d.source, config.train.objective,
                                  tokenizer or d.tokenizer, tuple(d.holdout),
-                                 d.cache_dir, d.val_fraction)
+                                 d.cache_dir, d.val_fraction,
+                                 d.bpe_vocab_size)
 
 
 
