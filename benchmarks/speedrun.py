@@ -14,12 +14,12 @@ compilation, evals and saves left out; the evals' time is reported apart),
 with the steps and tokens; then the final loss and the whole process's wall
 time. Over seeds: the mean and the spread (min to max). The default target,
 1.583 nats per character, is the held-out loss of a counted 6-gram with
-modified Kneser-Ney smoothing (`python -m research.ngram`; docs/ngram.md).
+plain Kneser-Ney smoothing (`python -m research.ngram`; docs/ngram.md).
 
 Losses are nats per byte of held-out text (eval_bits_per_byte * ln 2),
 whatever the tokenizer: per character on the built-in corpus, which is
-ASCII, so a character model's eval_loss and a BPE model's are compared
-on the same text.
+ASCII: a character model's eval_loss (but for its end-of-text targets,
+which spell no byte: ~1e-5 here), and a BPE model's on the same text.
 
 A workdir is named by the config's file name and a hash of its fields, the
 overrides and --every, so that a second invocation of the same config reuses
@@ -39,7 +39,7 @@ import sys
 from benchmarks import posttrain
 from benchmarks.train_throughput import load_config
 
-TARGET = 1.583  # nats/char: the modified Kneser-Ney 6-gram's (docs/ngram.md)
+TARGET = 1.583  # nats/char: the plain Kneser-Ney 6-gram's (docs/ngram.md)
 
 
 def _parse_args():
@@ -91,6 +91,9 @@ def time_to_target(records: list[dict], target: float) -> dict:
   evals = [r for r in records if "eval_loss" in r]
   if not evals:
     raise ValueError("the run logged no eval")
+  if not all("eval_bits_per_byte" in r for r in evals):
+    raise ValueError("its evals have no eval_bits_per_byte (written before "
+                     "it was logged); remove its workdir and run it again")
   out = {"final_step": evals[-1]["step"],
          "final_loss": nats_per_byte(evals[-1]),
          "eval_s": sum(r["eval_time_s"] for r in evals)}

@@ -4,7 +4,7 @@ hidden matrices, ReLU squared, RMSNorm, QK-norm and an untied output head,
 not zero-initialized: a zero-initialized untied head cost ~0.3 nats there),
 reading the corpus through a BPE of 2,048 ids fitted to its training split
 (2.72 characters a token: each step sees 2.7x the text of a character step
-for ~2x its time).
+for ~1.8x its time).
 
 Command:  python -m benchmarks.speedrun --config=configs/speedrun.py --seeds 2
 Measured: 1.5623 and 1.5675 nats per character (seeds 0, 1) at step 500,

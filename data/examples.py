@@ -367,9 +367,9 @@ def prepare_source(source: str, fmt: str, tokenizer, holdout=(),
   files = corpus.find_files([source])
   identity = [store.file_identity(corpus.Piece(f)) for f in files]
   spec = (tokenizers.fingerprint(tokenizer) if not isinstance(tokenizer, str)
-          else tokenizer)
+          else [tokenizer, bpe_vocab_size] if tokenizer == "bpe" else tokenizer)
   key = store.digest(VERSION, fmt, identity, spec, list(holdout),
-                     val_fraction, bpe_vocab_size)[:16]
+                     val_fraction)[:16]
   label = re.sub(r"[^\w.-]", "_", corpus.name(source.rstrip("/")))
   cache_dir = cache_dir or corpus.default_cache_dir()
   output = os.path.join(cache_dir, "examples", f"{label}-{fmt}-{key}")

@@ -49,6 +49,9 @@ from data import corpus, disk, examples, shards, store, tokenizers, work
 from data.corpus import DataError
 
 VERSION = 1
+# Of the data cache's keys for raw sources: 2 since a BPE is fitted to the
+# training split alone (a cached corpus of before would keep its tokenizer).
+CACHE_VERSION = 2
 KINDS = ("char", "byte", "bpe", "gpt2")
 
 
@@ -159,9 +162,11 @@ def prepare(source: str, tokenizer: str, holdout: tuple[str, ...],
         "python -m data.prepare; point it at one")
   files = corpus.find_files(inputs)
   options = Options(tokenizer=tokenizer, holdout=tuple(holdout),
-                    val_fraction=val_fraction, vocab_size=bpe_vocab_size)
+                    val_fraction=val_fraction, vocab_size=(
+                        bpe_vocab_size if tokenizer == "bpe"
+                        else Options.vocab_size))
   key = store.digest([store.file_identity(corpus.Piece(f)) for f in files],
-                      dataclasses.asdict(options))[:16]
+                      dataclasses.asdict(options), CACHE_VERSION)[:16]
   label = re.sub(r"[^\w.-]", "_", corpus.name(source.rstrip("/")))
   return build(inputs, os.path.join(cache_dir, "prepared",
                                     f"{label}-{tokenizer}-{key}"), options)
@@ -331,18 +336,26 @@ def _new_tokenizer(options: Options, tasks: list[work.Task]):
   if options.tokenizer == "char":
     return tokenizers.CharTokenizer.fit(_sample(tasks, options, 0))
   return tokenizers.BPETokenizer.train(
-      _sample(tasks, options, options.bpe_sample_bytes), options.vocab_size)
+      _sample(tasks, options, options.bpe_sample_bytes, train_only=True),
+      options.vocab_size)
 
 
-def _sample(tasks: list[work.Task], options: Options,
-            limit: int) -> Iterator[str]:
-  """Documents to fit a tokenizer to: all, or about `limit` bytes of them
-  from tasks spread evenly over the corpus."""
+def _sample(tasks: list[work.Task], options: Options, limit: int,
+            train_only: bool = False) -> Iterator[str]:
+  """Documents to fit a tokenizer to: all (a character tokenizer must spell
+  the validation text too) or, train_only, the training split's (a BPE
+  spells any text, and its merges then learn nothing of the held-out
+  text); about `limit` bytes of them from tasks spread over the corpus."""
   step = max(1, sum(t.bytes for t in tasks) // limit) if limit else 1
   seen = 0
   for task in tasks[::step]:
     for piece in task.pieces:
+      name = corpus.name(piece.path)
       for text in corpus.documents(piece, options.text_field, options.utf8):
+        if train_only and store.split_of(
+            name, text.encode("utf-8"), options.holdout,
+            options.val_fraction) == "val":
+          continue
         yield text
         seen += len(text)
         if limit and seen >= limit:

@@ -117,6 +117,24 @@ def test_split_depends_on_the_documents_only(tmp_path):
   assert 50 <= len(val) <= 110  # ~80
 
 
+@pytest.mark.parametrize("holdout, val_fraction", [(("held",), 0.01),
+                                                   ((), 0.5)])
+def test_a_bpe_learns_its_merges_from_the_training_split_alone(
+    tmp_path, holdout, val_fraction):
+  """A word frequent only in held-out text gets no merge: it stays about a
+  token a byte, while the training text's words become single tokens."""
+  (tmp_path / "corpus").mkdir()
+  (tmp_path / "corpus" / "train.txt").write_text("the king " * 400)
+  (tmp_path / "corpus" / "held.txt").write_text("zebraquux " * 400)
+  made = prepare.build([str(tmp_path / "corpus")], str(tmp_path / "out"),
+                       prepare.Options(tokenizer="bpe", vocab_size=300,
+                                       holdout=holdout, seq_len=SEQ,
+                                       val_fraction=val_fraction))
+  assert made.meta["val_documents"] == 1
+  assert len(made.tokenizer.encode(" king")) == 1
+  assert len(made.tokenizer.encode(" zebraquux")) >= 8
+
+
 def test_rerun_processes_only_new_or_changed_inputs(tmp_path):
   corpus_dir = tmp_path / "corpus"
   corpus_dir.mkdir()

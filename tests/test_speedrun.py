@@ -68,6 +68,13 @@ def test_a_run_without_the_clock_is_not_timed():
     speedrun.time_to_target(records, 1.583)
 
 
+def test_a_run_without_bits_per_byte_is_not_judged():
+  records = _records({400: 1.5})
+  del records[-1]["eval_bits_per_byte"]  # logged by an older version
+  with pytest.raises(ValueError, match="no eval_bits_per_byte"):
+    speedrun.time_to_target(records, 1.583)
+
+
 def test_workdirs_differ_by_config_fields_overrides_and_seed(tmp_path):
   args = lambda *s, config=f"{REPO}/configs/default.py": type(
       "A", (), {"config": config, "set": list(s), "every": 200,
