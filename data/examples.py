@@ -236,7 +236,8 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
     raise DataError("the holdout holds out every file; leave some for "
                     "training")
   if isinstance(tokenizer, str):
-    tokenizer = _fit(tokenizer, files, fmt, vocab_size)
+    tokenizer = _fit(tokenizer, files, fmt, vocab_size, holdout,
+                     val_fraction)
   os.makedirs(output, exist_ok=True)
   dtype = shards.dtype_for(tokenizer.vocab_size)
   parts = {s: ([], [], [0]) for s in store.SPLITS}
@@ -292,7 +293,11 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
   return load(output)
 
 
-def _fit(kind: str, files: list[str], fmt: str, vocab_size: int):
+def _fit(kind: str, files: list[str], fmt: str, vocab_size: int, holdout,
+         val_fraction: float):
+  """A tokenizer of `kind` fitted to the examples: a character one to all
+  (it must spell the held-out ones too), a BPE to the training split's
+  (data/prepare.py fits a corpus's the same way)."""
   if kind == "byte":
     return tokenizers.ByteTokenizer()
   if kind not in ("char", "bpe"):
@@ -300,15 +305,21 @@ def _fit(kind: str, files: list[str], fmt: str, vocab_size: int):
                     "use char, byte or bpe, or start from a model "
                     "(checkpoint.init_from) or a prepared directory that has "
                     "one")
-  sample = (texts(seq) for f in files for _, _, seqs in read(f, fmt)
-            for seq in seqs)
+  def sample(train_only: bool):
+    for f in files:
+      name = corpus.name(f)
+      for _, canonical, seqs in read(f, fmt):
+        if not train_only or store.split_of(
+            name, canonical, holdout, val_fraction) == "train":
+          yield from (texts(seq) for seq in seqs)
+
   if kind == "char":
-    return tokenizers.CharTokenizer.fit(sample)
+    return tokenizers.CharTokenizer.fit(sample(train_only=False))
   if vocab_size < 257:
     raise DataError(f"vocabulary size {vocab_size} is too small: a "
                     "byte-level BPE needs at least 257 ids (256 bytes and "
                     "end-of-text); raise --vocab-size")
-  return tokenizers.BPETokenizer.train(sample, vocab_size)
+  return tokenizers.BPETokenizer.train(sample(train_only=True), vocab_size)
 
 
 def load(path: str) -> Prepared:

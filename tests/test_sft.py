@@ -120,6 +120,18 @@ def test_an_example_longer_than_the_window_is_truncated_and_counted():
   assert "2 truncated to the window, 1 dropped" in source.describe()
 
 
+def test_a_fitted_bpe_learns_from_the_training_examples_alone(tmp_path):
+  """A word frequent only in the held-out file gets no merge."""
+  write_jsonl(tmp_path / "train.jsonl",
+              [{"prompt": "the king", "response": " the king"}] * 200)
+  write_jsonl(tmp_path / "held.jsonl",
+              [{"prompt": "zebraquux", "response": " zebraquux"}] * 200)
+  made = examples.build([str(tmp_path / "*.jsonl")], str(tmp_path / "out"),
+                        "sft", "bpe", holdout=("held",), vocab_size=300)
+  assert len(made.tokenizer.encode(" king")) == 1
+  assert len(made.tokenizer.encode(" zebraquux")) >= 8
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_bad_lines_name_file_and_line(tmp_path):
