@@ -27,11 +27,6 @@ ROWS = [
                           "model.zero_init_proj": True}),
     ("softcap", {"model.logit_softcap": 15.0}),
     ("muon", {"train.optimizer": "muon", "train.muon_learning_rate": 0.02}),
-    # configs/speedrun.py's recipe: rows 5-6 less what did not help...
-    ("no_zero_init_no_softcap", {"model.zero_init_proj": False,
-                                 "model.logit_softcap": 0.0}),
-    # ...and its tokenizer: compare this row by bits per byte, not loss
-    ("bpe1024", {"data.tokenizer": "bpe", "data.bpe_vocab_size": 1024}),
 ]
 
 
