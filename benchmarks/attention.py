@@ -22,7 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from configs import default
+from configs import base
 from model.attention import banded_attention, causal_attention
 
 
@@ -43,7 +43,7 @@ def main():
   p.add_argument("--rounds", type=int, default=5)
   args = p.parse_args()
 
-  m = default.get_config().model
+  m = base.get_config().model
   H, K = m.num_heads, m.d_model // m.num_heads
   shape = (args.batch, args.context, H, K)
   q, k, v, grad_out = (jax.random.normal(key, shape) for key in

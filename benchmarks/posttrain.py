@@ -21,9 +21,12 @@ def write_jsonl(path: str, records) -> None:
 
 
 def train_py(workdir: str, overrides: dict, log: str) -> float:
-  """Runs `python train.py --config.K=V ... --workdir=WORKDIR` (run_logged)."""
-  args = [f"--config.{k}={v!r}" if isinstance(v, tuple) else
-          f"--config.{k}={v}" for k, v in overrides.items()]
+  """Runs `python train.py --config=configs/base.py --config.K=V ...
+  --workdir=WORKDIR` (run_logged): the demonstrations start from every
+  field's usual value, not the default's recipe."""
+  args = ["--config=configs/base.py"] + [
+      f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
+      for k, v in overrides.items()]
   return run_logged(args + [f"--workdir={workdir}"], log)
 
 

@@ -1,6 +1,6 @@
 """Training throughput: tokens/s, step time, compile time, peak memory, MFU.
 
-  python -m benchmarks.train_throughput                 # default config
+  python -m benchmarks.train_throughput                 # configs/base.py (3 x 96, characters)
   python -m benchmarks.train_throughput --shape=6x384   # 6 layers x 384 x 6 heads, batch 16 x 256
   python -m benchmarks.train_throughput --shape=6x384 --torch   # + PyTorch reference, side by side
   python -m benchmarks.train_throughput --versus model.attention_chunks=1   # + a variant, side by side
@@ -172,7 +172,7 @@ def load_config(path: str):
 def _parse_args():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--config", default="configs/default.py",
+  p.add_argument("--config", default="configs/base.py",
                  help="a config file (its get_config())")
   p.add_argument("--shape", choices=sorted(SHAPES), default="default")
   p.add_argument("--steps", type=int, default=10, help="steps per round")

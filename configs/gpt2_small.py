@@ -15,11 +15,11 @@ Memory:   17.5 GiB per device at 8 sequences, data-parallel
 Command:  python train.py --config=configs/gpt2_small.py
 """
 
-from configs import default
+from configs import base
 
 
 def get_config():
-  c = default.get_config()
+  c = base.get_config()
   c.model.update(vocab_size=50257, num_layers=12, d_model=768, num_heads=12,
                  seq_len=1024)
   c.data.tokenizer = "byte"

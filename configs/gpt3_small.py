@@ -4,7 +4,7 @@ The recipe of the GPT-3 paper (Brown et al. 2020, Table 2.1 and Appendix
 B), which every gpt3_*.py config takes from this one through `sized`: each
 size's batch in tokens as sequences of 2048 and its peak rate; warmup over
 375M tokens, cosine decay to 10% over 260B tokens, then 10% to 300B tokens
-(train.cosine_steps); configs/default.py's AdamW (b1 0.9, b2 0.95, eps 1e-8,
+(train.cosine_steps); configs/base.py's AdamW (b1 0.9, b2 0.95, eps 1e-8,
 weight decay 0.1, clip 1.0). Steps are token counts over the tokens of one
 step, here 256 x 2048 = 524,288 (0.5M): 572,205 steps (300B, rounded up),
 warmup 715, cosine to step 495,911. Overriding train.batch_size keeps these

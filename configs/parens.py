@@ -20,11 +20,11 @@ Why:      600 steps of 16 x 128 tokens (~130,000 documents) at a peak rate
           cost per step.
 """
 
-from configs import default
+from configs import base
 
 
 def get_config():
-  c = default.get_config()
+  c = base.get_config()
   c.model.update(num_layers=2, d_model=128, num_heads=8, seq_len=128,
                  vocab_multiple=1)  # 3 ids: "(", ")" and end-of-text
   c.data.source = "runs/parens/data"

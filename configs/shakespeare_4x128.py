@@ -8,11 +8,11 @@ wsd_cooldown), so their numbers stay comparable when the default changes.
 Command:  python train.py --config=configs/shakespeare_4x128.py
 """
 
-from configs import default
+from configs import base
 
 
 def get_config():
-  c = default.get_config()
+  c = base.get_config()
   c.model.update(num_layers=4, d_model=128, num_heads=4)
   c.train.update(steps=1200, learning_rate=4e-3, schedule="cosine")
   c.eval.every_steps = 200

@@ -71,8 +71,8 @@ def slopes(mean_abs: dict, widths) -> dict:
 # ------------------------------------------------------------ coord check
 
 def _config(parametrization: str, width: int, args, seed: int):
-  from configs import default
-  c = default.get_config()
+  from configs import base
+  c = base.get_config()
   c.model.update(num_layers=args.layers, d_model=width, num_heads=args.heads,
                  seq_len=args.seq_len, dropout=0.0, scan_layers=False,
                  parametrization=parametrization,

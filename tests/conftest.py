@@ -36,7 +36,7 @@ _WORDS = ("the king queen lord lady night day sword crown love death ghost "
           "café naïve — ’tis o’er").split()
 
 # Document name -> number of words. hamlet and tempest are the default
-# holdout of configs/default.py, so the default holdout works here too.
+# holdout of configs/base.py, so the default holdout works here too.
 DOCS = {"hamlet": 180, "tempest": 120, "macbeth": 500, "lear": 500,
         "sonnets": 450}
 
@@ -101,10 +101,10 @@ def random_params(cfg, seed=0, std=0.02):
 
 
 def tiny_config(corpus_dir: str = "", cache_dir: str = "", **train):
-  """configs/default.py shrunk to a 2-layer model that can memorize a batch
+  """configs/base.py shrunk to a 2-layer model that can memorize a batch
   in 150 steps; on the synthetic corpus if given."""
-  from configs import default
-  c = default.get_config()
+  from configs import base
+  c = base.get_config()
   c.model.update(dict(num_layers=2, d_model=32, num_heads=2, seq_len=16))
   c.train.update(dict(batch_size=4, steps=150, warmup_steps=10,
                       learning_rate=1e-2, weight_decay=0.0,
@@ -145,6 +145,10 @@ def train_steps(config, batches, *, seed=0, vocab=37, grad_accum_steps=1,
   return losses, grad_norms, state
 
 
+# The train.py tests start from configs/base.py (every field at its usual
+# value, character-level), not the default's recipe and BPE.
+BASE_CONFIG = "--config=configs/base.py"
+
 # The tiny run of the train.py tests, as config overrides (the in-process run
 # tests use the same values, so compilations are shared through the cache).
 TINY_OVERRIDES = {
@@ -155,15 +159,15 @@ TINY_OVERRIDES = {
     "checkpoint.every_steps": 3, "sample.max_new_tokens": 20,
     "perf.peak_flops": 1e12, "data.holdout": ("hamlet",),
 }
-TINY_FLAGS = tuple(
+TINY_FLAGS = (BASE_CONFIG, *(
     f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
-    for k, v in TINY_OVERRIDES.items())
+    for k, v in TINY_OVERRIDES.items()))
 
 
 def tiny_run_config(corpus_dir: str, cache_dir: str, steps: int):
-  """configs/default.py with TINY_OVERRIDES, as train.py would build it."""
-  from configs import default
-  c = default.get_config()
+  """configs/base.py with TINY_OVERRIDES, as train.py would build it."""
+  from configs import base
+  c = base.get_config()
   for key, value in TINY_OVERRIDES.items():
     section, name = key.split(".")
     c[section][name] = value
@@ -173,14 +177,17 @@ def tiny_run_config(corpus_dir: str, cache_dir: str, steps: int):
 
 
 def run_train_py(*args, timeout=300, wait=True, devices=0, log=None):
-  """Runs `python train.py ARGS` in the repository root, on `devices` fake
-  CPU devices if given. Without waiting, returns the Popen; its stdout and
+  """Runs `python train.py ARGS` in the repository root (from BASE_CONFIG
+  unless ARGS name a config), on `devices` fake CPU devices if given.
+  Without waiting, returns the Popen; its stdout and
   stderr go to pipes, or both to the file `log`."""
   env = dict(os.environ)
   if devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env.setdefault("GPT_JAX_CACHE", os.path.join(tempfile.gettempdir(),
                                                "gpt_jax_tests_data"))
+  if not any(a.startswith("--config=") for a in args):
+    args = (BASE_CONFIG, *args)
   cmd = [sys.executable, "train.py", *args]
   if not wait:
     if log:

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import file_snapshot, metrics_records, tiny_run_config
-from configs import default
+from configs import base
 from trainer import checkpoint, loop, modes, saved_config
 from trainer.errors import ConfigError
 
@@ -216,7 +216,7 @@ def test_cooldown_from_a_damaged_step_is_refused(run_dir, tmp_path):
   parent = _copy(run_dir, tmp_path)
   _damage(_step_dir(parent, STEPS), "one byte of the largest file")
   before = file_snapshot(parent)
-  cooldown = default.get_config().cooldown
+  cooldown = base.get_config().cooldown
   cooldown.update(from_step=STEPS, steps=2)
   config, workdir = saved_config.cooldown_branch(
       saved_config.load_saved(parent), cooldown, parent)

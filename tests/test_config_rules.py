@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from conftest import REPO
-from configs import default
+from configs import base
 from data import tokenizers
 from trainer import config as config_lib, saved_config
 from trainer.errors import ConfigError
@@ -87,9 +87,9 @@ VIOLATIONS = [(field, value) for field, rule in config_lib.RULES.items()
 
 
 def _config(**fields) -> ml_collections.ConfigDict:
-  """configs/default.py with `fields` ("section__name": value) set as
+  """configs/base.py with `fields` ("section__name": value) set as
   config.json would give them: without ConfigDict's type conversions."""
-  tree = default.get_config().to_dict()
+  tree = base.get_config().to_dict()
   for key, value in fields.items():
     section, name = key.split("__")
     tree[section][name] = value
@@ -107,10 +107,10 @@ def test_each_rule_refuses_in_one_line_naming_the_field(field, value):
 
 
 def test_a_missing_field_is_named():
-  tree = default.get_config().to_dict()
+  tree = base.get_config().to_dict()
   del tree["eval"]["max_batches"]
   with pytest.raises(ConfigError, match="the config has no field "
-                     "eval.max_batches; build it from configs/default.py"):
+                     "eval.max_batches; build it from configs/base.py"):
     config_lib.validate(ml_collections.ConfigDict(tree))
 
 
@@ -224,18 +224,18 @@ def test_a_saved_config_from_before_a_field_keeps_its_behaviour(tmp_path):
   not (model.vocab_multiple: 1, no padding; train.schedule: cosine, the
   only schedule before wsd became the default; data.order_version: 1, the
   epoch order the run started with); a saved value stays."""
-  tree = default.get_config().to_dict()
+  tree = base.get_config().to_dict()
   del tree["model"]["vocab_multiple"], tree["eval"]["max_batches"]
   del tree["train"]["schedule"], tree["data"]["order_version"]
   (tmp_path / "config.json").write_text(json.dumps(tree))
   saved = saved_config.load_saved(str(tmp_path))
   assert saved.model.vocab_multiple == 1
-  assert saved.eval.max_batches == default.get_config().eval.max_batches
+  assert saved.eval.max_batches == base.get_config().eval.max_batches
   assert saved.train.schedule == "cosine" and saved.data.order_version == 1
-  assert default.get_config().data.order_version == 2
+  assert base.get_config().data.order_version == 2
   config_lib.validate(saved)
   # A resume keeps the run's epoch order, whatever the command line says.
-  kept = saved_config.as_the_run_keeps(default.get_config(), str(tmp_path))
+  kept = saved_config.as_the_run_keeps(base.get_config(), str(tmp_path))
   assert kept.data.order_version == 1 and kept.train.schedule == "wsd"
-  saved_config.save(default.get_config(), str(tmp_path))
+  saved_config.save(base.get_config(), str(tmp_path))
   assert saved_config.load_saved(str(tmp_path)).model.vocab_multiple == 128

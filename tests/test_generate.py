@@ -308,12 +308,12 @@ def _run_on_mesh(out_dir: str) -> None:
   """Runs in a subprocess with 4 devices: both samplers on a data x tensor
   mesh (batch split over data, heads over tensor), and a cache's sharding."""
   import flax.linen as nn
-  from configs import default
+  from configs import base
   from trainer import sharding
   if jax.device_count() < 4:
     report = {"skip": f"{jax.device_count()} device(s), the mesh needs 4"}
   else:
-    config = default.get_config()
+    config = base.get_config()
     config.mesh.update(MESH)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:4])
     rules = sharding.logical_rules(config.mesh)

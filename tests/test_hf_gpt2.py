@@ -22,7 +22,7 @@ import safetensors.numpy
 import tokenizers as hf_tokenizers
 
 import layout
-from conftest import REPO, param_shapes, tiny_model_config
+from conftest import BASE_CONFIG, REPO, param_shapes, tiny_model_config
 from data import tokenizers
 from model import GPT
 from model import hf_gpt2 as mapping
@@ -456,8 +456,8 @@ def test_an_import_is_used_with_its_own_tokenizer(tmp_path, capsys,
   assert _main(capsys, "import", FIXTURE, imported)[0] == 0
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   run = lambda *args: subprocess.run(
-      [sys.executable, "train.py", *args], cwd=REPO, env=env, text=True,
-      capture_output=True, timeout=300)
+      [sys.executable, "train.py", BASE_CONFIG, *args], cwd=REPO, env=env,
+      text=True, capture_output=True, timeout=300)
   result = run(f"--workdir={imported}", "--mode=next", "--json",
                "--config.sample.prompt=Hello world")
   assert result.returncode == 0, result.stderr[-2000:]
@@ -499,7 +499,8 @@ def test_import_fine_tune_and_sample(tmp_path, capsys, corpus_dir):
   model = ("--config.model.vocab_size=288", "--config.model.num_layers=2",
            "--config.model.d_model=32", "--config.model.num_heads=4",
            "--config.model.seq_len=64")
-  result = run("train.py", f"--config.checkpoint.init_from={imported}",
+  result = run("train.py", BASE_CONFIG,
+               f"--config.checkpoint.init_from={imported}",
                f"--config.data.source={data}", f"--workdir={tuned}", *model,
                "--config.train.steps=3", "--config.train.batch_size=4",
                "--config.train.learning_rate=1e-4",

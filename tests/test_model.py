@@ -447,7 +447,7 @@ def test_parameters_use_the_logical_axes_mesh_rules_may_name(scan):
   """model.LOGICAL_AXES is what config checks mesh.rules against; the
   recipe's norms name theirs (queries' and keys' gains: head_dim)."""
   import flax.linen as nn
-  from configs import default
+  from configs import base
   from model.config import LOGICAL_AXES
   from trainer import sharding
   cfg = tiny_model_config(scan_layers=scan, **RECIPE)
@@ -464,7 +464,7 @@ def test_parameters_use_the_logical_axes_mesh_rules_may_name(scan):
     assert tuple(attention[norm]["scale"]) == (
         ("layers", "head_dim") if scan else ("head_dim",))
   # The default rules split the value embeddings as the token table.
-  rules = sharding.logical_rules(default.get_config().mesh)
+  rules = sharding.logical_rules(base.get_config().mesh)
   specs = nn.get_partition_spec(boxed)["params"]
   assert (nn.logical_to_mesh_axes(specs["value_embeds"], rules) ==
           jax.sharding.PartitionSpec(None, "tensor", "fsdp"))

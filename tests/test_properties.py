@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.extend import core as jax_core
 
-from configs import default
+from configs import base
 from conftest import random_params, tiny_config, tiny_model_config
 from launch import memory
 from model import GPT
@@ -170,7 +170,7 @@ def test_remat_shrinks_the_train_steps_temporaries_under_scan():
   (measured: 3.4 MB of temporaries without, 1.3 MB with full remat)."""
   temp = {}
   for remat in ("none", "full"):
-    c = default.get_config()
+    c = base.get_config()
     c.model.update(num_layers=2, d_model=32, num_heads=2, seq_len=32,
                    vocab_size=37, scan_layers=True, remat=remat)
     c.train.batch_size = 8

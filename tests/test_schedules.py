@@ -10,13 +10,13 @@ import pytest
 
 from conftest import (TINY_FLAGS, file_snapshot, metrics_records,
                       run_train_py)
-from configs import default
+from configs import base
 from trainer import audit, config as config_lib, optim, saved_config
 from trainer.errors import ConfigError
 
 
 def _config(**train):
-  c = default.get_config()
+  c = base.get_config()
   c.train.update(dict(steps=100, warmup_steps=10, learning_rate=1.0,
                       min_lr_ratio=0.1, schedule="cosine"))
   c.train.update(train)
@@ -82,7 +82,7 @@ def test_branch_schedule_is_the_parent_up_to_its_start():
 
 
 def _cooldown(**fields):
-  c = default.get_config().cooldown
+  c = base.get_config().cooldown
   c.update(fields)
   return c
 

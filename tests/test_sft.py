@@ -198,8 +198,8 @@ def test_prepare_command_with_a_models_tokenizer(tmp_path, capsys):
 
 
 def test_objective_fields_need_their_objective():
-  from configs import default
-  c = default.get_config()
+  from configs import base
+  c = base.get_config()
   c.train.sft_loss_on = "all"
   with pytest.raises(ConfigError, match="train.sft_loss_on='all' applies to "
                      "train.objective='sft', not 'next-token'"):

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from configs import default
+from configs import base
 from data import prepare
 
 
@@ -38,7 +38,7 @@ def test_default_corpus_from_an_empty_cache(tmp_path, monkeypatch):
                 "cannot be fetched here")
   cache = tmp_path / "cache"
   monkeypatch.setenv("GPT_JAX_CACHE", str(cache))  # data.cache_dir "": this
-  data = default.get_config().data
+  data = base.get_config().data
   assert (data.source, data.tokenizer, data.cache_dir) == ("shakespeare",
                                                           "char", "")
   prepared = prepare.prepare(data.source, data.tokenizer, tuple(data.holdout),

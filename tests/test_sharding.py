@@ -16,7 +16,7 @@ import pytest
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]  # (data, fsdp, tensor)
 MUON_MESH = (2, 2, 2)  # Muon's kernels split over fsdp and tensor
 STEPS = 5
-PADDED = 128  # the tiny corpus's 34 characters, as configs/default.py pads
+PADDED = 128  # the tiny corpus's 34 characters, as configs/base.py pads
 
 
 def _config(data, fsdp, tensor, optimizer="adamw"):
@@ -225,9 +225,9 @@ def test_process_rows_in_two_ranges_are_refused():
 
 def test_process_rows_of_one_process_are_the_batch():
   import jax
-  from configs import default
+  from configs import base
   from trainer import sharding
-  mesh = sharding.make_mesh(default.get_config().mesh)
+  mesh = sharding.make_mesh(base.get_config().mesh)
   assert sharding.process_rows(sharding.batch_sharding(mesh), (
       4 * jax.device_count(), 17)) == slice(0, 4 * jax.device_count())
 

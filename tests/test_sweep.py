@@ -20,7 +20,7 @@ import pytest
 import layout
 from conftest import (REPO, TINY_OVERRIDES, dead_pid, last_logged_step,
                       train_py_processes)
-from configs import default
+from configs import base
 from launch.sweep.cli import main
 from launch.sweep.queue import Queue
 from launch.sweep.results import collect
@@ -94,7 +94,7 @@ def _read_csv(path) -> list:
 
 def test_grid_and_zip_expand_first_axis_slowest(tmp_path):
   spec = _spec(tmp_path, {
-      "base": "configs/default.py", "overrides": {"train.steps": 100},
+      "base": "configs/base.py", "overrides": {"train.steps": 100},
       "axes": [{"grid": {"model.d_model": [32, 64],
                          "train.learning_rate": [1e-3, 2e-3]}},
                {"zip": {"model.num_layers": [1, 2],
@@ -106,7 +106,7 @@ def test_grid_and_zip_expand_first_axis_slowest(tmp_path):
       for d, lr in ((32, 1e-3), (32, 2e-3), (64, 1e-3), (64, 2e-3))
       for n, h in ((1, 2), (2, 4))]
   first = runs[0]
-  config = default.get_config()
+  config = base.get_config()
   config.train.steps = 100
   config.model.update(d_model=32, num_layers=1, num_heads=2)
   config.train.learning_rate = 1e-3
@@ -117,7 +117,7 @@ def test_grid_and_zip_expand_first_axis_slowest(tmp_path):
                         f"num_heads=2-{digest}")
   assert first.workdir == str(tmp_path / "root" / first.name)
   assert first.args == [
-      "--config=configs/default.py", f"--workdir={first.workdir}",
+      "--config=configs/base.py", f"--workdir={first.workdir}",
       "--config.train.steps=100", "--config.model.d_model=32",
       "--config.train.learning_rate=0.001", "--config.model.num_layers=1",
       "--config.model.num_heads=2"]
@@ -128,7 +128,7 @@ def test_list_and_seeds_and_names_that_repeat(tmp_path):
   """Values are read as train.py reads them (1 -> 1.0 in a float field,
   tuples quoted), names are sanitized, and the same spec gives the same
   names and hashes; another value gives another hash."""
-  body = {"base": "configs/default.py", "axes": [
+  body = {"base": "configs/base.py", "axes": [
       {"list": [{"train.batch_size": 16},
                 {"train.batch_size": 32, "train.learning_rate": 1,
                  "data.holdout": ["hamlet", "lear"]}]},
@@ -154,7 +154,7 @@ def test_list_and_seeds_and_names_that_repeat(tmp_path):
 
 def test_random_draws_are_seeded_and_in_bounds(tmp_path):
   def draws(seed):
-    spec = _spec(tmp_path, {"base": "configs/default.py", "axes": [
+    spec = _spec(tmp_path, {"base": "configs/base.py", "axes": [
         {"random": {"n": 200, "seed": seed, "fields": {
             "train.learning_rate": ["log_uniform", 1e-4, 1e-2],
             "train.b2": ["uniform", 0.9, 0.99],
@@ -214,9 +214,9 @@ def test_a_run_is_named_by_its_config_not_its_base_path(tmp_path):
   copy.write_text(text)
   other.write_text(text.replace("learning_rate=4.6e-3", "learning_rate=1e-3"))
   names = {}
-  for base, cooldowns in (("configs/default.py", []),
-                          ("configs/default.py", [0.5]),
-                          ("configs/default.py", [0.25, 0.5]),
+  for base, cooldowns in (("configs/base.py", []),
+                          ("configs/base.py", [0.5]),
+                          ("configs/base.py", [0.25, 0.5]),
                           (str(copy), [0.5]), (str(other), [0.5])):
     spec = _spec(tmp_path, {"base": base, "overrides": {"train.steps": 400},
                             "axes": [{"seeds": [0, 1]}],
@@ -230,7 +230,7 @@ def test_budgets_set_the_steps_of_each_run_and_branch(tmp_path):
   """An IsoFLOP design: every size at every budget, train.steps from the
   FLOPs per token run.json will count; branches get their share."""
   spec = _spec(tmp_path, {
-      "base": "configs/default.py",
+      "base": "configs/base.py",
       "overrides": {"train.schedule": "wsd", "train.warmup_steps": 10},
       "axes": [{"zip": {"model.d_model": [32, 64],
                         "model.num_heads": [1, 2]}}],
@@ -256,7 +256,7 @@ def test_old_run_folders_are_named(tmp_path, capsys):
   run = load(spec, str(root)).runs[0]
   from trainer import config as config_lib, saved_config
   for folder, seed in (("seed=0-abcdef", 0), ("seed=5-123456", 5)):
-    config = default.get_config()
+    config = base.get_config()
     config.train.update(steps=100, seed=seed)
     os.makedirs(root / folder)
     saved_config.save(config_lib.capped_warmup(config)[0], str(root / folder))
@@ -272,7 +272,7 @@ def test_old_run_folders_are_named(tmp_path, capsys):
 
 # --- bad specs ---------------------------------------------------------------
 
-BASE = {"base": "configs/default.py", "overrides": {"train.steps": 100}}
+BASE = {"base": "configs/base.py", "overrides": {"train.steps": 100}}
 WSD = {**BASE, "overrides": {"train.steps": 100, "train.schedule": "wsd"}}
 
 
@@ -320,7 +320,7 @@ BAD_SPECS = {
                                "outside the stable phase"),
     "budgets and steps": ({**BASE, "budgets": [1e12]},
                           "train.steps is set by overrides and by budgets"),
-    "a budget of 0": ({"base": "configs/default.py", "budgets": [0]},
+    "a budget of 0": ({"base": "configs/base.py", "budgets": [0]},
                       "budgets must be a list of positive FLOP counts"),
     "cooldown twice": ({**WSD, "cooldowns": [0.5, 0.501]},
                        "the same branch twice (40+10)"),
@@ -427,7 +427,7 @@ def test_cooldown_branch_runs_and_counts_all_its_tokens(
   """A tiny wsd run with cooldowns [0.5] (12 steps: a branch 5+1) run by
   the queue: the branch starts from the run's kept checkpoint, and its row
   counts the tokens of its S + K steps."""
-  spec = _spec(tmp_path, {"base": "configs/default.py",
+  spec = _spec(tmp_path, {"base": "configs/base.py",
                           "overrides": _tiny(corpus_dir, data_cache,
                                              **{"train.schedule": "wsd"}),
                           "cooldowns": [0.5]})
@@ -570,7 +570,7 @@ def test_live_lock_is_respected_and_stale_locks_are_taken_over(tmp_path,
 def test_a_run_locked_by_a_live_process_waits_for_it(tmp_path, corpus_dir,
                                                       data_cache, sleeper):
   """Not started while the owner lives; taken over once it is gone."""
-  spec = _spec(tmp_path, {"base": "configs/default.py",
+  spec = _spec(tmp_path, {"base": "configs/base.py",
                           "overrides": _tiny(corpus_dir, data_cache)})
   root, log = tmp_path / "root", tmp_path / "sweep.out"
   (task,) = load(spec, str(root)).tasks
@@ -622,7 +622,7 @@ def test_killed_sweep_restarts_where_it_stopped(tmp_path, corpus_dir,
   runs, resumes the cut one from its checkpoint and gives the results.csv of
   a sweep that never stopped, losses bit for bit."""
   spec = _spec(tmp_path, {
-      "base": "configs/default.py", "overrides": _tiny(corpus_dir, data_cache),
+      "base": "configs/base.py", "overrides": _tiny(corpus_dir, data_cache),
       "axes": [{"grid": {"train.learning_rate": [2e-3, 4e-3]}},
                {"seeds": [0, 1]}]})
   roots = {name: tmp_path / name for name in ("reference", "killed")}

@@ -81,6 +81,31 @@ def test_train_writes_metrics_checkpoints_and_samples(trained):
   assert sample in result.stdout
 
 
+def test_the_default_config_trains_its_recipe_through_a_bpe(corpus_dir,
+                                                            tmp_path):
+  """configs/default.py as `python train.py` runs it, at the tiny size: the
+  recipe's model and optimizer on a BPE fitted to the training split."""
+  workdir = str(tmp_path / "run")
+  result = run_train_py("--config=configs/default.py", *TINY_FLAGS[1:],
+                        f"--config.data.source={corpus_dir}",
+                        f"--config.data.cache_dir={tmp_path / 'cache'}",
+                        "--config.data.bpe_vocab_size=300",
+                        "--config.train.steps=6", f"--workdir={workdir}")
+  _check_ok(result)
+  assert TINY_FLAGS[0] == "--config=configs/base.py"
+  assert "vocab 300 (padded to 384)" in result.stdout, result.stdout
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  assert {k: saved["model"][k] for k in ("activation", "norm", "qk_norm",
+                                         "tie_embeddings")} == {
+      "activation": "relu2", "norm": "rmsnorm", "qk_norm": True,
+      "tie_embeddings": False}
+  assert saved["train"]["optimizer"] == "muon"
+  assert saved["data"]["tokenizer"] == "bpe"
+  losses = [r["loss"] for r in metrics_records(workdir) if "loss" in r]
+  assert len(losses) == 6 and losses[-1] < losses[0]
+
+
 def test_eval_mode(trained):
   workdir, _, _ = trained
   result = run_train_py(f"--workdir={workdir}", "--mode=eval")

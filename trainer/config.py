@@ -2,7 +2,7 @@
 compiled or written; the config a run uses (a short run's warmup capped);
 its model section as a GPTConfig. Its config.json is trainer/saved_config.py.
 
-Every field of configs/default.py has one entry in RULES (tests/
+Every field of configs/base.py has one entry in RULES (tests/
 test_config_rules.py fails for a field without one), and every rule across
 fields is one function in CROSS_CHECKS. Two checks need what a config alone
 does not say: the mesh against the device count (sharding.make_mesh) and
@@ -14,7 +14,7 @@ import math
 
 import ml_collections
 
-from configs import default
+from configs import base
 from data import loader, prepare
 from model import GPTConfig
 from model.config import (ACTIVATIONS, ATTENTIONS, DTYPES, LOGICAL_AXES,
@@ -100,7 +100,7 @@ FLAG = Rule(bool)
 TEXT = Rule(str)
 MESH_SIZE = Rule(int, 1, also=(-1,), means="-1: all remaining devices")
 
-# Every field's rule, by its dotted name, in configs/default.py's order.
+# Every field's rule, by its dotted name, in configs/base.py's order.
 RULES = {
     "model.vocab_size": Rule(int, 0, means="0: the tokenizer's"),
     "model.vocab_multiple": Rule(int, 1, means="1: no padding"),
@@ -218,7 +218,7 @@ def check_field(config, field: str) -> None:
   section, name = field.split(".")
   if section not in config or name not in config[section]:
     raise ConfigError(f"the config has no field {field}; build it from "
-                      "configs/default.py")
+                      "configs/base.py")
   rule, value = RULES[field], config[section][name]
   if not rule.accepts(value):
     raise ConfigError(f"{field}={value!r} must be {rule.describe()}" +
@@ -330,7 +330,7 @@ def top_k_within_vocabulary(config, vocab_size: int = 0) -> None:
 def objective_fields_for_their_objective(config) -> None:
   """train.sft_loss_on and data.pack shape sft batches, train.dpo_beta the
   dpo loss; set for another objective they would do nothing."""
-  t, default_config = config.train, default.get_config()
+  t, default_config = config.train, base.get_config()
   for field, objective in (("train.sft_loss_on", "sft"), ("data.pack", "sft"),
                            ("train.dpo_beta", "dpo")):
     section, name = field.split(".")
@@ -354,7 +354,7 @@ def dpo_without_dropout(config) -> None:
 def muon_fields(config) -> None:
   """Muon's fields apply to train.optimizer='muon' alone; and muP's
   per-layer multipliers are for Adam's steps, not Muon's."""
-  t, default_train = config.train, default.get_config().train
+  t, default_train = config.train, base.get_config().train
   if t.optimizer == "muon" and config.model.parametrization == "mup":
     raise ConfigError("train.optimizer='muon' does not apply muP's per-layer "
                       "Adam learning rates: use model.parametrization="

@@ -27,7 +27,7 @@ from absl import logging
 
 import errors
 import layout
-from configs import default
+from configs import base
 from data import disk, tokenizers
 from model import GPTConfig
 from model import hf_gpt2 as mapping
@@ -123,9 +123,9 @@ def _read_tokenizer(hf_dir: str, vocab_size: int):
 
 
 def run_config(fields: dict):
-  """configs/default.py with the imported model: what eval, sample and
+  """configs/base.py with the imported model: what eval, sample and
   init_from rebuild it from."""
-  config = default.get_config()
+  config = base.get_config()
   config.model.update(fields)
   config.model.dropout = 0.0
   config.data.source = ""
@@ -236,7 +236,7 @@ def load_params(workdir: str):
                       f"{source.directory})")
   vocab_size = _vocab_size(
       workdir, config, source.saved_shapes(step)["params.Embed_0.embedding"])
-  config.mesh = default.get_config().mesh
+  config.mesh = base.get_config().mesh
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   model, tx, _, shardings = run_lib.model_and_optimizer(config, vocab_size,
                                                         mesh)

@@ -9,7 +9,7 @@ import os
 import ml_collections
 
 import layout
-from configs import default
+from configs import base
 from data import disk
 from trainer import optim
 from trainer.errors import ConfigError
@@ -147,7 +147,7 @@ def load_saved(workdir: str) -> ml_collections.ConfigDict:
                       "train one there first with --mode=train")
   with open(path) as f:
     saved = json.load(f)
-  defaults = default.get_config().to_dict()
+  defaults = base.get_config().to_dict()
   for field, value in BEFORE_FIELD.items():
     section, name = field.split(".")
     defaults[section][name] = value

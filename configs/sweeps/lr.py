@@ -21,7 +21,7 @@ Expect:   6 runs of 300 steps (1.2M tokens each), one at a time: 13 minutes
 
 def get_sweep():
   return {
-      "base": "configs/default.py",
+      "base": "configs/base.py",
       "overrides": {"train.steps": 300, "eval.every_steps": 100,
                     "checkpoint.every_steps": 100},
       "axes": [{"grid": {"model.d_model": [48, 96],

@@ -21,7 +21,7 @@ LEARNING_RATES = tuple(2.0 ** -k for k in range(10, 1, -1))
 
 def get_sweep():
   return {
-      "base": "configs/default.py",
+      "base": "configs/base.py",
       "overrides": {
           "model.num_layers": 2, "model.num_heads": 2, "model.seq_len": 64,
           "model.mup_base_width": WIDTHS[0],

@@ -40,7 +40,7 @@ def _cumulative():
 
 def get_sweep():
   return {
-      "base": "configs/default.py",
+      "base": "configs/base.py",
       "overrides": {"train.steps": 900, "train.learning_rate": 8e-3,
                     "eval.every_steps": 300, "checkpoint.every_steps": 900,
                     "sample.max_new_tokens": 100},

@@ -24,7 +24,7 @@ SIZES = (  # num_layers, d_model, num_heads, steps
 
 def get_sweep():
   return {
-      "base": "configs/default.py",
+      "base": "configs/base.py",
       "overrides": {
           "train.schedule": "wsd", "train.decay_fraction": 0.2,
           "eval.every_steps": 4000, "checkpoint.every_steps": 400,
