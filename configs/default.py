@@ -10,7 +10,12 @@ character step for ~1.9x its time (docs/performance.md, "The recipe and the
 speedrun").
 
 Command:  python train.py
-Expect:   STEPS_TODO
+Expect:   11 minutes on a 2-core CPU from a fresh clone (setup, corpus
+          download and the BPE fit included; 559 s of them training at
+          ~9,000 tokens/s); validation loss 3.8863 nats per token, 2.1319
+          bits per byte, 1.478 nats per character on the held-out works
+          (Hamlet, The Tempest): below a counted modified Kneser-Ney 7-gram
+          (1.532). 4 layers for 1,000 steps, about the same time, gave 1.490.
 """
 
 from configs import base
