@@ -68,8 +68,17 @@ class Worker:
     batch, batch_bytes, empty = [], 0, 0
 
     def flush():
-      for (split, num_bytes, _), ids in zip(batch, self.tok.encode_batch(
-          [text for _, _, text in batch])):
+      try:
+        encoded = self.tok.encode_batch([text for _, _, _, text in batch])
+      except ValueError as e:  # a character outside a char vocabulary
+        path = next(path for _, _, path, text in batch
+                    if not _encodes(self.tok, text))
+        raise corpus.DataError(
+            f"{path}: {e}, which was fitted to the inputs of the first "
+            f"preparation of {self.output}; prepare into a new --output "
+            "(its vocabulary fitted to every input) or with --tokenizer "
+            "byte or bpe") from None
+      for (split, num_bytes, _, _), ids in zip(batch, encoded):
         writers[split].add(ids)
         count = splits[split]
         count["documents"] += 1
@@ -88,7 +97,7 @@ class Worker:
         names = splits[split]["names"]
         if o.holdout and names[-1:] != [name]:
           names.append(name)
-        batch.append((split, len(data), text))
+        batch.append((split, len(data), piece.path, text))
         batch_bytes += len(data)
         if batch_bytes >= 1 << 20:
           flush()
@@ -100,6 +109,14 @@ class Worker:
               "empty_documents": empty, "splits": splits}
     disk.write_json(prefix + ".json", record)
     return record
+
+
+def _encodes(tokenizer, text: str) -> bool:
+  try:
+    tokenizer.encode(text)
+  except ValueError:
+    return False
+  return True
 
 
 _worker = None  # the Worker of a worker process

@@ -185,6 +185,27 @@ def test_rerun_processes_only_new_or_changed_inputs(tmp_path):
   assert prepare.load(str(out)).meta == changed.meta
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_new_character_on_a_rerun_is_one_line_and_nothing_changes(
+    tmp_path, workers):
+  """A character vocabulary is fitted once, on the first preparation: an
+  input added later with a character outside it names its file."""
+  corpus_dir, out = tmp_path / "corpus", tmp_path / "out"
+  corpus_dir.mkdir()
+  for name in ("a", "b"):
+    (corpus_dir / f"{name}.txt").write_text(f"text of {name}, " * 20)
+  options = prepare.Options(tokenizer="char", seq_len=SEQ, holdout=("a",),
+                            workers=workers)
+  first = prepare.build([str(corpus_dir)], str(out), options)
+  (corpus_dir / "c.txt").write_text("text of a, " * 10 + "Z")
+  with pytest.raises(DataError, match=(
+      f"^{corpus_dir}/c.txt: character 'Z' is not in the vocabulary of this "
+      f"character tokenizer, which was fitted to the inputs of the first "
+      f"preparation of {out}; prepare into a new --output")):
+    prepare.build([str(corpus_dir)], str(out), options)
+  assert prepare.load(str(out)).meta == first.meta
+
+
 @pytest.mark.parametrize("damage, reason", [
     (lambda text: text[:text.index(":") + 1], "Expecting value"),  # cut short
     (lambda text: "", "Expecting value"),
