@@ -12,6 +12,8 @@ import dataclasses
 import multiprocessing
 import os
 import re
+import threading
+import time
 
 from data import corpus, disk, shards, store, tokenizers
 
@@ -122,10 +124,20 @@ def _encodes(tokenizer, text: str) -> bool:
 _worker = None  # the Worker of a worker process
 
 
-def _init_worker(output: str, spec: dict, options) -> None:
+def _init_worker(parent: int, output: str, spec: dict, options) -> None:
   global _worker
   os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallel over processes
+  threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
   _worker = Worker(output, tokenizers.from_json(spec, output), options)
+
+
+def _exit_with(parent: int) -> None:
+  """Ends this worker once its parent is gone (a SIGKILLed preparation
+  would otherwise leave it finishing tasks, then waiting forever, racing
+  the next run on the same temporary files)."""
+  while os.getppid() == parent:
+    time.sleep(0.2)
+  os._exit(1)
 
 
 def _run_task(task: Task) -> dict:
@@ -142,7 +154,7 @@ def runner(output: str, tokenizer, options):
     return
   with futures.ProcessPoolExecutor(
       options.workers, multiprocessing.get_context("spawn"), _init_worker,
-      (output, tokenizer.to_json(), options)) as pool:
+      (os.getpid(), output, tokenizer.to_json(), options)) as pool:
 
     def run(tasks):
       running = [pool.submit(_run_task, t) for t in tasks]

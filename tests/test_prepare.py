@@ -7,8 +7,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -360,6 +362,50 @@ def test_command_line(tmp_path):
       f"tokens ({meta['train_bytes']:,} + {meta['val_bytes']:,} bytes), byte "
       "vocabulary 257")
   assert meta["train_documents"] + meta["val_documents"] == 19
+
+
+def _children(pid: int) -> list[int]:
+  """The live (not zombie) processes whose parent is `pid`."""
+  found = []
+  for child in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{child}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    if int(fields[1]) == pid and fields[0] != "Z":
+      found.append(int(child))
+  return found
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+      return bool(f.read())  # a zombie's is empty
+  except OSError:
+    return False
+
+
+def test_workers_die_with_a_killed_preparation(tmp_path):
+  corpus_dir = tmp_path / "corpus"
+  corpus_dir.mkdir()
+  for i in range(8):
+    (corpus_dir / f"{i}.txt").write_text(f"document {i} " * 20_000)
+  proc = _cli("--input", corpus_dir, "--output", tmp_path / "out",
+              "--tokenizer", "byte", "--seq-len", SEQ, "--workers", 2)
+  deadline = time.monotonic() + 60
+  while len(workers := _children(proc.pid)) < 2:
+    assert time.monotonic() < deadline and proc.poll() is None, "no workers"
+    time.sleep(0.05)
+  proc.kill()
+  proc.wait()
+  deadline = time.monotonic() + 20
+  while any(map(_alive, workers)) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  left = [w for w in workers if _alive(w)]
+  for w in left:
+    os.kill(w, signal.SIGKILL)
+  assert not left, "workers outlived their preparation"
 
 
 def test_bad_input_is_one_line_error(tmp_path, gpt2_files):
