@@ -4,6 +4,7 @@ Everything is sized for a shared 2-core CPU: models are 1-2 layers of width 32
 with a context of 16 tokens.
 """
 
+import fcntl
 import os
 import random
 import subprocess
@@ -23,12 +24,28 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tests that run train.py in several processes joined through
-# jax.distributed: with `pytest -n 2 --dist loadgroup` (the README's command)
-# they run one at a time on one worker, so that two of them never share the
-# cores while their collectives wait on each other.
-PROCESSES = pytest.mark.xdist_group("processes")
+# jax.distributed take turns across pytest-xdist's workers (the README runs
+# 2), so that two of them never share the cores while their collectives wait
+# on each other (pytest-xdist's own xdist_group does not group under pytest 9).
+PROCESSES = pytest.mark.processes
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "processes: starts several train.py "
+                          "processes; such tests take turns (conftest.py)")
+
+
+@pytest.fixture(autouse=True)
+def _processes_take_turns(request):
+  if request.node.get_closest_marker("processes") is None:
+    yield
+    return
+  lock = os.path.join(tempfile.gettempdir(), "gpt_jax_tests_processes.lock")
+  with open(lock, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
+    yield
 
 # Words with multi-byte UTF-8 characters, so that bytes != characters.
 _WORDS = ("the king queen lord lady night day sword crown love death ghost "
