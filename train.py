@@ -140,4 +140,6 @@ if __name__ == "__main__":
       return flags.FLAGS(argv)
     except flags.Error as e:
       _flag_error(e)
+    except (AttributeError, KeyError) as e:  # an unknown field of --config=FILE
+      _flag_error(e, prefix="unknown config field ")
   app.run(main, flags_parser=parse_flags)

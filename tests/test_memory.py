@@ -20,7 +20,8 @@ TINY = ("--config.model.num_layers=2", "--config.model.d_model=32",
 
 def _memory(*args):
   return subprocess.run(
-      [sys.executable, "-m", "launch.memory", "--devices=8", *TINY, *args],
+      [sys.executable, "-m", "launch.memory", "--devices=8",
+       "--config=configs/base.py", *TINY, *args],
       cwd=REPO, text=True, capture_output=True, timeout=300)
 
 

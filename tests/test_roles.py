@@ -58,19 +58,19 @@ def _config(name: str, **model):
 
 # (config, the block prefixes it has, muP's multiplier of hidden weights)
 TABLES = {
-    "default": (_config("default"),
+    "base": (_config("base"),
                 ("block_0/", "block_1/", "block_2/"), 1.0),
     "gpt2_large-scanned": (_config("gpt2_large"), ("blocks/",), 1.0),
     "gpt3_small-scanned-pattern": (
         _config("gpt3_small", scan_layers=True),
         ("blocks/block_0/", "blocks/block_1/"), 1.0),
-    "mup-untied": (_config("default", parametrization="mup", d_model=384,
+    "mup-untied": (_config("base", parametrization="mup", d_model=384,
                            mup_base_width=96, tie_embeddings=False),
                    ("block_0/", "block_1/", "block_2/"), 0.25),
-    "mup-recipe": (_config("default", parametrization="mup", d_model=384,
+    "mup-recipe": (_config("base", parametrization="mup", d_model=384,
                            mup_base_width=96, **RECIPE),
                    ("block_0/", "block_1/", "block_2/"), 0.25),
-    "recipe-scanned": (_config("default", scan_layers=True, **RECIPE),
+    "recipe-scanned": (_config("base", scan_layers=True, **RECIPE),
                        ("blocks/",), 1.0),
 }
 

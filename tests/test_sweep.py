@@ -208,7 +208,7 @@ def test_cooldown_branches_follow_each_run(tmp_path):
 def test_a_run_is_named_by_its_config_not_its_base_path(tmp_path):
   """A copy of the base names the same runs; a copy with another learning
   rate, other runs; cooldown budgets add checkpoints, not runs."""
-  with open(os.path.join(REPO, "configs", "default.py")) as f:
+  with open(os.path.join(REPO, "configs", "base.py")) as f:
     text = f.read()
   copy, other = tmp_path / "copy.py", tmp_path / "other.py"
   copy.write_text(text)
