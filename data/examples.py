@@ -33,7 +33,8 @@ is tokens[starts[i]:starts[i + 1]]). Training on raw JSONL prepares it into
 checkpoint.init_from's), or one fitted to the examples.
 
 Split: by file name (`holdout`, as for text: a file's lines are one
-"document" name), else by a hash of each record (`val_fraction`).
+"document" name; a copy of a held-out record elsewhere is held out too),
+else by a hash of each record (`val_fraction`): store.Splitter.
 """
 
 import dataclasses
@@ -51,6 +52,9 @@ from data import corpus, disk, shards, store, tokenizers
 from data.corpus import DataError
 
 VERSION = 1
+# Bumped when the same inputs would be prepared otherwise, so that no cache
+# prepared before is taken (2: copies of held-out records are held out too).
+CACHE_VERSION = 2
 FORMATS = ("sft", "dpo")
 ROLES = ("system", "user", "assistant")
 TEMPLATE = {"system": "System: {}\n", "user": "User: {}\n"}
@@ -235,9 +239,13 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
   if holdout and set(names) <= set(holdout):
     raise DataError("the holdout holds out every file; leave some for "
                     "training")
+  splitter = store.Splitter(tuple(holdout), val_fraction)
+  if holdout:
+    splitter = splitter.holding(
+        canonical for f in files if corpus.name(f) in holdout
+        for _, canonical, _ in read(f, fmt))
   if isinstance(tokenizer, str):
-    tokenizer = _fit(tokenizer, files, fmt, vocab_size, holdout,
-                     val_fraction)
+    tokenizer = _fit(tokenizer, files, fmt, vocab_size, splitter)
   os.makedirs(output, exist_ok=True)
   dtype = shards.dtype_for(tokenizer.vocab_size)
   parts = {s: ([], [], [0]) for s in store.SPLITS}
@@ -246,7 +254,7 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
   for path in files:
     name = corpus.name(path)
     for number, canonical, seqs in read(path, fmt):
-      split = store.split_of(name, canonical, holdout, val_fraction)
+      split = splitter.of(name, canonical)
       tokens, targets, starts = parts[split]
       for seq in seqs:
         try:
@@ -293,8 +301,8 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
   return load(output)
 
 
-def _fit(kind: str, files: list[str], fmt: str, vocab_size: int, holdout,
-         val_fraction: float):
+def _fit(kind: str, files: list[str], fmt: str, vocab_size: int,
+         splitter: store.Splitter):
   """A tokenizer of `kind` fitted to the examples: a character one to all
   (it must spell the held-out ones too), a BPE to the training split's
   (data/prepare.py fits a corpus's the same way)."""
@@ -309,8 +317,7 @@ def _fit(kind: str, files: list[str], fmt: str, vocab_size: int, holdout,
     for f in files:
       name = corpus.name(f)
       for _, canonical, seqs in read(f, fmt):
-        if not train_only or store.split_of(
-            name, canonical, holdout, val_fraction) == "train":
+        if not train_only or splitter.of(name, canonical) == "train":
           yield from (texts(seq) for seq in seqs)
 
   if kind == "char":
@@ -380,7 +387,7 @@ def prepare_source(source: str, fmt: str, tokenizer, holdout=(),
   spec = (tokenizers.fingerprint(tokenizer) if not isinstance(tokenizer, str)
           else [tokenizer, bpe_vocab_size] if tokenizer == "bpe" else tokenizer)
   key = store.digest(VERSION, fmt, identity, spec, list(holdout),
-                     val_fraction)[:16]
+                     val_fraction, CACHE_VERSION)[:16]
   label = re.sub(r"[^\w.-]", "_", corpus.name(source.rstrip("/")))
   cache_dir = cache_dir or corpus.default_cache_dir()
   output = os.path.join(cache_dir, "examples", f"{label}-{fmt}-{key}")

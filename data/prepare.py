@@ -13,10 +13,12 @@ Packing: every document is followed by the end-of-text token (EOT, 0 bytes);
 a split is its shards concatenated in meta order, which the loader cuts into
 full windows: nothing is padded. Empty documents are skipped.
 
-Split: a document is held out for validation if its name (its file's, see
-corpus.py) is in `holdout`; without a holdout, if a hash of its UTF-8 bytes
-falls below `val_fraction`. Either way the split depends on neither file order
-nor worker count, and copies of a document land in the same split.
+Split (store.Splitter): a document is held out for validation if its name
+(its file's without extensions, in any folder: corpus.py) is in `holdout`,
+or if its text is that of such a document (a copy under another name);
+without a holdout, if a hash of its UTF-8 bytes falls below `val_fraction`.
+Either way the split depends on neither file order nor worker count, and
+copies of a document land in the same split.
 
 Work (data/work.py): the input files are cut into tasks (consecutive files
 of about `task_bytes`, or ranges of a larger uncompressed .jsonl) that
@@ -229,15 +231,15 @@ def _build(inputs, files, output, options) -> Prepared:
                     f"{old.get('tokenizer_request')}, not {request}; prepare "
                     "into a new --output (or delete this one)")
   tasks = work.plan(files, options.task_bytes)
+  splitter = _splitter(tasks, options)
   if old is not None:
     tok = _load_tokenizer(old, output)
   else:
-    tok = _new_tokenizer(options, tasks)
+    tok = _new_tokenizer(options, tasks, splitter)
     if isinstance(tok, tokenizers.BPETokenizer):
       tok.save(output)
   settings = [VERSION, tokenizers.fingerprint(tok), options.text_field,
-              options.utf8, options.holdout or options.val_fraction,
-              options.shard_tokens]
+              options.utf8, splitter.settings(), options.shard_tokens]
   tasks = [dataclasses.replace(t, key=store.digest(settings, [
       store.file_identity(p) for p in t.pieces])[:24]) for t in tasks]
   records = {t.key: r for t in tasks
@@ -247,7 +249,7 @@ def _build(inputs, files, output, options) -> Prepared:
                   unit_scale=True, desc="preparing", dynamic_ncols=True,
                   disable=not options.progress)
   documents = 0
-  with bar, work.runner(output, tok, options) as run:
+  with bar, work.runner(output, tok, options, splitter) as run:
     for record in run(pending):
       records[record["key"]] = record
       documents += sum(s["documents"] for s in record["splits"].values())
@@ -328,7 +330,8 @@ def _load_tokenizer(meta: dict, path: str):
                     "it again") from None
 
 
-def _new_tokenizer(options: Options, tasks: list[work.Task]):
+def _new_tokenizer(options: Options, tasks: list[work.Task],
+                   splitter: store.Splitter):
   if options.tokenizer == "byte":
     return tokenizers.ByteTokenizer()
   if options.tokenizer == "gpt2":
@@ -336,14 +339,25 @@ def _new_tokenizer(options: Options, tasks: list[work.Task]):
   if options.tokenizer == "char":
     return tokenizers.CharTokenizer.fit(_sample(tasks, options, 0))
   return tokenizers.BPETokenizer.train(
-      _sample(tasks, options, options.bpe_sample_bytes, train_only=True),
+      _sample(tasks, options, options.bpe_sample_bytes, splitter),
       options.vocab_size)
 
 
+def _splitter(tasks: list[work.Task], options: Options) -> store.Splitter:
+  """The preparation's split, knowing the documents it holds out."""
+  splitter = store.Splitter(options.holdout, options.val_fraction)
+  if not options.holdout:
+    return splitter
+  return splitter.holding(
+      text.encode("utf-8") for task in tasks for piece in task.pieces
+      if corpus.name(piece.path) in options.holdout
+      for text in corpus.documents(piece, options.text_field, options.utf8))
+
+
 def _sample(tasks: list[work.Task], options: Options, limit: int,
-            train_only: bool = False) -> Iterator[str]:
+            splitter: store.Splitter | None = None) -> Iterator[str]:
   """Documents to fit a tokenizer to: all (a character tokenizer must spell
-  the validation text too) or, train_only, the training split's (a BPE
+  the validation text too) or, given a splitter, the training split's (a BPE
   spells any text, and its merges then learn nothing of the held-out
   text); about `limit` bytes of them from tasks spread over the corpus."""
   step = max(1, sum(t.bytes for t in tasks) // limit) if limit else 1
@@ -352,9 +366,8 @@ def _sample(tasks: list[work.Task], options: Options, limit: int,
     for piece in task.pieces:
       name = corpus.name(piece.path)
       for text in corpus.documents(piece, options.text_field, options.utf8):
-        if train_only and store.split_of(
-            name, text.encode("utf-8"), options.holdout,
-            options.val_fraction) == "val":
+        if splitter is not None and splitter.of(
+            name, text.encode("utf-8")) == "val":
           continue
         yield text
         seen += len(text)

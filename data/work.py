@@ -55,8 +55,9 @@ class Worker:
   """Runs tasks: reads, splits and tokenizes documents, writes shards and
   then the task's record."""
 
-  def __init__(self, output: str, tokenizer, options):
+  def __init__(self, output: str, tokenizer, options, splitter):
     self.output, self.tok, self.options = output, tokenizer, options
+    self.splitter = splitter
     self.dtype = shards.dtype_for(tokenizer.vocab_size)
 
   def __call__(self, task: Task) -> dict:
@@ -95,7 +96,7 @@ class Worker:
           empty += 1
           continue
         data = text.encode("utf-8")
-        split = store.split_of(name, data, o.holdout, o.val_fraction)
+        split = self.splitter.of(name, data)
         names = splits[split]["names"]
         if o.holdout and names[-1:] != [name]:
           names.append(name)
@@ -124,11 +125,13 @@ def _encodes(tokenizer, text: str) -> bool:
 _worker = None  # the Worker of a worker process
 
 
-def _init_worker(parent: int, output: str, spec: dict, options) -> None:
+def _init_worker(parent: int, output: str, spec: dict, options,
+                 splitter) -> None:
   global _worker
   os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallel over processes
   threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
-  _worker = Worker(output, tokenizers.from_json(spec, output), options)
+  _worker = Worker(output, tokenizers.from_json(spec, output), options,
+                   splitter)
 
 
 def _exit_with(parent: int) -> None:
@@ -145,16 +148,16 @@ def _run_task(task: Task) -> dict:
 
 
 @contextlib.contextmanager
-def runner(output: str, tokenizer, options):
+def runner(output: str, tokenizer, options, splitter):
   """A function from tasks to their records (in any order), run in this
   process or in `options.workers` new ones."""
   if not options.workers:
-    worker = Worker(output, tokenizer, options)
+    worker = Worker(output, tokenizer, options, splitter)
     yield lambda tasks: map(worker, tasks)
     return
   with futures.ProcessPoolExecutor(
       options.workers, multiprocessing.get_context("spawn"), _init_worker,
-      (os.getpid(), output, tokenizer.to_json(), options)) as pool:
+      (os.getpid(), output, tokenizer.to_json(), options, splitter)) as pool:
 
     def run(tasks):
       running = [pool.submit(_run_task, t) for t in tasks]
