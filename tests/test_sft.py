@@ -438,6 +438,42 @@ def test_train_py_sft_sharded_equals_one_device(sft_files):
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
+def test_a_character_run_on_examples_samples_after_a_held_out_prompt(
+    tmp_path):
+  """A character tokenizer fitted to sums has no newline: with the default
+  sample.prompt ("\\n") the run samples after the first held-out prompt and
+  says so; a prompt the user sets is still checked before training."""
+  (tmp_path / "data").mkdir()
+  rng = np.random.default_rng(3)
+  write_jsonl(tmp_path / "data" / "train.jsonl", sums(rng, 40))
+  val = sums(rng, 6)
+  write_jsonl(tmp_path / "data" / "val.jsonl", val)
+  flags = (*[f for f in TINY if not f.startswith("--config.sample.prompt")],
+           "--config.train.objective=sft",
+           f"--config.data.source={tmp_path / 'data'}",
+           f"--config.data.cache_dir={tmp_path / 'cache'}")
+  result = run_train_py(*flags, "--config.train.steps=3",
+                        f"--workdir={tmp_path / 'run'}")
+  _ok(result)
+  first = val[0]["prompt"]
+  assert ("sample.prompt: the default '\\n' is not in the vocabulary (char "
+          f"tokenizer of 13 ids); sampling after the first held-out prompt "
+          f"instead, {first!r}") in result.stdout
+  assert result.stdout.split("--- sample (temperature 0.8) ---\n")[1] \
+      .startswith(first)
+  sample = run_train_py("--mode=sample", f"--workdir={tmp_path / 'run'}",
+                        "--config.sample.temperature=0")
+  _ok(sample)
+  assert sample.stdout.startswith(first)
+  chosen = run_train_py(*flags, "--config.sample.prompt=Q",
+                        f"--workdir={tmp_path / 'chosen'}")
+  assert chosen.returncode == 2
+  assert chosen.stderr.strip().splitlines()[-1] == (
+      "error: sample.prompt='Q': character 'Q' is not in the vocabulary of "
+      "this character tokenizer")
+  assert not os.path.exists(tmp_path / "chosen" / "config.json")
+
+
 def test_train_py_refuses_bad_examples_in_one_line(sft_files, tmp_path):
   (tmp_path / "data").mkdir()
   bad = write_jsonl(tmp_path / "data" / "train.jsonl",

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import tqdm
 
 import layout
+from configs import base
 from data import examples, loader, prepare, tokenizers
 from model import GPT, generate, resize_vocab
 from trainer import checkpoint, config as config_lib, objectives, optim
@@ -158,8 +159,34 @@ def _tokenizer_and_data(config, workdir: str, splits):
     data = _prepare(config, tokenizer)
     tokenizer = tokenizer or data.tokenizer
     _check_same_tokenizer(tokenizer, workdir, data.tokenizer, data.path)
+  if _default_prompt_unspelled(config, tokenizer):
+    prompt = _first_held_out_prompt(data or _prepare(config, tokenizer))
+    log(f"sample.prompt: the default {config.sample.prompt!r} is not in the "
+        f"vocabulary ({tokenizers.describe(tokenizer)}); sampling after the "
+        f"first held-out prompt instead, {prompt!r}")
+    config.sample.prompt = prompt
   config_lib.check_with_tokenizer(config, tokenizer)
   return tokenizer, data
+
+
+def _default_prompt_unspelled(config, tokenizer) -> bool:
+  """Examples' runs whose tokenizer cannot spell the default prompt, which
+  the user never chose (a character tokenizer fitted to the examples)."""
+  s = config.sample
+  if (config.train.objective == "next-token" or s.prompt_file or
+      s.prompt != base.get_config().sample.prompt):
+    return False
+  try:
+    tokenizer.encode(s.prompt)
+  except ValueError:
+    return True
+  return False
+
+
+def _first_held_out_prompt(data: examples.Prepared) -> str:
+  """The text of the first held-out example up to its first target token."""
+  tokens, targets = data.sequences("val").get(0)
+  return data.tokenizer.decode(tokens[:int(targets.argmax())])
 
 
 def _check_same_tokenizer(model_tokenizer, model_dir: str, tokenizer,
