@@ -33,8 +33,8 @@ is tokens[starts[i]:starts[i + 1]]). Training on raw JSONL prepares it into
 checkpoint.init_from's), or one fitted to the examples.
 
 Split: by file name (`holdout`, as for text: a file's lines are one
-"document" name; a copy of a held-out record elsewhere is held out too),
-else by a hash of each record (`val_fraction`): store.Splitter.
+"document" name; a copy of a held-out file under another name is held out
+too), else by a hash of each record (`val_fraction`): store.Splitter.
 """
 
 import dataclasses
@@ -53,7 +53,7 @@ from data.corpus import DataError
 
 VERSION = 1
 # Bumped when the same inputs would be prepared otherwise, so that no cache
-# prepared before is taken (2: copies of held-out records are held out too).
+# prepared before is taken (2: copies of held-out files are held out too).
 CACHE_VERSION = 2
 FORMATS = ("sft", "dpo")
 ROLES = ("system", "user", "assistant")
@@ -241,9 +241,7 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
                     "training")
   splitter = store.Splitter(tuple(holdout), val_fraction)
   if holdout:
-    splitter = splitter.holding(
-        canonical for f in files if corpus.name(f) in holdout
-        for _, canonical, _ in read(f, fmt))
+    splitter = splitter.holding(files)
   if isinstance(tokenizer, str):
     tokenizer = _fit(tokenizer, files, fmt, vocab_size, splitter)
   os.makedirs(output, exist_ok=True)
@@ -252,9 +250,8 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
   counts = {s: {"examples": 0, "sequences": 0, "tokens": 0,
                 "target_tokens": 0} for s in store.SPLITS}
   for path in files:
-    name = corpus.name(path)
     for number, canonical, seqs in read(path, fmt):
-      split = splitter.of(name, canonical)
+      split = splitter.of(path, canonical)
       tokens, targets, starts = parts[split]
       for seq in seqs:
         try:
@@ -315,9 +312,8 @@ def _fit(kind: str, files: list[str], fmt: str, vocab_size: int,
                     "one")
   def sample(train_only: bool):
     for f in files:
-      name = corpus.name(f)
       for _, canonical, seqs in read(f, fmt):
-        if not train_only or splitter.of(name, canonical) == "train":
+        if not train_only or splitter.of(f, canonical) == "train":
           yield from (texts(seq) for seq in seqs)
 
   if kind == "char":

@@ -15,7 +15,7 @@ full windows: nothing is padded. Empty documents are skipped.
 
 Split (store.Splitter): a document is held out for validation if its name
 (its file's without extensions, in any folder: corpus.py) is in `holdout`,
-or if its text is that of such a document (a copy under another name);
+or if its file has the bytes of such a file (a copy under another name);
 without a holdout, if a hash of its UTF-8 bytes falls below `val_fraction`.
 Either way the split depends on neither file order nor worker count, and
 copies of a document land in the same split.
@@ -231,7 +231,9 @@ def _build(inputs, files, output, options) -> Prepared:
                     f"{old.get('tokenizer_request')}, not {request}; prepare "
                     "into a new --output (or delete this one)")
   tasks = work.plan(files, options.task_bytes)
-  splitter = _splitter(tasks, options)
+  splitter = store.Splitter(options.holdout, options.val_fraction)
+  if options.holdout:
+    splitter = splitter.holding(files)
   if old is not None:
     tok = _load_tokenizer(old, output)
   else:
@@ -343,17 +345,6 @@ def _new_tokenizer(options: Options, tasks: list[work.Task],
       options.vocab_size)
 
 
-def _splitter(tasks: list[work.Task], options: Options) -> store.Splitter:
-  """The preparation's split, knowing the documents it holds out."""
-  splitter = store.Splitter(options.holdout, options.val_fraction)
-  if not options.holdout:
-    return splitter
-  return splitter.holding(
-      text.encode("utf-8") for task in tasks for piece in task.pieces
-      if corpus.name(piece.path) in options.holdout
-      for text in corpus.documents(piece, options.text_field, options.utf8))
-
-
 def _sample(tasks: list[work.Task], options: Options, limit: int,
             splitter: store.Splitter | None = None) -> Iterator[str]:
   """Documents to fit a tokenizer to: all (a character tokenizer must spell
@@ -364,10 +355,9 @@ def _sample(tasks: list[work.Task], options: Options, limit: int,
   seen = 0
   for task in tasks[::step]:
     for piece in task.pieces:
-      name = corpus.name(piece.path)
       for text in corpus.documents(piece, options.text_field, options.utf8):
         if splitter is not None and splitter.of(
-            name, text.encode("utf-8")) == "val":
+            piece.path, text.encode("utf-8")) == "val":
           continue
         yield text
         seen += len(text)

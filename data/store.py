@@ -9,7 +9,7 @@ import fcntl
 import hashlib
 import json
 import os
-from typing import Iterable
+from typing import Sequence
 
 from data import corpus
 
@@ -31,35 +31,39 @@ def digest(*parts) -> str:
 class Splitter:
   """The split of a document. With a holdout: val if its file's name
   (corpus.name: the file name without extensions, in any folder) is held
-  out, or if its bytes are those of a held-out document (a copy under
-  another name); else train. Without one: val if a hash of its bytes falls
-  below val_fraction. Neither depends on file order or worker count."""
+  out, or if its file has the bytes of such a file (a copy under another
+  name); else train. Without one: val if a hash of the document's bytes
+  falls below val_fraction. Neither depends on file order or worker count."""
   holdout: tuple[str, ...] = ()
   val_fraction: float = 0.01
-  held: frozenset[str] = frozenset()  # digests of the held-out documents
+  copies: frozenset[str] = frozenset()  # paths of copies of held-out files
 
-  def holding(self, documents: Iterable[bytes]) -> "Splitter":
-    """This splitter knowing the held-out documents, so that their copies
-    are held out too."""
-    return dataclasses.replace(
-        self, held=frozenset(_blake(d).hex() for d in documents))
+  def holding(self, files: Sequence[str]) -> "Splitter":
+    """This splitter knowing which of `files` copy a held-out file."""
+    held = [f for f in files if corpus.name(f) in self.holdout]
+    sizes = {os.path.getsize(f) for f in held}
+    digests = {_file_digest(f) for f in held}
+    return dataclasses.replace(self, copies=frozenset(
+        f for f in files if f not in held and os.path.getsize(f) in sizes
+        and _file_digest(f) in digests))
 
-  def of(self, name: str, data: bytes) -> str:
+  def of(self, path: str, data: bytes) -> str:
     if self.holdout:
-      held = name in self.holdout or _blake(data).hex() in self.held
+      held = corpus.name(path) in self.holdout or path in self.copies
       return "val" if held else "train"
-    h = int.from_bytes(_blake(data), "big")
+    h = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
     return "val" if h < self.val_fraction * 2**64 else "train"
 
   def settings(self):
     """What a document's split depends on, for the keys of prepared work."""
     if self.holdout:
-      return [list(self.holdout), digest(sorted(self.held))]
+      return [list(self.holdout), sorted(self.copies)]
     return self.val_fraction
 
 
-def _blake(data: bytes) -> bytes:
-  return hashlib.blake2b(data, digest_size=8).digest()
+def _file_digest(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @contextlib.contextmanager

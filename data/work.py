@@ -96,7 +96,7 @@ class Worker:
           empty += 1
           continue
         data = text.encode("utf-8")
-        split = self.splitter.of(name, data)
+        split = self.splitter.of(piece.path, data)
         names = splits[split]["names"]
         if o.holdout and names[-1:] != [name]:
           names.append(name)

@@ -132,16 +132,18 @@ def test_a_fitted_bpe_learns_from_the_training_examples_alone(tmp_path):
   assert len(made.tokenizer.encode(" zebraquux")) >= 8
 
 
-def test_copies_of_held_out_examples_are_held_out(tmp_path):
-  held = {"prompt": "zebraquux", "response": " zebraquux"}
+def test_a_copy_of_a_held_out_file_is_held_out(tmp_path):
+  """Its records are the held-out file's, under another name; a record of
+  the held-out file inside a training file stays a training record."""
+  held = [{"prompt": "zebraquux", "response": " zebraquux"}] * 2
   write_jsonl(tmp_path / "train.jsonl",
               [{"prompt": "the king", "response": " the king"}] * 200 +
-              [held] * 3)
-  write_jsonl(tmp_path / "held.jsonl", [held] * 2)
+              held[:1])
+  write_jsonl(tmp_path / "held.jsonl", held)
+  write_jsonl(tmp_path / "copy_of_held.jsonl", held)
   made = examples.build([str(tmp_path / "*.jsonl")], str(tmp_path / "out"),
                         "sft", "bpe", holdout=("held",), vocab_size=300)
-  assert made.meta["val_examples"] == 5 and made.meta["train_examples"] == 200
-  assert len(made.tokenizer.encode(" zebraquux")) >= 8
+  assert made.meta["val_examples"] == 4 and made.meta["train_examples"] == 201
 
 
 # ---------------------------------------------------------------- bad input
@@ -387,8 +389,7 @@ def test_train_py_sft_checkpoints_and_resumes_exactly(sft_files):
            f"--workdir={workdir}")
   result = run_train_py(*flags)
   _ok(result)
-  # 99: one of the 80 sums is also a held-out one, so it is held out too.
-  assert "sft examples; train: 99 sequences in" in result.stdout
+  assert "sft examples; train: 100 sequences in" in result.stdout
   first = metrics_records(workdir)
   train = [r for r in first if "loss" in r]
   assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
@@ -490,5 +491,5 @@ def test_train_py_refuses_bad_examples_in_one_line(sft_files, tmp_path):
                        f"--workdir={tmp_path / 'dpo'}")
   assert wrong.returncode == 2
   assert wrong.stderr.strip().splitlines()[-1].startswith(
-      f"error: {sft_files / 'data' / 'val.jsonl'}:1: no string field "
-      "'chosen'")  # the held-out file is read first
+      f"error: {sft_files / 'data' / 'train.jsonl'}:1: no string field "
+      "'chosen'")
