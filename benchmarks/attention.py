@@ -4,7 +4,7 @@
   python -m benchmarks.attention --context 2048 --window 256 --rounds 9
 
 The two einsum kernels of model/gpt.py on random queries, keys and values in
-the default model's head layout (configs/default.py: 3 heads of 32 today),
+the default model's head layout (configs/base.py: 3 heads of 32 today),
 batch --batch: `causal_attention` (model.attention_chunks query blocks, as a dense
 layer trains) and `banded_attention` (a local layer, model.local_window).
 Each call is one jitted forward and backward (the gradients of q, k and v

@@ -94,7 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
       weight_decay=0.1,      # matrices only
       optimizer="adamw",     # "adamw" | "muon": Muon for the attention and MLP
                              # kernels, AdamW for the rest (docs/optimizer.md)
-      muon_learning_rate=1e-2,  # muon: the kernels' peak, on learning_rate's schedule
+      muon_learning_rate=2e-2,  # muon: the kernels' peak, on learning_rate's schedule
       muon_momentum=0.95,    # muon: its Nesterov momentum
       grad_clip=1.0,
       skip_nonfinite_updates=0,  # 0: stop at a non-finite loss; N: skip up to N in a row

@@ -26,6 +26,5 @@ def get_config():
   c.model.update(activation="relu2", norm="rmsnorm", qk_norm=True,
                  tie_embeddings=False)
   c.data.update(tokenizer="bpe", bpe_vocab_size=2048)
-  c.train.update(steps=1200, learning_rate=8e-3, optimizer="muon",
-                 muon_learning_rate=0.02)
+  c.train.update(steps=1200, learning_rate=8e-3, optimizer="muon")
   return c

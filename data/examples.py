@@ -195,7 +195,8 @@ def read(path: str, fmt: str):
       if not line.strip():
         continue
       try:
-        record = json.loads(line.decode("utf-8"))
+        record = json.loads(line.removeprefix(corpus.BOM).decode("utf-8")
+                            if number == 1 else line.decode("utf-8"))
         seqs = pieces(record, fmt)
         for seq in seqs:
           texts(seq).encode("utf-8")  # a lone surrogate escape

@@ -56,9 +56,9 @@ class Splitter:
 
   def settings(self):
     """What a document's split depends on, for the keys of prepared work."""
-    if self.holdout:
+    if self.copies:
       return [list(self.holdout), sorted(self.copies)]
-    return self.val_fraction
+    return list(self.holdout) or self.val_fraction
 
 
 def _file_digest(path: str) -> str:

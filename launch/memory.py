@@ -52,7 +52,7 @@ def measure(config) -> dict:
   config_lib.validate(config)
   if not config.model.vocab_size:
     raise ConfigError("model.vocab_size is 0 (the tokenizer's), unknown here; "
-                      "give it, e.g. --config.model.vocab_size=84")
+                      "give it, e.g. --config.model.vocab_size=2048")
   mesh = sharding.make_mesh(config.mesh)
   t = config.train
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]

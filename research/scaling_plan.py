@@ -111,7 +111,8 @@ def plan_table(p: dict) -> str:
       f"{s['d_ff']}, d_model / num_layers {s['aspect_ratio']:.0f}; "
       f"{s['steps']:,} steps of {s['batch_size']} x {s['seq_len']} tokens")
   lines.append(
-      f"train.py flags: --config.model.num_layers={s['num_layers']} "
+      f"train.py flags: --config=configs/base.py "
+      f"--config.model.num_layers={s['num_layers']} "
       f"--config.model.d_model={s['d_model']} "
       f"--config.model.num_heads={s['num_heads']} "
       f"--config.model.seq_len={s['seq_len']} "

@@ -53,6 +53,16 @@ def test_every_field_has_a_rule_and_keeps_it(name):
   config_lib.validate(config)
 
 
+@pytest.mark.parametrize("flags", [
+    dict(optimizer="adamw"),  # the recipe without Muon, a first ablation
+    dict(optimizer="adamw", parametrization="mup")])
+def test_the_default_takes_the_usual_ablations(flags):
+  config = importlib.import_module("configs.default").get_config()
+  config.train.optimizer = flags["optimizer"]
+  config.model.parametrization = flags.get("parametrization", "standard")
+  config_lib.validate(config)
+
+
 def test_every_rule_is_for_a_field():
   fields = set().union(*(_leaves(c.to_dict()) for c in CONFIGS.values()))
   assert not set(config_lib.RULES) - fields
@@ -179,8 +189,8 @@ CROSS_CASES = [
      "train.optimizer='muon' does not apply muP's per-layer Adam learning "
      "rates: use model.parametrization='standard' with it, or "
      "train.optimizer='adamw'"),
-    ("muon_fields", dict(train__muon_learning_rate=0.02),
-     "train.muon_learning_rate=0.02 applies to train.optimizer='muon', not "
+    ("muon_fields", dict(train__muon_learning_rate=0.03),
+     "train.muon_learning_rate=0.03 applies to train.optimizer='muon', not "
      "'adamw'; leave it at "),
     ("model_is_consistent",
      dict(model__parametrization="mup", model__d_ff=100),

@@ -132,6 +132,14 @@ def test_a_fitted_bpe_learns_from_the_training_examples_alone(tmp_path):
   assert len(made.tokenizer.encode(" zebraquux")) >= 8
 
 
+def test_a_byte_order_mark_opens_an_examples_file(tmp_path):
+  path = tmp_path / "bom.jsonl"
+  path.write_bytes(b"\xef\xbb\xbf" + json.dumps(
+      {"prompt": "1+1=", "response": "2"}).encode() + b"\n")
+  [(number, canonical, seqs)] = list(examples.read(str(path), "sft"))
+  assert number == 1 and examples.texts(seqs[0]) == "1+1=2"
+
+
 def test_a_copy_of_a_held_out_file_is_held_out(tmp_path):
   """Its records are the held-out file's, under another name; a record of
   the held-out file inside a training file stays a training record."""
