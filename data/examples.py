@@ -240,9 +240,7 @@ def build(inputs, output: str, fmt: str, tokenizer, holdout=(),
   if holdout and set(names) <= set(holdout):
     raise DataError("the holdout holds out every file; leave some for "
                     "training")
-  splitter = store.Splitter(tuple(holdout), val_fraction)
-  if holdout:
-    splitter = splitter.holding(files)
+  splitter = store.Splitter.of_files(files, holdout, val_fraction)
   if isinstance(tokenizer, str):
     tokenizer = _fit(tokenizer, files, fmt, vocab_size, splitter)
   os.makedirs(output, exist_ok=True)

@@ -17,8 +17,7 @@ Split (store.Splitter): a document is held out for validation if its name
 (its file's without extensions, in any folder: corpus.py) is in `holdout`,
 or if its file has the bytes of such a file (a copy under another name);
 without a holdout, if a hash of its UTF-8 bytes falls below `val_fraction`.
-Either way the split depends on neither file order nor worker count, and
-copies of a document land in the same split.
+Either way the split depends on neither file order nor worker count.
 
 Work (data/work.py): the input files are cut into tasks (consecutive files
 of about `task_bytes`, or ranges of a larger uncompressed .jsonl) that
@@ -174,10 +173,19 @@ def prepare(source: str, tokenizer: str, holdout: tuple[str, ...],
                                     f"{label}-{tokenizer}-{key}"), options)
 
 
-def of_config(data) -> Prepared:
-  """prepare() of a config's data section (a next-token run's text)."""
-  return prepare(data.source, data.tokenizer, tuple(data.holdout),
-                 data.cache_dir, data.val_fraction, data.bpe_vocab_size)
+def of_config(config, tokenizer=None):
+  """The data of a run's config: its text for train.objective='next-token'
+  (prepare()), else its sft or dpo examples (examples.prepare_source),
+  tokenized with `tokenizer` if given, else with one of data.tokenizer's
+  kind fitted to them."""
+  d = config.data
+  if config.train.objective == "next-token":
+    return prepare(d.source, d.tokenizer, tuple(d.holdout), d.cache_dir,
+                   d.val_fraction, d.bpe_vocab_size)
+  return examples.prepare_source(d.source, config.train.objective,
+                                 tokenizer or d.tokenizer, tuple(d.holdout),
+                                 d.cache_dir, d.val_fraction,
+                                 d.bpe_vocab_size)
 
 
 def build(inputs: Sequence[str], output: str, options: Options) -> Prepared:
@@ -231,9 +239,8 @@ def _build(inputs, files, output, options) -> Prepared:
                     f"{old.get('tokenizer_request')}, not {request}; prepare "
                     "into a new --output (or delete this one)")
   tasks = work.plan(files, options.task_bytes)
-  splitter = store.Splitter(options.holdout, options.val_fraction)
-  if options.holdout:
-    splitter = splitter.holding(files)
+  splitter = store.Splitter.of_files(files, options.holdout,
+                                     options.val_fraction)
   if old is not None:
     tok = _load_tokenizer(old, output)
   else:

@@ -38,12 +38,15 @@ class Splitter:
   val_fraction: float = 0.01
   copies: frozenset[str] = frozenset()  # paths of copies of held-out files
 
-  def holding(self, files: Sequence[str]) -> "Splitter":
-    """This splitter knowing which of `files` copy a held-out file."""
-    held = [f for f in files if corpus.name(f) in self.holdout]
+  @classmethod
+  def of_files(cls, files: Sequence[str], holdout: Sequence[str],
+               val_fraction: float) -> "Splitter":
+    """The splitter of a preparation of `files`, knowing which of them copy
+    a held-out file."""
+    held = [f for f in files if corpus.name(f) in holdout]
     sizes = {os.path.getsize(f) for f in held}
     digests = {_file_digest(f) for f in held}
-    return dataclasses.replace(self, copies=frozenset(
+    return cls(tuple(holdout), val_fraction, frozenset(
         f for f in files if f not in held and os.path.getsize(f) in sizes
         and _file_digest(f) in digests))
 

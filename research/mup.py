@@ -143,7 +143,7 @@ def run_coord_check(args) -> dict:
   from trainer import state as state_lib
 
   first = _config("standard", args.widths[0], args, 0)
-  data = prepare.of_config(first.data)
+  data = prepare.of_config(first)
   vocab = data.tokenizer.vocab_size
   train_tokens = data.tokens("train")
   batches = {seed: _batches(train_tokens, args.seq_len, args.batch_size,

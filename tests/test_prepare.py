@@ -339,12 +339,12 @@ def test_a_configs_bpe_vocabulary_size_is_the_tokenizers(tmp_path, corpus_dir):
   made = {}
   for size in (270, 300):
     config.data.bpe_vocab_size = size
-    made[size] = prepare.of_config(config.data)
+    made[size] = prepare.of_config(config)
     assert made[size].tokenizer.vocab_size == size
   assert made[270].path != made[300].path
   assert len(made[300].tokens("train")) < len(made[270].tokens("train"))
   config.data.tokenizer = "char"
-  assert prepare.of_config(config.data).tokenizer.kind == "char"
+  assert prepare.of_config(config).tokenizer.kind == "char"
 
 
 def test_bits_per_byte_equals_hand_computation(tmp_path, data_cache):

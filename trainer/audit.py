@@ -34,7 +34,7 @@ import sys
 
 import errors
 import layout
-from data import examples, loader, prepare, tokenizers
+from data import loader, prepare, tokenizers
 from trainer import saved_config
 from trainer.errors import ConfigError
 
@@ -170,14 +170,8 @@ def recompute(run: DataOrder) -> list[str]:
   """Recorded fingerprints and epochs that differ from those of the batches
   the run's config and data give."""
   c = run.config
-  if c.train.objective == "next-token":
-    data = prepare.of_config(c.data)
-  else:  # examples, with the run's tokenizer
-    data = examples.prepare_source(
-        c.data.source, c.train.objective, tokenizers.load_dir(
-            os.path.join(run.workdir, layout.TOKENIZER)) or c.data.tokenizer,
-        tuple(c.data.holdout), c.data.cache_dir, c.data.val_fraction,
-        c.data.bpe_vocab_size)
+  data = prepare.of_config(c, tokenizers.load_dir(  # sft/dpo: the run's
+      os.path.join(run.workdir, layout.TOKENIZER)))
   source = loader.source_for(c, data, "train", data.tokenizer.eot_id)
   batch = c.train.batch_size
   ids = loader.window_ids(len(source), batch, c.train.seed,

@@ -128,15 +128,9 @@ def _prepare(config, tokenizer):
   in raw JSONL are tokenized with `tokenizer` (the workdir's), else
   checkpoint.init_from's, else one of data.tokenizer's kind fitted to
   them."""
-  d = config.data
-  if config.train.objective == "next-token":
-    return prepare.of_config(d)
   if tokenizer is None and config.checkpoint.init_from:
     tokenizer = saved_tokenizer(config.checkpoint.init_from)
-  return examples.prepare_source(d.source, config.train.objective,
-                                 tokenizer or d.tokenizer, tuple(d.holdout),
-                                 d.cache_dir, d.val_fraction,
-                                 d.bpe_vocab_size)
+  return prepare.of_config(config, tokenizer)
 
 
 
